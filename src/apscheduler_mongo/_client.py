@@ -1,0 +1,206 @@
+"""Everything about the MongoDB client: checking, creating, describing, closing."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from pymongo import AsyncMongoClient, MongoClient
+from pymongo.driver_info import DriverInfo
+from pymongo.errors import BulkWriteError, ConfigurationError, OperationFailure
+from pymongo.results import BulkWriteResult
+from pymongo.uri_parser import parse_uri
+
+from ._version import __version__
+
+SCHEME = "mongodb://"
+SRV_SCHEME = "mongodb+srv://"
+_USERINFO = re.compile(r"(mongodb(?:\+srv)?://)[^@/\s]*@")
+
+#: Oldest server we accept: MongoDB 4.2 (wire version 8)
+MIN_WIRE_VERSION = 8
+MIN_SERVER_VERSION = "4.2"
+
+
+def redact(text: str) -> str:
+    """Remove the user name and password from any MongoDB URI inside ``text``."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def _motor_client_class() -> type | None:
+    try:
+        from motor.motor_asyncio import AsyncIOMotorClient
+    except ImportError:
+        return None
+
+    return AsyncIOMotorClient
+
+
+def is_mongomock(client: object) -> bool:
+    """Tell whether ``client`` is a mongomock-motor client (an in-process fake)."""
+    return type(client).__module__.startswith("mongomock_motor") or any(
+        cls.__module__.startswith("mongomock_motor") for cls in type(client).__mro__
+    )
+
+
+def validate_client_or_uri(value: object) -> AsyncMongoClient[Any] | str | Any:
+    """
+    Return ``value`` if it is a usable client or a well-formed MongoDB URI.
+
+    No network access happens here: ``mongodb+srv://`` URIs are only checked for
+    their shape, since resolving them needs DNS.
+
+    :raises TypeError: if ``value`` is neither a string nor an asynchronous client
+    :raises ValueError: if ``value`` is a malformed URI
+    """
+    if isinstance(value, str):
+        _validate_uri(value)
+        return value
+
+    motor_class = _motor_client_class()
+    if isinstance(value, AsyncMongoClient) or (
+        motor_class is not None and isinstance(value, motor_class)
+    ):
+        return value
+
+    if isinstance(value, MongoClient):
+        raise TypeError(
+            "client_or_uri is a synchronous pymongo.MongoClient; pass a "
+            "pymongo.AsyncMongoClient (or a URI string) instead"
+        )
+
+    raise TypeError(
+        "client_or_uri must be a MongoDB URI string, a pymongo.AsyncMongoClient or a "
+        f"Motor AsyncIOMotorClient, not {type(value).__qualname__}"
+    )
+
+
+def _validate_uri(uri: str) -> None:
+    if uri.startswith(SRV_SCHEME):
+        hosts = uri[len(SRV_SCHEME) :].rpartition("@")[2].partition("/")[0]
+        if not hosts or "," in hosts or ":" in hosts:
+            raise ValueError(
+                "a mongodb+srv:// URI must name exactly one host name, without a port"
+            )
+        return
+
+    if not uri.startswith(SCHEME):
+        raise ValueError(
+            f"client_or_uri must start with {SCHEME!r} or {SRV_SCHEME!r} "
+            f"(got {redact(uri)[:40]!r})"
+        )
+
+    try:
+        parse_uri(uri)
+    except (ConfigurationError, ValueError) as exc:
+        raise ValueError(
+            f"client_or_uri is not a valid MongoDB URI: {redact(str(exc))}"
+        ) from None
+
+
+def describe_hosts(client_or_uri: object) -> list[str]:
+    """Return the seed hosts of a client or URI as ``host:port`` strings."""
+    if isinstance(client_or_uri, str):
+        if client_or_uri.startswith(SRV_SCHEME):
+            rest = client_or_uri[len(SRV_SCHEME) :].rpartition("@")[2]
+            return [rest.partition("/")[0].partition("?")[0]]
+
+        try:
+            nodes = parse_uri(client_or_uri)["nodelist"]
+        except (ConfigurationError, ValueError):  # pragma: no cover (validated first)
+            return []
+
+        return [f"{host}:{port}" for host, port in nodes]
+
+    if is_mongomock(client_or_uri):
+        return ["mongomock"]
+
+    motor_class = _motor_client_class()
+    if motor_class is not None and isinstance(client_or_uri, motor_class):
+        client_or_uri = client_or_uri.delegate  # Motor wraps a pymongo client
+
+    descriptions = client_or_uri.topology_description.server_descriptions()  # type: ignore[attr-defined]
+
+    return [f"{host}:{port}" for host, port in descriptions]
+
+
+def create_client(uri: str) -> AsyncMongoClient[Any]:
+    """Create a client for ``uri``; call this in the event loop that will use it."""
+    return AsyncMongoClient(
+        uri, driver=DriverInfo("apscheduler-mongo", __version__), tz_aware=True
+    )
+
+
+async def close_client(client: Any) -> None:
+    """Close a client we created (pymongo's ``close()`` is a coroutine)."""
+    result = client.close()
+    if inspect.isawaitable(result):
+        await result
+
+
+async def check_server(database: Any) -> dict[str, Any]:
+    """
+    Ask the server who it is with ``hello`` and refuse servers we cannot work with.
+
+    :return: the ``hello`` reply
+    :raises RuntimeError: if the server is too old or does not answer ``hello``
+        like MongoDB does
+    """
+    try:
+        reply: dict[str, Any] = await database.command("hello")
+    except OperationFailure as exc:
+        raise RuntimeError(
+            "the server did not answer the 'hello' command; is it MongoDB "
+            f"{MIN_SERVER_VERSION} or later? ({redact(str(exc))})"
+        ) from None
+
+    wire_version = reply.get("maxWireVersion")
+    if not isinstance(wire_version, int) or wire_version < MIN_WIRE_VERSION:
+        raise RuntimeError(
+            f"MongoDB {MIN_SERVER_VERSION} or later is required (the server reports "
+            f"wire version {wire_version!r})"
+        )
+
+    return reply
+
+
+async def bulk_write(
+    collection: Any, requests: Sequence[Any], *, one_by_one: bool
+) -> BulkWriteResult:
+    """
+    Run ``requests`` as one unordered bulk write.
+
+    With ``one_by_one`` (used for mongomock-motor, whose ``bulk_write()`` cannot take
+    pymongo's current ``UpdateOne``), run them as separate writes and build the same
+    result, raising :exc:`~pymongo.errors.BulkWriteError` with every write error.
+    """
+    if not one_by_one:
+        result: BulkWriteResult = await collection.bulk_write(requests, ordered=False)
+        return result
+
+    counts = {"nMatched": 0, "nModified": 0, "nRemoved": 0, "nInserted": 0}
+    errors: list[dict[str, Any]] = []
+    for index, request in enumerate(requests):
+        kind = type(request).__name__
+        try:
+            if kind == "UpdateOne":
+                outcome = await collection.update_one(request._filter, request._doc)
+                counts["nMatched"] += outcome.matched_count
+                counts["nModified"] += outcome.modified_count
+            elif kind == "DeleteOne":
+                outcome = await collection.delete_one(request._filter)
+                counts["nRemoved"] += outcome.deleted_count
+            else:  # pragma: no cover (we send no other kind)
+                raise TypeError(f"unsupported request {kind}")
+        except OperationFailure as exc:
+            errors.append(
+                {"index": index, "code": exc.code, "errmsg": str(exc), **exc.details}
+            )
+
+    document = {**counts, "writeErrors": errors, "upserted": [], "nUpserted": 0}
+    if errors:
+        raise BulkWriteError(document)
+
+    return BulkWriteResult(document, acknowledged=True)

@@ -1,0 +1,91 @@
+"""The demo: a scheduler on this store runs a few schedules and says what ran."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import anyio
+from apscheduler import AsyncScheduler, JobReleased
+from apscheduler.triggers.interval import IntervalTrigger
+
+from ._datastore import MongoDBDataStore
+
+_started = datetime.now(timezone.utc)
+
+
+def _say(line: str) -> None:
+    elapsed = (datetime.now(timezone.utc) - _started).total_seconds()
+    sys.stdout.write(f"[{elapsed:6.2f}s] {line}\n")
+    sys.stdout.flush()
+
+
+def greet(name: str) -> str:
+    """Task run by the demo's schedules."""
+    return f"hello, {name}"
+
+
+async def run_demo(uri: str | None, database: str, seconds: float) -> int:
+    """Run the demo for ``seconds``; return the number of jobs that ran."""
+    client_or_uri: Any = uri
+    if uri is None:
+        try:
+            from mongomock_motor import AsyncMongoMockClient
+        except ImportError:
+            sys.stderr.write(
+                "No MONGODB_URI given and mongomock-motor is not installed: install "
+                "the demo extra (pip install 'apscheduler-mongo[mongomock]') or pass "
+                "--uri\n"
+            )
+            return -1
+
+        client_or_uri = AsyncMongoMockClient()
+        _say("no MongoDB URI given: using an in-process mongomock-motor database")
+
+    store = MongoDBDataStore(client_or_uri, database=database, start_from_scratch=True)
+    _say(f"store: {store!r}")
+    ran = 0
+
+    def report(event: Any) -> None:
+        nonlocal ran
+        assert isinstance(event, JobReleased)
+        ran += 1
+        due, started = event.scheduled_start, event.started_at
+        lateness = (
+            f", started {(started - due).total_seconds() * 1000:.1f} ms after"
+            if due and started
+            else ""
+        )
+        _say(
+            f"{event.outcome.name}: job from schedule {event.schedule_id!r} due at "
+            f"{due:%H:%M:%S.%f}{lateness}"
+            if due
+            else f"{event.outcome.name}: job {event.job_id}"
+        )
+
+    async with AsyncScheduler(data_store=store, cleanup_interval=None) as scheduler:
+        scheduler.subscribe(report, {JobReleased})
+        start = datetime.now(timezone.utc) + timedelta(seconds=0.5)
+        await scheduler.add_schedule(
+            greet,
+            IntervalTrigger(seconds=1, start_time=start),
+            id="every-second",
+            args=["world"],
+        )
+        await scheduler.add_schedule(
+            greet,
+            IntervalTrigger(seconds=2, start_time=start),
+            id="every-two-seconds",
+            args=["again"],
+        )
+        await scheduler.start_in_background()
+        _say(f"scheduler started; running schedules for {seconds:g} seconds")
+        await anyio.sleep(seconds)
+        for schedule in await scheduler.get_schedules():
+            _say(f"schedule {schedule.id!r}: next fire time {schedule.next_fire_time}")
+
+        await scheduler.stop()
+
+    _say(f"done: {ran} jobs ran")
+    return ran

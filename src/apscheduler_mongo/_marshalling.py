@@ -1,0 +1,323 @@
+"""Conversion between APScheduler's structures and the documents we store.
+
+Instants are stored as integer microseconds since the Unix epoch (exact and sortable,
+unlike BSON dates, which keep milliseconds), with the UTC offset in a sibling field
+named ``<field>_offset`` (whole seconds). Durations are integer microseconds. UUIDs
+are BSON binary subtype 4, built here rather than through codec options so that every
+client (including mongomock-motor) stores the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from uuid import UUID
+
+from apscheduler import Job, JobOutcome, JobResult, Schedule, Task
+from apscheduler.abc import Serializer
+from bson import Binary
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+#: Job document states (the ``state`` field)
+QUEUED = "queued"
+ACQUIRED = "acquired"
+FINISHED = "finished"
+
+
+class MalformedDocumentError(ValueError):
+    """Raised when a stored document lacks a field or holds a value of a wrong type."""
+
+
+def to_micros(value: datetime) -> int:
+    """Return the instant ``value`` as whole microseconds since the Unix epoch."""
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r} cannot be stored")
+
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def from_micros(micros: int, offset_seconds: int | None = 0) -> datetime:
+    """Return the instant ``micros`` expressed in the given UTC offset."""
+    tz = timezone(timedelta(seconds=offset_seconds or 0))
+    return (_EPOCH + micros * _MICROSECOND).astimezone(tz)
+
+
+def duration_to_micros(value: timedelta | None) -> int | None:
+    return None if value is None else value // _MICROSECOND
+
+
+def duration_from_micros(value: int | None) -> timedelta | None:
+    return None if value is None else value * _MICROSECOND
+
+
+def now_micros() -> int:
+    return to_micros(datetime.now(timezone.utc))
+
+
+def put_datetime(document: dict[str, Any], key: str, value: datetime | None) -> None:
+    """Store ``value`` under ``key`` (microseconds) and ``key_offset`` (seconds)."""
+    if value is None:
+        document[key] = document[f"{key}_offset"] = None
+    else:
+        offset = value.utcoffset()
+        assert offset is not None  # to_micros() rejects naive datetimes first
+        document[key] = to_micros(value)
+        document[f"{key}_offset"] = int(offset.total_seconds())
+
+
+def get_datetime(document: Mapping[str, Any], key: str) -> datetime | None:
+    micros = document.get(key)
+    if micros is None:
+        return None
+
+    if not isinstance(micros, int):
+        raise MalformedDocumentError(f"field {key!r} is not an integer")
+
+    return from_micros(micros, document.get(f"{key}_offset"))
+
+
+def uuid_to_bson(value: UUID) -> Binary:
+    return Binary.from_uuid(value)
+
+
+def uuid_from_bson(value: Any) -> UUID:
+    if isinstance(value, UUID):
+        return value
+
+    if isinstance(value, Binary) and value.subtype == 4:
+        return value.as_uuid()
+
+    raise MalformedDocumentError(f"{value!r} is not a UUID")
+
+
+def fire_key(schedule_id: str, fire_time: int) -> str:
+    """Return the unique key of one fire time (microseconds) of one schedule."""
+    return f"{fire_time}/{schedule_id}"
+
+
+def slot_key(task_id: str, slot: int) -> str:
+    """Return the unique key of one concurrency slot of a task."""
+    return f"{slot}/{task_id}"
+
+
+def slot_number(key: str) -> int:
+    """Return the slot number held in a key made by :func:`slot_key`."""
+    return int(key.partition("/")[0])
+
+
+# Tasks
+
+
+def task_to_document(task: Task) -> dict[str, Any]:
+    return {
+        "_id": task.id,
+        "func": task.func,
+        "job_executor": task.job_executor,
+        "max_running_jobs": task.max_running_jobs,
+        "misfire_grace_time": duration_to_micros(task.misfire_grace_time),
+        "metadata": task.metadata,
+    }
+
+
+def task_from_document(document: Mapping[str, Any], running_jobs: int) -> Task:
+    try:
+        return Task(
+            id=document["_id"],
+            func=document.get("func"),
+            job_executor=document["job_executor"],
+            max_running_jobs=document.get("max_running_jobs"),
+            misfire_grace_time=duration_from_micros(document.get("misfire_grace_time")),
+            metadata=document.get("metadata") or {},
+            running_jobs=running_jobs,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedDocumentError(str(exc)) from exc
+
+
+# Schedules
+
+
+def schedule_to_document(schedule: Schedule, serializer: Serializer) -> dict[str, Any]:
+    """Return the stored form of ``schedule`` (without a lease)."""
+    document: dict[str, Any] = {
+        "_id": schedule.id,
+        "task_id": schedule.task_id,
+        "trigger": serializer.serialize(schedule.trigger),
+        "args": serializer.serialize(schedule.args),
+        "kwargs": serializer.serialize(schedule.kwargs),
+        "paused": schedule.paused,
+        "coalesce": schedule.coalesce.name,
+        "misfire_grace_time": duration_to_micros(schedule.misfire_grace_time),
+        "max_jitter": duration_to_micros(schedule.max_jitter),
+        "job_executor": schedule.job_executor,
+        "job_result_expiration_time": duration_to_micros(
+            schedule.job_result_expiration_time
+        ),
+        "metadata": schedule.metadata,
+        "acquired_by": None,
+        "acquired_until": None,
+    }
+    put_datetime(document, "next_fire_time", schedule.next_fire_time)
+    put_datetime(document, "last_fire_time", schedule.last_fire_time)
+    return document
+
+
+def schedule_from_document(
+    document: Mapping[str, Any], serializer: Serializer
+) -> Schedule:
+    """
+    Build a schedule from its stored form.
+
+    :raises DeserializationError: if the serializer cannot read the trigger or the
+        arguments
+    :raises MalformedDocumentError: if a field is missing or of the wrong type
+    """
+    try:
+        trigger = serializer.deserialize(document["trigger"])
+        args = serializer.deserialize(document["args"])
+        kwargs = serializer.deserialize(document["kwargs"])
+        return Schedule(
+            id=document["_id"],
+            task_id=document["task_id"],
+            trigger=trigger,
+            args=args,
+            kwargs=kwargs,
+            paused=document.get("paused", False),
+            coalesce=document["coalesce"],
+            misfire_grace_time=duration_from_micros(document.get("misfire_grace_time")),
+            max_jitter=duration_from_micros(document.get("max_jitter")),
+            job_executor=document["job_executor"],
+            job_result_expiration_time=duration_from_micros(
+                document.get("job_result_expiration_time")
+            )
+            or timedelta(0),
+            metadata=document.get("metadata") or {},
+            next_fire_time=get_datetime(document, "next_fire_time"),
+            last_fire_time=get_datetime(document, "last_fire_time"),
+            acquired_by=document.get("acquired_by"),
+            acquired_until=(
+                from_micros(document["acquired_until"])
+                if document.get("acquired_until") is not None
+                else None
+            ),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedDocumentError(str(exc)) from exc
+
+
+# Jobs
+
+
+def job_to_document(job: Job, serializer: Serializer) -> dict[str, Any]:
+    """
+    Return the stored form of a newly added ``job``.
+
+    A job created by a schedule carries ``fire_time``, its un-jittered fire time in
+    microseconds, and ``fire_key``, unique per schedule and fire time.
+    """
+    document: dict[str, Any] = {
+        "_id": uuid_to_bson(job.id),
+        "state": QUEUED,
+        "task_id": job.task_id,
+        "args": serializer.serialize(job.args),
+        "kwargs": serializer.serialize(job.kwargs),
+        "schedule_id": job.schedule_id,
+        "executor": job.executor,
+        "jitter": duration_to_micros(job.jitter),
+        "result_expiration_time": duration_to_micros(job.result_expiration_time),
+        "metadata": job.metadata,
+    }
+    put_datetime(document, "scheduled_fire_time", job.scheduled_fire_time)
+    put_datetime(document, "start_deadline", job.start_deadline)
+    put_datetime(document, "created_at", job.created_at)
+    original = job.original_scheduled_time
+    if job.schedule_id is not None and original is not None:
+        document["fire_time"] = to_micros(original)
+        document["fire_key"] = fire_key(job.schedule_id, document["fire_time"])
+
+    return document
+
+
+def job_from_document(document: Mapping[str, Any], serializer: Serializer) -> Job:
+    """
+    Build a job from its stored form.
+
+    :raises DeserializationError: if the serializer cannot read the arguments
+    :raises MalformedDocumentError: if a field is missing or of the wrong type
+    """
+    try:
+        args = serializer.deserialize(document["args"])
+        kwargs = serializer.deserialize(document["kwargs"])
+        acquired_until = document.get("acquired_until")
+        return Job(
+            id=uuid_from_bson(document["_id"]),
+            task_id=document["task_id"],
+            args=args,
+            kwargs=kwargs,
+            schedule_id=document.get("schedule_id"),
+            scheduled_fire_time=get_datetime(document, "scheduled_fire_time"),
+            executor=document["executor"],
+            jitter=duration_from_micros(document.get("jitter")) or timedelta(0),
+            start_deadline=get_datetime(document, "start_deadline"),
+            result_expiration_time=duration_from_micros(
+                document.get("result_expiration_time")
+            )
+            or timedelta(0),
+            metadata=document.get("metadata") or {},
+            created_at=get_datetime(document, "created_at"),
+            acquired_by=document.get("acquired_by"),
+            acquired_until=(
+                from_micros(acquired_until) if acquired_until is not None else None
+            ),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedDocumentError(str(exc)) from exc
+
+
+# Job results
+
+
+def result_to_document(result: JobResult, serializer: Serializer) -> dict[str, Any]:
+    """
+    Return the stored form of ``result`` (kept inside the finished job's document).
+
+    :raises SerializationError: if the return value or exception cannot be serialized
+    """
+    document: dict[str, Any] = {"outcome": result.outcome.name}
+    put_datetime(document, "started_at", result.started_at)
+    put_datetime(document, "finished_at", result.finished_at)
+    put_datetime(document, "expires_at", result.expires_at)
+    if result.outcome is JobOutcome.error:
+        document["exception"] = serializer.serialize(result.exception)
+    elif result.outcome is JobOutcome.success:
+        document["return_value"] = serializer.serialize(result.return_value)
+
+    return document
+
+
+def result_from_document(
+    job_id: UUID, document: Mapping[str, Any], serializer: Serializer
+) -> JobResult:
+    exception = document.get("exception")
+    return_value = document.get("return_value")
+    try:
+        return JobResult(
+            job_id=job_id,
+            outcome=JobOutcome[document["outcome"]],
+            started_at=get_datetime(document, "started_at"),
+            finished_at=get_datetime(document, "finished_at"),
+            expires_at=get_datetime(document, "expires_at"),
+            exception=(
+                serializer.deserialize(exception) if exception is not None else None
+            ),
+            return_value=(
+                serializer.deserialize(return_value)
+                if return_value is not None
+                else None
+            ),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedDocumentError(str(exc)) from exc

@@ -1,0 +1,38 @@
+"""
+Run a mongoeco wire-protocol server on a loopback port until told to stop.
+
+Usage: ``python mongoeco_server.py [PORT]`` (0 or nothing picks a free port). Prints
+``READY <port>`` on one line once it accepts connections, and stops cleanly on
+SIGTERM or SIGINT. mongoeco has no command line of its own; the test session starts
+this script as a separate process so that its clients talk to it over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from mongoeco.engines import MemoryEngine
+from mongoeco.wire import AsyncMongoEcoProxyServer
+
+
+async def serve(port: int) -> None:
+    server = AsyncMongoEcoProxyServer(
+        engine=MemoryEngine(), host="127.0.0.1", port=port
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    address = await server.start()
+    print(f"READY {address.port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0))
