@@ -27,7 +27,8 @@ async def serve(port: int) -> None:
         loop.add_signal_handler(signum, stop.set)
 
     address = await server.start()
-    print(f"READY {address.port}", flush=True)
+    sys.stdout.write(f"READY {address.port}\n")
+    sys.stdout.flush()
     try:
         await stop.wait()
     finally:

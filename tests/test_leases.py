@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from uuid import uuid4
 
 import anyio
 import pytest
@@ -183,7 +184,15 @@ class TestOneJobPerFireTime:
     ) -> None:
         await add_due_schedule(store)
         added: list[JobAdded] = []
-        store._event_broker.subscribe(added.append, {JobAdded})
+        marker_seen = anyio.Event()
+
+        def record(event: Any) -> None:
+            if event.task_id:
+                added.append(event)
+            else:  # the marker: every event published before it has arrived
+                marker_seen.set()
+
+        store._event_broker.subscribe(record, {JobAdded})
 
         # Scheduler A processes the schedule, adds the job, and dies before
         # releasing the schedule. A worker runs the job meanwhile.
@@ -206,9 +215,10 @@ class TestOneJobPerFireTime:
 
         assert await store.get_jobs() == []
         assert await other_store.acquire_jobs("worker", LONG_LEASE) == []
+        marker = JobAdded(job_id=uuid4(), task_id="", schedule_id=None)
+        await store._event_broker.publish(marker)
         with anyio.fail_after(3):
-            while len(added) < 1:
-                await anyio.sleep(0.01)
+            await marker_seen.wait()
 
         assert [event.job_id for event in added] == [first.id]
 

@@ -38,9 +38,16 @@ class TestAsyncScheduler:
         self, client: Any, database_name: str
     ) -> None:
         released: list[JobReleased] = []
+        enough = anyio.Event()
+
+        def record(event: Any) -> None:
+            released.append(event)
+            if len(released) == 4:
+                enough.set()
+
         store = MongoDBDataStore(client, database=database_name)
         async with AsyncScheduler(data_store=store) as scheduler:
-            scheduler.subscribe(released.append, {JobReleased})  # type: ignore[arg-type]
+            scheduler.subscribe(record, {JobReleased})
             start = datetime.now(timezone.utc) + timedelta(seconds=0.3)
             await scheduler.add_schedule(
                 double,
@@ -50,8 +57,7 @@ class TestAsyncScheduler:
             )
             await scheduler.start_in_background()
             with anyio.fail_after(10):
-                while len(released) < 4:
-                    await anyio.sleep(0.05)
+                await enough.wait()
 
         fire_times = [event.scheduled_start for event in released]
         assert len(fire_times) == len(set(fire_times))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.driver_info import DriverInfo
@@ -17,11 +17,13 @@ from ._version import __version__
 
 SCHEME = "mongodb://"
 SRV_SCHEME = "mongodb+srv://"
-_USERINFO = re.compile(r"(mongodb(?:\+srv)?://)[^@/\s]*@")
+#: "user:password@" after anything that looks like a URI scheme
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*:/*)[^@/\s]+@")
 
 #: Oldest server we accept: MongoDB 4.2 (wire version 8)
 MIN_WIRE_VERSION = 8
 MIN_SERVER_VERSION = "4.2"
+_COMMAND_NOT_FOUND = 59
 
 
 def redact(text: str) -> str:
@@ -87,10 +89,7 @@ def _validate_uri(uri: str) -> None:
         return
 
     if not uri.startswith(SCHEME):
-        raise ValueError(
-            f"client_or_uri must start with {SCHEME!r} or {SRV_SCHEME!r} "
-            f"(got {redact(uri)[:40]!r})"
-        )
+        raise ValueError(f"client_or_uri must start with {SCHEME!r} or {SRV_SCHEME!r}")
 
     try:
         parse_uri(uri)
@@ -117,11 +116,12 @@ def describe_hosts(client_or_uri: object) -> list[str]:
     if is_mongomock(client_or_uri):
         return ["mongomock"]
 
+    client = cast(Any, client_or_uri)
     motor_class = _motor_client_class()
     if motor_class is not None and isinstance(client_or_uri, motor_class):
-        client_or_uri = client_or_uri.delegate  # Motor wraps a pymongo client
+        client = cast(Any, client_or_uri).delegate  # Motor wraps a pymongo client
 
-    descriptions = client_or_uri.topology_description.server_descriptions()  # type: ignore[attr-defined]
+    descriptions = client.topology_description.server_descriptions()
 
     return [f"{host}:{port}" for host, port in descriptions]
 
@@ -145,16 +145,20 @@ async def check_server(database: Any) -> dict[str, Any]:
     Ask the server who it is with ``hello`` and refuse servers we cannot work with.
 
     :return: the ``hello`` reply
-    :raises RuntimeError: if the server is too old or does not answer ``hello``
-        like MongoDB does
+    :raises RuntimeError: if the server is too old or does not know ``hello``
+    :raises pymongo.errors.OperationFailure: if the server refuses us (for example,
+        authentication failed)
     """
     try:
         reply: dict[str, Any] = await database.command("hello")
     except OperationFailure as exc:
+        if exc.code != _COMMAND_NOT_FOUND:
+            raise  # e.g. authentication failed: the driver's error says it best
+
         raise RuntimeError(
-            "the server did not answer the 'hello' command; is it MongoDB "
-            f"{MIN_SERVER_VERSION} or later? ({redact(str(exc))})"
-        ) from None
+            "the server does not know the 'hello' command; is it MongoDB "
+            f"{MIN_SERVER_VERSION} or later?"
+        ) from exc
 
     wire_version = reply.get("maxWireVersion")
     if not isinstance(wire_version, int) or wire_version < MIN_WIRE_VERSION:
@@ -195,9 +199,7 @@ async def bulk_write(
             else:  # pragma: no cover (we send no other kind)
                 raise TypeError(f"unsupported request {kind}")
         except OperationFailure as exc:
-            errors.append(
-                {"index": index, "code": exc.code, "errmsg": str(exc), **exc.details}
-            )
+            errors.append({**(exc.details or {}), "index": index, "code": exc.code})
 
     document = {**counts, "writeErrors": errors, "upserted": [], "nUpserted": 0}
     if errors:

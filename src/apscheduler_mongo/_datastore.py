@@ -161,7 +161,9 @@ class MongoDBDataStore(BaseExternalDataStore):
         default="apscheduler", kw_only=True, validator=_validate_database
     )
     serializer: Serializer = attrs.field(
-        factory=PickleSerializer, kw_only=True, validator=instance_of(Serializer)
+        factory=PickleSerializer,
+        kw_only=True,
+        validator=instance_of(Serializer),  # type: ignore[type-abstract]
     )
     start_from_scratch: bool = attrs.field(
         default=False, kw_only=True, validator=instance_of(bool)
@@ -340,16 +342,15 @@ class MongoDBDataStore(BaseExternalDataStore):
 
         documents = await self._run(fetch)
         running = await self._running_jobs([document["_id"] for document in documents])
-        tasks: list[Task] = []
-        for document in documents:
-            try:
-                tasks.append(task_from_document(document, running[document["_id"]]))
-            except MalformedDocumentError as exc:
-                self._logger.warning(
-                    "Skipping malformed task %r: %s", document["_id"], exc
-                )
+        tasks = [self._build_task(doc, running[doc["_id"]]) for doc in documents]
+        return [task for task in tasks if task is not None]
 
-        return tasks
+    def _build_task(self, document: Mapping[str, Any], running: int) -> Task | None:
+        try:
+            return task_from_document(document, running)
+        except MalformedDocumentError as exc:
+            self._logger.warning("Cannot read task %r: %s", document["_id"], exc)
+            return None
 
     # Schedules
 
@@ -397,7 +398,7 @@ class MongoDBDataStore(BaseExternalDataStore):
                     return True  # our own insert, retried after a lost reply
 
                 if conflict_policy is ConflictPolicy.exception:
-                    raise ConflictingIdError(schedule.id) from None
+                    raise ConflictingIdError(schedule.id) from None  # type: ignore[no-untyped-call]
 
                 return None
 
@@ -661,7 +662,7 @@ class MongoDBDataStore(BaseExternalDataStore):
                     )
                     return False
 
-                raise ConflictingIdError(str(job.id)) from None
+                raise ConflictingIdError(str(job.id)) from None  # type: ignore[no-untyped-call]
 
             return True
 

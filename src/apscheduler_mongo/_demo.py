@@ -64,7 +64,7 @@ async def run_demo(uri: str | None, database: str, seconds: float) -> int:
             else f"{event.outcome.name}: job {event.job_id}"
         )
 
-    async with AsyncScheduler(data_store=store, cleanup_interval=None) as scheduler:
+    async with AsyncScheduler(data_store=store) as scheduler:
         scheduler.subscribe(report, {JobReleased})
         start = datetime.now(timezone.utc) + timedelta(seconds=0.5)
         await scheduler.add_schedule(

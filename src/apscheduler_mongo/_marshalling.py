@@ -62,9 +62,9 @@ def put_datetime(document: dict[str, Any], key: str, value: datetime | None) -> 
     if value is None:
         document[key] = document[f"{key}_offset"] = None
     else:
+        document[key] = to_micros(value)  # rejects naive datetimes
         offset = value.utcoffset()
-        assert offset is not None  # to_micros() rejects naive datetimes first
-        document[key] = to_micros(value)
+        assert offset is not None
         document[f"{key}_offset"] = int(offset.total_seconds())
 
 
@@ -124,15 +124,18 @@ def task_to_document(task: Task) -> dict[str, Any]:
 
 def task_from_document(document: Mapping[str, Any], running_jobs: int) -> Task:
     try:
-        return Task(
-            id=document["_id"],
-            func=document.get("func"),
-            job_executor=document["job_executor"],
-            max_running_jobs=document.get("max_running_jobs"),
-            misfire_grace_time=duration_from_micros(document.get("misfire_grace_time")),
-            metadata=document.get("metadata") or {},
-            running_jobs=running_jobs,
-        )
+        fields: dict[str, Any] = {
+            "id": document["_id"],
+            "func": document.get("func"),
+            "job_executor": document["job_executor"],
+            "max_running_jobs": document.get("max_running_jobs"),
+            "misfire_grace_time": duration_from_micros(
+                document.get("misfire_grace_time")
+            ),
+            "metadata": document.get("metadata") or {},
+            "running_jobs": running_jobs,
+        }
+        return Task(**fields)
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedDocumentError(str(exc)) from exc
 
@@ -179,31 +182,34 @@ def schedule_from_document(
         trigger = serializer.deserialize(document["trigger"])
         args = serializer.deserialize(document["args"])
         kwargs = serializer.deserialize(document["kwargs"])
-        return Schedule(
-            id=document["_id"],
-            task_id=document["task_id"],
-            trigger=trigger,
-            args=args,
-            kwargs=kwargs,
-            paused=document.get("paused", False),
-            coalesce=document["coalesce"],
-            misfire_grace_time=duration_from_micros(document.get("misfire_grace_time")),
-            max_jitter=duration_from_micros(document.get("max_jitter")),
-            job_executor=document["job_executor"],
-            job_result_expiration_time=duration_from_micros(
+        fields: dict[str, Any] = {
+            "id": document["_id"],
+            "task_id": document["task_id"],
+            "trigger": trigger,
+            "args": args,
+            "kwargs": kwargs,
+            "paused": document.get("paused", False),
+            "coalesce": document["coalesce"],
+            "misfire_grace_time": duration_from_micros(
+                document.get("misfire_grace_time")
+            ),
+            "max_jitter": duration_from_micros(document.get("max_jitter")),
+            "job_executor": document["job_executor"],
+            "job_result_expiration_time": duration_from_micros(
                 document.get("job_result_expiration_time")
             )
             or timedelta(0),
-            metadata=document.get("metadata") or {},
-            next_fire_time=get_datetime(document, "next_fire_time"),
-            last_fire_time=get_datetime(document, "last_fire_time"),
-            acquired_by=document.get("acquired_by"),
-            acquired_until=(
+            "metadata": document.get("metadata") or {},
+            "next_fire_time": get_datetime(document, "next_fire_time"),
+            "last_fire_time": get_datetime(document, "last_fire_time"),
+            "acquired_by": document.get("acquired_by"),
+            "acquired_until": (
                 from_micros(document["acquired_until"])
                 if document.get("acquired_until") is not None
                 else None
             ),
-        )
+        }
+        return Schedule(**fields)
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedDocumentError(str(exc)) from exc
 
@@ -252,27 +258,28 @@ def job_from_document(document: Mapping[str, Any], serializer: Serializer) -> Jo
         args = serializer.deserialize(document["args"])
         kwargs = serializer.deserialize(document["kwargs"])
         acquired_until = document.get("acquired_until")
-        return Job(
-            id=uuid_from_bson(document["_id"]),
-            task_id=document["task_id"],
-            args=args,
-            kwargs=kwargs,
-            schedule_id=document.get("schedule_id"),
-            scheduled_fire_time=get_datetime(document, "scheduled_fire_time"),
-            executor=document["executor"],
-            jitter=duration_from_micros(document.get("jitter")) or timedelta(0),
-            start_deadline=get_datetime(document, "start_deadline"),
-            result_expiration_time=duration_from_micros(
+        fields: dict[str, Any] = {
+            "id": uuid_from_bson(document["_id"]),
+            "task_id": document["task_id"],
+            "args": args,
+            "kwargs": kwargs,
+            "schedule_id": document.get("schedule_id"),
+            "scheduled_fire_time": get_datetime(document, "scheduled_fire_time"),
+            "executor": document["executor"],
+            "jitter": duration_from_micros(document.get("jitter")) or timedelta(0),
+            "start_deadline": get_datetime(document, "start_deadline"),
+            "result_expiration_time": duration_from_micros(
                 document.get("result_expiration_time")
             )
             or timedelta(0),
-            metadata=document.get("metadata") or {},
-            created_at=get_datetime(document, "created_at"),
-            acquired_by=document.get("acquired_by"),
-            acquired_until=(
+            "metadata": document.get("metadata") or {},
+            "created_at": get_datetime(document, "created_at"),
+            "acquired_by": document.get("acquired_by"),
+            "acquired_until": (
                 from_micros(acquired_until) if acquired_until is not None else None
             ),
-        )
+        }
+        return Job(**fields)
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedDocumentError(str(exc)) from exc
 
@@ -304,20 +311,21 @@ def result_from_document(
     exception = document.get("exception")
     return_value = document.get("return_value")
     try:
-        return JobResult(
-            job_id=job_id,
-            outcome=JobOutcome[document["outcome"]],
-            started_at=get_datetime(document, "started_at"),
-            finished_at=get_datetime(document, "finished_at"),
-            expires_at=get_datetime(document, "expires_at"),
-            exception=(
+        fields: dict[str, Any] = {
+            "job_id": job_id,
+            "outcome": JobOutcome[document["outcome"]],
+            "started_at": get_datetime(document, "started_at"),
+            "finished_at": get_datetime(document, "finished_at"),
+            "expires_at": get_datetime(document, "expires_at"),
+            "exception": (
                 serializer.deserialize(exception) if exception is not None else None
             ),
-            return_value=(
+            "return_value": (
                 serializer.deserialize(return_value)
                 if return_value is not None
                 else None
             ),
-        )
+        }
+        return JobResult(**fields)
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedDocumentError(str(exc)) from exc

@@ -1,0 +1,247 @@
+"""Which failures are retried, and how the store retries them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import pytest
+from apscheduler import RetrySettings, Task, TaskLookupError
+from apscheduler.abc import EventBroker
+from pymongo.errors import (
+    AutoReconnect,
+    ConfigurationError,
+    DuplicateKeyError,
+    NetworkTimeout,
+    NotPrimaryError,
+    OperationFailure,
+    ServerSelectionTimeoutError,
+    WriteError,
+)
+from pytest_mock import MockerFixture
+from tenacity import stop_after_attempt, wait_fixed
+
+from apscheduler_mongo import MongoDBDataStore
+from apscheduler_mongo._retry import is_temporary_failure
+
+pytestmark = [
+    pytest.mark.anyio,
+    # mongomock's TTL index support calls datetime.utcnow() (deprecated in 3.12)
+    pytest.mark.filterwarnings(
+        "ignore:datetime.datetime.utcnow:DeprecationWarning:mongomock"
+    ),
+]
+
+ATTEMPTS = 5
+
+
+class TestIsTemporaryFailure:
+    """Network trouble and retryable-labelled errors are temporary; the rest is not."""
+
+    @pytest.mark.parametrize(
+        "exc",
+        [
+            pytest.param(AutoReconnect("connection reset"), id="auto-reconnect"),
+            pytest.param(NetworkTimeout("timed out"), id="network-timeout"),
+            pytest.param(NotPrimaryError("not primary"), id="not-primary"),
+            pytest.param(
+                ServerSelectionTimeoutError("no servers"), id="server-selection-timeout"
+            ),
+            pytest.param(
+                OperationFailure(
+                    "interrupted at shutdown",
+                    code=11600,
+                    details={"errorLabels": ["RetryableWriteError"]},
+                ),
+                id="retryable-write-label",
+            ),
+            pytest.param(
+                OperationFailure(
+                    "write conflict",
+                    code=112,
+                    details={"errorLabels": ["TransientTransactionError"]},
+                ),
+                id="transient-transaction-label",
+            ),
+        ],
+    )
+    def test_temporary(self, exc: BaseException) -> None:
+        assert is_temporary_failure(exc)
+
+    @pytest.mark.parametrize(
+        "exc",
+        [
+            pytest.param(
+                OperationFailure("Authentication failed.", code=18),
+                id="authentication-failed",
+            ),
+            pytest.param(
+                OperationFailure("not authorized", code=13), id="unauthorized"
+            ),
+            pytest.param(
+                DuplicateKeyError("E11000 duplicate key error", code=11000),
+                id="duplicate-key",
+            ),
+            pytest.param(
+                WriteError("document failed validation", code=121),
+                id="write-error",
+            ),
+            pytest.param(ConfigurationError("bad option"), id="configuration"),
+            pytest.param(ValueError("bad value"), id="value-error"),
+            pytest.param(
+                OperationFailure(
+                    "other label", code=2, details={"errorLabels": ["SomethingElse"]}
+                ),
+                id="unrelated-label",
+            ),
+        ],
+    )
+    def test_permanent(self, exc: BaseException) -> None:
+        assert not is_temporary_failure(exc)
+
+
+@pytest.fixture
+async def fast_retry_store(
+    database_name: str, local_broker: EventBroker, logger: logging.Logger
+) -> AsyncIterator[MongoDBDataStore]:
+    """A started mongomock store that retries up to five times without waiting."""
+    from mongomock_motor import AsyncMongoMockClient
+
+    store = MongoDBDataStore(
+        AsyncMongoMockClient(),
+        database=database_name,
+        retry_settings=RetrySettings(
+            stop=stop_after_attempt(ATTEMPTS), wait=wait_fixed(0)
+        ),
+    )
+    async with AsyncExitStack() as exit_stack:
+        await local_broker.start(exit_stack, logger)
+        await store.start(exit_stack, local_broker, logger)
+        await store.add_task(Task(id="task", func="math:floor", job_executor="async"))
+        yield store
+
+
+def _flaky_find_one(
+    mocker: MockerFixture, store: MongoDBDataStore, failures: list[BaseException]
+) -> Any:
+    """Make ``find_one`` on the tasks collection raise ``failures``, then work."""
+    real_find_one = store._tasks.find_one
+    pending = list(failures)
+
+    async def find_one(*args: Any, **kwargs: Any) -> Any:
+        if pending:
+            raise pending.pop(0)
+
+        return await real_find_one(*args, **kwargs)
+
+    return mocker.patch.object(store._tasks, "find_one", side_effect=find_one)
+
+
+def _retry_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.getMessage().startswith("Temporary MongoDB error")
+    ]
+
+
+class TestStoreRetries:
+    """The store repeats a round trip after a temporary failure, and only then."""
+
+    @pytest.mark.parametrize(
+        "failure",
+        [
+            pytest.param(AutoReconnect("connection reset"), id="auto-reconnect"),
+            pytest.param(NetworkTimeout("timed out"), id="network-timeout"),
+            pytest.param(
+                OperationFailure(
+                    "interrupted",
+                    code=11600,
+                    details={"errorLabels": ["RetryableWriteError"]},
+                ),
+                id="retryable-write-label",
+            ),
+        ],
+    )
+    async def test_temporary_failure_retried(
+        self,
+        fast_retry_store: MongoDBDataStore,
+        mocker: MockerFixture,
+        caplog: pytest.LogCaptureFixture,
+        failure: BaseException,
+    ) -> None:
+        find_one = _flaky_find_one(mocker, fast_retry_store, [failure, failure])
+        with anyio.fail_after(10):
+            task = await fast_retry_store.get_task("task")
+
+        assert task.id == "task"
+        assert task.func == "math:floor"
+        assert find_one.await_count == 3
+        messages = _retry_messages(caplog)
+        assert len(messages) == 2
+        assert messages[0].startswith("Temporary MongoDB error (attempt 1)")
+        assert messages[1].startswith("Temporary MongoDB error (attempt 2)")
+
+    async def test_gives_up_after_the_last_attempt(
+        self,
+        fast_retry_store: MongoDBDataStore,
+        mocker: MockerFixture,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        failures: list[BaseException] = [
+            AutoReconnect(f"reset {n}") for n in range(ATTEMPTS + 1)
+        ]
+        find_one = _flaky_find_one(mocker, fast_retry_store, failures)
+        with anyio.fail_after(10), pytest.raises(AutoReconnect, match="reset 4"):
+            await fast_retry_store.get_task("task")
+
+        assert find_one.await_count == ATTEMPTS
+        assert len(_retry_messages(caplog)) == ATTEMPTS
+
+    @pytest.mark.parametrize(
+        "failure",
+        [
+            pytest.param(
+                DuplicateKeyError("E11000 duplicate key error", code=11000),
+                id="duplicate-key",
+            ),
+            pytest.param(
+                OperationFailure("not authorized on db", code=13), id="unauthorized"
+            ),
+            pytest.param(
+                OperationFailure("Authentication failed.", code=18),
+                id="authentication-failed",
+            ),
+        ],
+    )
+    async def test_permanent_failure_raised_at_once(
+        self,
+        fast_retry_store: MongoDBDataStore,
+        mocker: MockerFixture,
+        caplog: pytest.LogCaptureFixture,
+        failure: OperationFailure,
+    ) -> None:
+        find_one = _flaky_find_one(mocker, fast_retry_store, [failure])
+        with anyio.fail_after(10), pytest.raises(type(failure)) as exc_info:
+            await fast_retry_store.get_task("task")
+
+        assert exc_info.value is failure
+        assert exc_info.value.code == failure.code
+        assert find_one.await_count == 1
+        assert _retry_messages(caplog) == []
+
+    async def test_lookup_error_not_retried(
+        self,
+        fast_retry_store: MongoDBDataStore,
+        mocker: MockerFixture,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        find_one = _flaky_find_one(mocker, fast_retry_store, [])
+        with anyio.fail_after(10), pytest.raises(TaskLookupError):
+            await fast_retry_store.get_task("no-such-task")
+
+        assert find_one.await_count == 1
+        assert _retry_messages(caplog) == []
