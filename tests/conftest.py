@@ -22,6 +22,7 @@ from .servers import wire_server_uri, wire_unavailable_reason
 TIERS = [
     pytest.param("mongomock", id="mongomock"),
     pytest.param("wire", id="wire", marks=pytest.mark.wire),
+    pytest.param("motor", id="motor", marks=pytest.mark.wire),
 ]
 
 
@@ -78,11 +79,23 @@ async def client(
         yield AsyncMongoMockClient()
         return
 
+    uri = request.getfixturevalue("wire_uri")
+    if tier == "motor":
+        from motor.motor_asyncio import AsyncIOMotorClient
+
+        motor_client = AsyncIOMotorClient(uri, serverSelectionTimeoutMS=5000)
+        try:
+            yield motor_client
+            await motor_client.drop_database(database_name)
+        finally:
+            motor_client.close()
+
+        return
+
     from pymongo import AsyncMongoClient
 
-    uri = request.getfixturevalue("wire_uri")
     mongo_client: AsyncMongoClient[Any] = AsyncMongoClient(
-        uri, serverSelectionTimeoutMS=5000, tz_aware=True
+        uri, serverSelectionTimeoutMS=5000
     )
     try:
         yield mongo_client

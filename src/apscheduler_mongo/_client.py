@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, cast
 
+import anyio
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.driver_info import DriverInfo
 from pymongo.errors import BulkWriteError, ConfigurationError, OperationFailure
@@ -134,10 +135,11 @@ def create_client(uri: str) -> AsyncMongoClient[Any]:
 
 
 async def close_client(client: Any) -> None:
-    """Close a client we created (pymongo's ``close()`` is a coroutine)."""
-    result = client.close()
-    if inspect.isawaitable(result):
-        await result
+    """Close a client we created, even when the stopping task was cancelled."""
+    with anyio.CancelScope(shield=True):
+        result = client.close()
+        if inspect.isawaitable(result):  # pymongo's close() is a coroutine
+            await result
 
 
 async def check_server(database: Any) -> dict[str, Any]:
