@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
@@ -10,7 +11,6 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import attrs
-import sniffio
 from apscheduler import (
     ConflictingIdError,
     ConflictPolicy,
@@ -237,15 +237,13 @@ class MongoDBDataStore(BaseExternalDataStore):
         self, exit_stack: AsyncExitStack, event_broker: EventBroker, logger: Logger
     ) -> None:
         try:
-            library = sniffio.current_async_library()
-        except sniffio.AsyncLibraryNotFoundError:  # pragma: no cover
-            library = "unknown"
-
-        if library != "asyncio":
+            asyncio.get_running_loop()
+        except RuntimeError:
             raise RuntimeError(
                 f"{type(self).__name__} needs asyncio (pymongo's asynchronous API "
-                f"runs on asyncio only), but it was started under {library}"
-            )
+                f"runs on asyncio only), not trio or any other event loop; start "
+                f"it under anyio's asyncio backend"
+            ) from None
 
         await super().start(exit_stack, event_broker, logger)
         if isinstance(self.client_or_uri, str):

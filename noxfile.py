@@ -1,0 +1,58 @@
+"""Development sessions: ``nox -l`` lists them, plain ``nox`` runs the default ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.sessions = ["tests", "lint", "typing", "docs"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+LATEST = PYTHONS[-1]
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """Run the test suite under coverage (set MONGODB_URI for a real server)."""
+    session.install("-e", ".[test]")
+    session.run("coverage", "erase")
+    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    if any(Path.cwd().glob(".coverage.*")):
+        session.run("coverage", "combine")
+    session.run("coverage", "report")
+
+
+@nox.session(python=LATEST)
+def lint(session: nox.Session) -> None:
+    """Check the code with ruff's linter and formatter."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=LATEST)
+def typing(session: nox.Session) -> None:
+    """Type-check the package and the tests with mypy in strict mode."""
+    session.install("-e", ".[test]", "mypy")
+    session.run("mypy", *session.posargs)
+
+
+@nox.session(python=LATEST)
+def docs(session: nox.Session) -> None:
+    """Build the HTML documentation, treating warnings as errors."""
+    session.install("-e", ".[doc]")
+    session.run("sphinx-build", "-W", "-n", "-b", "html", "docs", "build/docs")
+
+
+@nox.session(python=LATEST)
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks."""
+    script = Path("benchmarks", "bench.py")
+    if not script.exists():
+        session.error("no benchmark yet")
+
+    session.install("-e", ".[test]")
+    session.run("python", str(script), *session.posargs)
