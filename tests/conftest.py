@@ -83,7 +83,7 @@ async def client(
     if tier == "motor":
         from motor.motor_asyncio import AsyncIOMotorClient
 
-        motor_client = AsyncIOMotorClient(uri, serverSelectionTimeoutMS=5000)
+        motor_client: Any = AsyncIOMotorClient(uri, serverSelectionTimeoutMS=5000)
         try:
             yield motor_client
             await motor_client.drop_database(database_name)

@@ -1,0 +1,283 @@
+"""The store's foundation: its options, client, retries and shared helpers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from datetime import datetime, timedelta, timezone
+from logging import Logger
+from typing import Any, TypeVar
+
+import attrs
+from apscheduler import (
+    DeserializationError,
+    Job,
+    JobReleased,
+    JobResult,
+    RetrySettings,
+    Schedule,
+)
+from apscheduler.abc import EventBroker, Serializer
+from apscheduler.datastores.base import BaseExternalDataStore
+from apscheduler.serializers.pickle import PickleSerializer
+from attrs.validators import instance_of
+from bson import ObjectId
+from pymongo import ASCENDING, IndexModel
+from pymongo.errors import BulkWriteError, OperationFailure
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+from ._client import (
+    bulk_write,
+    check_server,
+    close_client,
+    create_client,
+    describe_hosts,
+    is_mongomock,
+    redact,
+    validate_client_or_uri,
+)
+from ._jobs import (
+    describe_id,
+    explain,
+    scheduled_fire_time,
+)
+from ._marshalling import (
+    ACQUIRED,
+    QUEUED,
+    MalformedDocumentError,
+    job_from_document,
+    now_micros,
+    schedule_from_document,
+)
+from ._names import validate_database_name
+from ._retry import is_temporary_failure
+
+T = TypeVar("T")
+
+_DUPLICATE_KEY = 11000
+LIVE_STATES = [QUEUED, ACQUIRED]
+#: The order in which jobs are handed out
+QUEUE_ORDER = [("created_at", ASCENDING), ("_id", ASCENDING)]
+
+_SCHEDULE_INDEXES = [
+    IndexModel([("next_fire_time", ASCENDING)], name="next_fire_time"),
+    IndexModel([("task_id", ASCENDING)], name="task_id"),
+]
+_JOB_INDEXES = [
+    IndexModel(
+        [("state", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)],
+        name="queue",
+    ),
+    IndexModel([("state", ASCENDING), ("acquired_until", ASCENDING)], name="leases"),
+    IndexModel([("acquired_by", ASCENDING)], name="acquired_by", sparse=True),
+    IndexModel([("task_id", ASCENDING), ("state", ASCENDING)], name="task_state"),
+    IndexModel(
+        [("schedule_id", ASCENDING), ("state", ASCENDING)], name="schedule_state"
+    ),
+    IndexModel([("fire_key", ASCENDING)], name="fire_key", unique=True, sparse=True),
+    IndexModel([("slot_key", ASCENDING)], name="slot_key", unique=True, sparse=True),
+    IndexModel([("purge_at", ASCENDING)], name="purge_at", expireAfterSeconds=0),
+]
+
+
+def _validate_database(instance: object, attribute: object, value: object) -> None:
+    validate_database_name(value)
+
+
+def _validate_client_or_uri(instance: object, attribute: object, value: object) -> None:
+    validate_client_or_uri(value)
+
+
+@attrs.define(eq=False, repr=False)
+class StoreCore(BaseExternalDataStore):
+    """Options, life cycle and plumbing shared by the store's operations."""
+
+    client_or_uri: Any = attrs.field(validator=_validate_client_or_uri)
+    database: str = attrs.field(
+        default="apscheduler", kw_only=True, validator=_validate_database
+    )
+    serializer: Serializer = attrs.field(
+        factory=PickleSerializer,
+        kw_only=True,
+        validator=instance_of(Serializer),  # type: ignore[type-abstract]
+    )
+    start_from_scratch: bool = attrs.field(
+        default=False, kw_only=True, validator=instance_of(bool)
+    )
+    retry_settings: RetrySettings = attrs.field(
+        factory=RetrySettings, kw_only=True, validator=instance_of(RetrySettings)
+    )
+
+    _client: Any = attrs.field(init=False, default=None)
+    _tasks: Any = attrs.field(init=False, default=None)
+    _schedules: Any = attrs.field(init=False, default=None)
+    _jobs: Any = attrs.field(init=False, default=None)
+    _one_by_one: bool = attrs.field(init=False, default=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(hosts={describe_hosts(self.client_or_uri)!r}, "
+            f"database={self.database!r})"
+        )
+
+    def _retry(self) -> AsyncRetrying:
+        def log_attempt(retry_state: RetryCallState) -> None:
+            assert retry_state.outcome is not None
+            self._logger.warning(
+                "Temporary MongoDB error (attempt %d): %s",
+                retry_state.attempt_number,
+                redact(str(retry_state.outcome.exception())),
+            )
+
+        return AsyncRetrying(
+            stop=self.retry_settings.stop,
+            wait=self.retry_settings.wait,
+            retry=retry_if_exception(is_temporary_failure),
+            after=log_attempt,
+            reraise=True,
+        )
+
+    async def _run(self, operation: Callable[[int], Awaitable[T]]) -> T:
+        """Run ``operation(attempt_number)``, retrying it on temporary failures."""
+        async for attempt in self._retry():
+            with attempt:
+                return await operation(attempt.retry_state.attempt_number)
+
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _bulk_write(self, collection: Any, requests: Sequence[Any]) -> int:
+        """Run an unordered bulk write; return how many documents it matched."""
+        if not requests:
+            return 0
+
+        try:
+            result = await bulk_write(collection, requests, one_by_one=self._one_by_one)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(error.get("code") != _DUPLICATE_KEY for error in errors):
+                raise
+
+            return int(exc.details.get("nMatched", 0))
+
+        return result.matched_count
+
+    async def _publish_all(self, events: Iterable[Any]) -> None:
+        for event in events:
+            await self._event_broker.publish(event)
+
+    async def start(
+        self, exit_stack: AsyncExitStack, event_broker: EventBroker, logger: Logger
+    ) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"{type(self).__name__} needs asyncio (pymongo's asynchronous API "
+                f"runs on asyncio only), not trio or any other event loop; start "
+                f"it under anyio's asyncio backend"
+            ) from None
+
+        await super().start(exit_stack, event_broker, logger)
+        if isinstance(self.client_or_uri, str):
+            self._client = create_client(self.client_or_uri)
+            exit_stack.push_async_callback(close_client, self._client)
+        else:
+            self._client = self.client_or_uri
+
+        self._one_by_one = is_mongomock(self._client)
+        database = self._client[self.database]
+        self._tasks = database["tasks"]
+        self._schedules = database["schedules"]
+        self._jobs = database["jobs"]
+
+        async def initialize(attempt: int) -> None:
+            if not self._one_by_one:  # mongomock-motor does not know "hello"
+                await check_server(database)
+
+            if self.start_from_scratch:
+                for collection in (self._tasks, self._schedules, self._jobs):
+                    await collection.drop()
+
+            try:
+                await self._schedules.create_indexes(_SCHEDULE_INDEXES)
+                await self._jobs.create_indexes(_JOB_INDEXES)
+            except OperationFailure as exc:
+                if is_temporary_failure(exc):
+                    raise
+
+                raise RuntimeError(
+                    f"cannot create the indexes the store needs in database "
+                    f"{self.database!r}: {exc} (an index of the same name but "
+                    f"different options may already exist)"
+                ) from exc
+
+        await self._run(initialize)
+
+    async def _quarantine(
+        self, collection: Any, document_id: Any, token: ObjectId | None, reason: str
+    ) -> None:
+        """Set a document aside so that no scheduler picks it up again."""
+        query: dict[str, Any] = {"_id": document_id}
+        if token is not None:
+            query["v"] = token
+
+        update = {
+            "$set": {
+                "quarantine": {
+                    "reason": reason,
+                    "at": datetime.now(timezone.utc),
+                },
+                "acquired_by": None,
+                "acquired_until": None,
+                "v": ObjectId(),
+            }
+        }
+
+        async def write(attempt: int) -> None:
+            await collection.update_one(query, update)
+
+        await self._run(write)
+
+    async def _extend_leases(
+        self, collection: Any, scheduler_id: str, ids: list[Any], duration: timedelta
+    ) -> None:
+        async def write(attempt: int) -> None:
+            until = now_micros() + duration // timedelta(microseconds=1)
+            await collection.update_many(
+                {"_id": {"$in": ids}, "acquired_by": scheduler_id},
+                {"$set": {"acquired_until": until, "v": ObjectId()}},
+            )
+
+        await self._run(write)
+
+    def _build_schedule(self, document: Mapping[str, Any]) -> Schedule | None:
+        """Build a schedule, or log why it cannot be built and return ``None``."""
+        try:
+            return schedule_from_document(document, self.serializer)
+        except (DeserializationError, MalformedDocumentError) as exc:
+            self._logger.warning(
+                "Cannot read schedule %r: %s", document.get("_id"), explain(exc)
+            )
+            return None
+
+    def _build_job(self, document: Mapping[str, Any]) -> Job | None:
+        try:
+            return job_from_document(document, self.serializer)
+        except (DeserializationError, MalformedDocumentError) as exc:
+            self._logger.warning(
+                "Cannot read job %s: %s", describe_id(document.get("_id")), explain(exc)
+            )
+            return None
+
+    @staticmethod
+    def _released_event(
+        result: JobResult, scheduler_id: str, document: Mapping[str, Any]
+    ) -> JobReleased:
+        return JobReleased.from_result(
+            result,
+            scheduler_id,
+            document.get("task_id", ""),
+            document.get("schedule_id"),
+            scheduled_fire_time(document),
+        )
