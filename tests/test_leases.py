@@ -23,8 +23,10 @@ from apscheduler import (
 from apscheduler._structures import ScheduleResult
 from apscheduler.abc import EventBroker
 from apscheduler.triggers.interval import IntervalTrigger
+from time_machine import TimeMachineFixture
 
 from apscheduler_mongo import MongoDBDataStore
+from apscheduler_mongo._job_ops import FIRE_TIME_RETENTION
 
 pytestmark = pytest.mark.anyio
 
@@ -223,7 +225,10 @@ class TestOneJobPerFireTime:
         assert [event.job_id for event in added] == [first.id]
 
     async def test_next_fire_time_gets_its_job(
-        self, store: MongoDBDataStore, other_store: MongoDBDataStore
+        self,
+        store: MongoDBDataStore,
+        other_store: MongoDBDataStore,
+        time_machine: TimeMachineFixture,
     ) -> None:
         """After the release, the following fire time is free and the record goes."""
         await add_due_schedule(store)
@@ -258,10 +263,13 @@ class TestOneJobPerFireTime:
         await store.add_job(later)
         assert [queued.id for queued in await store.get_jobs()] == [later.id]
 
-        # cleanup() forgets the used fire time the schedule has moved past, and
-        # keeps the queued job
+        # cleanup() forgets the used fire time the schedule has moved past, once
+        # it is older than FIRE_TIME_RETENTION, and keeps the queued job
         jobs = store._jobs
+        await store.cleanup()
         assert await jobs.count_documents({"state": "finished"}) == 1
+        later_on = datetime.now(timezone.utc) + FIRE_TIME_RETENTION
+        time_machine.move_to(later_on + timedelta(seconds=1), tick=False)
         await store.cleanup()
         assert await jobs.count_documents({"state": "finished"}) == 0
         assert [queued.id for queued in await store.get_jobs()] == [later.id]

@@ -208,8 +208,10 @@ class StoreCore(BaseExternalDataStore):
 
                 raise RuntimeError(
                     f"cannot create the indexes the store needs in database "
-                    f"{self.database!r}: {exc} (an index of the same name but "
-                    f"different options may already exist)"
+                    f"{self.database!r}: {exc}. The collections probably hold indexes "
+                    f"(and data) made by something else, such as APScheduler's "
+                    f"built-in MongoDB store, whose documents this store cannot "
+                    f"read; use a new database, or drop those collections"
                 ) from exc
 
         await self._run(initialize)

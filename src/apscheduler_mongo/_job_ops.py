@@ -22,6 +22,7 @@ from pymongo.errors import DuplicateKeyError
 
 from ._core import LIVE_STATES, QUEUE_ORDER, StoreCore
 from ._jobs import (
+    describe_id,
     finish_update,
     free_job_filter,
     plan_claims,
@@ -30,6 +31,7 @@ from ._jobs import (
 from ._marshalling import (
     ACQUIRED,
     FINISHED,
+    MalformedDocumentError,
     from_micros,
     job_to_document,
     now_micros,
@@ -38,20 +40,50 @@ from ._marshalling import (
     uuid_to_bson,
 )
 
+#: How long a used fire time is remembered at least (see _forget_used_fire_times)
+FIRE_TIME_RETENTION = timedelta(hours=1)
+
+
+def passed(next_times: Mapping[Any, Any], schedule_id: Any, fire_time: Any) -> bool:
+    """Tell whether a schedule is gone, finished, or past ``fire_time``."""
+    if schedule_id not in next_times or next_times[schedule_id] is None:
+        return True
+
+    next_time = next_times[schedule_id]
+    return (
+        isinstance(next_time, int)
+        and isinstance(fire_time, int)
+        and (next_time > fire_time)
+    )
+
 
 class JobOperations(StoreCore):
     """Adding, leasing, releasing and finishing jobs; handing out results."""
 
     async def add_job(self, job: Job) -> None:
         document = job_to_document(job, self.serializer)
-        document["v"] = token = ObjectId()
+        document["v"] = document["insert_token"] = token = ObjectId()
 
         async def insert(attempt: int) -> bool:
+            if "fire_time" in document and not await self._fire_time_current(
+                job.schedule_id, document["fire_time"]
+            ):
+                self._logger.warning(
+                    "Not adding job %s: schedule %r has moved past %s "
+                    "(its lease probably passed to another scheduler)",
+                    job.id,
+                    job.schedule_id,
+                    job.original_scheduled_time,
+                )
+                return False
+
             try:
                 await self._jobs.insert_one(document)
             except DuplicateKeyError as exc:
-                existing = await self._jobs.find_one({"_id": document["_id"]}, {"v": 1})
-                if existing is not None and existing.get("v") == token:
+                existing = await self._jobs.find_one(
+                    {"_id": document["_id"]}, {"insert_token": 1}
+                )
+                if existing is not None and existing.get("insert_token") == token:
                     return True  # our own insert, retried after a lost reply
 
                 if "fire_key" in ((exc.details or {}).get("keyPattern") or {}):
@@ -74,6 +106,24 @@ class JobOperations(StoreCore):
                 )
             )
 
+    async def _fire_time_current(self, schedule_id: Any, fire_time: int) -> bool:
+        """
+        Tell whether a job for ``fire_time`` may still be added to the schedule.
+
+        Whoever processes a schedule adds jobs for its stored next fire time and
+        later ones; a scheduler that lost its lease while stalled, and comes back
+        after the schedule moved on, must not add a job for a fire time that has
+        been dealt with (its record may already have been forgotten).
+        """
+        schedule = await self._schedules.find_one(
+            {"_id": schedule_id}, {"next_fire_time": 1}
+        )
+        if schedule is None:
+            return True  # if it was just removed, the fire time record still holds
+
+        next_fire_time = schedule.get("next_fire_time")
+        return isinstance(next_fire_time, int) and next_fire_time <= fire_time
+
     async def get_jobs(self, ids: Iterable[UUID] | None = None) -> list[Job]:
         query: dict[str, Any] = {"state": {"$in": LIVE_STATES}}
         if ids is not None:
@@ -85,6 +135,26 @@ class JobOperations(StoreCore):
         jobs = [self._build_job(document) for document in await self._run(fetch)]
         return [job for job in jobs if job is not None]
 
+    def _task_cap(self, task: Mapping[str, Any]) -> int | None:
+        """Return a task's ``max_running_jobs``; 0 (run nothing) if it is invalid."""
+        cap = task.get("max_running_jobs")
+        if cap is None or (
+            isinstance(cap, int) and not isinstance(cap, bool) and cap > 0
+        ):
+            return cap
+
+        self._logger.warning(
+            "Task %r has an invalid max_running_jobs (%r); its jobs stay queued",
+            task["_id"],
+            cap,
+        )
+        return 0
+
+    async def _held_by(self, token: ObjectId) -> list[Any]:
+        """Return the job documents that the claim with ``token`` took."""
+        cursor = self._jobs.find({"v": token}, sort=QUEUE_ORDER)
+        return list(await cursor.to_list(None))
+
     async def acquire_jobs(
         self, scheduler_id: str, lease_duration: timedelta, limit: int | None = None
     ) -> list[Job]:
@@ -94,6 +164,9 @@ class JobOperations(StoreCore):
         finished: dict[Any, JobResult] = {}
 
         async def claim(attempt: int) -> list[Any]:
+            if attempt > 1 and (held_already := await self._held_by(token)):
+                return held_already  # a lost reply: the first attempt did claim
+
             now = now_micros()
             cursor = self._jobs.find(free_job_filter(now), sort=QUEUE_ORDER)
             if limit is not None:
@@ -107,7 +180,7 @@ class JobOperations(StoreCore):
             tasks = await self._tasks.find(
                 {"_id": {"$in": task_ids}}, {"max_running_jobs": 1}
             ).to_list(None)
-            caps = {task["_id"]: task.get("max_running_jobs") for task in tasks}
+            caps = {task["_id"]: self._task_cap(task) for task in tasks}
             held: dict[str, set[int]] = {}
             running: dict[str, int] = {}
             if capped := [task_id for task_id, cap in caps.items() if cap is not None]:
@@ -146,8 +219,7 @@ class JobOperations(StoreCore):
                 return [doc for doc in documents if doc["_id"] in planned]
 
             # Lost a race for some, or retrying after a lost reply: ask what we hold
-            cursor = self._jobs.find({"v": token}, sort=QUEUE_ORDER)
-            return list(await cursor.to_list(None))
+            return await self._held_by(token)
 
         acquired: list[Job] = []
         events: list[Any] = []
@@ -184,9 +256,8 @@ class JobOperations(StoreCore):
                 return True
 
             # A retry after a lost reply finds the document already finished by us
-            mine = {"_id": query["_id"], "v": token}
-            return (
-                attempt > 1 and await self._jobs.find_one(mine, {"_id": 1}) is not None
+            return attempt > 1 and await self._written_by(
+                query["_id"], "release_token", token
             )
 
         if not await self._run(write):
@@ -208,6 +279,18 @@ class JobOperations(StoreCore):
             )
         )
 
+    async def _written_by(self, document_id: Any, field: str, token: Any) -> bool:
+        """
+        Tell whether a write that carried ``token`` in ``field`` was applied.
+
+        Used when a retried write matches nothing: either the lost attempt was
+        applied, or someone else changed the document first. A document that is gone
+        was finished and purged, most likely by our attempt (anyone else needed our
+        lease to lapse first).
+        """
+        document = await self._jobs.find_one({"_id": document_id}, {field: 1})
+        return document is None or document.get(field) == token
+
     async def get_job_result(self, job_id: UUID) -> JobResult | None:
         document_id = uuid_to_bson(job_id)
 
@@ -226,7 +309,7 @@ class JobOperations(StoreCore):
             return None
 
         token = ObjectId()
-        changes: dict[str, Any] = {"v": token}
+        changes: dict[str, Any] = {"v": token, "take_token": token}
         if "fire_key" not in document:
             changes["purge_at"] = datetime.now(timezone.utc)
 
@@ -237,9 +320,8 @@ class JobOperations(StoreCore):
             if (await self._jobs.update_one(query, update)).matched_count:
                 return True
 
-            mine = {"_id": document_id, "v": token}
-            return (
-                attempt > 1 and await self._jobs.find_one(mine, {"_id": 1}) is not None
+            return attempt > 1 and await self._written_by(
+                document_id, "take_token", token
             )
 
         return result if await self._run(take) else None
@@ -259,7 +341,14 @@ class JobOperations(StoreCore):
         results: dict[Any, JobResult] = {}
         tokens: dict[Any, ObjectId] = {}
         for document in documents:
-            result = result_for_document(document, JobOutcome.abandoned, now)
+            try:
+                result = result_for_document(document, JobOutcome.abandoned, now)
+            except MalformedDocumentError as exc:
+                self._logger.warning(
+                    "Cannot finish job %s: %s", describe_id(document["_id"]), exc
+                )
+                continue
+
             tokens[document["_id"]] = token = ObjectId()
             update = finish_update(
                 result,
@@ -279,11 +368,13 @@ class JobOperations(StoreCore):
             ):
                 return set(tokens)
 
-            cursor = self._jobs.find({"_id": {"$in": list(tokens)}}, {"v": 1})
+            cursor = self._jobs.find(
+                {"_id": {"$in": list(tokens)}}, {"release_token": 1}
+            )
             return {
                 doc["_id"]
                 for doc in await cursor.to_list(None)
-                if doc.get("v") == tokens[doc["_id"]]
+                if doc.get("release_token") == tokens[doc["_id"]]
             }
 
         applied = await self._run(write) if requests else set()
@@ -307,16 +398,20 @@ class JobOperations(StoreCore):
 
         Such a document is what makes a second job for the same fire time impossible
         (the unique ``fire_key`` index); it may go once its schedule has been released
-        with a later next fire time, or is finished or gone, and its result (if any)
-        has been fetched or has expired.
+        with a later next fire time, or is finished or gone, its result (if any) has
+        been fetched or has expired, and it finished longer than
+        ``FIRE_TIME_RETENTION`` ago (so that a scheduler that stalled while adding
+        jobs finds it when it wakes).
         """
 
         async def forget(attempt: int) -> None:
+            cutoff = now_micros() - FIRE_TIME_RETENTION // timedelta(microseconds=1)
             cursor = self._jobs.find(
                 {
                     "state": FINISHED,
                     "fire_key": {"$exists": True},
                     "result": {"$exists": False},
+                    "finished_time": {"$lt": cutoff, "$ne": None},
                 },
                 {"schedule_id": 1, "fire_time": 1},
             )
@@ -335,9 +430,7 @@ class JobOperations(StoreCore):
             done = [
                 doc["_id"]
                 for doc in used
-                if doc.get("schedule_id") not in next_times
-                or next_times[doc.get("schedule_id")] is None
-                or next_times[doc.get("schedule_id")] > doc.get("fire_time", 0)
+                if passed(next_times, doc.get("schedule_id"), doc.get("fire_time"))
             ]
             if done:
                 await self._jobs.delete_many(

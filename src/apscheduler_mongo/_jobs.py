@@ -31,6 +31,7 @@ from ._marshalling import (
     job_from_document,
     result_to_document,
     slot_key,
+    to_micros,
     uuid_from_bson,
 )
 
@@ -62,7 +63,12 @@ def finish_update(
     also records that its fire time was used, until :meth:`cleanup` sees the schedule
     past that time.
     """
-    changes: dict[str, Any] = {"state": FINISHED, "v": token}
+    changes: dict[str, Any] = {
+        "state": FINISHED,
+        "v": token,
+        "release_token": token,
+        "finished_time": to_micros(result.finished_at),
+    }
     keep = result.expires_at > result.finished_at
     if keep:
         try:

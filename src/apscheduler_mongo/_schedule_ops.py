@@ -22,6 +22,7 @@ from pymongo.errors import DuplicateKeyError
 
 from ._core import LIVE_STATES, StoreCore
 from ._marshalling import (
+    MalformedDocumentError,
     from_micros,
     get_datetime,
     now_micros,
@@ -47,7 +48,7 @@ class ScheduleOperations(StoreCore):
         self, schedule: Schedule, conflict_policy: ConflictPolicy
     ) -> None:
         document = schedule_to_document(schedule, self.serializer)
-        document["v"] = token = ObjectId()
+        document["v"] = document["insert_token"] = token = ObjectId()
 
         async def insert(attempt: int) -> bool | None:
             """Return True if added, False if replaced, None if left alone."""
@@ -55,15 +56,15 @@ class ScheduleOperations(StoreCore):
                 previous = await self._schedules.find_one_and_replace(
                     {"_id": schedule.id}, document, upsert=True
                 )
-                return previous is None or previous.get("v") == token
+                return previous is None or previous.get("insert_token") == token
 
             try:
                 await self._schedules.insert_one(document)
             except DuplicateKeyError:
                 existing = await self._schedules.find_one(
-                    {"_id": schedule.id}, {"v": 1}
+                    {"_id": schedule.id}, {"insert_token": 1}
                 )
-                if existing is not None and existing.get("v") == token:
+                if existing is not None and existing.get("insert_token") == token:
                     return True  # our own insert, retried after a lost reply
 
                 if conflict_policy is ConflictPolicy.exception:
@@ -121,7 +122,14 @@ class ScheduleOperations(StoreCore):
     ) -> list[Schedule]:
         token = ObjectId()
 
+        async def held_by_us() -> list[Any]:
+            cursor = self._schedules.find({"v": token}, sort=[("next_fire_time", 1)])
+            return list(await cursor.to_list(None))
+
         async def claim(attempt: int) -> list[Any]:
+            if attempt > 1 and (held_already := await held_by_us()):
+                return held_already  # a lost reply: the first attempt did claim
+
             now = now_micros()
             eligible = self._due_schedules_filter(scheduler_id, now)
             cursor = self._schedules.find(
@@ -155,8 +163,7 @@ class ScheduleOperations(StoreCore):
                 return []
 
             # Lost a race for some of them, or retrying after a lost reply: ask
-            cursor = self._schedules.find({"v": token}, sort=[("next_fire_time", 1)])
-            return list(await cursor.to_list(None))
+            return await held_by_us()
 
         schedules: list[Schedule] = []
         for document in await self._run(claim):
@@ -185,6 +192,7 @@ class ScheduleOperations(StoreCore):
                 "acquired_by": None,
                 "acquired_until": None,
                 "v": token,
+                "release_token": token,
             }
             try:
                 changes["trigger"] = self.serializer.serialize(result.trigger)
@@ -214,13 +222,15 @@ class ScheduleOperations(StoreCore):
         if await self._run(write) != len(requests):
             # Some leases were lost (or a retry found its own work done): see which
             async def check(attempt: int) -> list[Any]:
-                cursor = self._schedules.find({"_id": {"$in": list(tokens)}}, {"v": 1})
+                cursor = self._schedules.find(
+                    {"_id": {"$in": list(tokens)}}, {"release_token": 1}
+                )
                 return list(await cursor.to_list(None))
 
             applied = {
                 doc["_id"]
                 for doc in await self._run(check)
-                if doc.get("v") == tokens[doc["_id"]]
+                if doc.get("release_token") == tokens[doc["_id"]]
             }
             for schedule_id in tokens.keys() - applied:
                 self._logger.warning(
@@ -238,31 +248,55 @@ class ScheduleOperations(StoreCore):
             "paused": {"$ne": True},
             "quarantine": {"$exists": False},
         }
-
-        async def fetch(attempt: int) -> tuple[Any, Any]:
-            free = await self._schedules.find_one(
-                {**base, "acquired_by": None},
-                {"next_fire_time": 1, "next_fire_time_offset": 1},
-                sort=[("next_fire_time", ASCENDING)],
-            )
-            # A leased schedule can next be taken when its lease runs out
-            leased = await self._schedules.find_one(
-                {**base, "acquired_by": {"$ne": None}},
-                {"next_fire_time": 1, "acquired_until": 1},
-                sort=[("acquired_until", ASCENDING)],
-            )
-            return free, leased
-
-        free, leased = await self._run(fetch)
-        candidates: list[datetime] = []
-        if free is not None and (time := get_datetime(free, "next_fire_time")):
-            candidates.append(time)
-
-        if leased is not None:
-            micros = max(leased["next_fire_time"], leased.get("acquired_until") or 0)
-            candidates.append(from_micros(micros))
-
+        # A free schedule can be taken at its next fire time, a leased one when its
+        # lease runs out (or earlier, when its owner releases it: an event says so)
+        free = await self._earliest(
+            {**base, "acquired_by": None}, "next_fire_time", "next_fire_time"
+        )
+        leased = await self._earliest(
+            {**base, "acquired_by": {"$ne": None}}, "acquired_until", "acquired_until"
+        )
+        candidates = [time for time in (free, leased) if time is not None]
         return min(candidates) if candidates else None
+
+    async def _earliest(
+        self, query: dict[str, Any], sort_field: str, time_field: str
+    ) -> datetime | None:
+        """
+        Return the time in ``time_field`` of the first schedule by ``sort_field``.
+
+        A schedule whose time is not an integer (edited by hand, say) is quarantined
+        and the next one is tried, so that bad data cannot stop the scheduler.
+        """
+        while True:
+
+            async def fetch(attempt: int) -> Any:
+                return await self._schedules.find_one(
+                    query,
+                    {"next_fire_time": 1, "next_fire_time_offset": 1, time_field: 1},
+                    sort=[(sort_field, ASCENDING)],
+                )
+
+            document = await self._run(fetch)
+            if document is None:
+                return None
+
+            try:
+                micros = document.get(time_field)
+                if not isinstance(micros, int) or isinstance(micros, bool):
+                    raise MalformedDocumentError(f"{time_field} is not an integer")
+
+                if time_field == "next_fire_time":
+                    return get_datetime(document, time_field)
+
+                return from_micros(max(micros, document["next_fire_time"]))
+            except (MalformedDocumentError, TypeError) as exc:
+                self._logger.warning(
+                    "Setting schedule %r aside: %s", document["_id"], exc
+                )
+                await self._quarantine(
+                    self._schedules, document["_id"], None, f"malformed: {exc}"
+                )
 
     async def extend_acquired_schedule_leases(
         self, scheduler_id: str, schedule_ids: set[str], duration: timedelta
