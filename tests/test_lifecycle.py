@@ -13,7 +13,7 @@ from pymongo.errors import InvalidOperation
 
 from apscheduler_mongo import MongoDBDataStore
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire]
+pytestmark = pytest.mark.anyio
 
 
 async def assert_closed(client: Any) -> None:
@@ -21,6 +21,7 @@ async def assert_closed(client: Any) -> None:
         await client.admin.command("ping")
 
 
+@pytest.mark.wire
 class TestOwnedClient:
     """A client the store made from a URI is closed however the store stops."""
 
@@ -61,6 +62,7 @@ class TestOwnedClient:
         await assert_closed(store._client)
 
 
+@pytest.mark.wire
 class TestGivenClient:
     """A client passed in belongs to the caller and stays open."""
 
@@ -84,3 +86,33 @@ class TestGivenClient:
             await client.drop_database(database_name)
         finally:
             await client.close()
+
+
+class TestRestart:
+    """Starting again on the same database keeps the data and the indexes."""
+
+    @pytest.mark.parametrize(
+        "tier", ["mongomock", pytest.param("wire", marks=pytest.mark.wire)]
+    )
+    async def test_second_start_keeps_data(
+        self,
+        client: Any,
+        database_name: str,
+        local_broker: EventBroker,
+        logger: logging.Logger,
+    ) -> None:
+        from apscheduler import Task
+
+        for run in range(2):
+            async with AsyncExitStack() as exit_stack:
+                await local_broker.start(exit_stack, logger)
+                store = MongoDBDataStore(client, database=database_name)
+                await store.start(exit_stack, local_broker, logger)
+                if run == 0:
+                    await store.add_task(
+                        Task(id="kept", func="builtins:len", job_executor="async")
+                    )
+                    indexes = await store._jobs.index_information()
+                else:
+                    assert [task.id for task in await store.get_tasks()] == ["kept"]
+                    assert await store._jobs.index_information() == indexes
