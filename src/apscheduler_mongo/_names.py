@@ -1,9 +1,10 @@
-"""Validation of database names."""
+"""Validation of database and collection names."""
 
 from __future__ import annotations
 
 _DATABASE_FORBIDDEN = frozenset('/\\. "$*<>:|?\x00')
 _DATABASE_MAX_BYTES = 63
+_NAMESPACE_MAX_BYTES = 255
 
 
 def validate_database_name(name: object) -> str:
@@ -28,6 +29,36 @@ def validate_database_name(name: object) -> str:
     if len(name.encode("utf-8")) > _DATABASE_MAX_BYTES:
         raise ValueError(
             f"database name {name!r} is longer than {_DATABASE_MAX_BYTES} bytes"
+        )
+
+    return name
+
+
+def validate_collection_name(name: object, database: str) -> str:
+    """
+    Return ``name`` if it is a usable collection name in ``database``.
+
+    :raises TypeError: if ``name`` is not a string
+    :raises ValueError: if ``name`` is empty, reserved, too long or has a forbidden
+        character
+    """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"collection name must be a string, not {type(name).__qualname__}"
+        )
+
+    if not name:
+        raise ValueError("collection name must not be empty")
+
+    if "$" in name or "\x00" in name:
+        raise ValueError(f"collection name {name!r} must not contain '$' or NUL")
+
+    if name.startswith((".", "system.")) or name.endswith("."):
+        raise ValueError(f"collection name {name!r} is reserved or malformed")
+
+    if len(f"{database}.{name}".encode()) > _NAMESPACE_MAX_BYTES:
+        raise ValueError(
+            f"namespace {database}.{name} is longer than {_NAMESPACE_MAX_BYTES} bytes"
         )
 
     return name

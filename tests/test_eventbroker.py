@@ -1,0 +1,451 @@
+"""The event broker: publish, subscribe and delivery between brokers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import anyio
+import pytest
+from anyio import CancelScope, create_memory_object_stream, fail_after
+from apscheduler import Event, ScheduleAdded, TaskAdded
+from bson import ObjectId
+from pymongo.errors import AutoReconnect, OperationFailure
+
+from apscheduler_mongo import MongoDBEventBroker
+
+pytestmark = pytest.mark.anyio
+
+
+def make_broker(client: Any, database_name: str, **options: Any) -> MongoDBEventBroker:
+    options.setdefault("poll_interval", 0.02)
+    return MongoDBEventBroker(client, database=database_name, **options)
+
+
+@pytest.fixture
+async def broker(
+    client: Any, database_name: str, logger: logging.Logger
+) -> AsyncIterator[MongoDBEventBroker]:
+    async with AsyncExitStack() as exit_stack:
+        started = make_broker(client, database_name)
+        await started.start(exit_stack, logger)
+        yield started
+
+
+@pytest.fixture
+async def other_broker(
+    client: Any,
+    database_name: str,
+    broker: MongoDBEventBroker,
+    logger: logging.Logger,
+) -> AsyncIterator[MongoDBEventBroker]:
+    """A second broker on the same database, as another process would have."""
+    async with AsyncExitStack() as exit_stack:
+        started = make_broker(client, database_name)
+        await started.start(exit_stack, logger)
+        yield started
+
+
+def schedule_added(schedule_id: str = "schedule1") -> ScheduleAdded:
+    return ScheduleAdded(
+        schedule_id=schedule_id,
+        task_id="task1",
+        next_fire_time=datetime(2021, 9, 11, 12, 31, 56, 254867, timezone.utc),
+    )
+
+
+class TestPublishSubscribe:
+    """Published events reach the subscribers, as APScheduler expects."""
+
+    async def test_every_subscriber_gets_the_event(
+        self, broker: MongoDBEventBroker
+    ) -> None:
+        send, receive = create_memory_object_stream[Event](2)
+        with send, receive:
+            broker.subscribe(send.send)
+            broker.subscribe(send.send_nowait)
+            await broker.publish(schedule_added())
+            with fail_after(3):
+                first = await receive.receive()
+                second = await receive.receive()
+
+        assert first == second
+        assert isinstance(first, ScheduleAdded)
+        assert first.schedule_id == "schedule1"
+        assert first.next_fire_time == schedule_added().next_fire_time
+
+    async def test_one_shot(self, broker: MongoDBEventBroker) -> None:
+        send, receive = create_memory_object_stream[Event](2)
+        with send, receive:
+            broker.subscribe(send.send, one_shot=True)
+            await broker.publish(schedule_added("schedule1"))
+            await broker.publish(schedule_added("schedule2"))
+            with fail_after(3):
+                received = await receive.receive()
+
+            with pytest.raises(TimeoutError), fail_after(0.3):
+                await receive.receive()
+
+        assert isinstance(received, ScheduleAdded)
+        assert received.schedule_id == "schedule1"
+
+    async def test_unsubscribe(self, broker: MongoDBEventBroker) -> None:
+        send, receive = create_memory_object_stream[Event](2)
+        with send, receive:
+            subscription = broker.subscribe(send.send)
+            await broker.publish(Event())
+            with fail_after(3):
+                await receive.receive()
+
+            subscription.unsubscribe()
+            await broker.publish(Event())
+            with pytest.raises(TimeoutError), fail_after(0.3):
+                await receive.receive()
+
+    async def test_no_subscribers(
+        self, broker: MongoDBEventBroker, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        await broker.publish(Event())
+        await anyio.sleep(0.1)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    async def test_failing_subscriber_does_not_stop_others(
+        self, broker: MongoDBEventBroker, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        def fail(event: Event) -> None:
+            raise RuntimeError("subscriber failed")
+
+        timestamp = datetime.now(timezone.utc)
+        send, receive = create_memory_object_stream[Event](2)
+        with send, receive:
+            broker.subscribe(fail)
+            broker.subscribe(send.send)
+            await broker.publish(Event(timestamp=timestamp))
+            await broker.publish(Event(timestamp=timestamp + timedelta(seconds=1)))
+            with fail_after(3):
+                first = await receive.receive()
+                second = await receive.receive()
+
+        assert first.timestamp == timestamp
+        assert second.timestamp == timestamp + timedelta(seconds=1)
+        assert "Error delivering Event" in caplog.text
+
+
+class TestBetweenBrokers:
+    """Every broker on the database delivers every event once, in order."""
+
+    async def test_exactly_once_in_order(
+        self, broker: MongoDBEventBroker, other_broker: MongoDBEventBroker
+    ) -> None:
+        received: dict[str, list[str]] = {"one": [], "other": []}
+        done = anyio.Event()
+
+        def record(name: str) -> Any:
+            def callback(event: Event) -> None:
+                assert isinstance(event, TaskAdded)
+                received[name].append(event.task_id)
+                if all(len(ids) == 40 for ids in received.values()):
+                    done.set()
+
+            return callback
+
+        broker.subscribe(record("one"), {TaskAdded})
+        other_broker.subscribe(record("other"), {TaskAdded})
+
+        async def publish_all(prefix: str, publisher: MongoDBEventBroker) -> None:
+            for n in range(20):
+                await publisher.publish(TaskAdded(task_id=f"{prefix}{n:02}"))
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(publish_all, "a", broker)
+            task_group.start_soon(publish_all, "b", other_broker)
+
+        with fail_after(5):
+            await done.wait()
+
+        await anyio.sleep(0.2)  # nothing more may arrive
+        for ids in received.values():
+            assert len(ids) == len(set(ids)) == 40
+            for publisher in "ab":
+                mine = [task_id for task_id in ids if task_id.startswith(publisher)]
+                assert mine == sorted(mine)
+
+    async def test_events_before_start_are_not_replayed(
+        self,
+        client: Any,
+        database_name: str,
+        broker: MongoDBEventBroker,
+        logger: logging.Logger,
+    ) -> None:
+        await broker.publish(TaskAdded(task_id="old"))
+        async with AsyncExitStack() as exit_stack:
+            late = make_broker(client, database_name)
+            await late.start(exit_stack, logger)
+            send, receive = create_memory_object_stream[Event](5)
+            with send, receive:
+                late.subscribe(send.send, {TaskAdded})
+                await broker.publish(TaskAdded(task_id="new"))
+                with fail_after(3):
+                    received = await receive.receive()
+
+        assert isinstance(received, TaskAdded)
+        assert received.task_id == "new"
+
+    async def test_malformed_documents_are_skipped(
+        self,
+        client: Any,
+        database_name: str,
+        broker: MongoDBEventBroker,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        events = client[database_name]["events"]
+        now = datetime.now(timezone.utc)
+        await events.insert_many(
+            [
+                {"_id": ObjectId(), "publisher": 5, "seq": "x", "at": now},
+                {"_id": ObjectId(), "publisher": "p", "seq": 1, "at": now},
+                {
+                    "_id": ObjectId(),
+                    "publisher": "q",
+                    "seq": 1,
+                    "type": "TaskAdded",
+                    "payload": b"not json",
+                    "at": now,
+                },
+            ]
+        )
+        send, receive = create_memory_object_stream[Event](5)
+        with send, receive:
+            broker.subscribe(send.send, {TaskAdded})
+            await broker.publish(TaskAdded(task_id="fine"))
+            with fail_after(3):
+                received = await receive.receive()
+
+        assert isinstance(received, TaskAdded)
+        assert received.task_id == "fine"
+        assert "malformed event document" in caplog.text
+
+
+class TestLifecycle:
+    """Starting and stopping, including under cancellation."""
+
+    async def test_cancel_start(
+        self, client: Any, database_name: str, logger: logging.Logger
+    ) -> None:
+        with CancelScope() as scope:
+            scope.cancel()
+            async with AsyncExitStack() as exit_stack:
+                await make_broker(client, database_name).start(exit_stack, logger)
+
+    async def test_cancel_stop(
+        self, client: Any, database_name: str, logger: logging.Logger
+    ) -> None:
+        with CancelScope() as scope:
+            async with AsyncExitStack() as exit_stack:
+                await make_broker(client, database_name).start(exit_stack, logger)
+                scope.cancel()
+
+    async def test_stops_promptly(
+        self, client: Any, database_name: str, logger: logging.Logger
+    ) -> None:
+        with fail_after(1):
+            async with AsyncExitStack() as exit_stack:
+                broker = make_broker(client, database_name, poll_interval=30)
+                await broker.start(exit_stack, logger)
+
+    @pytest.mark.wire
+    @pytest.mark.parametrize("tier", ["wire"])
+    async def test_change_streams_refused_clearly(
+        self, client: Any, database_name: str, logger: logging.Logger
+    ) -> None:
+        hello = await client.admin.command("hello")
+        if "setName" in hello or hello.get("msg") == "isdbgrid":
+            pytest.skip("this server has change streams")
+
+        async with AsyncExitStack() as exit_stack:
+            broker = make_broker(client, database_name, mode="change_stream")
+            with pytest.raises(RuntimeError, match="replica set"):
+                await broker.start(exit_stack, logger)
+
+    async def test_auto_mode_on_standalone_polls(
+        self, broker: MongoDBEventBroker
+    ) -> None:
+        if os.environ.get("MONGODB_URI"):
+            pytest.skip("MONGODB_URI may be a replica set")
+
+        assert broker.active_mode == "polling"
+
+
+class TestOptions:
+    """Bad options fail at construction with a clear message."""
+
+    @pytest.mark.parametrize(
+        ("options", "error"),
+        [
+            pytest.param({"collection": ""}, ValueError, id="empty-collection"),
+            pytest.param({"collection": "a$b"}, ValueError, id="dollar"),
+            pytest.param({"collection": "system.x"}, ValueError, id="system"),
+            pytest.param({"collection": 3}, TypeError, id="collection-type"),
+            pytest.param({"mode": "push"}, ValueError, id="mode"),
+            pytest.param({"poll_interval": 0}, ValueError, id="poll-interval"),
+            pytest.param({"event_ttl": 5}, ValueError, id="ttl"),
+            pytest.param({"database": "a.b"}, ValueError, id="database"),
+        ],
+    )
+    def test_rejected(self, options: dict[str, Any], error: type[Exception]) -> None:
+        with pytest.raises(error):
+            MongoDBEventBroker("mongodb://127.0.0.1:1/", **options)
+
+    def test_repr_hides_credentials(self) -> None:
+        broker = MongoDBEventBroker("mongodb://user:s3cret@127.0.0.1:1/")
+        assert "s3cret" not in repr(broker)
+        assert "127.0.0.1:1" in repr(broker)
+
+
+class FakeStream:
+    """A change stream that yields the given changes, then fails with ``error``."""
+
+    def __init__(self, changes: Sequence[Mapping[str, Any]], error: Exception) -> None:
+        self._changes = list(changes)
+        self._error = error
+        self.resume_token: Mapping[str, Any] | None = {"_data": "start"}
+        self.closed = False
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> Mapping[str, Any]:
+        if not self._changes:
+            raise self._error
+
+        change = self._changes.pop(0)
+        self.resume_token = change["_id"]
+        return change
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class TestChangeStreamResume:
+    """The change-stream reader resumes from its last token, losing and repeating
+    nothing (tested with a fake stream: the stand-ins have no change streams)."""
+
+    @pytest.fixture
+    def tier(self) -> str:
+        return "mongomock"
+
+    def change(self, broker: MongoDBEventBroker, seq: int) -> dict[str, Any]:
+        payload = broker.serializer.serialize(TaskAdded(task_id=f"t{seq}").marshal())
+        document = {
+            "_id": ObjectId(),
+            "publisher": "p",
+            "seq": seq,
+            "type": "TaskAdded",
+            "payload": payload,
+            "at": datetime.now(timezone.utc),
+        }
+        return {"_id": {"_data": f"token{seq}"}, "fullDocument": document}
+
+    async def run_follower(
+        self,
+        broker: MongoDBEventBroker,
+        first: FakeStream,
+        reopened: list[FakeStream],
+        expected: int,
+    ) -> tuple[list[str], list[Any]]:
+        received: list[str] = []
+        requested: list[Any] = []
+        done = anyio.Event()
+
+        def record(event: Event) -> None:
+            assert isinstance(event, TaskAdded)
+            received.append(event.task_id)
+            if len(received) == expected:
+                done.set()
+
+        async def open_stream(token: Any) -> FakeStream:
+            requested.append(token)
+            return reopened.pop(0)
+
+        broker.subscribe(record, {TaskAdded})
+        broker._open_stream = open_stream  # type: ignore[method-assign, assignment]
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(broker._follow_stream, first)
+            with fail_after(5):
+                await done.wait()
+
+            await anyio.sleep(0.1)
+            task_group.cancel_scope.cancel()
+
+        return received, requested
+
+    async def test_resumes_after_network_error(
+        self, broker: MongoDBEventBroker
+    ) -> None:
+        changes = [self.change(broker, seq) for seq in range(1, 5)]
+        first = FakeStream(changes[:2], AutoReconnect("connection reset"))
+        # The resumed stream repeats the last change before going on
+        second = FakeStream(changes[1:], AutoReconnect("again"))
+        idle = FakeStream([], AutoReconnect("idle"))
+        received, requested = await self.run_follower(
+            broker, first, [second, idle, idle, idle], 4
+        )
+        assert received == ["t1", "t2", "t3", "t4"]
+        assert requested[0] == {"_data": "token2"}
+        assert first.closed
+
+    async def test_restarts_from_now_when_history_lost(
+        self, broker: MongoDBEventBroker, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        changes = [self.change(broker, seq) for seq in range(1, 4)]
+        lost = OperationFailure("resume point lost", code=286)
+        first = FakeStream(changes[:1], lost)
+        second = FakeStream(changes[2:], AutoReconnect("idle"))
+        idle = FakeStream([], AutoReconnect("idle"))
+        received, requested = await self.run_follower(
+            broker, first, [second, idle, idle, idle], 2
+        )
+        assert received == ["t1", "t3"]
+        assert requested[0] is None
+        assert "fell out of the oplog" in caplog.text
+
+
+@pytest.mark.real_server
+class TestRealChangeStreams:
+    """On a real replica set, change streams carry events between brokers."""
+
+    async def test_delivery(self, logger: logging.Logger, database_name: str) -> None:
+        uri = os.environ.get("MONGODB_URI")
+        if not uri:
+            pytest.skip("needs MONGODB_URI pointing at a replica set")
+
+        from pymongo import AsyncMongoClient
+
+        client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
+        try:
+            hello = await client.admin.command("hello")
+            if "setName" not in hello and hello.get("msg") != "isdbgrid":
+                pytest.skip("MONGODB_URI is not a replica set or sharded cluster")
+
+            async with AsyncExitStack() as exit_stack:
+                one = make_broker(client, database_name, mode="change_stream")
+                two = make_broker(client, database_name, mode="change_stream")
+                await one.start(exit_stack, logger)
+                await two.start(exit_stack, logger)
+                send, receive = create_memory_object_stream[Event](10)
+                with send, receive:
+                    two.subscribe(send.send, {TaskAdded})
+                    for n in range(5):
+                        await one.publish(TaskAdded(task_id=str(n)))
+
+                    with fail_after(10):
+                        got = [await receive.receive() for _ in range(5)]
+
+            assert [e.task_id for e in got if isinstance(e, TaskAdded)] == list("01234")
+        finally:
+            await client.drop_database(database_name)
+            await client.close()
