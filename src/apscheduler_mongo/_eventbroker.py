@@ -65,7 +65,7 @@ class MongoDBEventBroker(BaseExternalEventBroker):
     """
     Carry APScheduler's events between processes through a MongoDB collection.
 
-    :meth:`publish` stores each event as a document; every broker on the same
+    Publishing stores each event as a document; every broker on the same
     database (the publisher's own included) delivers it to its local subscribers once,
     in publish order per publisher. Each broker reads events with one listener:
 
