@@ -200,6 +200,7 @@ class TestBetweenBrokers:
         client: Any,
         database_name: str,
         broker: MongoDBEventBroker,
+        other_broker: MongoDBEventBroker,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         events = client[database_name]["events"]
@@ -221,7 +222,7 @@ class TestBetweenBrokers:
         send, receive = create_memory_object_stream[Event](5)
         with send, receive:
             broker.subscribe(send.send, {TaskAdded})
-            await broker.publish(TaskAdded(task_id="fine"))
+            await other_broker.publish(TaskAdded(task_id="fine"))
             with fail_after(3):
                 received = await receive.receive()
 

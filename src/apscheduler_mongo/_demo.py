@@ -11,6 +11,7 @@ from apscheduler import AsyncScheduler, JobReleased
 from apscheduler.triggers.interval import IntervalTrigger
 
 from ._datastore import MongoDBDataStore
+from ._eventbroker import MongoDBEventBroker
 
 _started = datetime.now(timezone.utc)
 
@@ -44,7 +45,9 @@ async def run_demo(uri: str | None, database: str, seconds: float) -> int:
         _say("no MongoDB URI given: using an in-process mongomock-motor database")
 
     store = MongoDBDataStore(client_or_uri, database=database, start_from_scratch=True)
+    broker = MongoDBEventBroker(client_or_uri, database=database)
     _say(f"store: {store!r}")
+    _say(f"event broker: {broker!r}")
     ran = 0
 
     def report(event: Any) -> None:
@@ -64,7 +67,7 @@ async def run_demo(uri: str | None, database: str, seconds: float) -> int:
             else f"{event.outcome.name}: job {event.job_id}"
         )
 
-    async with AsyncScheduler(data_store=store) as scheduler:
+    async with AsyncScheduler(data_store=store, event_broker=broker) as scheduler:
         scheduler.subscribe(report, {JobReleased})
         start = datetime.now(timezone.utc) + timedelta(seconds=0.5)
         await scheduler.add_schedule(

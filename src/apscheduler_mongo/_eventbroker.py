@@ -65,9 +65,10 @@ class MongoDBEventBroker(BaseExternalEventBroker):
     """
     Carry APScheduler's events between processes through a MongoDB collection.
 
-    Publishing stores each event as a document; every broker on the same
-    database (the publisher's own included) delivers it to its local subscribers once,
-    in publish order per publisher. Each broker reads events with one listener:
+    Publishing stores each event as a document; every broker on the same database
+    delivers it to its local subscribers once, in publish order per publisher (the
+    publishing broker delivers it to its own subscribers as soon as it is stored).
+    Each broker reads the other brokers' events with one listener:
 
     * on a replica set or sharded cluster, a change stream on the collection, which
       resumes from its last resume token after network errors and failovers;
@@ -260,6 +261,9 @@ class MongoDBEventBroker(BaseExternalEventBroker):
                     except DuplicateKeyError:
                         pass  # our own write, retried after a lost reply
 
+            # Our own subscribers hear it now; the readers skip our own documents
+            await self.publish_local(event)
+
     # Reading
 
     async def _deliver(self, document: Mapping[str, Any]) -> None:
@@ -272,8 +276,8 @@ class MongoDBEventBroker(BaseExternalEventBroker):
             return
 
         last = self._last_seen.get(publisher)
-        if last is not None and seq <= last[0]:
-            return
+        if publisher == self._publisher or (last is not None and seq <= last[0]):
+            return  # ours (delivered when published), or delivered already
 
         self._last_seen[publisher] = (
             seq,
