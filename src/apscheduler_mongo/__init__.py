@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from ._datastore import MongoDBDataStore as MongoDBDataStore
 from ._eventbroker import MongoDBEventBroker as MongoDBEventBroker
+from ._sync import StoreNotRunningError as StoreNotRunningError
+from ._sync import SyncMongoDBDataStore as SyncMongoDBDataStore
 from ._version import __version__ as __version__
 
-__all__ = ["MongoDBDataStore", "MongoDBEventBroker", "__version__"]
+__all__ = [
+    "MongoDBDataStore",
+    "MongoDBEventBroker",
+    "StoreNotRunningError",
+    "SyncMongoDBDataStore",
+    "__version__",
+]
