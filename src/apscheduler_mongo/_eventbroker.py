@@ -323,7 +323,7 @@ class MongoDBEventBroker(BaseExternalEventBroker):
             query["$or"] = [
                 {"publisher": publisher, "seq": {"$gt": self._last_seen[publisher][0]}}
                 for publisher in known
-            ] + [{"publisher": {"$nin": known}}]
+            ] + [{"publisher": {"$nin": [*known, self._publisher]}}]
             try:
                 cursor = self._events.find(
                     query,

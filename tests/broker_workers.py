@@ -1,0 +1,306 @@
+"""
+Worker processes for the multi-process event broker and scheduler tests.
+
+Each function here runs in a separate process (multiprocessing's "spawn" context),
+starts its own broker (or scheduler) on the given URI and reports through a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import traceback
+from contextlib import AsyncExitStack
+from datetime import datetime, timezone
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier, Event
+from typing import Any
+
+import anyio
+from apscheduler import (
+    AsyncScheduler,
+    RetrySettings,
+    RunState,
+    TaskAdded,
+    current_job,
+)
+from apscheduler import Event as SchedulerEvent
+from pymongo import AsyncMongoClient, errors, monitoring
+
+from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
+
+#: How long a worker waits for the others at the barrier, or for the stop signal
+SYNC_TIMEOUT = 60.0
+#: The warning logged when a store or broker operation is retried
+RETRIED_OPERATION = "Temporary MongoDB error"
+#: The warning logged when the broker's polling reader failed and will poll again
+RETRIED_POLL = "poll failed, retrying"
+
+
+class RetryCounter(logging.Handler):
+    """Count the warnings that report a retried temporary failure; keep errors."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.retried_operations = 0
+        self.retried_polls = 0
+        self.errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if RETRIED_OPERATION in message:
+            self.retried_operations += 1
+        elif RETRIED_POLL in message:
+            self.retried_polls += 1
+        elif record.levelno >= logging.ERROR:
+            self.errors.append(message)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "retried_operations": self.retried_operations,
+            "retried_polls": self.retried_polls,
+            "errors": self.errors,
+        }
+
+
+class _FailedCommands(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        error = getattr(errors, str(event.failure.get("errtype")), None)
+        if isinstance(error, type) and issubclass(error, errors.ConnectionFailure):
+            self.count += 1  # a network error, not an error reply from the server
+
+
+class _FailedHeartbeats(monitoring.ServerHeartbeatListener):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def started(self, event: monitoring.ServerHeartbeatStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: monitoring.ServerHeartbeatSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.ServerHeartbeatFailedEvent) -> None:
+        self.count += 1
+
+
+class NetworkFailures:
+    """Count, through pymongo's monitoring, the network failures a process saw."""
+
+    def __init__(self) -> None:
+        self._commands = _FailedCommands()
+        self._heartbeats = _FailedHeartbeats()
+        # Applies to every client the process creates from now on
+        monitoring.register(self._commands)
+        monitoring.register(self._heartbeats)
+
+    def report(self) -> dict[str, int]:
+        return {
+            "failed_commands": self._commands.count,
+            "failed_heartbeats": self._heartbeats.count,
+        }
+
+
+def counting_logger(name: str) -> tuple[logging.Logger, RetryCounter]:
+    """Return a logger for a worker and the handler counting its retries."""
+    logger = logging.getLogger(f"apscheduler_mongo.tests.{name}")
+    counter = RetryCounter()
+    logger.addHandler(counter)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger, counter
+
+
+def _task_id(event: SchedulerEvent) -> str:
+    assert isinstance(event, TaskAdded)
+    return event.task_id
+
+
+async def _exchange(
+    uri: str,
+    database: str,
+    name: str,
+    barrier: Barrier,
+    count: int,
+    expected: int,
+    pace: float,
+    retry_settings: RetrySettings,
+) -> dict[str, Any]:
+    logger, counter = counting_logger(name)
+    network = NetworkFailures()
+    received: list[str] = []
+    distinct: set[str] = set()
+    all_received = anyio.Event()
+
+    def on_event(event: SchedulerEvent) -> None:
+        task_id = _task_id(event)
+        received.append(task_id)
+        distinct.add(task_id)
+        if len(distinct) >= expected:
+            all_received.set()
+
+    async with AsyncExitStack() as exit_stack:
+        broker = MongoDBEventBroker(
+            uri,
+            database=database,
+            mode="polling",
+            poll_interval=0.05,
+            retry_settings=retry_settings,
+        )
+        await broker.start(exit_stack, logger)
+        broker.subscribe(on_event, {TaskAdded})
+        # Everyone is subscribed before anyone publishes
+        await asyncio.to_thread(barrier.wait, SYNC_TIMEOUT)
+        published_from = time.time()
+        for n in range(count):
+            await broker.publish(TaskAdded(task_id=f"{name}:{n}"))
+            if pace:
+                await anyio.sleep(pace)
+
+        published_until = time.time()
+        with anyio.move_on_after(SYNC_TIMEOUT):
+            await all_received.wait()
+
+        # Keep listening a little longer: a late duplicate would show up here
+        await anyio.sleep(0.5)
+
+    return {
+        "worker": name,
+        "received": received,
+        "published_from": published_from,
+        "published_until": published_until,
+        **counter.report(),
+        **network.report(),
+    }
+
+
+def exchange_worker(
+    uri: str,
+    database: str,
+    name: str,
+    barrier: Barrier,
+    count: int,
+    expected: int,
+    pace: float,
+    retry_settings: RetrySettings,
+    results: Queue[Any],
+) -> None:
+    """
+    Subscribe, publish ``count`` events, and listen until ``expected`` arrived.
+
+    Reports the task ids received, in order of delivery.
+    """
+    try:
+        report = asyncio.run(
+            _exchange(
+                uri, database, name, barrier, count, expected, pace, retry_settings
+            )
+        )
+    except BaseException:
+        results.put({"worker": name, "crash": traceback.format_exc()})
+        raise
+
+    results.put(report)
+
+
+# Scheduler workers
+
+_runs_clients: dict[str, AsyncMongoClient[Any]] = {}
+
+
+async def record_run(uri: str, database: str) -> None:
+    """Record this job's schedule, fire time and process in the ``runs`` collection."""
+    job = current_job.get()
+    client = _runs_clients.get(uri)
+    if client is None:
+        client = _runs_clients[uri] = AsyncMongoClient(uri, tz_aware=True)
+
+    assert job.scheduled_fire_time is not None
+    await client[database]["runs"].insert_one(
+        {
+            "schedule_id": job.schedule_id,
+            "fire_time": job.scheduled_fire_time.isoformat(),
+            "pid": os.getpid(),
+            "job_id": str(job.id),
+            "ran_at": datetime.now(timezone.utc).isoformat(),
+        }
+    )
+
+
+async def _close_runs_clients() -> None:
+    while _runs_clients:
+        _, client = _runs_clients.popitem()
+        await client.close()
+
+
+async def _schedule(
+    uri: str,
+    database: str,
+    name: str,
+    barrier: Barrier,
+    stop: Event,
+    retry_settings: RetrySettings,
+) -> dict[str, Any]:
+    logger, counter = counting_logger(name)
+    network = NetworkFailures()
+    store = MongoDBDataStore(uri, database=database, retry_settings=retry_settings)
+    broker = MongoDBEventBroker(
+        uri,
+        database=database,
+        mode="polling",
+        poll_interval=0.05,
+        retry_settings=retry_settings,
+    )
+    stopped_early = False
+    try:
+        async with AsyncScheduler(
+            data_store=store, event_broker=broker, identity=name, logger=logger
+        ) as scheduler:
+            await asyncio.to_thread(barrier.wait, SYNC_TIMEOUT)
+            await scheduler.start_in_background()
+            await asyncio.to_thread(stop.wait, SYNC_TIMEOUT)
+            stopped_early = scheduler.state is not RunState.started
+            await scheduler.stop()
+            await scheduler.wait_until_stopped()
+    finally:
+        await _close_runs_clients()
+
+    return {
+        "worker": name,
+        "pid": os.getpid(),
+        "stopped_early": stopped_early,
+        **counter.report(),
+        **network.report(),
+    }
+
+
+def scheduler_worker(
+    uri: str,
+    database: str,
+    name: str,
+    barrier: Barrier,
+    stop: Event,
+    retry_settings: RetrySettings,
+    results: Queue[Any],
+) -> None:
+    """Run a scheduler with the MongoDB store and broker until ``stop`` is set."""
+    try:
+        report = asyncio.run(
+            _schedule(uri, database, name, barrier, stop, retry_settings)
+        )
+    except BaseException:
+        results.put({"worker": name, "crash": traceback.format_exc()})
+        raise
+
+    results.put(report)

@@ -1,0 +1,279 @@
+"""
+A loopback TCP proxy that cuts connections on demand, for fault tests.
+
+:class:`FaultyProxy` listens on a free port of 127.0.0.1 and forwards bytes both ways
+to a server on 127.0.0.1. It runs its own event loop in a background thread, so that
+the test (and processes connecting through it) keep running while it cuts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+LOOPBACK = "127.0.0.1"
+#: ``mongodb://[userinfo@]127.0.0.1:PORT`` followed by the path and query string
+_LOOPBACK_URI = re.compile(r"^(mongodb://(?:[^@/]*@)?)(127\.0\.0\.1|localhost):(\d+)")
+
+
+def loopback_port(uri: str) -> int | None:
+    """Return the port of a single-host ``mongodb://`` URI on 127.0.0.1, else None."""
+    match = _LOOPBACK_URI.match(uri)
+    if match is None or "," in uri.partition("?")[0]:
+        return None
+
+    return int(match.group(3))
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close a connection at once with a reset, as a failing network would."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+        except OSError:
+            pass
+
+    writer.transport.abort()
+
+
+class _Connection:
+    """One client connection and its connection to the target."""
+
+    def __init__(
+        self, client: asyncio.StreamWriter, server: asyncio.StreamWriter
+    ) -> None:
+        self.client = client
+        self.server = server
+
+    def close(self) -> None:
+        _reset(self.client)
+        _reset(self.server)
+
+
+class FaultyProxy:
+    """
+    Forward TCP connections from 127.0.0.1 to a loopback target, cutting on demand.
+
+    Use it as a context manager; :attr:`port` is where it listens.
+
+    :param target_host: the host to forward to (only ``127.0.0.1`` or ``localhost``)
+    :param target_port: the port to forward to
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        if target_host not in (LOOPBACK, "localhost"):
+            raise ValueError(
+                f"the proxy only forwards to {LOOPBACK}, not {target_host}"
+            )
+
+        self.target_port = target_port
+        #: How many times :meth:`cut` (or :meth:`refuse_for`) was called
+        self.cuts = 0
+        #: How many open connections the cuts closed
+        self.connections_cut = 0
+        #: How many connections were accepted (and forwarded)
+        self.connections = 0
+        #: How many connections were reset at once while refusing
+        self.refused = 0
+        self._port = 0
+        self._open: set[_Connection] = set()
+        self._refuse_until = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, name="FaultyProxy", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        """The port the proxy listens on."""
+        return self._port
+
+    def uri_for(self, uri: str, **options: str | int) -> str:
+        """
+        Rewrite a single-host loopback ``mongodb://`` URI to point at the proxy.
+
+        The path and query string are kept; ``options`` are appended to the query.
+
+        :raises ValueError: if ``uri`` does not name one host on 127.0.0.1
+        """
+        if loopback_port(uri) is None:
+            raise ValueError("the proxy only stands in for one server on 127.0.0.1")
+
+        rewritten = _LOOPBACK_URI.sub(rf"\g<1>{LOOPBACK}:{self._port}", uri, count=1)
+        if options:
+            base, _, query = rewritten.partition("?")
+            if "/" not in base[len("mongodb://") :]:
+                base += "/"
+
+            extra = "&".join(f"{key}={value}" for key, value in options.items())
+            rewritten = f"{base}?{query}&{extra}" if query else f"{base}?{extra}"
+
+        return rewritten
+
+    def cut(self) -> int:
+        """Close every open connection, both sides, at once; return how many."""
+        return self._call(self._cut())
+
+    def refuse_for(self, seconds: float) -> int:
+        """Cut, then reset new connections at once for ``seconds``; return cut count."""
+        return self._call(self._cut(refuse_for=seconds))
+
+    def __enter__(self) -> FaultyProxy:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the proxy did not start within 10 seconds")
+
+        if self._error is not None:
+            raise RuntimeError("the proxy failed to start") from self._error
+
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+        self._thread.join(10)
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if self._loop is None:
+            coroutine.close()
+            raise RuntimeError("the proxy is not running")
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+
+    async def _cut(self, refuse_for: float = 0.0) -> int:
+        if refuse_for:
+            self._refuse_until = asyncio.get_running_loop().time() + refuse_for
+
+        closed = self._close_all()
+        self.cuts += 1
+        self.connections_cut += closed
+        return closed
+
+    def _close_all(self) -> int:
+        connections = list(self._open)
+        self._open.clear()
+        for connection in connections:
+            connection.close()
+
+        return len(connections)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported by __enter__
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._accept, LOOPBACK, 0)
+        self._port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            self._close_all()
+            await server.wait_closed()
+
+    async def _accept(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        assert self._loop is not None
+        if self._loop.time() < self._refuse_until:
+            self.refused += 1
+            _reset(client_writer)
+            return
+
+        try:
+            server_reader, server_writer = await asyncio.open_connection(
+                LOOPBACK, self.target_port
+            )
+        except OSError:
+            _reset(client_writer)
+            return
+
+        connection = _Connection(client_writer, server_writer)
+        if self._loop.time() < self._refuse_until:  # refusing began meanwhile
+            self.refused += 1
+            connection.close()
+            return
+
+        self._open.add(connection)
+        self.connections += 1
+        try:
+            await asyncio.gather(
+                _pump(client_reader, server_writer),
+                _pump(server_reader, client_writer),
+            )
+        finally:
+            # One side closed (or was cut): close the other side too
+            if connection in self._open:
+                self._open.discard(connection)
+                connection.close()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy bytes from ``reader`` to ``writer`` until either side closes."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.transport.abort()
+
+
+@contextmanager
+def cutting(
+    proxy: FaultyProxy, every: float, refuse_for: float = 0.0
+) -> Iterator[list[float]]:
+    """
+    Cut the proxy's connections every ``every`` seconds, from a thread, until exit.
+
+    With ``refuse_for``, each cut also refuses new connections for that long.
+    Yields the list of the cuts' times (``time.time()``), filled in as they happen.
+    """
+    cut_times: list[float] = []
+    done = threading.Event()
+
+    def cut_repeatedly() -> None:
+        while not done.wait(every):
+            if refuse_for:
+                proxy.refuse_for(refuse_for)
+            else:
+                proxy.cut()
+
+            cut_times.append(time.time())
+
+    thread = threading.Thread(target=cut_repeatedly, name="cutter", daemon=True)
+    thread.start()
+    try:
+        yield cut_times
+    finally:
+        done.set()
+        thread.join(10)

@@ -1,0 +1,262 @@
+"""Schedulers in several processes share schedules: each fire time runs once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import Counter
+from contextlib import ExitStack
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from anyio import to_thread
+from apscheduler import CoalescePolicy, ConflictPolicy, RetrySettings, Schedule, Task
+from apscheduler.triggers.interval import IntervalTrigger
+from pymongo import MongoClient
+from tenacity import stop_after_delay, wait_fixed
+
+from apscheduler_mongo import MongoDBDataStore
+
+from .broker_workers import scheduler_worker
+from .proxy import LOOPBACK, FaultyProxy, cutting, loopback_port
+
+pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
+
+WORKERS = 3
+SCHEDULES = ("every-half-second-1", "every-half-second-2")
+INTERVAL = timedelta(seconds=0.5)
+#: The first fire time, counted from when the schedules are added
+START_DELAY = timedelta(seconds=2)
+#: How long the schedulers run, at least, once all of them are up
+RUN_FOR = 6.0
+#: ... and at most, if the schedules fall behind (the test then fails)
+MAX_RUN_FOR = 20.0
+#: Stop once each schedule ran this many times (and RUN_FOR has passed)
+TARGET_RUNS = 10
+MIN_RUNS = 8
+#: How long the schedulers run without faults before they stop
+SETTLE = 2.5
+REPORT_TIMEOUT = 90
+#: Fail fast while the proxy cuts, and leave retrying reads to the store and broker
+FAST_FAILURE: dict[str, str | int] = {
+    "serverSelectionTimeoutMS": 2000,
+    "connectTimeoutMS": 1000,
+    "retryReads": "false",
+}
+FAULT_RETRIES = RetrySettings(stop=stop_after_delay(30), wait=wait_fixed(0.1))
+
+
+@pytest.fixture
+def tier() -> str:
+    return "wire"  # separate processes need a server they can all reach
+
+
+async def add_schedules(
+    store: MongoDBDataStore, runs_uri: str, database: str
+) -> datetime:
+    """Add the recording task and the interval schedules; return the first fire time."""
+    await store.add_task(
+        Task(id="record", func="tests.broker_workers:record_run", job_executor="async")
+    )
+    now = datetime.now(timezone.utc) + START_DELAY
+    start = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    for schedule_id in SCHEDULES:
+        trigger = IntervalTrigger(seconds=INTERVAL.total_seconds(), start_time=start)
+        # Passed as Any: APScheduler's converters confuse mypy about these types
+        options: dict[str, Any] = {
+            "args": (runs_uri, database),
+            "misfire_grace_time": None,  # every fire time runs, however late
+        }
+        schedule = Schedule(
+            id=schedule_id,
+            task_id="record",
+            trigger=trigger,
+            coalesce=CoalescePolicy.all,
+            job_executor="async",
+            **options,
+        )
+        schedule.next_fire_time = trigger.next()
+        await store.add_schedule(schedule, ConflictPolicy.exception)
+
+    return start
+
+
+def run_schedulers(
+    uri: str,
+    runs_uri: str,
+    database: str,
+    retry_settings: RetrySettings,
+    proxy: FaultyProxy | None = None,
+) -> tuple[list[dict[str, Any]], list[float]]:
+    """
+    Run a scheduler in each of WORKERS processes until the schedules are well under way.
+
+    The schedulers run for RUN_FOR seconds, and longer (up to MAX_RUN_FOR) until each
+    schedule has run TARGET_RUNS times. With a ``proxy``, cut its connections every
+    1.5 s while the schedulers run (and refuse new ones for 0.5 s after each cut),
+    then let them run SETTLE seconds more without faults. Return the workers' reports
+    and the times of the cuts.
+    """
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(WORKERS + 1)
+    stop = context.Event()
+    results = context.Queue()
+    processes = [
+        context.Process(
+            target=scheduler_worker,
+            args=(
+                uri,
+                database,
+                f"scheduler{n}",
+                barrier,
+                stop,
+                retry_settings,
+                results,
+            ),
+        )
+        for n in range(WORKERS)
+    ]
+    for process in processes:
+        process.start()
+
+    cut_times: list[float] = []
+    try:
+        barrier.wait(REPORT_TIMEOUT)
+        with ExitStack() as faults:
+            if proxy is not None:
+                cut_times = faults.enter_context(cutting(proxy, 1.5, refuse_for=0.5))
+
+            wait_for_runs(runs_uri, database, time.time())
+
+        if proxy is not None:
+            # Let the retries under way finish: a job whose claim is still being
+            # retried when its scheduler stops stays claimed (until its lease runs
+            # out), and would look like a gap though nothing was lost
+            time.sleep(SETTLE)
+
+        stop.set()
+        reports = [results.get(timeout=REPORT_TIMEOUT) for _ in processes]
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(30)
+            if process.exitcode is None:  # pragma: no cover (a hung worker)
+                process.kill()
+
+    for report in reports:
+        assert "crash" not in report, report["crash"]
+        assert not report["stopped_early"], f"{report['worker']} crashed"
+        assert not report["errors"], report["errors"]
+
+    assert [process.exitcode for process in processes] == [0] * WORKERS
+    return reports, cut_times
+
+
+def wait_for_runs(runs_uri: str, database: str, started: float) -> None:
+    """Wait RUN_FOR seconds, and on until each schedule ran TARGET_RUNS times."""
+    client: MongoClient[dict[str, Any]] = MongoClient(
+        runs_uri, serverSelectionTimeoutMS=5000
+    )
+    with client:
+        runs = client[database]["runs"]
+        time.sleep(RUN_FOR)
+        while time.time() < started + MAX_RUN_FOR:
+            counts = [runs.count_documents({"schedule_id": s}) for s in SCHEDULES]
+            if min(counts) >= TARGET_RUNS:
+                return
+
+            time.sleep(0.25)
+
+
+async def recorded_runs(client: Any, database: str) -> list[dict[str, Any]]:
+    cursor = client[database]["runs"].find({}, {"_id": False})
+    return list(await cursor.to_list(None))
+
+
+def check_runs(runs: list[dict[str, Any]], start: datetime) -> None:
+    """
+    Assert each schedule's fire times ran once each, without gaps, from the first.
+
+    Also assert the runs were shared out between processes.
+    """
+    per_schedule: dict[str, list[datetime]] = {schedule: [] for schedule in SCHEDULES}
+    for run in runs:
+        per_schedule[run["schedule_id"]].append(
+            datetime.fromisoformat(run["fire_time"])
+        )
+
+    for schedule_id, fire_times in per_schedule.items():
+        summary = f"{schedule_id}: {describe(runs, schedule_id, start)}"
+        duplicates = [t for t, n in Counter(fire_times).items() if n > 1]
+        assert not duplicates, f"ran {duplicates} more than once; {summary}"
+        assert len(fire_times) >= MIN_RUNS, f"too few runs; {summary}"
+        expected = [start + INTERVAL * n for n in range(len(fire_times))]
+        missing = sorted(set(expected) - set(fire_times))
+        assert sorted(fire_times) == expected, f"never ran {missing}; {summary}"
+
+    assert len({run["pid"] for run in runs}) > 1, "one process ran every job"
+
+
+def describe(runs: list[dict[str, Any]], schedule_id: str, start: datetime) -> str:
+    """Describe a schedule's runs as (fire time offset, lateness, pid) triples."""
+    described = []
+    for run in runs:
+        if run["schedule_id"] == schedule_id:
+            fire_time = datetime.fromisoformat(run["fire_time"])
+            late = datetime.fromisoformat(run["ran_at"]) - fire_time
+            offset = (fire_time - start).total_seconds()
+            described.append((offset, round(late.total_seconds(), 2), run["pid"]))
+
+    return repr(sorted(described))
+
+
+class TestSchedulers:
+    """Schedulers in several processes run each fire time once, without gaps."""
+
+    async def test_each_fire_time_runs_once(
+        self,
+        store: MongoDBDataStore,
+        client: Any,
+        wire_uri: str,
+        database_name: str,
+    ) -> None:
+        start = await add_schedules(store, wire_uri, database_name)
+
+        await to_thread.run_sync(
+            run_schedulers, wire_uri, wire_uri, database_name, RetrySettings()
+        )
+
+        check_runs(await recorded_runs(client, database_name), start)
+
+
+class TestSchedulersThroughCuts:
+    """Connections cut under the schedulers neither lose nor repeat a fire time."""
+
+    async def test_each_fire_time_runs_once(
+        self,
+        store: MongoDBDataStore,
+        client: Any,
+        wire_uri: str,
+        database_name: str,
+    ) -> None:
+        port = loopback_port(wire_uri)
+        if port is None:
+            pytest.skip("the proxy stands in for a single server on 127.0.0.1 only")
+
+        # The jobs record their runs directly, not through the proxy
+        start = await add_schedules(store, wire_uri, database_name)
+        with FaultyProxy(LOOPBACK, port) as proxy:
+            uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
+            reports, cut_times = await to_thread.run_sync(
+                run_schedulers, uri, wire_uri, database_name, FAULT_RETRIES, proxy
+            )
+
+        check_runs(await recorded_runs(client, database_name), start)
+        assert len(cut_times) >= 3
+        assert proxy.connections_cut > 0, "the cuts closed no connection"
+        # The cuts reached every scheduler, whose store and broker retried
+        for report in reports:
+            assert report["failed_commands"] > 0, report
+            assert report["retried_operations"] > 0, report
+            assert report["retried_polls"] > 0, report
