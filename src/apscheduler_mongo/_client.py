@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 from collections.abc import Sequence
@@ -208,3 +209,19 @@ async def bulk_write(
         raise BulkWriteError(document)
 
     return BulkWriteResult(document, acknowledged=True)
+
+
+def require_asyncio(owner: object) -> None:
+    """
+    Refuse to run outside asyncio, which pymongo's asynchronous API needs.
+
+    :raises RuntimeError: if no asyncio event loop is running (e.g. under Trio)
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            f"{type(owner).__name__} needs asyncio (pymongo's asynchronous API runs "
+            f"on asyncio only), not trio or any other event loop; start it under "
+            f"anyio's asyncio backend"
+        ) from None

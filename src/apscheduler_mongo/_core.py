@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
@@ -25,7 +24,7 @@ from attrs.validators import instance_of
 from bson import ObjectId
 from pymongo import ASCENDING, IndexModel
 from pymongo.errors import BulkWriteError, OperationFailure
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from tenacity import AsyncRetrying
 
 from ._client import (
     bulk_write,
@@ -34,7 +33,7 @@ from ._client import (
     create_client,
     describe_hosts,
     is_mongomock,
-    redact,
+    require_asyncio,
     validate_client_or_uri,
 )
 from ._jobs import (
@@ -51,7 +50,7 @@ from ._marshalling import (
     schedule_from_document,
 )
 from ._names import validate_database_name
-from ._retry import is_temporary_failure
+from ._retry import is_temporary_failure, retrying
 
 T = TypeVar("T")
 
@@ -122,21 +121,7 @@ class StoreCore(BaseExternalDataStore):
         )
 
     def _retry(self) -> AsyncRetrying:
-        def log_attempt(retry_state: RetryCallState) -> None:
-            assert retry_state.outcome is not None
-            self._logger.warning(
-                "Temporary MongoDB error (attempt %d): %s",
-                retry_state.attempt_number,
-                redact(str(retry_state.outcome.exception())),
-            )
-
-        return AsyncRetrying(
-            stop=self.retry_settings.stop,
-            wait=self.retry_settings.wait,
-            retry=retry_if_exception(is_temporary_failure),
-            after=log_attempt,
-            reraise=True,
-        )
+        return retrying(self.retry_settings, self._logger)
 
     async def _run(self, operation: Callable[[int], Awaitable[T]]) -> T:
         """Run ``operation(attempt_number)``, retrying it on temporary failures."""
@@ -169,14 +154,7 @@ class StoreCore(BaseExternalDataStore):
     async def start(
         self, exit_stack: AsyncExitStack, event_broker: EventBroker, logger: Logger
     ) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                f"{type(self).__name__} needs asyncio (pymongo's asynchronous API "
-                f"runs on asyncio only), not trio or any other event loop; start "
-                f"it under anyio's asyncio backend"
-            ) from None
+        require_asyncio(self)
 
         await super().start(exit_stack, event_broker, logger)
         if isinstance(self.client_or_uri, str):

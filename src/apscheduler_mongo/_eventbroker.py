@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
@@ -22,7 +21,7 @@ from attrs.validators import ge, in_, instance_of
 from bson import ObjectId
 from pymongo import ASCENDING, IndexModel
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from tenacity import AsyncRetrying
 
 from ._client import (
     check_server,
@@ -31,10 +30,11 @@ from ._client import (
     describe_hosts,
     is_mongomock,
     redact,
+    require_asyncio,
     validate_client_or_uri,
 )
 from ._names import validate_collection_name, validate_database_name
-from ._retry import is_temporary_failure
+from ._retry import is_temporary_failure, retrying
 
 Mode = Literal["auto", "change_stream", "polling"]
 
@@ -140,21 +140,7 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         )
 
     def _retry(self) -> AsyncRetrying:
-        def log_attempt(retry_state: RetryCallState) -> None:
-            assert retry_state.outcome is not None
-            self._logger.warning(
-                "Temporary MongoDB error in the event broker (attempt %d): %s",
-                retry_state.attempt_number,
-                redact(str(retry_state.outcome.exception())),
-            )
-
-        return AsyncRetrying(
-            stop=self.retry_settings.stop,
-            wait=self.retry_settings.wait,
-            retry=retry_if_exception(is_temporary_failure),
-            after=log_attempt,
-            reraise=True,
-        )
+        return retrying(self.retry_settings, self._logger, " in the event broker")
 
     @property
     def active_mode(self) -> str:
@@ -162,13 +148,7 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         return self._active_mode
 
     async def start(self, exit_stack: AsyncExitStack, logger: Logger) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                f"{type(self).__name__} needs asyncio (pymongo's asynchronous API "
-                f"runs on asyncio only), not trio or any other event loop"
-            ) from None
+        require_asyncio(self)
 
         await super().start(exit_stack, logger)
         if isinstance(self.client_or_uri, str):

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from logging import Logger
+
+from apscheduler import RetrySettings
 from pymongo.errors import ConnectionFailure, PyMongoError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+from ._client import redact
 
 #: Error labels the server (or driver) puts on errors that are safe to retry
 RETRYABLE_LABELS = ("RetryableWriteError", "TransientTransactionError")
@@ -26,3 +32,29 @@ def is_temporary_failure(exc: BaseException) -> bool:
         return any(exc.has_error_label(label) for label in RETRYABLE_LABELS)
 
     return False
+
+
+def retrying(settings: RetrySettings, logger: Logger, where: str = "") -> AsyncRetrying:
+    """
+    Return a Tenacity loop that retries temporary failures as ``settings`` say.
+
+    Each failed attempt is logged as a warning (``where`` names the component), with
+    credentials removed from the message.
+    """
+
+    def log_attempt(retry_state: RetryCallState) -> None:
+        assert retry_state.outcome is not None
+        logger.warning(
+            "Temporary MongoDB error%s (attempt %d): %s",
+            where,
+            retry_state.attempt_number,
+            redact(str(retry_state.outcome.exception())),
+        )
+
+    return AsyncRetrying(
+        stop=settings.stop,
+        wait=settings.wait,
+        retry=retry_if_exception(is_temporary_failure),
+        after=log_attempt,
+        reraise=True,
+    )
