@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from apscheduler import ConflictPolicy, Job, Schedule, Task
 from apscheduler.triggers.date import DateTrigger
+from pymongo.errors import DocumentTooLarge
 
 from apscheduler_mongo import MongoDBDataStore
 
@@ -61,3 +62,39 @@ class TestWrongTypes:
         acquired = await store.acquire_jobs("me", timedelta(minutes=1), 10)
         assert [job.task_id for job in acquired] == ["good"]
         assert [job.task_id for job in await store.get_jobs()] == ["bad", "good"]
+
+
+@pytest.mark.wire
+@pytest.mark.parametrize("tier", ["wire"])
+class TestOversized:
+    """Arguments beyond MongoDB's 16 MB document limit fail clearly, writing nothing."""
+
+    BIG = b"x" * (17 * 1024 * 1024)
+    #: APScheduler types its ``args`` converter loosely; pass them untyped
+    ARGS: Any = (BIG,)
+
+    async def test_add_job(self, store: MongoDBDataStore) -> None:
+        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        with pytest.raises(DocumentTooLarge, match="too large"):
+            await store.add_job(Job(task_id="task", executor="async", args=self.ARGS))
+
+        assert await store.get_jobs() == []
+
+    @pytest.mark.parametrize(
+        "policy", [ConflictPolicy.exception, ConflictPolicy.replace]
+    )
+    async def test_add_schedule(
+        self, store: MongoDBDataStore, policy: ConflictPolicy
+    ) -> None:
+        trigger = DateTrigger(datetime.now(timezone.utc) + timedelta(days=1))
+        schedule = Schedule(
+            id="big",
+            task_id="task",
+            trigger=trigger,
+            job_executor="async",
+            args=self.ARGS,
+        )
+        with pytest.raises(DocumentTooLarge, match="too large"):
+            await store.add_schedule(schedule, policy)
+
+        assert await store.get_schedules() == []
