@@ -107,3 +107,29 @@ def hold_worker(
     """In each round, claim jobs together with the other workers, then release."""
     held = asyncio.run(_hold(uri, database, name, barrier, rounds))
     results.put({"worker": name, "held": held})
+
+
+async def _hold_then_hang(uri: str, database: str, ready: Any) -> None:
+    async with AsyncExitStack() as exit_stack:
+        store = await _started_store(uri, database, exit_stack)
+        lease = timedelta(seconds=1)
+        [schedule] = await store.acquire_schedules("doomed", lease, 10)
+        from apscheduler import Job
+
+        await store.add_job(
+            Job(
+                task_id=schedule.task_id,
+                executor="async",
+                schedule_id=schedule.id,
+                scheduled_fire_time=schedule.next_fire_time,
+                result_expiration_time=timedelta(minutes=5),
+            )
+        )
+        await store.acquire_jobs("doomed", lease, 10)
+        ready.set()
+        await asyncio.sleep(3600)  # killed with SIGKILL before this ends
+
+
+def doomed_worker(uri: str, database: str, ready: Any) -> None:
+    """Claim a schedule, add its job, claim the job, then wait to be killed."""
+    asyncio.run(_hold_then_hang(uri, database, ready))
