@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import re
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from typing import Any, cast
 
 import anyio
@@ -79,6 +80,26 @@ def validate_client_or_uri(value: object) -> AsyncMongoClient[Any] | str | Any:
         "client_or_uri must be a MongoDB URI string, a pymongo.AsyncMongoClient or a "
         f"Motor AsyncIOMotorClient, not {type(value).__qualname__}"
     )
+
+
+def client_or_uri_validator(instance: object, attribute: object, value: object) -> None:
+    """Attrs validator running :func:`validate_client_or_uri`."""
+    validate_client_or_uri(value)
+
+
+async def open_client(client_or_uri: Any, exit_stack: AsyncExitStack) -> Any:
+    """
+    Return the client to use: the one given, or a new one for a URI.
+
+    A client created here belongs to the running event loop and is closed when
+    ``exit_stack`` closes; a client that was given is never closed.
+    """
+    if not isinstance(client_or_uri, str):
+        return client_or_uri
+
+    client = create_client(client_or_uri)
+    exit_stack.push_async_callback(close_client, client)
+    return client
 
 
 def _validate_uri(uri: str) -> None:

@@ -29,12 +29,11 @@ from tenacity import AsyncRetrying
 from ._client import (
     bulk_write,
     check_server,
-    close_client,
-    create_client,
+    client_or_uri_validator,
     describe_hosts,
     is_mongomock,
+    open_client,
     require_asyncio,
-    validate_client_or_uri,
 )
 from ._jobs import (
     describe_id,
@@ -49,7 +48,7 @@ from ._marshalling import (
     now_micros,
     schedule_from_document,
 )
-from ._names import validate_database_name
+from ._names import database_validator
 from ._retry import is_temporary_failure, retrying
 
 T = TypeVar("T")
@@ -80,21 +79,18 @@ _JOB_INDEXES = [
 ]
 
 
-def _validate_database(instance: object, attribute: object, value: object) -> None:
-    validate_database_name(value)
-
-
-def _validate_client_or_uri(instance: object, attribute: object, value: object) -> None:
-    validate_client_or_uri(value)
+def quarantine_record(reason: str) -> dict[str, Any]:
+    """Return what a set-aside schedule carries: why, and since when."""
+    return {"reason": reason, "at": datetime.now(timezone.utc)}
 
 
 @attrs.define(eq=False, repr=False)
 class StoreCore(BaseExternalDataStore):
     """Options, life cycle and plumbing shared by the store's operations."""
 
-    client_or_uri: Any = attrs.field(validator=_validate_client_or_uri)
+    client_or_uri: Any = attrs.field(validator=client_or_uri_validator)
     database: str = attrs.field(
-        default="apscheduler", kw_only=True, validator=_validate_database
+        default="apscheduler", kw_only=True, validator=database_validator
     )
     serializer: Serializer = attrs.field(
         factory=PickleSerializer,
@@ -157,11 +153,7 @@ class StoreCore(BaseExternalDataStore):
         require_asyncio(self)
 
         await super().start(exit_stack, event_broker, logger)
-        if isinstance(self.client_or_uri, str):
-            self._client = create_client(self.client_or_uri)
-            exit_stack.push_async_callback(close_client, self._client)
-        else:
-            self._client = self.client_or_uri
+        self._client = await open_client(self.client_or_uri, exit_stack)
 
         self._one_by_one = is_mongomock(self._client)
         database = self._client[self.database]
@@ -195,19 +187,16 @@ class StoreCore(BaseExternalDataStore):
         await self._run(initialize)
 
     async def _quarantine(
-        self, collection: Any, document_id: Any, token: ObjectId | None, reason: str
+        self, schedule_id: Any, token: ObjectId | None, reason: str
     ) -> None:
-        """Set a document aside so that no scheduler picks it up again."""
-        query: dict[str, Any] = {"_id": document_id}
+        """Set a schedule aside so that no scheduler picks it up again."""
+        query: dict[str, Any] = {"_id": schedule_id}
         if token is not None:
             query["v"] = token
 
         update = {
             "$set": {
-                "quarantine": {
-                    "reason": reason,
-                    "at": datetime.now(timezone.utc),
-                },
+                "quarantine": quarantine_record(reason),
                 "acquired_by": None,
                 "acquired_until": None,
                 "v": ObjectId(),
@@ -215,7 +204,7 @@ class StoreCore(BaseExternalDataStore):
         }
 
         async def write(attempt: int) -> None:
-            await collection.update_one(query, update)
+            await self._schedules.update_one(query, update)
 
         await self._run(write)
 

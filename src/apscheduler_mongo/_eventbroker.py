@@ -25,29 +25,20 @@ from tenacity import AsyncRetrying
 
 from ._client import (
     check_server,
-    close_client,
-    create_client,
+    client_or_uri_validator,
     describe_hosts,
     is_mongomock,
+    open_client,
     redact,
     require_asyncio,
-    validate_client_or_uri,
 )
-from ._names import validate_collection_name, validate_database_name
+from ._names import database_validator, validate_collection_name
 from ._retry import is_temporary_failure, retrying
 
 Mode = Literal["auto", "change_stream", "polling"]
 
 #: Errors meaning a change stream's resume token is no longer in the oplog
 _HISTORY_LOST = {280, 286}
-
-
-def _validate_client_or_uri(instance: object, attribute: object, value: object) -> None:
-    validate_client_or_uri(value)
-
-
-def _validate_database(instance: object, attribute: object, value: object) -> None:
-    validate_database_name(value)
 
 
 def _validate_collection(
@@ -92,9 +83,9 @@ class MongoDBEventBroker(BaseExternalEventBroker):
     .. note:: Runs on asyncio only, like pymongo's asynchronous API.
     """
 
-    client_or_uri: Any = attrs.field(validator=_validate_client_or_uri)
+    client_or_uri: Any = attrs.field(validator=client_or_uri_validator)
     database: str = attrs.field(
-        default="apscheduler", kw_only=True, validator=_validate_database
+        default="apscheduler", kw_only=True, validator=database_validator
     )
     collection: str = attrs.field(
         default="events", kw_only=True, validator=_validate_collection
@@ -151,11 +142,7 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         require_asyncio(self)
 
         await super().start(exit_stack, logger)
-        if isinstance(self.client_or_uri, str):
-            self._client = create_client(self.client_or_uri)
-            exit_stack.push_async_callback(close_client, self._client)
-        else:
-            self._client = self.client_or_uri
+        self._client = await open_client(self.client_or_uri, exit_stack)
 
         database = self._client[self.database]
         self._events = database[self.collection]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from apscheduler import (
@@ -20,7 +20,7 @@ from bson import ObjectId
 from pymongo import ASCENDING, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
-from ._core import LIVE_STATES, StoreCore
+from ._core import LIVE_STATES, StoreCore, quarantine_record
 from ._marshalling import (
     MalformedDocumentError,
     from_micros,
@@ -171,7 +171,6 @@ class ScheduleOperations(StoreCore):
                 schedules.append(schedule)
             else:
                 await self._quarantine(
-                    self._schedules,
                     document["_id"],
                     token,
                     "the schedule could not be deserialized",
@@ -201,10 +200,9 @@ class ScheduleOperations(StoreCore):
                     "Cannot serialize the trigger of schedule %r; setting it aside",
                     result.schedule_id,
                 )
-                changes["quarantine"] = {
-                    "reason": f"the trigger could not be serialized: {exc}",
-                    "at": datetime.now(timezone.utc),
-                }
+                changes["quarantine"] = quarantine_record(
+                    f"the trigger could not be serialized: {exc}"
+                )
             else:
                 put_datetime(changes, "last_fire_time", result.last_fire_time)
                 put_datetime(changes, "next_fire_time", result.next_fire_time)
@@ -294,9 +292,7 @@ class ScheduleOperations(StoreCore):
                 self._logger.warning(
                     "Setting schedule %r aside: %s", document["_id"], exc
                 )
-                await self._quarantine(
-                    self._schedules, document["_id"], None, f"malformed: {exc}"
-                )
+                await self._quarantine(document["_id"], None, f"malformed: {exc}")
 
     async def extend_acquired_schedule_leases(
         self, scheduler_id: str, schedule_ids: set[str], duration: timedelta
