@@ -31,10 +31,14 @@ def wire_unavailable_reason() -> str | None:
 
 
 @contextmanager
-def mongoeco_server() -> Iterator[str]:
-    """Start the mongoeco wire server on a free loopback port; yield its URI."""
+def mongoeco_process(auth: tuple[str, str] | None = None) -> Iterator[int]:
+    """
+    Start the mongoeco wire server on a free loopback port; yield the port.
+
+    :param auth: a user name and password the server then requires
+    """
     process = subprocess.Popen(
-        [sys.executable, str(WIRE_SERVER_SCRIPT)],
+        [sys.executable, str(WIRE_SERVER_SCRIPT), "0", *(auth or ())],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -44,8 +48,7 @@ def mongoeco_server() -> Iterator[str]:
         if not line.startswith("READY "):
             raise RuntimeError(f"the mongoeco server did not start: {line!r}")
 
-        port = int(line.split()[1])
-        yield f"mongodb://127.0.0.1:{port}/?directConnection=true"
+        yield int(line.split()[1])
     finally:
         process.terminate()
         try:
@@ -56,6 +59,13 @@ def mongoeco_server() -> Iterator[str]:
 
         if process.stdout is not None:
             process.stdout.close()
+
+
+@contextmanager
+def mongoeco_server() -> Iterator[str]:
+    """Start the mongoeco wire server on a free loopback port; yield its URI."""
+    with mongoeco_process() as port:
+        yield f"mongodb://127.0.0.1:{port}/?directConnection=true"
 
 
 @contextmanager

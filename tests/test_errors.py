@@ -5,13 +5,10 @@ from __future__ import annotations
 import logging
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AbstractContextManager, AsyncExitStack
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -35,7 +32,7 @@ from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .servers import mongoeco_available
+from .servers import mongoeco_available, mongoeco_process
 
 pytestmark = [
     pytest.mark.anyio,
@@ -46,7 +43,6 @@ pytestmark = [
 ]
 
 SECRET = "s3cret"
-AUTH_SERVER_SCRIPT = Path(__file__).with_name("mongoeco_auth_server.py")
 AUTH_USER = "scheduler"
 AUTH_PASSWORD = "right-password"
 GARBAGE = b"\x80\x05 this is not a pickle"
@@ -272,31 +268,9 @@ class TestUnreachableServer:
         assert SECRET not in caplog.text
 
 
-@contextmanager
-def _auth_server() -> Iterator[int]:
+def _auth_server() -> AbstractContextManager[int]:
     """Start a mongoeco server that requires authentication; yield its port."""
-    process = subprocess.Popen(
-        [sys.executable, str(AUTH_SERVER_SCRIPT), AUTH_USER, AUTH_PASSWORD],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith("READY "):
-            raise RuntimeError(f"the mongoeco auth server did not start: {line!r}")
-
-        yield int(line.split()[1])
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover (a stuck server)
-            process.kill()
-            process.wait()
-
-        if process.stdout is not None:
-            process.stdout.close()
+    return mongoeco_process(auth=(AUTH_USER, AUTH_PASSWORD))
 
 
 @pytest.fixture(scope="module")
