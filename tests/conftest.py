@@ -5,7 +5,7 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -135,3 +135,14 @@ async def store(
         await local_broker.start(exit_stack, logger)
         await raw_store.start(exit_stack, local_broker, logger)
         yield raw_store
+
+
+@asynccontextmanager
+async def another_store(
+    client: Any, database: str, broker: EventBroker, logger: logging.Logger
+) -> AsyncIterator[MongoDBDataStore]:
+    """Start a second store on ``database``: another scheduler's view of it."""
+    async with AsyncExitStack() as exit_stack:
+        other = MongoDBDataStore(client, database=database)
+        await other.start(exit_stack, broker, logger)
+        yield other

@@ -19,6 +19,20 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
+from apscheduler import RetrySettings
+from tenacity import stop_after_delay, wait_fixed
+
+#: URI options for clients behind the proxy: fail fast while it cuts, and leave
+#: retrying reads to the store and broker (pymongo would otherwise retry a failed
+#: read once by itself, hiding their recovery code from the tests)
+FAST_FAILURE: dict[str, str | int] = {
+    "serverSelectionTimeoutMS": 2000,
+    "connectTimeoutMS": 1000,
+    "retryReads": "false",
+}
+#: Retry settings for stores and brokers behind the proxy
+FAULT_RETRIES = RetrySettings(stop=stop_after_delay(30), wait=wait_fixed(0.1))
+
 T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"

@@ -12,10 +12,16 @@ from anyio import fail_after, to_thread
 from apscheduler import RetrySettings
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
-from tenacity import stop_after_delay, wait_fixed
 
 from .broker_workers import exchange_worker
-from .proxy import LOOPBACK, FaultyProxy, cutting, loopback_port
+from .proxy import (
+    FAST_FAILURE,
+    FAULT_RETRIES,
+    LOOPBACK,
+    FaultyProxy,
+    cutting,
+    loopback_port,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
 
@@ -23,13 +29,6 @@ WORKERS = 3
 EVENTS = 200
 #: How long the test waits for each worker's report
 REPORT_TIMEOUT = 90
-#: Fail fast while the proxy cuts, and leave retrying reads to the broker itself
-FAST_FAILURE: dict[str, str | int] = {
-    "serverSelectionTimeoutMS": 2000,
-    "connectTimeoutMS": 1000,
-    "retryReads": "false",
-}
-FAULT_RETRIES = RetrySettings(stop=stop_after_delay(30), wait=wait_fixed(0.1))
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import uuid4
@@ -28,6 +27,8 @@ from time_machine import TimeMachineFixture
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._job_ops import FIRE_TIME_RETENTION
 
+from .conftest import another_store
+
 pytestmark = pytest.mark.anyio
 
 SHORT_LEASE = timedelta(seconds=0.3)
@@ -43,9 +44,7 @@ async def other_store(
     logger: logging.Logger,
 ) -> AsyncIterator[MongoDBDataStore]:
     """A second store on the same database: another scheduler's view."""
-    async with AsyncExitStack() as exit_stack:
-        other = MongoDBDataStore(client, database=database_name)
-        await other.start(exit_stack, local_broker, logger)
+    async with another_store(client, database_name, local_broker, logger) as other:
         yield other
 
 

@@ -33,6 +33,8 @@ from time_machine import TimeMachineFixture
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._job_ops import FIRE_TIME_RETENTION
 
+from .conftest import another_store
+
 pytestmark = pytest.mark.anyio
 
 LEASE = timedelta(minutes=5)
@@ -98,9 +100,7 @@ async def other_store(
     local_broker: EventBroker,
     logger: logging.Logger,
 ) -> AsyncIterator[MongoDBDataStore]:
-    async with AsyncExitStack() as exit_stack:
-        other = MongoDBDataStore(client, database=database_name)
-        await other.start(exit_stack, local_broker, logger)
+    async with another_store(client, database_name, local_broker, logger) as other:
         yield other
 
 

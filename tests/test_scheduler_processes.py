@@ -14,12 +14,18 @@ from anyio import to_thread
 from apscheduler import CoalescePolicy, ConflictPolicy, RetrySettings, Schedule, Task
 from apscheduler.triggers.interval import IntervalTrigger
 from pymongo import MongoClient
-from tenacity import stop_after_delay, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore
 
 from .broker_workers import scheduler_worker
-from .proxy import LOOPBACK, FaultyProxy, cutting, loopback_port
+from .proxy import (
+    FAST_FAILURE,
+    FAULT_RETRIES,
+    LOOPBACK,
+    FaultyProxy,
+    cutting,
+    loopback_port,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
 
@@ -38,13 +44,6 @@ MIN_RUNS = 8
 #: How long the schedulers run without faults before they stop
 SETTLE = 2.5
 REPORT_TIMEOUT = 90
-#: Fail fast while the proxy cuts, and leave retrying reads to the store and broker
-FAST_FAILURE: dict[str, str | int] = {
-    "serverSelectionTimeoutMS": 2000,
-    "connectTimeoutMS": 1000,
-    "retryReads": "false",
-}
-FAULT_RETRIES = RetrySettings(stop=stop_after_delay(30), wait=wait_fixed(0.1))
 
 
 @pytest.fixture
