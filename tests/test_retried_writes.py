@@ -317,3 +317,102 @@ class TestStalledOwner:
         )
         assert await store.get_jobs() == []
         assert await added.settled() == []
+
+
+class Outage:
+    """
+    A collection whose method ``name`` applies its first call, then loses the reply,
+    and whose every call fails from then on until :meth:`end` (the retries run out).
+    """
+
+    def __init__(self, collection: Any, name: str) -> None:
+        self._collection = collection
+        self._name = name
+        self.down = False
+
+    def end(self) -> Any:
+        self.down = False
+        return self._collection
+
+    def __getattr__(self, attribute: str) -> Any:
+        target = getattr(self._collection, attribute)
+        if not callable(target):
+            return target
+
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            raise AutoReconnect("connection refused (simulated outage)")
+
+        if self.down:
+            return fail
+
+        if attribute != self._name:
+            return target
+
+        async def apply_then_go_down(*args: Any, **kwargs: Any) -> Any:
+            await target(*args, **kwargs)
+            self.down = True
+            fail()
+
+        return apply_then_go_down
+
+
+class TestClaimNeverDelivered:
+    """
+    A claim applied on the server whose reply never arrived (the retries ran out)
+    leaves nothing leased to a scheduler that never saw it: the next claim or reaping
+    puts it back, so a job is not reported abandoned without having run.
+    """
+
+    async def test_job_returns_to_the_queue(
+        self, retrying_store: MongoDBDataStore
+    ) -> None:
+        store = retrying_store
+        [job] = await add_task_and_jobs(store, 1)
+        outage = Outage(store._jobs, "bulk_write")
+        store._jobs = outage
+        store._one_by_one = False  # mongomock: make the bulk write itself fail
+        with pytest.raises((AutoReconnect, TypeError)) as exc_info:
+            await store.acquire_jobs("me", LEASE, 10)
+
+        if exc_info.type is TypeError:  # pragma: no cover (mongomock)
+            pytest.skip("this client cannot run pymongo's bulk_write")
+
+        store._jobs = outage.end()
+        store._one_by_one = type(store._client).__module__.startswith("mongomock")
+        assert await store._jobs.count_documents({"state": "acquired"}) == 1
+
+        # The restarted scheduler reaps its abandoned jobs first: this one never
+        # reached it, so it is queued again instead, and then handed out
+        released = Recorder(store, JobReleased)
+        await store.reap_abandoned_jobs("me")
+        assert await released.settled() == []
+        [again] = await store.acquire_jobs("me", LEASE, 10)
+        assert again.id == job.id
+        await store.release_job(
+            "me", again, JobResult.from_job(again, JobOutcome.success)
+        )
+        assert (await store.get_task("task")).running_jobs == 0
+
+    async def test_schedule_is_free_for_others(
+        self, retrying_store: MongoDBDataStore
+    ) -> None:
+        store = retrying_store
+        await add_task_and_jobs(store, 0)
+        schedule = Schedule(
+            id="s",
+            task_id="task",
+            trigger=IntervalTrigger(minutes=1),
+            job_executor="async",
+        )
+        schedule.next_fire_time = datetime.now(timezone.utc) - timedelta(seconds=1)
+        await store.add_schedule(schedule, ConflictPolicy.exception)
+        outage = Outage(store._schedules, "update_many")
+        store._schedules = outage
+        with pytest.raises(AutoReconnect):
+            await store.acquire_schedules("me", LEASE, 10)
+
+        store._schedules = outage.end()
+        # A scheduler of another identity (a restart gets a new default identity)
+        # need not wait for the lease of a claim nobody saw
+        [taken] = await store.acquire_schedules("another", LEASE, 10)
+        assert taken.id == "s"

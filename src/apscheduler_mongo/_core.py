@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from logging import Logger
 from typing import Any, TypeVar
@@ -109,6 +116,10 @@ class StoreCore(BaseExternalDataStore):
     _schedules: Any = attrs.field(init=False, default=None)
     _jobs: Any = attrs.field(init=False, default=None)
     _one_by_one: bool = attrs.field(init=False, default=False)
+    #: Claims whose outcome never reached the scheduler: (collection, owner, token)
+    _unconfirmed: set[tuple[str, str, ObjectId]] = attrs.field(
+        init=False, factory=set
+    )
 
     def __repr__(self) -> str:
         return (
@@ -118,6 +129,64 @@ class StoreCore(BaseExternalDataStore):
 
     def _retry(self) -> AsyncRetrying:
         return retrying(self.retry_settings, self._logger)
+
+    @asynccontextmanager
+    async def _claiming(
+        self, collection: str, scheduler_id: str, token: ObjectId
+    ) -> AsyncIterator[None]:
+        """
+        Remember a claim that failed, so that what it took can be given back.
+
+        A claim that fails or is cancelled after its write may have been applied (a
+        lost reply, then the retries ran out) took items the scheduler never saw.
+        The next claim or reaping of this store returns them to the queue, instead
+        of leaving them leased until the lease lapses (and a job then reported
+        abandoned, though it never ran).
+        """
+        await self._return_unconfirmed()
+        try:
+            yield
+        except BaseException:
+            self._unconfirmed.add((collection, scheduler_id, token))
+            raise
+
+    async def _return_unconfirmed(self) -> None:
+        """Give back what earlier claims took if their outcome was never delivered."""
+        if not self._unconfirmed:
+            return
+
+        claims = list(self._unconfirmed)
+        released = {"acquired_by": None, "acquired_until": None}
+
+        async def give_back(attempt: int) -> int:
+            returned = 0
+            for collection, scheduler_id, token in claims:
+                query: dict[str, Any] = {"v": token, "acquired_by": scheduler_id}
+                if collection == "jobs":
+                    query["state"] = ACQUIRED
+                    result = await self._jobs.update_many(
+                        query,
+                        {
+                            "$set": {"state": QUEUED, "v": ObjectId(), **released},
+                            "$unset": {"slot_key": ""},
+                        },
+                    )
+                else:
+                    result = await self._schedules.update_many(
+                        query, {"$set": {"v": ObjectId(), **released}}
+                    )
+                returned += result.modified_count
+
+            return returned
+
+        returned = await self._run(give_back)
+        self._unconfirmed.difference_update(claims)
+
+        if returned:
+            self._logger.warning(
+                "Returned %d claimed item(s) whose claim never reached the scheduler",
+                returned,
+            )
 
     async def _run(self, operation: Callable[[int], Awaitable[T]]) -> T:
         """Run ``operation(attempt_number)``, retrying it on temporary failures."""

@@ -221,18 +221,20 @@ class JobOperations(StoreCore):
             # Lost a race for some, or retrying after a lost reply: ask what we hold
             return await self._held_by(token)
 
-        acquired: list[Job] = []
-        events: list[Any] = []
-        for document in await self._run(claim):
-            if (result := finished.get(document["_id"])) is not None:
-                events.append(self._released_event(result, scheduler_id, document))
-            elif job := jobs.get(document["_id"]) or self._build_job(document):
-                job.acquired_by = scheduler_id
-                job.acquired_until = from_micros(document["acquired_until"])
-                acquired.append(job)
-                events.append(JobAcquired.from_job(job, scheduler_id=scheduler_id))
+        async with self._claiming("jobs", scheduler_id, token):
+            acquired: list[Job] = []
+            events: list[Any] = []
+            for document in await self._run(claim):
+                if (result := finished.get(document["_id"])) is not None:
+                    events.append(self._released_event(result, scheduler_id, document))
+                elif job := jobs.get(document["_id"]) or self._build_job(document):
+                    job.acquired_by = scheduler_id
+                    job.acquired_until = from_micros(document["acquired_until"])
+                    acquired.append(job)
+                    events.append(JobAcquired.from_job(job, scheduler_id=scheduler_id))
 
-        await self._publish_all(events)
+            await self._publish_all(events)
+
         return acquired
 
     async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
@@ -385,6 +387,8 @@ class JobOperations(StoreCore):
         ]
 
     async def reap_abandoned_jobs(self, scheduler_id: str) -> None:
+        await self._return_unconfirmed()  # those never reached the scheduler
+
         async def fetch(attempt: int) -> list[Any]:
             query = {"state": ACQUIRED, "acquired_by": scheduler_id}
             cursor = self._jobs.find(query, {"args": 0, "kwargs": 0}, sort=QUEUE_ORDER)

@@ -165,16 +165,17 @@ class ScheduleOperations(StoreCore):
             # Lost a race for some of them, or retrying after a lost reply: ask
             return await held_by_us()
 
-        schedules: list[Schedule] = []
-        for document in await self._run(claim):
-            if (schedule := self._build_schedule(document)) is not None:
-                schedules.append(schedule)
-            else:
-                await self._quarantine(
-                    document["_id"],
-                    token,
-                    "the schedule could not be deserialized",
-                )
+        async with self._claiming("schedules", scheduler_id, token):
+            schedules: list[Schedule] = []
+            for document in await self._run(claim):
+                if (schedule := self._build_schedule(document)) is not None:
+                    schedules.append(schedule)
+                else:
+                    await self._quarantine(
+                        document["_id"],
+                        token,
+                        "the schedule could not be deserialized",
+                    )
 
         return schedules
 
