@@ -23,6 +23,7 @@ from apscheduler import (
     AsyncScheduler,
     RetrySettings,
     RunState,
+    SchedulerStopped,
     TaskAdded,
     current_job,
 )
@@ -298,6 +299,123 @@ def scheduler_worker(
     try:
         report = asyncio.run(
             _schedule(uri, database, name, barrier, stop, retry_settings)
+        )
+    except BaseException:
+        results.put({"worker": name, "crash": traceback.format_exc()})
+        raise
+
+    results.put(report)
+
+
+async def _supervise(
+    uri: str,
+    database: str,
+    name: str,
+    ready: Event,
+    stop: Event,
+    retry_settings: RetrySettings,
+) -> dict[str, Any]:
+    """
+    Run a scheduler as a supervisor would: restart it whenever it stops on an error.
+
+    The same store and broker objects serve every run. Reports each crash (the
+    exception carried by ``SchedulerStopped``) and each failed start.
+    """
+    logger, counter = counting_logger(name)
+    crash_logs = CrashLogs()
+    logger.addHandler(crash_logs)
+    store = MongoDBDataStore(uri, database=database, retry_settings=retry_settings)
+    broker = MongoDBEventBroker(
+        uri,
+        database=database,
+        mode="polling",
+        poll_interval=0.05,
+        retry_settings=retry_settings,
+    )
+    crashes: list[dict[str, Any]] = []
+    failed_starts: list[dict[str, Any]] = []
+    runs = 0
+
+    def stopped(event: SchedulerEvent) -> None:
+        exception = getattr(event, "exception", None)
+        if exception is not None:
+            crashes.append(
+                {"type": type(exception).__name__, "at": time.time()}
+                | _describe_error(exception)
+            )
+
+    async def stop_when_told(scheduler: AsyncScheduler) -> None:
+        await asyncio.to_thread(stop.wait, SYNC_TIMEOUT * 3)
+        await scheduler.stop()
+
+    try:
+        while not stop.is_set():
+            try:
+                async with AsyncScheduler(
+                    data_store=store, event_broker=broker, identity=name, logger=logger
+                ) as scheduler:
+                    scheduler.subscribe(stopped, {SchedulerStopped})
+                    runs += 1
+                    ready.set()
+                    async with anyio.create_task_group() as group:
+                        group.start_soon(stop_when_told, scheduler)
+                        try:
+                            await scheduler.run_until_stopped()
+                        except Exception:
+                            pass  # reported through SchedulerStopped and the log
+                        finally:
+                            group.cancel_scope.cancel()
+            except Exception as exc:  # the store or broker could not start
+                failed_starts.append({"at": time.time()} | _describe_error(exc))
+
+            if not stop.is_set():
+                await asyncio.sleep(0.5)  # a supervisor's restart delay
+    finally:
+        await _close_runs_clients()
+
+    return {
+        "worker": name,
+        "runs": runs,
+        "crashes": crashes,
+        "failed_starts": failed_starts,
+        "crash_logs": crash_logs.messages,
+        **counter.report(),
+    }
+
+
+def _describe_error(exception: BaseException) -> dict[str, Any]:
+    """Describe an exception (or the first one in a group) for a report."""
+    while isinstance(group := getattr(exception, "exceptions", None), tuple) and group:
+        exception = group[0]
+
+    return {"error_type": type(exception).__name__, "message": str(exception)}
+
+
+class CrashLogs(logging.Handler):
+    """Keep the messages of records logged with a traceback at ERROR or above."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.messages.append(record.getMessage())
+
+
+def supervised_scheduler_worker(
+    uri: str,
+    database: str,
+    name: str,
+    ready: Event,
+    stop: Event,
+    retry_settings: RetrySettings,
+    results: Queue[Any],
+) -> None:
+    """Run a scheduler, restarted after each failure, until ``stop`` is set."""
+    try:
+        report = asyncio.run(
+            _supervise(uri, database, name, ready, stop, retry_settings)
         )
     except BaseException:
         results.put({"worker": name, "crash": traceback.format_exc()})

@@ -4,7 +4,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -39,6 +39,31 @@ def pytest_collection_modifyitems(
     for item in items:
         if "wire" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+#: Figures the fault and concurrency tests measured, printed at the end of the run
+_FIGURES = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Return a function that records a line of figures for the run's summary."""
+    lines = request.config.stash.setdefault(_FIGURES, [])
+
+    def record(line: str) -> None:
+        lines.append(f"{request.node.nodeid}: {line}")
+
+    return record
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    lines = config.stash.get(_FIGURES, [])
+    if lines:
+        terminalreporter.section("figures measured")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture
