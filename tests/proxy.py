@@ -4,6 +4,10 @@ A loopback TCP proxy that cuts connections on demand, for fault tests.
 :class:`FaultyProxy` listens on a free port of 127.0.0.1 and forwards bytes both ways
 to a server on 127.0.0.1. It runs its own event loop in a background thread, so that
 the test (and processes connecting through it) keep running while it cuts.
+
+It reads the MongoDB wire protocol's framing (each message starts with its length),
+forwarding every message unchanged, so that it can also lose the reply to a chosen
+command after the server has carried it out (:meth:`FaultyProxy.lose_reply_to`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
@@ -34,6 +38,15 @@ FAST_FAILURE: dict[str, str | int] = {
 FAULT_RETRIES = RetrySettings(stop=stop_after_delay(30), wait=wait_fixed(0.1))
 
 T = TypeVar("T")
+
+#: A message header: messageLength, requestID, responseTo, opCode (little-endian)
+_HEADER = struct.Struct("<iiii")
+#: OP_MSG, the opcode of every command pymongo sends to a current server
+OP_MSG = 2013
+#: OP_MSG's flag bit saying a CRC-32C checksum ends the message
+_CHECKSUM_PRESENT = 1
+#: The largest message a server accepts (48 MB); longer lengths mean no framing
+_MAX_MESSAGE = 48_000_000
 
 LOOPBACK = "127.0.0.1"
 #: ``mongodb://[userinfo@]127.0.0.1:PORT`` followed by the path and query string
@@ -63,6 +76,46 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+def command_name(message: bytes) -> str | None:
+    """
+    Return the command an OP_MSG message carries (its body's first key), else None.
+
+    ``message`` is one whole message, header included. Other opcodes (such as
+    OP_COMPRESSED, which would hide the command) and malformed messages give None.
+    """
+    if len(message) < _HEADER.size + 5:
+        return None
+
+    length, _, _, opcode = _HEADER.unpack_from(message)
+    if opcode != OP_MSG or length != len(message):
+        return None
+
+    (flags,) = struct.unpack_from("<I", message, _HEADER.size)
+    end = length - 4 if flags & _CHECKSUM_PRESENT else length
+    position = _HEADER.size + 4
+    while position < end:
+        kind = message[position]
+        position += 1
+        if position + 4 > end:
+            return None
+
+        (size,) = struct.unpack_from("<i", message, position)
+        if kind == 0:
+            # One BSON document: int32 size, then elements (type, cstring name, …)
+            name_end = message.find(b"\0", position + 5, end)
+            if size <= 5 or name_end < 0:
+                return None
+
+            return message[position + 5 : name_end].decode("utf-8", "replace")
+
+        if kind != 1 or size < 4:  # a document sequence: int32 size, name, documents
+            return None
+
+        position += size
+
+    return None
+
+
 class _Connection:
     """One client connection and its connection to the target."""
 
@@ -71,6 +124,8 @@ class _Connection:
     ) -> None:
         self.client = client
         self.server = server
+        #: Request ids whose replies are to be lost, with their command names
+        self.doomed: dict[int, str] = {}
 
     def close(self) -> None:
         _reset(self.client)
@@ -102,6 +157,12 @@ class FaultyProxy:
         self.connections = 0
         #: How many connections were reset at once while refusing
         self.refused = 0
+        #: How many replies :meth:`lose_reply_to` made the proxy lose
+        self.replies_lost = 0
+        #: The commands whose replies were lost, in order
+        self.lost_commands: list[str] = []
+        self._lose_commands: frozenset[str] = frozenset()
+        self._lose_count = 0
         self._port = 0
         self._open: set[_Connection] = set()
         self._refuse_until = 0.0
@@ -147,6 +208,64 @@ class FaultyProxy:
     def refuse_for(self, seconds: float) -> int:
         """Cut, then reset new connections at once for ``seconds``; return cut count."""
         return self._call(self._cut(refuse_for=seconds))
+
+    def lose_reply_to(self, *command_names: str, count: int = 1) -> None:
+        """
+        Lose the replies to the next ``count`` commands named ``command_names``.
+
+        Such a command reaches the server intact, so the server carries it out; its
+        reply is never forwarded: the proxy resets the connection (both sides)
+        instead, and the client sees a network error (pymongo raises
+        :exc:`~pymongo.errors.AutoReconnect`) without knowing whether the command
+        took effect. Each lost reply counts in :attr:`replies_lost`. Arming again
+        replaces the previous arming; ``count=0`` disarms.
+
+        Commands are recognized in OP_MSG messages only (not in compressed ones).
+
+        :param command_names: command names as sent (``"insert"``, ``"update"``,
+            ``"findAndModify"``, ``"delete"`` …)
+        :param count: how many commands to lose the replies to
+        :raises ValueError: if no command is named, or ``count`` is negative
+        """
+        if not command_names:
+            raise ValueError("name at least one command")
+
+        if count < 0:
+            raise ValueError(f"count must not be negative, not {count}")
+
+        self._call(self._arm(frozenset(command_names), count))
+
+    async def _arm(self, command_names: frozenset[str], count: int) -> None:
+        self._lose_commands = command_names
+        self._lose_count = count
+
+    def _request(self, connection: _Connection, message: bytes) -> bool:
+        """Note a request whose reply is to be lost; return True (forward it)."""
+        if self._lose_count > 0:
+            name = command_name(message)
+            if name is not None and name in self._lose_commands:
+                self._lose_count -= 1
+                _, request_id, _, _ = _HEADER.unpack_from(message)
+                connection.doomed[request_id] = name
+
+        return True
+
+    def _reply(self, connection: _Connection, message: bytes) -> bool:
+        """Tell whether to forward a reply; for a doomed request, reset instead."""
+        if not connection.doomed:
+            return True
+
+        _, _, response_to, _ = _HEADER.unpack_from(message)
+        name = connection.doomed.pop(response_to, None)
+        if name is None:
+            return True
+
+        # The server carried the command out; the client never hears so
+        self.replies_lost += 1
+        self.lost_commands.append(name)
+        self._open.discard(connection)
+        connection.close()
+        return False
 
     def __enter__(self) -> FaultyProxy:
         self._thread.start()
@@ -240,8 +359,16 @@ class FaultyProxy:
         self.connections += 1
         try:
             await asyncio.gather(
-                _pump(client_reader, server_writer),
-                _pump(server_reader, client_writer),
+                _pump(
+                    client_reader,
+                    server_writer,
+                    lambda message: self._request(connection, message),
+                ),
+                _pump(
+                    server_reader,
+                    client_writer,
+                    lambda message: self._reply(connection, message),
+                ),
             )
         finally:
             # One side closed (or was cut): close the other side too
@@ -250,16 +377,55 @@ class FaultyProxy:
                 connection.close()
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy bytes from ``reader`` to ``writer`` until either side closes."""
+async def _pump(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    forward: Callable[[bytes], bool],
+) -> None:
+    """
+    Copy messages from ``reader`` to ``writer`` until either side closes.
+
+    Each whole message goes to ``forward`` first; when it returns False, the message
+    is dropped and the copying ends (closing ``writer``; the caller closes the rest).
+    Bytes that are not framed as wire messages are copied as they come.
+    """
     try:
-        while data := await reader.read(65536):
-            writer.write(data)
+        while header := await _read_at_most(reader, _HEADER.size):
+            length = _HEADER.unpack(header)[0] if len(header) == _HEADER.size else 0
+            if not _HEADER.size <= length <= _MAX_MESSAGE:
+                # Not the wire protocol (or a truncated header): copy bytes blindly
+                writer.write(header)
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+
+                return
+
+            try:
+                body = await reader.readexactly(length - _HEADER.size)
+            except asyncio.IncompleteReadError as exc:  # closed mid-message
+                writer.write(header + exc.partial)
+                await writer.drain()
+                return
+
+            message = header + body
+            if not forward(message):
+                return
+
+            writer.write(message)
             await writer.drain()
     except OSError:
         pass
     finally:
         writer.transport.abort()
+
+
+async def _read_at_most(reader: asyncio.StreamReader, size: int) -> bytes:
+    """Read ``size`` bytes, or fewer if the stream ends first."""
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial
 
 
 @contextmanager
