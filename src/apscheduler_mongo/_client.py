@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
-from collections.abc import Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
 from typing import Any, cast
 
 import anyio
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.driver_info import DriverInfo
-from pymongo.errors import BulkWriteError, ConfigurationError, OperationFailure
+from pymongo.errors import (
+    BulkWriteError,
+    ConfigurationError,
+    ConnectionFailure,
+    OperationFailure,
+    ProtocolError,
+    ServerSelectionTimeoutError,
+)
 from pymongo.results import BulkWriteResult
 from pymongo.uri_parser import parse_uri
 
@@ -139,14 +146,75 @@ def describe_hosts(client_or_uri: object) -> list[str]:
     if is_mongomock(client_or_uri):
         return ["mongomock"]
 
-    client = cast(Any, client_or_uri)
-    motor_class = _motor_client_class()
-    if motor_class is not None and isinstance(client_or_uri, motor_class):
-        client = cast(Any, client_or_uri).delegate  # Motor wraps a pymongo client
-
-    descriptions = client.topology_description.server_descriptions()
-
+    descriptions = _server_descriptions(client_or_uri)
     return [f"{host}:{port}" for host, port in descriptions]
+
+
+def _server_descriptions(client: object) -> dict[tuple[str, int | None], Any]:
+    """Return what the client knows of each server, by address."""
+    motor_class = _motor_client_class()
+    if motor_class is not None and isinstance(client, motor_class):
+        client = cast(Any, client).delegate  # Motor wraps a pymongo client
+
+    descriptions: dict[tuple[str, int | None], Any]
+    descriptions = cast(Any, client).topology_description.server_descriptions()
+    return descriptions
+
+
+@contextmanager
+def explaining_unreachable_servers(client: object) -> Iterator[None]:
+    """
+    Make a server selection timeout say why no server at the client's hosts would do.
+
+    When every server the client knows of failed to answer like MongoDB, the
+    :exc:`~pymongo.errors.ServerSelectionTimeoutError` raised in the block is replaced
+    by one (of the same type, chained to it) naming those servers and saying either
+    that something there answered in another protocol, or that nothing could be
+    connected to. Any other timeout (say, a replica set without a primary) is left as
+    the driver raised it. Use it around the retries of ``start()``: the retries stay
+    the same, only the last error changes.
+
+    :raises pymongo.errors.ServerSelectionTimeoutError: with the clearer message
+    """
+    try:
+        yield
+    except ServerSelectionTimeoutError as exc:
+        if is_mongomock(client):  # pragma: no cover (mongomock never selects)
+            raise
+
+        descriptions = _server_descriptions(client)
+        errors = {
+            f"{host}:{port}": description.error
+            for (host, port), description in descriptions.items()
+        }
+        strangers = {
+            address: error
+            for address, error in errors.items()
+            if isinstance(error, ProtocolError)
+        }
+        if strangers:
+            addresses = ", ".join(strangers)
+            reasons = "; ".join(redact(str(error)) for error in strangers.values())
+            subject = "the server at" if len(strangers) == 1 else "the servers at"
+            verb = "does" if len(strangers) == 1 else "do"
+            raise ServerSelectionTimeoutError(
+                f"{subject} {addresses} {verb} not speak the MongoDB wire protocol "
+                f"(pymongo: {reasons}); is it really a MongoDB server, and is the "
+                f"port right?"
+            ) from exc
+
+        if errors and all(
+            isinstance(error, ConnectionFailure) for error in errors.values()
+        ):
+            addresses = ", ".join(errors)
+            reasons = "; ".join(redact(str(error)) for error in errors.values())
+            raise ServerSelectionTimeoutError(
+                f"could not connect to a MongoDB server at {addresses} ({reasons}); "
+                f"is the server running, and are the host, port and TLS options "
+                f"right?"
+            ) from exc
+
+        raise
 
 
 def create_client(uri: str) -> AsyncMongoClient[Any]:

@@ -38,6 +38,7 @@ from ._client import (
     check_server,
     client_or_uri_validator,
     describe_hosts,
+    explaining_unreachable_servers,
     is_mongomock,
     open_client,
     require_asyncio,
@@ -253,7 +254,8 @@ class StoreCore(BaseExternalDataStore):
                     f"read; use a new database, or drop those collections"
                 ) from exc
 
-        await self._run(initialize)
+        with explaining_unreachable_servers(self._client):
+            await self._run(initialize)
 
     async def _quarantine(
         self, schedule_id: Any, token: ObjectId | None, reason: str

@@ -27,6 +27,7 @@ from ._client import (
     check_server,
     client_or_uri_validator,
     describe_hosts,
+    explaining_unreachable_servers,
     is_mongomock,
     open_client,
     redact,
@@ -147,24 +148,25 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         database = self._client[self.database]
         self._events = database[self.collection]
         hello: dict[str, Any] = {}
-        async for attempt in self._retry():
-            with attempt:
-                if not is_mongomock(self._client):
-                    hello = await check_server(database)
+        with explaining_unreachable_servers(self._client):
+            async for attempt in self._retry():
+                with attempt:
+                    if not is_mongomock(self._client):
+                        hello = await check_server(database)
 
-                await self._events.create_indexes(
-                    [
-                        IndexModel(
-                            [("at", ASCENDING)],
-                            name="at",
-                            expireAfterSeconds=int(self.event_ttl),
-                        ),
-                        IndexModel(
-                            [("publisher", ASCENDING), ("seq", ASCENDING)],
-                            name="publisher_seq",
-                        ),
-                    ]
-                )
+                    await self._events.create_indexes(
+                        [
+                            IndexModel(
+                                [("at", ASCENDING)],
+                                name="at",
+                                expireAfterSeconds=int(self.event_ttl),
+                            ),
+                            IndexModel(
+                                [("publisher", ASCENDING), ("seq", ASCENDING)],
+                                name="publisher_seq",
+                            ),
+                        ]
+                    )
 
         replicated = "setName" in hello or hello.get("msg") == "isdbgrid"
         mode = self.mode
