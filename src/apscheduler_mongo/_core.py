@@ -11,7 +11,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from logging import Logger
 from typing import Any, TypeVar
 
@@ -54,6 +54,7 @@ from ._marshalling import (
     MalformedDocumentError,
     job_from_document,
     now_micros,
+    quarantine_record,
     schedule_from_document,
 )
 from ._names import database_validator
@@ -87,11 +88,6 @@ _JOB_INDEXES = [
 ]
 
 
-def quarantine_record(reason: str) -> dict[str, Any]:
-    """Return what a set-aside schedule carries: why, and since when."""
-    return {"reason": reason, "at": datetime.now(timezone.utc)}
-
-
 @attrs.define(eq=False, repr=False)
 class StoreCore(BaseExternalDataStore):
     """Options, life cycle and plumbing shared by the store's operations."""
@@ -118,9 +114,7 @@ class StoreCore(BaseExternalDataStore):
     _jobs: Any = attrs.field(init=False, default=None)
     _one_by_one: bool = attrs.field(init=False, default=False)
     #: Claims whose outcome never reached the scheduler: (collection, owner, token)
-    _unconfirmed: set[tuple[str, str, ObjectId]] = attrs.field(
-        init=False, factory=set
-    )
+    _unconfirmed: set[tuple[str, str, ObjectId]] = attrs.field(init=False, factory=set)
 
     def __repr__(self) -> str:
         return (

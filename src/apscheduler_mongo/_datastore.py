@@ -18,9 +18,11 @@ from pymongo import ASCENDING
 
 from ._core import QUEUE_ORDER
 from ._job_ops import JobOperations
+from ._jobs import describe_id, explain
 from ._marshalling import (
     ACQUIRED,
     FINISHED,
+    QUEUED,
     MalformedDocumentError,
     now_micros,
     task_from_document,
@@ -109,7 +111,12 @@ class MongoDBDataStore(ScheduleOperations, JobOperations):
             raise TaskLookupError(task_id)
 
         running = await self._running_jobs([task_id])
-        return task_from_document(document, running[task_id])
+        try:
+            return task_from_document(document, running[task_id])
+        except MalformedDocumentError as exc:
+            raise MalformedDocumentError(
+                f"cannot read task {task_id!r}: {explain(exc)}"
+            ) from exc
 
     async def get_tasks(self) -> list[Task]:
         async def fetch(attempt: int) -> list[Any]:
@@ -117,15 +124,23 @@ class MongoDBDataStore(ScheduleOperations, JobOperations):
             return list(await cursor.to_list(None))
 
         documents = await self._run(fetch)
-        running = await self._running_jobs([document["_id"] for document in documents])
-        tasks = [self._build_task(doc, running[doc["_id"]]) for doc in documents]
+        running = await self._running_jobs(
+            [doc["_id"] for doc in documents if isinstance(doc["_id"], str)]
+        )
+        tasks = [self._build_task(doc, running) for doc in documents]
         return [task for task in tasks if task is not None]
 
-    def _build_task(self, document: Mapping[str, Any], running: int) -> Task | None:
+    def _build_task(
+        self, document: Mapping[str, Any], running: Mapping[str, int]
+    ) -> Task | None:
+        task_id = document["_id"]
         try:
-            return task_from_document(document, running)
+            if not isinstance(task_id, str):  # nor hashable, if it is a document
+                raise MalformedDocumentError("_id is not a string")
+
+            return task_from_document(document, running[task_id])
         except MalformedDocumentError as exc:
-            self._logger.warning("Cannot read task %r: %s", document["_id"], exc)
+            self._logger.warning("Cannot read task %r: %s", task_id, exc)
             return None
 
     async def cleanup(self) -> None:
@@ -158,4 +173,17 @@ class MongoDBDataStore(ScheduleOperations, JobOperations):
 
         # 4. Forget the fire times that their schedules have moved past
         await self._forget_used_fire_times()
+
+        # 5. Name the jobs in no known state: no query of the store ever meets them
+        async def strays(attempt: int) -> list[Any]:
+            query = {"state": {"$nin": [QUEUED, ACQUIRED, FINISHED]}}
+            return list(await self._jobs.find(query, {"state": 1}).to_list(None))
+
+        for document in await self._run(strays):
+            self._logger.warning(
+                "Leaving job %s alone: its state %r is none the store knows",
+                describe_id(document["_id"]),
+                document.get("state"),
+            )
+
         await self._publish_all(events)

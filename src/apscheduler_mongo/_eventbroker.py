@@ -123,6 +123,8 @@ class MongoDBEventBroker(BaseExternalEventBroker):
     _sequence: int = attrs.field(init=False, default=0)
     _publish_lock: anyio.Lock = attrs.field(init=False, factory=anyio.Lock)
     _last_seen: dict[str, tuple[int, datetime]] = attrs.field(init=False, factory=dict)
+    #: malformed event documents already reported (by ``repr`` of ``_id``), and when
+    _malformed: dict[str, datetime] = attrs.field(init=False, factory=dict)
     _active_mode: str = attrs.field(init=False, default="")
 
     def __repr__(self) -> str:
@@ -241,7 +243,12 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         seq = document.get("seq")
         at = document.get("at")
         if not isinstance(publisher, str) or not isinstance(seq, int):
-            self._logger.warning("Ignoring a malformed event document %r", document)
+            # A poll meets it again until newer events move past: name it once
+            key = repr(document.get("_id"))
+            if key not in self._malformed:
+                self._malformed[key] = datetime.now(timezone.utc)
+                self._logger.warning("Ignoring a malformed event document %r", document)
+
             return
 
         last = self._last_seen.get(publisher)
@@ -258,7 +265,11 @@ class MongoDBEventBroker(BaseExternalEventBroker):
             return
 
         event = self._reconstitute_event(str(document.get("type")), payload)
-        if event is not None:
+        if event is None:
+            self._logger.warning(
+                "Ignoring event %s: it cannot be read", document.get("_id")
+            )
+        else:
             await self.publish_local(event)
 
     def _forget_old_publishers(self, now: datetime) -> None:
@@ -266,6 +277,10 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         for publisher, (_, at) in list(self._last_seen.items()):
             if _aware(at) < horizon:
                 del self._last_seen[publisher]
+
+        for key, at in list(self._malformed.items()):
+            if at < horizon:
+                del self._malformed[key]
 
     async def _skip_existing(self, since: datetime) -> None:
         """Mark the events already visible at start as seen: they are not ours."""

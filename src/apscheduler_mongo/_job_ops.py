@@ -9,6 +9,7 @@ from uuid import UUID
 
 from apscheduler import (
     ConflictingIdError,
+    DeserializationError,
     Job,
     JobAcquired,
     JobAdded,
@@ -23,6 +24,7 @@ from pymongo.errors import DuplicateKeyError
 from ._core import LIVE_STATES, QUEUE_ORDER, StoreCore
 from ._jobs import (
     describe_id,
+    explain,
     finish_update,
     free_job_filter,
     plan_claims,
@@ -37,6 +39,7 @@ from ._marshalling import (
     now_micros,
     result_from_document,
     slot_number,
+    task_from_document,
     uuid_to_bson,
 )
 
@@ -136,7 +139,16 @@ class JobOperations(StoreCore):
         return [job for job in jobs if job is not None]
 
     def _task_cap(self, task: Mapping[str, Any]) -> int | None:
-        """Return a task's ``max_running_jobs``; 0 (run nothing) if it is invalid."""
+        """Return a task's ``max_running_jobs``; 0 (run nothing) if the task is bad."""
+        try:
+            # The scheduler reads the task of each job it gets: it must be readable
+            task_from_document(task, 0)
+        except MalformedDocumentError as exc:
+            self._logger.warning(
+                "Cannot read task %r: %s; its jobs stay queued", task["_id"], exc
+            )
+            return 0
+
         cap = task.get("max_running_jobs")
         if cap is None or (
             isinstance(cap, int) and not isinstance(cap, bool) and cap > 0
@@ -176,10 +188,14 @@ class JobOperations(StoreCore):
             if not documents and attempt == 1:
                 return []
 
-            task_ids = list({doc.get("task_id") for doc in documents})
-            tasks = await self._tasks.find(
-                {"_id": {"$in": task_ids}}, {"max_running_jobs": 1}
-            ).to_list(None)
+            task_ids = list(
+                {
+                    doc["task_id"]
+                    for doc in documents
+                    if isinstance(doc.get("task_id"), str)
+                }
+            )
+            tasks = await self._tasks.find({"_id": {"$in": task_ids}}).to_list(None)
             caps = {task["_id"]: self._task_cap(task) for task in tasks}
             held: dict[str, set[int]] = {}
             running: dict[str, int] = {}
@@ -192,9 +208,17 @@ class JobOperations(StoreCore):
                     task_id = holder["task_id"]
                     running[task_id] = running.get(task_id, 0) + 1
                     if "slot_key" in holder:
-                        held.setdefault(task_id, set()).add(
-                            slot_number(holder["slot_key"])
-                        )
+                        try:
+                            number = slot_number(holder["slot_key"])
+                        except (TypeError, ValueError):
+                            # Still counted as running; its slot number is unknown
+                            self._logger.warning(
+                                "Job %s holds a malformed slot key %r",
+                                describe_id(holder["_id"]),
+                                holder["slot_key"],
+                            )
+                        else:
+                            held.setdefault(task_id, set()).add(number)
 
             acquired_until = now + lease_micros
             plan = plan_claims(
@@ -213,10 +237,9 @@ class JobOperations(StoreCore):
             finished.update(plan.finished)
             matched = await self._bulk_write(self._jobs, plan.requests)
             if matched == len(plan.requests) and attempt == 1:
-                planned = plan.jobs.keys() | plan.finished.keys()
-                for doc in documents:
+                for doc in plan.documents:
                     doc["acquired_until"] = acquired_until
-                return [doc for doc in documents if doc["_id"] in planned]
+                return plan.documents
 
             # Lost a race for some, or retrying after a lost reply: ask what we hold
             return await self._held_by(token)
@@ -306,7 +329,17 @@ class JobOperations(StoreCore):
         if document is None:
             return None
 
-        result = result_from_document(job_id, document["result"], self.serializer)
+        try:
+            if not isinstance(document["result"], Mapping):
+                raise MalformedDocumentError("field 'result' is not a document")
+
+            result = result_from_document(job_id, document["result"], self.serializer)
+        except (DeserializationError, MalformedDocumentError) as exc:
+            # The result stays stored: APScheduler's stores raise here too
+            raise type(exc)(
+                f"cannot read the result of job {job_id}: {explain(exc)}"
+            ) from exc
+
         if result.expires_at <= datetime.now(timezone.utc):
             return None
 
@@ -342,6 +375,7 @@ class JobOperations(StoreCore):
         requests: list[UpdateOne] = []
         results: dict[Any, JobResult] = {}
         tokens: dict[Any, ObjectId] = {}
+        finishing: dict[Any, Mapping[str, Any]] = {}
         for document in documents:
             try:
                 result = result_for_document(document, JobOutcome.abandoned, now)
@@ -362,6 +396,7 @@ class JobOperations(StoreCore):
             query = {"_id": document["_id"], "v": document.get("v"), "state": ACQUIRED}
             requests.append(UpdateOne(query, update))
             results[document["_id"]] = result
+            finishing[document["_id"]] = document
 
         async def write(attempt: int) -> set[Any]:
             if (
@@ -381,9 +416,9 @@ class JobOperations(StoreCore):
 
         applied = await self._run(write) if requests else set()
         return [
-            self._released_event(results[doc["_id"]], doc.get("acquired_by", ""), doc)
-            for doc in documents
-            if doc["_id"] in applied
+            self._released_event(results[key], doc.get("acquired_by", ""), doc)
+            for key, doc in finishing.items()
+            if key in applied
         ]
 
     async def reap_abandoned_jobs(self, scheduler_id: str) -> None:
@@ -419,7 +454,17 @@ class JobOperations(StoreCore):
                 },
                 {"schedule_id": 1, "fire_time": 1},
             )
-            used = list(await cursor.to_list(None))
+            used = []
+            for doc in await cursor.to_list(None):
+                if isinstance(doc.get("schedule_id"), str):
+                    used.append(doc)
+                else:
+                    self._logger.warning(
+                        "Keeping finished job %s: its schedule_id %r is no string",
+                        describe_id(doc["_id"]),
+                        doc.get("schedule_id"),
+                    )
+
             if not used:
                 return
 

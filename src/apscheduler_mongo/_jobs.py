@@ -29,6 +29,7 @@ from ._marshalling import (
     from_micros,
     get_datetime,
     job_from_document,
+    quarantine_record,
     result_to_document,
     slot_key,
     to_micros,
@@ -97,6 +98,24 @@ def finish_update(
     }
 
 
+def set_aside_update(reason: str) -> dict[str, Any]:
+    """
+    Return the update that takes a job document out of the queue for good.
+
+    For a job that no result can name (its id is no UUID): it becomes finished
+    without a result, purge time or finish time, so nothing deletes it, and it
+    records why.
+    """
+    return {
+        "$set": {
+            "state": FINISHED,
+            "quarantine": quarantine_record(reason),
+            "v": ObjectId(),
+        },
+        "$unset": {"acquired_by": "", "acquired_until": "", "slot_key": ""},
+    }
+
+
 def result_for_document(
     document: Mapping[str, Any],
     outcome: JobOutcome,
@@ -152,6 +171,8 @@ class ClaimPlan:
     jobs: dict[Any, Job] = attrs.field(factory=dict)
     #: results of jobs finished without running, by document id
     finished: dict[Any, JobResult] = attrs.field(factory=dict)
+    #: the documents of the jobs claimed or finished, in queue order
+    documents: list[Any] = attrs.field(factory=list)
 
 
 def plan_claims(
@@ -175,7 +196,8 @@ def plan_claims(
     without a slot (acquired before the task had a limit) count against the limit
     too. Jobs that
     cannot run (unreadable, unknown task, start deadline passed) are finished in the
-    same bulk write instead of being handed out.
+    same bulk write instead of being handed out; a job whose id is no UUID is set
+    aside.
     """
     plan = ClaimPlan()
     now_time = from_micros(now)
@@ -188,6 +210,16 @@ def plan_claims(
 
     for document in documents:
         query = {"_id": document["_id"], "v": document.get("v"), **free_job_filter(now)}
+        try:
+            uuid_from_bson(document["_id"])
+        except MalformedDocumentError as exc:
+            logger.warning(
+                "Setting job %r aside: its id is no UUID, so no result can name it",
+                document["_id"],
+            )
+            plan.requests.append(UpdateOne(query, set_aside_update(str(exc))))
+            continue
+
         from_schedule = "fire_key" in document
         result: JobResult | None = None
         job: Job | None = None
@@ -220,6 +252,7 @@ def plan_claims(
             )
             plan.requests.append(UpdateOne(query, update))
             plan.finished[document["_id"]] = result
+            plan.documents.append(document)
             continue
 
         assert job is not None
@@ -244,5 +277,6 @@ def plan_claims(
         job.acquired_by = scheduler_id
         job.acquired_until = from_micros(acquired_until)
         plan.jobs[document["_id"]] = job
+        plan.documents.append(document)
 
     return plan

@@ -31,6 +31,10 @@ class MalformedDocumentError(ValueError):
     """Raised when a stored document lacks a field or holds a value of a wrong type."""
 
 
+#: What building a structure from a damaged document can raise
+_READ_ERRORS = (KeyError, TypeError, ValueError, OverflowError)
+
+
 def to_micros(value: datetime) -> int:
     """Return the instant ``value`` as whole microseconds since the Unix epoch."""
     if value.tzinfo is None:
@@ -76,7 +80,10 @@ def get_datetime(document: Mapping[str, Any], key: str) -> datetime | None:
     if not isinstance(micros, int):
         raise MalformedDocumentError(f"field {key!r} is not an integer")
 
-    return from_micros(micros, document.get(f"{key}_offset"))
+    try:
+        return from_micros(micros, document.get(f"{key}_offset"))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise MalformedDocumentError(f"field {key!r} is no valid time: {exc}") from exc
 
 
 def uuid_to_bson(value: UUID) -> Binary:
@@ -91,6 +98,11 @@ def uuid_from_bson(value: Any) -> UUID:
         return value.as_uuid()
 
     raise MalformedDocumentError(f"{value!r} is not a UUID")
+
+
+def quarantine_record(reason: str) -> dict[str, Any]:
+    """Return what a set-aside document carries: why, and since when."""
+    return {"reason": reason, "at": datetime.now(timezone.utc)}
 
 
 def fire_key(schedule_id: str, fire_time: int) -> str:
@@ -136,7 +148,7 @@ def task_from_document(document: Mapping[str, Any], running_jobs: int) -> Task:
             "running_jobs": running_jobs,
         }
         return Task(**fields)
-    except (KeyError, TypeError, ValueError) as exc:
+    except _READ_ERRORS as exc:
         raise MalformedDocumentError(str(exc)) from exc
 
 
@@ -210,7 +222,7 @@ def schedule_from_document(
             ),
         }
         return Schedule(**fields)
-    except (KeyError, TypeError, ValueError) as exc:
+    except _READ_ERRORS as exc:
         raise MalformedDocumentError(str(exc)) from exc
 
 
@@ -279,8 +291,13 @@ def job_from_document(document: Mapping[str, Any], serializer: Serializer) -> Jo
                 from_micros(acquired_until) if acquired_until is not None else None
             ),
         }
+        # Job does not check these, and the scheduler looks them up in dictionaries
+        for key in ("task_id", "executor"):
+            if not isinstance(fields[key], str):
+                raise MalformedDocumentError(f"field {key!r} is not a string")
+
         return Job(**fields)
-    except (KeyError, TypeError, ValueError) as exc:
+    except _READ_ERRORS as exc:
         raise MalformedDocumentError(str(exc)) from exc
 
 
@@ -326,6 +343,10 @@ def result_from_document(
                 else None
             ),
         }
+        for key in ("finished_at", "expires_at"):
+            if fields[key] is None:
+                raise MalformedDocumentError(f"field {key!r} is missing")
+
         return JobResult(**fields)
-    except (KeyError, TypeError, ValueError) as exc:
+    except _READ_ERRORS as exc:
         raise MalformedDocumentError(str(exc)) from exc

@@ -20,13 +20,14 @@ from bson import ObjectId
 from pymongo import ASCENDING, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
-from ._core import LIVE_STATES, StoreCore, quarantine_record
+from ._core import LIVE_STATES, StoreCore
 from ._marshalling import (
     MalformedDocumentError,
     from_micros,
     get_datetime,
     now_micros,
     put_datetime,
+    quarantine_record,
     schedule_to_document,
 )
 
@@ -289,7 +290,7 @@ class ScheduleOperations(StoreCore):
                     return get_datetime(document, time_field)
 
                 return from_micros(max(micros, document["next_fire_time"]))
-            except (MalformedDocumentError, TypeError) as exc:
+            except (MalformedDocumentError, TypeError, OverflowError) as exc:
                 self._logger.warning(
                     "Setting schedule %r aside: %s", document["_id"], exc
                 )
@@ -304,9 +305,13 @@ class ScheduleOperations(StoreCore):
 
     async def _remove_finished_schedules(self) -> list[ScheduleRemoved]:
         async def remove(attempt: int) -> list[ScheduleRemoved]:
-            cursor = self._schedules.find(
-                {"next_fire_time": None, "acquired_by": None}, {"task_id": 1, "v": 1}
-            )
+            # A schedule whose id is no string cannot be read: leave it for a human
+            finished_query = {
+                "_id": {"$type": "string"},
+                "next_fire_time": None,
+                "acquired_by": None,
+            }
+            cursor = self._schedules.find(finished_query, {"task_id": 1, "v": 1})
             finished = {doc["_id"]: doc for doc in await cursor.to_list(None)}
             if not finished:
                 return []
@@ -328,7 +333,7 @@ class ScheduleOperations(StoreCore):
                 {"_id": doc["_id"], "v": doc.get("v")} for doc in finished.values()
             ]
             result = await self._schedules.delete_many(
-                {"next_fire_time": None, "acquired_by": None, "$or": unchanged}
+                {**finished_query, "$or": unchanged}
             )
             if result.deleted_count != len(finished):
                 left = await self._schedules.distinct(
