@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from typing import Any, cast
 
@@ -260,6 +260,17 @@ async def check_server(database: Any) -> dict[str, Any]:
         )
 
     return reply
+
+
+async def aggregate(
+    collection: Any, pipeline: Sequence[Mapping[str, Any]]
+) -> list[Any]:
+    """Run an aggregation pipeline and return all its documents."""
+    cursor = collection.aggregate(pipeline)
+    if inspect.isawaitable(cursor):  # pymongo's is a coroutine; Motor's is not
+        cursor = await cursor
+
+    return list(await cursor.to_list(None))
 
 
 async def bulk_write(

@@ -113,6 +113,9 @@ class StoreCore(BaseExternalDataStore):
     _schedules: Any = attrs.field(init=False, default=None)
     _jobs: Any = attrs.field(init=False, default=None)
     _one_by_one: bool = attrs.field(init=False, default=False)
+    #: Lease expiry (our clock, microseconds) of the schedules this store acquired
+    #: and has not released yet
+    _leases: dict[str, int] = attrs.field(init=False, factory=dict)
     #: Claims whose outcome never reached the scheduler: (collection, owner, token)
     _unconfirmed: set[tuple[str, str, ObjectId]] = attrs.field(init=False, factory=set)
 

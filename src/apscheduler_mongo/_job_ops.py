@@ -21,6 +21,7 @@ from bson import ObjectId
 from pymongo import UpdateOne
 from pymongo.errors import DuplicateKeyError
 
+from ._client import aggregate
 from ._core import LIVE_STATES, QUEUE_ORDER, StoreCore
 from ._jobs import (
     describe_id,
@@ -45,6 +46,8 @@ from ._marshalling import (
 
 #: How long a used fire time is remembered at least (see _forget_used_fire_times)
 FIRE_TIME_RETENTION = timedelta(hours=1)
+#: Where a claim's read puts each job's task document (removed before use)
+_TASK = "_task"
 
 
 def passed(next_times: Mapping[Any, Any], schedule_id: Any, fire_time: Any) -> bool:
@@ -68,8 +71,12 @@ class JobOperations(StoreCore):
         document["v"] = document["insert_token"] = token = ObjectId()
 
         async def insert(attempt: int) -> bool:
-            if "fire_time" in document and not await self._fire_time_current(
-                job.schedule_id, document["fire_time"]
+            if (
+                "fire_time" in document
+                and not self._holds_lease(job.schedule_id)
+                and not await self._fire_time_current(
+                    job.schedule_id, document["fire_time"]
+                )
             ):
                 self._logger.warning(
                     "Not adding job %s: schedule %r has moved past %s "
@@ -108,6 +115,16 @@ class JobOperations(StoreCore):
                     job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id
                 )
             )
+
+    def _holds_lease(self, schedule_id: Any) -> bool:
+        """
+        Tell whether this store holds the lease on a schedule it acquired.
+
+        While it does, nobody else can have processed the schedule, so its jobs need
+        no :meth:`_fire_time_current` check (which costs a round trip per job).
+        """
+        until = self._leases.get(schedule_id)
+        return until is not None and now_micros() < until
 
     async def _fire_time_current(self, schedule_id: Any, fire_time: int) -> bool:
         """
@@ -180,23 +197,35 @@ class JobOperations(StoreCore):
                 return held_already  # a lost reply: the first attempt did claim
 
             now = now_micros()
-            cursor = self._jobs.find(free_job_filter(now), sort=QUEUE_ORDER)
-            if limit is not None:
-                cursor = cursor.limit(limit)
+            # One round trip reads the free jobs and, beside each, its task
+            pipeline: list[dict[str, Any]] = [
+                {"$match": free_job_filter(now)},
+                {"$sort": dict(QUEUE_ORDER)},
+            ]
+            if limit:
+                pipeline.append({"$limit": limit})
 
-            documents = list(await cursor.to_list(None))
+            pipeline.append(
+                {
+                    "$lookup": {
+                        "from": self._tasks.name,
+                        "localField": "task_id",
+                        "foreignField": "_id",
+                        "as": _TASK,
+                    }
+                }
+            )
+            documents = await aggregate(self._jobs, pipeline)
             if not documents and attempt == 1:
                 return []
 
-            task_ids = list(
-                {
-                    doc["task_id"]
-                    for doc in documents
-                    if isinstance(doc.get("task_id"), str)
-                }
-            )
-            tasks = await self._tasks.find({"_id": {"$in": task_ids}}).to_list(None)
-            caps = {task["_id"]: self._task_cap(task) for task in tasks}
+            tasks: dict[str, Any] = {}
+            for doc in documents:
+                for task in doc.pop(_TASK, None) or ():
+                    if isinstance(task.get("_id"), str):
+                        tasks[task["_id"]] = task
+
+            caps = {task_id: self._task_cap(task) for task_id, task in tasks.items()}
             held: dict[str, set[int]] = {}
             running: dict[str, int] = {}
             if capped := [task_id for task_id, cap in caps.items() if cap is not None]:

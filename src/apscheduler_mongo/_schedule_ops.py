@@ -171,6 +171,7 @@ class ScheduleOperations(StoreCore):
             for document in await self._run(claim):
                 if (schedule := self._build_schedule(document)) is not None:
                     schedules.append(schedule)
+                    self._leases[schedule.id] = document["acquired_until"]
                 else:
                     await self._quarantine(
                         document["_id"],
@@ -187,6 +188,7 @@ class ScheduleOperations(StoreCore):
         tokens: dict[str, ObjectId] = {}
         events: dict[str, ScheduleUpdated] = {}
         for result in results:
+            self._leases.pop(result.schedule_id, None)
             tokens[result.schedule_id] = token = ObjectId()
             query = {"_id": result.schedule_id, "acquired_by": scheduler_id}
             changes: dict[str, Any] = {

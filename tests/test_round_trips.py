@@ -1,0 +1,171 @@
+"""The hot paths make the round trips the design promises (counted, not timed)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from apscheduler import ConflictPolicy, Job, JobOutcome, JobResult, Schedule, Task
+from apscheduler._structures import ScheduleResult
+from apscheduler.abc import EventBroker
+from apscheduler.triggers.interval import IntervalTrigger
+from pymongo import AsyncMongoClient, monitoring
+
+from apscheduler_mongo import MongoDBDataStore
+
+pytestmark = [pytest.mark.anyio, pytest.mark.wire]
+
+LEASE = timedelta(minutes=1)
+
+
+class Commands(monitoring.CommandListener):
+    """Record the names of the commands a client sends while recording."""
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+
+    @contextmanager
+    def recording(self) -> Iterator[list[str]]:
+        names: list[str] = []
+        self.names = names
+        try:
+            yield names
+        finally:
+            self.names = None
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if self.names is not None:
+            self.names.append(
+                f"{event.command_name} {event.command.get(event.command_name)}"
+            )
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+@pytest.fixture
+def commands() -> Commands:
+    return Commands()
+
+
+@pytest.fixture
+async def counted_store(
+    wire_uri: str,
+    database_name: str,
+    commands: Commands,
+    local_broker: EventBroker,
+    logger: logging.Logger,
+) -> AsyncIterator[MongoDBDataStore]:
+    client: AsyncMongoClient[Any] = AsyncMongoClient(
+        wire_uri, event_listeners=[commands], serverSelectionTimeoutMS=5000
+    )
+    try:
+        async with AsyncExitStack() as exit_stack:
+            await local_broker.start(exit_stack, logger)
+            store = MongoDBDataStore(client, database=database_name)
+            await store.start(exit_stack, local_broker, logger)
+            yield store
+    finally:
+        await client.drop_database(database_name)
+        await client.close()
+
+
+class TestJobLifecycle:
+    """Add, acquire and release of one job: four commands in all."""
+
+    @pytest.mark.parametrize("cap", [None, 5], ids=["uncapped", "capped"])
+    async def test_single_job(
+        self, counted_store: MongoDBDataStore, commands: Commands, cap: int | None
+    ) -> None:
+        store = counted_store
+        await store.add_task(
+            Task(
+                id="t", func="builtins:len", job_executor="async", max_running_jobs=cap
+            )
+        )
+        with commands.recording() as sent:
+            job = Job(task_id="t", executor="async")
+            await store.add_job(job)
+            [acquired] = await store.acquire_jobs("me", LEASE, 10)
+            await store.release_job(
+                "me", acquired, JobResult.from_job(acquired, JobOutcome.success)
+            )
+
+        # add: insert; acquire: aggregate (jobs and their tasks), the claim; and,
+        # for a capped task, a read of the slots held; release: update
+        expected = 5 if cap else 4
+        assert len(sent) == expected, sent
+
+
+class TestScheduleFiring:
+    """A schedule firing: find, claim, one insert per job, release; no re-reads."""
+
+    async def test_firing(
+        self, counted_store: MongoDBDataStore, commands: Commands
+    ) -> None:
+        store = counted_store
+        await store.add_task(Task(id="t", func="builtins:len", job_executor="async"))
+        trigger = IntervalTrigger(seconds=10)
+        schedule = Schedule(id="s", task_id="t", trigger=trigger, job_executor="async")
+        schedule.next_fire_time = datetime.now(timezone.utc) - timedelta(seconds=1)
+        await store.add_schedule(schedule, ConflictPolicy.exception)
+        with commands.recording() as sent:
+            [taken] = await store.acquire_schedules("me", LEASE, 10)
+            assert taken.next_fire_time is not None
+            await store.add_job(
+                Job(
+                    task_id="t",
+                    executor="async",
+                    schedule_id="s",
+                    scheduled_fire_time=taken.next_fire_time,
+                )
+            )
+            await store.release_schedules(
+                "me",
+                [
+                    ScheduleResult(
+                        schedule_id="s",
+                        task_id="t",
+                        trigger=taken.trigger,
+                        last_fire_time=taken.next_fire_time,
+                        next_fire_time=datetime.now(timezone.utc) + LEASE,
+                    )
+                ],
+            )
+
+        assert [name.split()[0] for name in sent] == [
+            "find",
+            "update",
+            "insert",
+            "update",
+        ], sent
+
+    async def test_job_after_lease_lapsed_checks_the_schedule(
+        self, counted_store: MongoDBDataStore, commands: Commands
+    ) -> None:
+        # Without the lease, add_job reads the schedule (a stalled owner must not
+        # add a job for a fire time the schedule has moved past)
+        store = counted_store
+        await store.add_task(Task(id="t", func="builtins:len", job_executor="async"))
+        trigger = IntervalTrigger(seconds=10)
+        schedule = Schedule(id="s", task_id="t", trigger=trigger, job_executor="async")
+        schedule.next_fire_time = fire_time = datetime.now(timezone.utc)
+        await store.add_schedule(schedule, ConflictPolicy.exception)
+        with commands.recording() as sent:
+            await store.add_job(
+                Job(
+                    task_id="t",
+                    executor="async",
+                    schedule_id="s",
+                    scheduled_fire_time=fire_time,
+                )
+            )
+
+        assert [name.split()[0] for name in sent] == ["find", "insert"], sent
