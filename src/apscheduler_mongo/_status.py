@@ -1,0 +1,481 @@
+"""What ``apscheduler-mongo status`` reports: gathering it, and printing it."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from logging import Logger
+from typing import Any, TypeVar
+
+import attrs
+from apscheduler import RetrySettings, Schedule
+from apscheduler.abc import DataStore
+
+from ._client import describe_hosts
+from ._core import QUEUE_ORDER
+from ._jobs import describe_id
+from ._marshalling import (
+    ACQUIRED,
+    FINISHED,
+    QUEUED,
+    MalformedDocumentError,
+    from_micros,
+    get_datetime,
+)
+from ._retry import retrying
+
+T = TypeVar("T")
+
+#: The newest finished jobs first; those without a finish time (set aside) last
+_NEWEST_FIRST = [("finished_time", -1), ("_id", 1)]
+
+
+@attrs.define
+class Reader:
+    """Read the store's documents directly (never writing), retrying like the store."""
+
+    client: Any
+    database_name: str
+    retry_settings: RetrySettings
+    logger: Logger
+    database: Any = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.database = self.client[self.database_name]
+
+    async def _run(self, operation: Callable[[], Awaitable[T]]) -> T:
+        async for attempt in retrying(self.retry_settings, self.logger):
+            with attempt:
+                return await operation()
+
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def collection_names(self) -> list[str]:
+        async def names() -> list[str]:
+            return list(await self.database.list_collection_names())
+
+        return await self._run(names)
+
+    async def find(
+        self,
+        collection: str,
+        query: Mapping[str, Any],
+        projection: Mapping[str, Any],
+        *,
+        sort: Sequence[tuple[str, int]] | None = None,
+        limit: int = 0,
+    ) -> list[dict[str, Any]]:
+        async def fetch() -> list[dict[str, Any]]:
+            cursor = self.database[collection].find(query, projection, sort=sort)
+            if limit:
+                cursor = cursor.limit(limit)
+
+            return list(await cursor.to_list(None))
+
+        return await self._run(fetch)
+
+    async def count(self, collection: str, query: Mapping[str, Any]) -> int:
+        async def count() -> int:
+            return int(await self.database[collection].count_documents(query))
+
+        return await self._run(count)
+
+
+@attrs.frozen
+class TaskRow:
+    id: str
+    func: str | None
+    executor: str
+    max_running_jobs: int | None
+    running_jobs: int
+
+
+@attrs.frozen
+class ScheduleRow:
+    id: str
+    task_id: str | None
+    #: ``False`` when this process cannot read the schedule (the other fields then
+    #: come from the document as stored)
+    readable: bool
+    next_fire_time: datetime | None = None
+    paused: bool | None = None
+    acquired_by: str | None = None
+    acquired_until: datetime | None = None
+    quarantine: str | None = None
+
+
+@attrs.frozen
+class RunningJobRow:
+    id: str
+    task_id: str | None
+    schedule_id: str | None
+    acquired_by: str | None
+    acquired_until: datetime | None
+
+
+@attrs.frozen
+class ResultRow:
+    job_id: str
+    task_id: str | None
+    schedule_id: str | None
+    #: ``None`` when no result is stored (never kept, fetched, or expired)
+    outcome: str | None
+    finished_at: datetime | None
+    expires_at: datetime | None
+
+
+@attrs.frozen
+class StoreStatus:
+    """A snapshot of one store, taken with several reads (not atomically)."""
+
+    database: str
+    hosts: list[str]
+    taken_at: datetime
+    tasks: list[TaskRow]
+    schedules: list[ScheduleRow]
+    queued_jobs: dict[str, int]
+    running_jobs: list[RunningJobRow]
+    finished_jobs: int
+    results: list[ResultRow]
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _instant(micros: Any) -> datetime | None:
+    """Return a stored lease or finish time, or ``None`` if it is missing or bad."""
+    if not isinstance(micros, int) or isinstance(micros, bool):
+        return None
+
+    try:
+        return from_micros(micros)
+    except (OverflowError, ValueError):
+        return None
+
+
+def _time_field(document: Mapping[str, Any], key: str) -> datetime | None:
+    try:
+        return get_datetime(document, key)
+    except MalformedDocumentError:
+        return None
+
+
+def _schedule_row(
+    document: Mapping[str, Any], schedule: Schedule | None
+) -> ScheduleRow:
+    """Describe a schedule as the store reads it, or from its stored fields."""
+    quarantine = document.get("quarantine")
+    reason = None
+    if quarantine is not None:
+        reason = str(
+            quarantine.get("reason") if isinstance(quarantine, Mapping) else ""
+        )
+        reason = reason or "no reason recorded"
+
+    if schedule is None:
+        paused = document.get("paused", False)
+        return ScheduleRow(
+            id=str(document["_id"]),
+            task_id=_text(document.get("task_id")),
+            readable=False,
+            next_fire_time=_time_field(document, "next_fire_time"),
+            paused=paused if isinstance(paused, bool) else None,
+            acquired_by=_text(document.get("acquired_by")),
+            acquired_until=_instant(document.get("acquired_until")),
+            quarantine=reason,
+        )
+
+    return ScheduleRow(
+        id=schedule.id,
+        task_id=schedule.task_id,
+        readable=True,
+        next_fire_time=schedule.next_fire_time,
+        paused=schedule.paused,
+        acquired_by=schedule.acquired_by,
+        acquired_until=schedule.acquired_until,
+        quarantine=reason,
+    )
+
+
+def _result_row(document: Mapping[str, Any]) -> ResultRow:
+    result = document.get("result")
+    outcome = finished_at = expires_at = None
+    if isinstance(result, Mapping):
+        outcome = _text(result.get("outcome"))
+        finished_at = _time_field(result, "finished_at")
+        expires_at = _time_field(result, "expires_at")
+
+    quarantine = document.get("quarantine")
+    if isinstance(quarantine, Mapping):
+        outcome = f"set aside: {quarantine.get('reason')}"
+
+    return ResultRow(
+        job_id=describe_id(document["_id"]),
+        task_id=_text(document.get("task_id")),
+        schedule_id=_text(document.get("schedule_id")),
+        outcome=outcome,
+        finished_at=finished_at or _instant(document.get("finished_time")),
+        expires_at=expires_at,
+    )
+
+
+async def gather_status(
+    data_store: DataStore, reader: Reader, limit: int
+) -> StoreStatus:
+    """
+    Read what the status command shows.
+
+    Tasks and schedules come from the store's API; a schedule that it cannot read
+    here is described from its stored fields. Jobs are read directly, without their
+    arguments: the API hands out every queued job with its arguments, which this
+    process may be unable to deserialize. Quarantines and results are not shown by
+    the API at all.
+
+    :param limit: how many of the newest finished jobs to show
+    """
+    tasks = [
+        TaskRow(
+            id=task.id,
+            func=_text(task.func),
+            executor=task.job_executor,
+            max_running_jobs=task.max_running_jobs,
+            running_jobs=task.running_jobs,
+        )
+        for task in await data_store.get_tasks()
+    ]
+    readable = {schedule.id: schedule for schedule in await data_store.get_schedules()}
+    schedule_documents = await reader.find(
+        "schedules",
+        {},
+        {"trigger": 0, "args": 0, "kwargs": 0, "metadata": 0},
+        sort=[("_id", 1)],
+    )
+    schedules = [
+        _schedule_row(
+            document,
+            # An id that is no string (hand-made, maybe not even hashable): unread
+            readable.get(key) if isinstance(key := document["_id"], str) else None,
+        )
+        for document in schedule_documents
+    ]
+    queued = Counter(
+        str(document.get("task_id"))
+        for document in await reader.find(
+            "jobs", {"state": QUEUED}, {"task_id": 1, "_id": 0}
+        )
+    )
+    running = [
+        RunningJobRow(
+            id=describe_id(document["_id"]),
+            task_id=_text(document.get("task_id")),
+            schedule_id=_text(document.get("schedule_id")),
+            acquired_by=_text(document.get("acquired_by")),
+            acquired_until=_instant(document.get("acquired_until")),
+        )
+        for document in await reader.find(
+            "jobs",
+            {"state": ACQUIRED},
+            {"task_id": 1, "schedule_id": 1, "acquired_by": 1, "acquired_until": 1},
+            sort=QUEUE_ORDER,
+        )
+    ]
+    results: list[ResultRow] = []
+    if limit:
+        finished = await reader.find(
+            "jobs",
+            {"state": FINISHED},
+            {
+                "task_id": 1,
+                "schedule_id": 1,
+                "finished_time": 1,
+                "quarantine": 1,
+                "result.outcome": 1,
+                "result.finished_at": 1,
+                "result.finished_at_offset": 1,
+                "result.expires_at": 1,
+                "result.expires_at_offset": 1,
+            },
+            sort=_NEWEST_FIRST,
+            limit=limit,
+        )
+        results = [_result_row(document) for document in finished]
+
+    return StoreStatus(
+        database=reader.database_name,
+        hosts=describe_hosts(reader.client),
+        taken_at=datetime.now(timezone.utc),
+        tasks=tasks,
+        schedules=schedules,
+        queued_jobs=dict(sorted(queued.items())),
+        running_jobs=running,
+        finished_jobs=await reader.count("jobs", {"state": FINISHED}),
+        results=results,
+    )
+
+
+# Printing
+
+
+def _cell(value: str) -> str:
+    """Keep a table cell on one line, however odd the stored value."""
+    return value if value.isprintable() else value.encode("unicode_escape").decode()
+
+
+def format_table(
+    headers: Sequence[str], rows: Iterable[Sequence[str]], *, right: Iterable[int] = ()
+) -> str:
+    """
+    Return ``rows`` as plain-text columns under ``headers``, two spaces apart.
+
+    :param right: the indexes of the columns to align to the right (numbers)
+    """
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [
+        max([len(header), *(len(row[index]) for row in cells)])
+        for index, header in enumerate(headers)
+    ]
+    right_aligned = set(right)
+    lines = []
+    for row in [list(headers), *cells]:
+        line = "  ".join(
+            value.rjust(width) if index in right_aligned else value.ljust(width)
+            for index, (value, width) in enumerate(zip(row, widths, strict=True))
+        )
+        lines.append(line.rstrip())
+
+    return "\n".join(lines)
+
+
+def _span(seconds: float) -> str:
+    seconds = abs(seconds)
+    for unit, size, up_to in (("s", 1, 120), ("min", 60, 120), ("h", 3600, 48)):
+        if seconds < size * up_to:
+            return f"{seconds / size:.0f} {unit}"
+
+    return f"{seconds / 86400:.0f} d"
+
+
+def _when(value: datetime | None, now: datetime, *, lease: bool = False) -> str:
+    """Show a time with how far it is from ``now`` ("in 25 s", "3 min ago")."""
+    if value is None:
+        return "-"
+
+    shown = value.isoformat(sep=" ", timespec="seconds")
+    seconds = (value - now).total_seconds()
+    if seconds >= 0:
+        return f"{shown} (in {_span(seconds)})"
+
+    return f"{shown} ({'lapsed ' if lease else ''}{_span(seconds)} ago)"
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _problem(row: ScheduleRow) -> str:
+    if row.quarantine is not None:
+        return f"quarantined: {row.quarantine}"
+
+    return "" if row.readable else "cannot be read here (see the warnings)"
+
+
+def render_text(status: StoreStatus) -> str:
+    """Return the status as aligned plain-text tables, one section each."""
+    now = status.taken_at
+    problems = any(_problem(row) for row in status.schedules)
+    schedule_rows = [
+        [
+            row.id,
+            _or_dash(row.task_id),
+            _when(row.next_fire_time, now),
+            "?" if row.paused is None else ("yes" if row.paused else "no"),
+            _or_dash(row.acquired_by),
+            _when(row.acquired_until, now, lease=True),
+            *([_problem(row)] if problems else []),
+        ]
+        for row in status.schedules
+    ]
+    sections = [
+        (
+            f"Tasks ({len(status.tasks)})",
+            ["ID", "FUNC", "EXECUTOR", "MAX RUNNING", "RUNNING"],
+            [
+                [
+                    task.id,
+                    _or_dash(task.func),
+                    task.executor,
+                    _or_dash(task.max_running_jobs),
+                    str(task.running_jobs),
+                ]
+                for task in status.tasks
+            ],
+            (3, 4),
+        ),
+        (
+            f"Schedules ({len(status.schedules)})",
+            ["ID", "TASK", "NEXT FIRE TIME", "PAUSED", "OWNER", "LEASE EXPIRES"]
+            + (["PROBLEM"] if problems else []),
+            schedule_rows,
+            (),
+        ),
+        (
+            f"Queued jobs ({sum(status.queued_jobs.values())})",
+            ["TASK", "QUEUED"],
+            [[task, str(count)] for task, count in status.queued_jobs.items()],
+            (1,),
+        ),
+        (
+            f"Running jobs ({len(status.running_jobs)})",
+            ["JOB", "TASK", "SCHEDULE", "OWNER", "LEASE EXPIRES"],
+            [
+                [
+                    job.id,
+                    _or_dash(job.task_id),
+                    _or_dash(job.schedule_id),
+                    _or_dash(job.acquired_by),
+                    _when(job.acquired_until, now, lease=True),
+                ]
+                for job in status.running_jobs
+            ],
+            (),
+        ),
+        (
+            f"Recent results ({len(status.results)} newest of "
+            f"{status.finished_jobs} finished jobs)",
+            ["JOB", "TASK", "SCHEDULE", "OUTCOME", "FINISHED", "RESULT EXPIRES"],
+            [
+                [
+                    result.job_id,
+                    _or_dash(result.task_id),
+                    _or_dash(result.schedule_id),
+                    _or_dash(result.outcome),
+                    _when(result.finished_at, now),
+                    _when(result.expires_at, now),
+                ]
+                for result in status.results
+            ],
+            (),
+        ),
+    ]
+    lines = [
+        f"Store in database {status.database!r} at {', '.join(status.hosts)}, "
+        f"as of {status.taken_at.isoformat(sep=' ', timespec='seconds')}"
+    ]
+    for title, headers, rows, right in sections:
+        lines += ["", title]
+        lines.append(format_table(headers, rows, right=right) if rows else "(none)")
+
+    return "\n".join(lines) + "\n"
+
+
+def _json_value(instance: object, field: object, value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def render_json(status: StoreStatus) -> str:
+    """Return the status as a JSON document (times in ISO 8601, ``null`` if unset)."""
+    document = attrs.asdict(status, value_serializer=_json_value)
+    return json.dumps(document, indent=2) + "\n"
