@@ -406,12 +406,17 @@ class TestClaimNeverDelivered:
         )
         schedule.next_fire_time = datetime.now(timezone.utc) - timedelta(seconds=1)
         await store.add_schedule(schedule, ConflictPolicy.exception)
-        outage = Outage(store._schedules, "update_many")
+        outage = Outage(store._schedules, "bulk_write")
         store._schedules = outage
-        with pytest.raises(AutoReconnect):
+        store._one_by_one = False  # mongomock: make the bulk write itself fail
+        with pytest.raises((AutoReconnect, TypeError)) as exc_info:
             await store.acquire_schedules("me", LEASE, 10)
 
+        if exc_info.type is TypeError:  # pragma: no cover (mongomock)
+            pytest.skip("this client cannot run pymongo's bulk_write")
+
         store._schedules = outage.end()
+        store._one_by_one = type(store._client).__module__.startswith("mongomock")
         # A scheduler of another identity (a restart gets a new default identity)
         # need not wait for the lease of a claim nobody saw
         [taken] = await store.acquire_schedules("another", LEASE, 10)

@@ -138,21 +138,24 @@ class ScheduleOperations(StoreCore):
             ).limit(limit)
             documents = list(await cursor.to_list(None))
             if documents:
-                unchanged = [
-                    {"_id": doc["_id"], "v": doc.get("v")} for doc in documents
-                ]
                 acquired_until = now + lease_duration // timedelta(microseconds=1)
-                result = await self._schedules.update_many(
-                    {"$and": [eligible, {"$or": unchanged}]},
-                    {
-                        "$set": {
-                            "acquired_by": scheduler_id,
-                            "acquired_until": acquired_until,
-                            "v": token,
-                        }
-                    },
+                claimed = {
+                    "acquired_by": scheduler_id,
+                    "acquired_until": acquired_until,
+                    "v": token,
+                }
+                # One write per schedule, each demanding the token that was read
+                matched = await self._bulk_write(
+                    self._schedules,
+                    [
+                        UpdateOne(
+                            {"_id": doc["_id"], "v": doc.get("v"), **eligible},
+                            {"$set": claimed},
+                        )
+                        for doc in documents
+                    ],
                 )
-                if result.matched_count == len(documents) and attempt == 1:
+                if matched == len(documents) and attempt == 1:
                     for doc in documents:
                         doc.update(
                             acquired_by=scheduler_id,
