@@ -245,6 +245,21 @@ async def _close_runs_clients() -> None:
         await client.close()
 
 
+def _store_and_broker(
+    uri: str, database: str, retry_settings: RetrySettings
+) -> tuple[MongoDBDataStore, MongoDBEventBroker]:
+    """Return a scheduler's store and (fast polling) broker on ``database``."""
+    store = MongoDBDataStore(uri, database=database, retry_settings=retry_settings)
+    broker = MongoDBEventBroker(
+        uri,
+        database=database,
+        mode="polling",
+        poll_interval=0.05,
+        retry_settings=retry_settings,
+    )
+    return store, broker
+
+
 async def _schedule(
     uri: str,
     database: str,
@@ -255,14 +270,7 @@ async def _schedule(
 ) -> dict[str, Any]:
     logger, counter = counting_logger(name)
     network = NetworkFailures()
-    store = MongoDBDataStore(uri, database=database, retry_settings=retry_settings)
-    broker = MongoDBEventBroker(
-        uri,
-        database=database,
-        mode="polling",
-        poll_interval=0.05,
-        retry_settings=retry_settings,
-    )
+    store, broker = _store_and_broker(uri, database, retry_settings)
     stopped_early = False
     try:
         async with AsyncScheduler(
@@ -324,14 +332,7 @@ async def _supervise(
     logger, counter = counting_logger(name)
     crash_logs = CrashLogs()
     logger.addHandler(crash_logs)
-    store = MongoDBDataStore(uri, database=database, retry_settings=retry_settings)
-    broker = MongoDBEventBroker(
-        uri,
-        database=database,
-        mode="polling",
-        poll_interval=0.05,
-        retry_settings=retry_settings,
-    )
+    store, broker = _store_and_broker(uri, database, retry_settings)
     crashes: list[dict[str, Any]] = []
     failed_starts: list[dict[str, Any]] = []
     runs = 0

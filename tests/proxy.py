@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
+import pytest
 from apscheduler import RetrySettings
 from tenacity import stop_after_delay, wait_fixed
 
@@ -60,6 +61,20 @@ def loopback_port(uri: str) -> int | None:
         return None
 
     return int(match.group(3))
+
+
+def proxy_in_front_of(uri: str) -> FaultyProxy:
+    """
+    Return a proxy (to enter) for the one server on 127.0.0.1 that ``uri`` names.
+
+    Skip the calling test if ``uri`` names anything else (a replica set, a remote
+    host): the proxy only stands in for a single loopback server.
+    """
+    port = loopback_port(uri)
+    if port is None:
+        pytest.skip("the proxy stands in for a single server on 127.0.0.1 only")
+
+    return FaultyProxy(LOOPBACK, port)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

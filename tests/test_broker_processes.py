@@ -20,7 +20,7 @@ from .proxy import (
     LOOPBACK,
     FaultyProxy,
     cutting,
-    loopback_port,
+    proxy_in_front_of,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
@@ -139,11 +139,7 @@ class TestDeliveryThroughCuts:
     async def test_exactly_once_in_order(
         self, client: Any, wire_uri: str, database_name: str
     ) -> None:
-        port = loopback_port(wire_uri)
-        if port is None:
-            pytest.skip("the proxy stands in for a single server on 127.0.0.1 only")
-
-        with FaultyProxy(LOOPBACK, port) as proxy:
+        with proxy_in_front_of(wire_uri) as proxy:
             uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
             with cutting(proxy, every=0.5) as cut_times:
                 # Paced publishing (2 s at least), with the proxy cutting meanwhile
@@ -190,11 +186,7 @@ class TestFaultyProxy:
             FaultyProxy("192.0.2.1", 27017)
 
     async def test_cut_and_refuse(self, wire_uri: str) -> None:
-        port = loopback_port(wire_uri)
-        if port is None:
-            pytest.skip("the proxy stands in for a single server on 127.0.0.1 only")
-
-        with FaultyProxy(LOOPBACK, port) as proxy:
+        with proxy_in_front_of(wire_uri) as proxy:
             uri = proxy.uri_for(
                 wire_uri, serverSelectionTimeoutMS=1000, retryReads="false"
             )

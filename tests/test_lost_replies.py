@@ -53,11 +53,10 @@ from .conftest import another_store
 from .proxy import (
     FAST_FAILURE,
     FAULT_RETRIES,
-    LOOPBACK,
     OP_MSG,
     FaultyProxy,
     command_name,
-    loopback_port,
+    proxy_in_front_of,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire]
@@ -75,11 +74,7 @@ def tier() -> str:
 
 @pytest.fixture
 def proxy(wire_uri: str) -> Iterator[FaultyProxy]:
-    port = loopback_port(wire_uri)
-    if port is None:
-        pytest.skip("the proxy stands in for a single server on 127.0.0.1 only")
-
-    with FaultyProxy(LOOPBACK, port) as proxy:
+    with proxy_in_front_of(wire_uri) as proxy:
         yield proxy
 
 

@@ -17,7 +17,7 @@ from tenacity import stop_after_delay, wait_fixed
 from apscheduler_mongo import MongoDBDataStore
 
 from .broker_workers import supervised_scheduler_worker
-from .proxy import FAST_FAILURE, LOOPBACK, FaultyProxy, loopback_port
+from .proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
 from .test_scheduler_processes import (
     INTERVAL,
     SCHEDULES,
@@ -129,12 +129,8 @@ class TestOutageBeyondRetryBudget:
         database_name: str,
         figures: Callable[[str], None],
     ) -> None:
-        port = loopback_port(wire_uri)
-        if port is None:
-            pytest.skip("the proxy stands in for a single server on 127.0.0.1 only")
-
         start = await add_schedules(store, wire_uri, database_name)
-        with FaultyProxy(LOOPBACK, port) as proxy:
+        with proxy_in_front_of(wire_uri) as proxy:
             uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
             reports, outage_ended = await to_thread.run_sync(
                 run_through_outage, proxy, uri, wire_uri, database_name

@@ -19,14 +19,7 @@ from pymongo import MongoClient
 from apscheduler_mongo import MongoDBDataStore
 
 from .broker_workers import scheduler_worker
-from .proxy import (
-    FAST_FAILURE,
-    FAULT_RETRIES,
-    LOOPBACK,
-    FaultyProxy,
-    cutting,
-    loopback_port,
-)
+from .proxy import FAST_FAILURE, FAULT_RETRIES, FaultyProxy, cutting, proxy_in_front_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
 
@@ -253,13 +246,9 @@ class TestSchedulersThroughCuts:
         database_name: str,
         figures: Callable[[str], None],
     ) -> None:
-        port = loopback_port(wire_uri)
-        if port is None:
-            pytest.skip("the proxy stands in for a single server on 127.0.0.1 only")
-
         # The jobs record their runs directly, not through the proxy
         start = await add_schedules(store, wire_uri, database_name)
-        with FaultyProxy(LOOPBACK, port) as proxy:
+        with proxy_in_front_of(wire_uri) as proxy:
             uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
             reports, cut_times = await to_thread.run_sync(
                 run_schedulers, uri, wire_uri, database_name, FAULT_RETRIES, proxy

@@ -74,19 +74,26 @@ def _count(text: str) -> int:
     return value
 
 
-def _store_options() -> argparse.ArgumentParser:
-    """Return the options that every command on a store takes."""
-    options = argparse.ArgumentParser(add_help=False)
-    options.add_argument(
+def _add_connection(
+    parser: argparse.ArgumentParser, database: str, database_help: str
+) -> None:
+    """Add ``--uri`` and ``--database`` (defaulting to ``database``) to ``parser``."""
+    parser.add_argument(
         "--uri",
         default=os.environ.get("MONGODB_URI"),
         help="MongoDB URI (default: the MONGODB_URI environment variable)",
     )
-    options.add_argument(
+    parser.add_argument(
         "--database",
-        default="apscheduler",
-        help="database of the store (default: %(default)s)",
+        default=database,
+        help=f"{database_help} (default: %(default)s)",
     )
+
+
+def _store_options() -> argparse.ArgumentParser:
+    """Return the options that every command on a store takes."""
+    options = argparse.ArgumentParser(add_help=False)
+    _add_connection(options, "apscheduler", "database of the store")
     options.add_argument(
         "--serializer",
         choices=("pickle", "cbor", "json"),
@@ -128,16 +135,7 @@ def _add_demo(commands: Any) -> None:
             "The demo database is emptied first."
         ),
     )
-    demo.add_argument(
-        "--uri",
-        default=os.environ.get("MONGODB_URI"),
-        help="MongoDB URI (default: the MONGODB_URI environment variable)",
-    )
-    demo.add_argument(
-        "--database",
-        default="apscheduler_demo",
-        help="database to use; it is emptied first (default: %(default)s)",
-    )
+    _add_connection(demo, "apscheduler_demo", "database to use; it is emptied first")
     demo.add_argument(
         "--seconds",
         type=float,
