@@ -31,7 +31,6 @@ from attrs.validators import instance_of
 from bson import ObjectId
 from pymongo import ASCENDING, IndexModel
 from pymongo.errors import BulkWriteError, OperationFailure
-from tenacity import AsyncRetrying
 
 from ._client import (
     bulk_write,
@@ -58,7 +57,7 @@ from ._marshalling import (
     schedule_from_document,
 )
 from ._names import database_validator
-from ._retry import is_temporary_failure, retrying
+from ._retry import call_retrying, is_temporary_failure
 
 T = TypeVar("T")
 
@@ -125,9 +124,6 @@ class StoreCore(BaseExternalDataStore):
             f"database={self.database!r})"
         )
 
-    def _retry(self) -> AsyncRetrying:
-        return retrying(self.retry_settings, self._logger)
-
     @asynccontextmanager
     async def _claiming(
         self, collection: str, scheduler_id: str, token: ObjectId
@@ -188,11 +184,7 @@ class StoreCore(BaseExternalDataStore):
 
     async def _run(self, operation: Callable[[int], Awaitable[T]]) -> T:
         """Run ``operation(attempt_number)``, retrying it on temporary failures."""
-        async for attempt in self._retry():
-            with attempt:
-                return await operation(attempt.retry_state.attempt_number)
-
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await call_retrying(self.retry_settings, self._logger, operation)
 
     async def _bulk_write(self, collection: Any, requests: Sequence[Any]) -> int:
         """Run an unordered bulk write; return how many documents it matched."""

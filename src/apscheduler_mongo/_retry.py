@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from logging import Logger
+from typing import TypeVar
 
 from apscheduler import RetrySettings
 from pymongo.errors import ConnectionFailure, PyMongoError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from ._client import redact
+
+T = TypeVar("T")
 
 #: Error labels the server (or driver) puts on errors that are safe to retry
 RETRYABLE_LABELS = ("RetryableWriteError", "TransientTransactionError")
@@ -58,3 +62,17 @@ def retrying(settings: RetrySettings, logger: Logger, where: str = "") -> AsyncR
         after=log_attempt,
         reraise=True,
     )
+
+
+async def call_retrying(
+    settings: RetrySettings,
+    logger: Logger,
+    operation: Callable[[int], Awaitable[T]],
+    where: str = "",
+) -> T:
+    """Run ``operation(attempt_number)``, retrying as :func:`retrying` says."""
+    async for attempt in retrying(settings, logger, where):
+        with attempt:
+            return await operation(attempt.retry_state.attempt_number)
+
+    raise AssertionError("unreachable")  # pragma: no cover

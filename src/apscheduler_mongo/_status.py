@@ -21,10 +21,9 @@ from ._marshalling import (
     FINISHED,
     QUEUED,
     MalformedDocumentError,
-    from_micros,
     get_datetime,
 )
-from ._retry import retrying
+from ._retry import call_retrying
 
 T = TypeVar("T")
 
@@ -46,11 +45,9 @@ class Reader:
         self.database = self.client[self.database_name]
 
     async def _run(self, operation: Callable[[], Awaitable[T]]) -> T:
-        async for attempt in retrying(self.retry_settings, self.logger):
-            with attempt:
-                return await operation()
-
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await call_retrying(
+            self.retry_settings, self.logger, lambda attempt: operation()
+        )
 
     async def collection_names(self) -> list[str]:
         async def names() -> list[str]:
@@ -145,18 +142,8 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _instant(micros: Any) -> datetime | None:
-    """Return a stored lease or finish time, or ``None`` if it is missing or bad."""
-    if not isinstance(micros, int) or isinstance(micros, bool):
-        return None
-
-    try:
-        return from_micros(micros)
-    except (OverflowError, ValueError):
-        return None
-
-
 def _time_field(document: Mapping[str, Any], key: str) -> datetime | None:
+    """Return a stored time, or ``None`` if it is missing or bad."""
     try:
         return get_datetime(document, key)
     except MalformedDocumentError:
@@ -184,7 +171,7 @@ def _schedule_row(
             next_fire_time=_time_field(document, "next_fire_time"),
             paused=paused if isinstance(paused, bool) else None,
             acquired_by=_text(document.get("acquired_by")),
-            acquired_until=_instant(document.get("acquired_until")),
+            acquired_until=_time_field(document, "acquired_until"),
             quarantine=reason,
         )
 
@@ -217,7 +204,7 @@ def _result_row(document: Mapping[str, Any]) -> ResultRow:
         task_id=_text(document.get("task_id")),
         schedule_id=_text(document.get("schedule_id")),
         outcome=outcome,
-        finished_at=finished_at or _instant(document.get("finished_time")),
+        finished_at=finished_at or _time_field(document, "finished_time"),
         expires_at=expires_at,
     )
 
@@ -273,7 +260,7 @@ async def gather_status(
             task_id=_text(document.get("task_id")),
             schedule_id=_text(document.get("schedule_id")),
             acquired_by=_text(document.get("acquired_by")),
-            acquired_until=_instant(document.get("acquired_until")),
+            acquired_until=_time_field(document, "acquired_until"),
         )
         for document in await reader.find(
             "jobs",
