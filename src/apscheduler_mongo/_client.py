@@ -193,8 +193,7 @@ def explaining_unreachable_servers(client: object) -> Iterator[None]:
             if isinstance(error, ProtocolError)
         }
         if strangers:
-            addresses = ", ".join(strangers)
-            reasons = "; ".join(redact(str(error)) for error in strangers.values())
+            addresses, reasons = _listed(strangers)
             subject = "the server at" if len(strangers) == 1 else "the servers at"
             verb = "does" if len(strangers) == 1 else "do"
             raise ServerSelectionTimeoutError(
@@ -206,8 +205,7 @@ def explaining_unreachable_servers(client: object) -> Iterator[None]:
         if errors and all(
             isinstance(error, ConnectionFailure) for error in errors.values()
         ):
-            addresses = ", ".join(errors)
-            reasons = "; ".join(redact(str(error)) for error in errors.values())
+            addresses, reasons = _listed(errors)
             raise ServerSelectionTimeoutError(
                 f"could not connect to a MongoDB server at {addresses} ({reasons}); "
                 f"is the server running, and are the host, port and TLS options "
@@ -215,6 +213,11 @@ def explaining_unreachable_servers(client: object) -> Iterator[None]:
             ) from exc
 
         raise
+
+
+def _listed(errors: Mapping[str, Any]) -> tuple[str, str]:
+    """Return the addresses and the (redacted) errors of ``errors``, as text."""
+    return ", ".join(errors), "; ".join(redact(str(e)) for e in errors.values())
 
 
 def create_client(uri: str) -> AsyncMongoClient[Any]:
