@@ -12,8 +12,10 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Coroutine, Iterable
 from contextlib import AsyncExitStack
 from datetime import datetime, timezone
+from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier, Event
 from typing import Any
@@ -186,6 +188,27 @@ async def _exchange(
     }
 
 
+def join_or_kill(processes: Iterable[BaseProcess]) -> None:
+    """Wait for worker processes to end (30 s each at most); kill any that hang."""
+    for process in processes:
+        process.join(30)
+        if process.exitcode is None:  # pragma: no cover (a hung worker)
+            process.kill()
+
+
+def _run_and_report(
+    results: Queue[Any], name: str, work: Coroutine[Any, Any, dict[str, Any]]
+) -> None:
+    """Run ``work``; put its report, or the traceback of its crash, on ``results``."""
+    try:
+        report = asyncio.run(work)
+    except BaseException:
+        results.put({"worker": name, "crash": traceback.format_exc()})
+        raise
+
+    results.put(report)
+
+
 def exchange_worker(
     uri: str,
     database: str,
@@ -202,17 +225,11 @@ def exchange_worker(
 
     Reports the task ids received, in order of delivery.
     """
-    try:
-        report = asyncio.run(
-            _exchange(
-                uri, database, name, barrier, count, expected, pace, retry_settings
-            )
-        )
-    except BaseException:
-        results.put({"worker": name, "crash": traceback.format_exc()})
-        raise
-
-    results.put(report)
+    _run_and_report(
+        results,
+        name,
+        _exchange(uri, database, name, barrier, count, expected, pace, retry_settings),
+    )
 
 
 # Scheduler workers
@@ -304,15 +321,9 @@ def scheduler_worker(
     results: Queue[Any],
 ) -> None:
     """Run a scheduler with the MongoDB store and broker until ``stop`` is set."""
-    try:
-        report = asyncio.run(
-            _schedule(uri, database, name, barrier, stop, retry_settings)
-        )
-    except BaseException:
-        results.put({"worker": name, "crash": traceback.format_exc()})
-        raise
-
-    results.put(report)
+    _run_and_report(
+        results, name, _schedule(uri, database, name, barrier, stop, retry_settings)
+    )
 
 
 async def _supervise(
@@ -414,12 +425,6 @@ def supervised_scheduler_worker(
     results: Queue[Any],
 ) -> None:
     """Run a scheduler, restarted after each failure, until ``stop`` is set."""
-    try:
-        report = asyncio.run(
-            _supervise(uri, database, name, ready, stop, retry_settings)
-        )
-    except BaseException:
-        results.put({"worker": name, "crash": traceback.format_exc()})
-        raise
-
-    results.put(report)
+    _run_and_report(
+        results, name, _supervise(uri, database, name, ready, stop, retry_settings)
+    )

@@ -13,7 +13,7 @@ from apscheduler import RetrySettings
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
-from .broker_workers import exchange_worker
+from .broker_workers import exchange_worker, join_or_kill
 from .proxy import (
     FAST_FAILURE,
     FAULT_RETRIES,
@@ -73,10 +73,7 @@ def exchange(
         started = time.time()
         reports = [results.get(timeout=REPORT_TIMEOUT) for _ in processes]
     finally:
-        for process in processes:
-            process.join(30)
-            if process.exitcode is None:  # pragma: no cover (a hung worker)
-                process.kill()
+        join_or_kill(processes)
 
     for report in reports:
         assert "crash" not in report, report["crash"]

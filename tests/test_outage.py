@@ -16,7 +16,7 @@ from tenacity import stop_after_delay, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .broker_workers import supervised_scheduler_worker
+from .broker_workers import join_or_kill, supervised_scheduler_worker
 from .proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
 from .test_scheduler_processes import (
     INTERVAL,
@@ -82,10 +82,7 @@ def run_through_outage(
         reports = [results.get(timeout=TIMEOUT) for _ in processes]
     finally:
         stop.set()
-        for process in processes:
-            process.join(30)
-            if process.exitcode is None:  # pragma: no cover (a hung worker)
-                process.kill()
+        join_or_kill(processes)
 
     for report in reports:
         assert "crash" not in report, report["crash"]

@@ -18,7 +18,7 @@ from pymongo import MongoClient
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .broker_workers import scheduler_worker
+from .broker_workers import join_or_kill, scheduler_worker
 from .proxy import FAST_FAILURE, FAULT_RETRIES, FaultyProxy, cutting, proxy_in_front_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
@@ -141,10 +141,7 @@ def run_schedulers(
         reports = [results.get(timeout=REPORT_TIMEOUT) for _ in processes]
     finally:
         stop.set()
-        for process in processes:
-            process.join(30)
-            if process.exitcode is None:  # pragma: no cover (a hung worker)
-                process.kill()
+        join_or_kill(processes)
 
     for report in reports:
         assert "crash" not in report, report["crash"]
