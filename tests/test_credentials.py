@@ -26,7 +26,7 @@ from apscheduler_mongo._client import create_client, open_client
 
 from .fake_servers import FakeServer, http_server
 from .proxy import FAST_FAILURE, FAULT_RETRIES, LOOPBACK, FaultyProxy
-from .servers import mongoeco_available, mongoeco_process
+from .servers import mongoeco_process, needs_mongoeco
 
 pytestmark = pytest.mark.anyio
 
@@ -53,10 +53,7 @@ CA_NAME = "apscheduler-mongo test CA"
 
 needs_auth_server = [
     pytest.mark.wire,
-    pytest.mark.skipif(
-        not mongoeco_available(),
-        reason="the auth server needs mongoeco (Python >= 3.13)",
-    ),
+    needs_mongoeco,
 ]
 
 

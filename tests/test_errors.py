@@ -32,7 +32,7 @@ from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .servers import mongoeco_available, mongoeco_process
+from .servers import mongoeco_process, needs_mongoeco
 
 pytestmark = [
     pytest.mark.anyio,
@@ -296,9 +296,7 @@ def _wrong_password_store(port: int, database_name: str) -> MongoDBDataStore:
 
 
 @pytest.mark.wire
-@pytest.mark.skipif(
-    not mongoeco_available(), reason="the auth server needs mongoeco (Python >= 3.13)"
-)
+@needs_mongoeco
 class TestAuthenticationFailure:
     """Wrong credentials fail start() at once, with no retry and no password shown."""
 

@@ -39,7 +39,7 @@ from apscheduler_mongo._cli import build_parser, run_command
 from apscheduler_mongo._marshalling import uuid_to_bson
 from apscheduler_mongo._status import _when, format_table
 
-from .servers import mongoeco_available, mongoeco_process
+from .servers import mongoeco_process, needs_mongoeco
 
 LEASE = timedelta(minutes=1)
 PASSWORD = "pW-cli-probe-7Hq"
@@ -693,7 +693,7 @@ class TestErrors:
         assert err.count("\n") == 1
 
     @pytest.mark.wire
-    @pytest.mark.skipif(not mongoeco_available(), reason="needs mongoeco")
+    @needs_mongoeco
     def test_authentication_failure(self, capsys: pytest.CaptureFixture[str]) -> None:
         with mongoeco_process(auth=("ops", "right-password")) as port:
             uri = (
