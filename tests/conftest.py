@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,7 +16,8 @@ from apscheduler.serializers.pickle import PickleSerializer
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .servers import wire_server_uri, wire_unavailable_reason
+from .servers import describe_wire_server, wire_server_uri, wire_unavailable_reason
+from .tier_report import TierReport
 
 TIERS = [
     pytest.param("mongomock", id="mongomock"),
@@ -33,12 +33,26 @@ def pytest_collection_modifyitems(
     if reason is None:
         return
 
-    if os.environ.get("CI") and sys.version_info >= (3, 13):
-        raise pytest.UsageError(f"the wire tier must run in CI on 3.13: {reason}")
+    if os.environ.get("CI"):
+        raise pytest.UsageError(f"the wire tier must run in CI: {reason}")
 
     for item in items:
         if "wire" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(TierReport(describe_wire_server()), "tier_report")
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    lines = config.stash.get(_FIGURES, [])
+    if lines:
+        terminalreporter.section("figures measured")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 #: Figures the fault and concurrency tests measured, printed at the end of the run
@@ -54,16 +68,6 @@ def figures(request: pytest.FixtureRequest) -> Callable[[str], None]:
         lines.append(f"{request.node.nodeid}: {line}")
 
     return record
-
-
-def pytest_terminal_summary(
-    terminalreporter: pytest.TerminalReporter, config: pytest.Config
-) -> None:
-    lines = config.stash.get(_FIGURES, [])
-    if lines:
-        terminalreporter.section("figures measured")
-        for line in lines:
-            terminalreporter.write_line(line)
 
 
 @pytest.fixture
