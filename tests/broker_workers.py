@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Coroutine, Iterable
 from contextlib import AsyncExitStack
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier, Event
@@ -23,6 +23,8 @@ from typing import Any
 import anyio
 from apscheduler import (
     AsyncScheduler,
+    JobAcquired,
+    JobReleased,
     RetrySettings,
     RunState,
     SchedulerStopped,
@@ -289,10 +291,12 @@ async def _schedule(
     network = NetworkFailures()
     store, broker = _store_and_broker(uri, database, retry_settings)
     stopped_early = False
+    journal = JobJournal(name)
     try:
         async with AsyncScheduler(
             data_store=store, event_broker=broker, identity=name, logger=logger
         ) as scheduler:
+            journal.watch(scheduler)
             await asyncio.to_thread(barrier.wait, SYNC_TIMEOUT)
             await scheduler.start_in_background()
             await asyncio.to_thread(stop.wait, SYNC_TIMEOUT)
@@ -306,6 +310,7 @@ async def _schedule(
         "worker": name,
         "pid": os.getpid(),
         "stopped_early": stopped_early,
+        "journal": journal.entries,
         **counter.report(),
         **network.report(),
     }
@@ -324,6 +329,43 @@ def scheduler_worker(
     _run_and_report(
         results, name, _schedule(uri, database, name, barrier, stop, retry_settings)
     )
+
+
+class JobJournal:
+    """Record what happened to each job a scheduler acquired, to explain a gap."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.entries: list[dict[str, Any]] = []
+
+    def __call__(self, event: SchedulerEvent) -> None:
+        entry: dict[str, Any] = {"worker": self.name, "at": time.time()}
+        if isinstance(event, JobAcquired):
+            fire_time = event.scheduled_start
+            entry |= {
+                "job_id": str(event.job_id),
+                "event": "acquired",
+                "fire_time": fire_time.isoformat() if fire_time else None,
+                "schedule_id": event.schedule_id,
+            }
+        elif isinstance(event, JobReleased):
+            fire_time = event.scheduled_start
+            entry |= {
+                "job_id": str(event.job_id),
+                "event": f"released: {event.outcome.name}",
+                "fire_time": fire_time.isoformat() if fire_time else None,
+                "schedule_id": event.schedule_id,
+            }
+        self.entries.append(entry)
+
+    def watch(self, scheduler: AsyncScheduler) -> None:
+        scheduler.subscribe(self, {JobAcquired, JobReleased})
+
+
+#: How often a supervised scheduler cleans up. A scheduler that holds no lease waits
+#: for events or for its peer's leases to lapse, sending nothing that an outage could
+#: fail; cleaning up this often makes every scheduler use the store during one
+CLEANUP_INTERVAL = timedelta(seconds=1)
 
 
 async def _supervise(
@@ -346,6 +388,7 @@ async def _supervise(
     store, broker = _store_and_broker(uri, database, retry_settings)
     crashes: list[dict[str, Any]] = []
     failed_starts: list[dict[str, Any]] = []
+    journal = JobJournal(name)
     runs = 0
 
     def stopped(event: SchedulerEvent) -> None:
@@ -364,9 +407,14 @@ async def _supervise(
         while not stop.is_set():
             try:
                 async with AsyncScheduler(
-                    data_store=store, event_broker=broker, identity=name, logger=logger
+                    data_store=store,
+                    event_broker=broker,
+                    identity=name,
+                    logger=logger,
+                    cleanup_interval=CLEANUP_INTERVAL,
                 ) as scheduler:
                     scheduler.subscribe(stopped, {SchedulerStopped})
+                    journal.watch(scheduler)
                     runs += 1
                     ready.set()
                     async with anyio.create_task_group() as group:
@@ -391,6 +439,7 @@ async def _supervise(
         "crashes": crashes,
         "failed_starts": failed_starts,
         "crash_logs": crash_logs.messages,
+        "journal": journal.entries,
         **counter.report(),
     }
 

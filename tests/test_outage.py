@@ -134,7 +134,7 @@ class TestOutageBeyondRetryBudget:
             )
 
         runs = await recorded_runs(client, database_name)
-        check_runs(runs, start)
+        check_runs(runs, start, reports)
         for report in reports:
             # The outage stopped the scheduler, with the network error in the
             # SchedulerStopped event and "Scheduler crashed" logged with it

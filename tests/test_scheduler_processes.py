@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -173,11 +173,16 @@ async def recorded_runs(client: Any, database: str) -> list[dict[str, Any]]:
     return list(await cursor.to_list(None))
 
 
-def check_runs(runs: list[dict[str, Any]], start: datetime) -> None:
+def check_runs(
+    runs: list[dict[str, Any]],
+    start: datetime,
+    reports: Sequence[dict[str, Any]] = (),
+) -> None:
     """
     Assert each schedule's fire times ran once each, without gaps, from the first.
 
-    Also assert the runs were shared out between processes.
+    Also assert the runs were shared out between processes. A fire time that never
+    ran is explained with what the workers' journals (in ``reports``) say of it.
     """
     per_schedule: dict[str, list[datetime]] = {schedule: [] for schedule in SCHEDULES}
     for run in runs:
@@ -192,9 +197,29 @@ def check_runs(runs: list[dict[str, Any]], start: datetime) -> None:
         assert len(fire_times) >= MIN_RUNS, f"too few runs; {summary}"
         expected = [start + INTERVAL * n for n in range(len(fire_times))]
         missing = sorted(set(expected) - set(fire_times))
-        assert sorted(fire_times) == expected, f"never ran {missing}; {summary}"
+        assert sorted(fire_times) == expected, (
+            f"never ran {missing}; {summary}; what the schedulers saw of them: "
+            f"{journal_of(reports, schedule_id, missing)}"
+        )
 
     assert len({run["pid"] for run in runs}) > 1, "one process ran every job"
+
+
+def journal_of(
+    reports: Sequence[dict[str, Any]], schedule_id: str, fire_times: list[datetime]
+) -> list[dict[str, Any]]:
+    """Return the journal entries of the workers about these fire times' jobs."""
+    entries = [entry for report in reports for entry in report.get("journal", [])]
+    wanted = {fire_time.isoformat() for fire_time in fire_times}
+    job_ids = {
+        entry["job_id"]
+        for entry in entries
+        if entry.get("schedule_id") == schedule_id and entry.get("fire_time") in wanted
+    }
+    return sorted(
+        (entry for entry in entries if entry.get("job_id") in job_ids),
+        key=lambda entry: float(entry["at"]),
+    )
 
 
 def describe(runs: list[dict[str, Any]], schedule_id: str, start: datetime) -> str:
@@ -223,12 +248,12 @@ class TestSchedulers:
     ) -> None:
         start = await add_schedules(store, wire_uri, database_name)
 
-        await to_thread.run_sync(
+        reports, _ = await to_thread.run_sync(
             run_schedulers, wire_uri, wire_uri, database_name, RetrySettings()
         )
 
         runs = await recorded_runs(client, database_name)
-        check_runs(runs, start)
+        check_runs(runs, start, reports)
         figures(f"{len(runs)} fire times ran once each, 0 doubled, 0 missing")
 
 
@@ -252,7 +277,7 @@ class TestSchedulersThroughCuts:
             )
 
         runs = await recorded_runs(client, database_name)
-        check_runs(runs, start)
+        check_runs(runs, start, reports)
         assert len(cut_times) >= 3
         assert proxy.connections_cut > 0, "the cuts closed no connection"
         # The cuts reached every scheduler, whose store and broker retried
