@@ -27,6 +27,8 @@ import pytest
 from apscheduler import RetrySettings
 from tenacity import stop_after_delay, wait_fixed
 
+from .faults import FaultPlan
+
 #: URI options for clients behind the proxy: fail fast while it cuts, and leave
 #: retrying reads to the store and broker (pymongo would otherwise retry a failed
 #: read once by itself, hiding their recovery code from the tests)
@@ -63,18 +65,21 @@ def loopback_port(uri: str) -> int | None:
     return int(match.group(3))
 
 
-def proxy_in_front_of(uri: str) -> FaultyProxy:
+def proxy_in_front_of(uri: str, faults: FaultPlan | None = None) -> FaultyProxy:
     """
     Return a proxy (to enter) for the one server on 127.0.0.1 that ``uri`` names.
 
     Skip the calling test if ``uri`` names anything else (a replica set, a remote
     host): the proxy only stands in for a single loopback server.
+
+    :param faults: what the proxy is to answer or change itself (see
+        :class:`~tests.faults.FaultPlan`)
     """
     port = loopback_port(uri)
     if port is None:
         pytest.skip("the proxy stands in for a single server on 127.0.0.1 only")
 
-    return FaultyProxy(LOOPBACK, port)
+    return FaultyProxy(LOOPBACK, port, faults)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -141,6 +146,8 @@ class _Connection:
         self.server = server
         #: Request ids whose replies are to be lost, with their command names
         self.doomed: dict[int, str] = {}
+        #: Request ids whose replies are to be rewritten, with the rewriting
+        self.rewrites: dict[int, Callable[[bytes], bytes]] = {}
 
     def close(self) -> None:
         _reset(self.client)
@@ -157,13 +164,17 @@ class FaultyProxy:
     :param target_port: the port to forward to
     """
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, faults: FaultPlan | None = None
+    ) -> None:
         if target_host not in (LOOPBACK, "localhost"):
             raise ValueError(
                 f"the proxy only forwards to {LOOPBACK}, not {target_host}"
             )
 
         self.target_port = target_port
+        #: What the proxy answers or changes itself, and what it records
+        self.faults = faults
         #: How many times :meth:`cut` (or :meth:`refuse_for`) was called
         self.cuts = 0
         #: How many open connections the cuts closed
@@ -254,33 +265,42 @@ class FaultyProxy:
         self._lose_commands = command_names
         self._lose_count = count
 
-    def _request(self, connection: _Connection, message: bytes) -> bool:
-        """Note a request whose reply is to be lost; return True (forward it)."""
+    def _request(self, connection: _Connection, message: bytes) -> bytes | None:
+        """Return the request to forward (nothing if answered here); note doomed."""
+        _, request_id, _, _ = _HEADER.unpack_from(message)
+        if self.faults is not None:
+            answer = self.faults.request(message)
+            if isinstance(answer, bytes):
+                connection.client.write(answer)
+                return b""
+
+            if answer is not None:
+                connection.rewrites[request_id] = answer
+
         if self._lose_count > 0:
             name = command_name(message)
             if name is not None and name in self._lose_commands:
                 self._lose_count -= 1
-                _, request_id, _, _ = _HEADER.unpack_from(message)
                 connection.doomed[request_id] = name
 
-        return True
+        return message
 
-    def _reply(self, connection: _Connection, message: bytes) -> bool:
-        """Tell whether to forward a reply; for a doomed request, reset instead."""
-        if not connection.doomed:
-            return True
-
+    def _reply(self, connection: _Connection, message: bytes) -> bytes | None:
+        """Return the reply to forward; for a doomed request, reset instead (None)."""
         _, _, response_to, _ = _HEADER.unpack_from(message)
+        if rewrite := connection.rewrites.pop(response_to, None):
+            message = rewrite(message)
+
         name = connection.doomed.pop(response_to, None)
         if name is None:
-            return True
+            return message
 
         # The server carried the command out; the client never hears so
         self.replies_lost += 1
         self.lost_commands.append(name)
         self._open.discard(connection)
         connection.close()
-        return False
+        return None
 
     def __enter__(self) -> FaultyProxy:
         self._thread.start()
@@ -363,6 +383,9 @@ class FaultyProxy:
         except OSError:
             _reset(client_writer)
             return
+        except BaseException:  # the proxy stops (its loop cancels every task)
+            _reset(client_writer)
+            raise
 
         connection = _Connection(client_writer, server_writer)
         if self._loop.time() < self._refuse_until:  # refusing began meanwhile
@@ -395,14 +418,16 @@ class FaultyProxy:
 async def _pump(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    forward: Callable[[bytes], bool],
+    forward: Callable[[bytes], bytes | None],
 ) -> None:
     """
     Copy messages from ``reader`` to ``writer`` until either side closes.
 
-    Each whole message goes to ``forward`` first; when it returns False, the message
-    is dropped and the copying ends (closing ``writer``; the caller closes the rest).
-    Bytes that are not framed as wire messages are copied as they come.
+    Each whole message goes to ``forward`` first, which returns what to write instead
+    (the message itself, a rewritten one, or nothing at all); when it returns None,
+    the message is dropped and the copying ends (closing ``writer``; the caller
+    closes the rest). Bytes that are not framed as wire messages are copied as they
+    come.
     """
     try:
         while header := await _read_at_most(reader, _HEADER.size):
@@ -423,12 +448,13 @@ async def _pump(
                 await writer.drain()
                 return
 
-            message = header + body
-            if not forward(message):
+            message = forward(header + body)
+            if message is None:
                 return
 
-            writer.write(message)
-            await writer.drain()
+            if message:
+                writer.write(message)
+                await writer.drain()
     except OSError:
         pass
     finally:
