@@ -13,19 +13,22 @@ from apscheduler import RetrySettings, Task, TaskLookupError
 from apscheduler.abc import EventBroker
 from pymongo.errors import (
     AutoReconnect,
+    BulkWriteError,
     ConfigurationError,
+    CursorNotFound,
     DuplicateKeyError,
     NetworkTimeout,
     NotPrimaryError,
     OperationFailure,
     ServerSelectionTimeoutError,
+    WriteConcernError,
     WriteError,
 )
 from pytest_mock import MockerFixture
 from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore
-from apscheduler_mongo._retry import is_temporary_failure
+from apscheduler_mongo._retry import TEMPORARY_CODES, is_temporary_failure
 
 pytestmark = [
     pytest.mark.anyio,
@@ -66,6 +69,32 @@ class TestIsTemporaryFailure:
                 ),
                 id="transient-transaction-label",
             ),
+            *(
+                pytest.param(
+                    OperationFailure("unlabelled", code=code), id=f"code-{code}"
+                )
+                for code in sorted(TEMPORARY_CODES)
+            ),
+            pytest.param(
+                CursorNotFound("cursor id 5 not found", code=43), id="cursor-not-found"
+            ),
+            pytest.param(
+                WriteConcernError("waiting for replication timed out", code=64),
+                id="write-concern-timeout",
+            ),
+            pytest.param(
+                WriteConcernError("stepping down", code=189),
+                id="write-concern-stepdown",
+            ),
+            pytest.param(
+                BulkWriteError(
+                    {
+                        "writeErrors": [{"index": 0, "code": 11000}],
+                        "writeConcernErrors": [{"code": 64, "errmsg": "timed out"}],
+                    }
+                ),
+                id="bulk-write-unconfirmed",
+            ),
         ],
     )
     def test_temporary(self, exc: BaseException) -> None:
@@ -97,10 +126,37 @@ class TestIsTemporaryFailure:
                 ),
                 id="unrelated-label",
             ),
+            pytest.param(
+                WriteConcernError("Not enough data-bearing nodes", code=100),
+                id="write-concern-unsatisfiable",
+            ),
+            pytest.param(
+                BulkWriteError(
+                    {
+                        "writeErrors": [{"index": 0, "code": 121}],
+                        "writeConcernErrors": [{"code": 64, "errmsg": "timed out"}],
+                    }
+                ),
+                id="bulk-write-failed-validation",
+            ),
+            pytest.param(
+                BulkWriteError({"writeErrors": [{"index": 0, "code": 11000}]}),
+                id="bulk-write-duplicate-only",
+            ),
         ],
     )
     def test_permanent(self, exc: BaseException) -> None:
         assert not is_temporary_failure(exc)
+
+    def test_codes_match_pymongos(self) -> None:
+        """Our list of temporary codes holds every code pymongo itself retries."""
+        from pymongo import helpers_shared
+
+        known = getattr(helpers_shared, "_RETRYABLE_ERROR_CODES", None)
+        if known is None:  # pragma: no cover (pymongo moved its private list)
+            pytest.skip("this pymongo keeps its retryable codes elsewhere")
+
+        assert set(known) <= TEMPORARY_CODES
 
 
 @pytest.fixture
@@ -163,6 +219,9 @@ class TestStoreRetries:
                     details={"errorLabels": ["RetryableWriteError"]},
                 ),
                 id="retryable-write-label",
+            ),
+            pytest.param(
+                CursorNotFound("cursor id 5 not found", code=43), id="cursor-not-found"
             ),
         ],
     )

@@ -2,20 +2,61 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from logging import Logger
 from typing import TypeVar
 
+import attrs
 from apscheduler import RetrySettings
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    OperationFailure,
+    PyMongoError,
+    WriteConcernError,
+)
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from ._client import redact
+from ._client import insulated, redact
 
 T = TypeVar("T")
 
+#: The server's code for a duplicate key
+DUPLICATE_KEY = 11000
+
 #: Error labels the server (or driver) puts on errors that are safe to retry
 RETRYABLE_LABELS = ("RetryableWriteError", "TransientTransactionError")
+
+#: Server error codes of passing trouble: a node shutting down, stepping down or
+#: unreachable, a network error between mongos and a shard, a time limit. pymongo
+#: retries some of them once by itself, but they also reach us unlabelled as a plain
+#: OperationFailure: from mongos, after pymongo's one retry of a read, and from
+#: multi-document writes (update_many, delete_many), which pymongo never retries
+TEMPORARY_CODES = frozenset(
+    {
+        6,  # HostUnreachable
+        7,  # HostNotFound
+        89,  # NetworkTimeout
+        91,  # ShutdownInProgress
+        134,  # ReadConcernMajorityNotAvailableYet
+        189,  # PrimarySteppedDown
+        262,  # ExceededTimeLimit
+        9001,  # SocketException
+        10058,  # LegacyNotPrimary
+        10107,  # NotWritablePrimary
+        11600,  # InterruptedAtShutdown
+        11602,  # InterruptedDueToReplStateChange
+        13435,  # NotPrimaryNoSecondaryOk
+        13436,  # NotPrimaryOrSecondary
+    }
+)
+#: A cursor lost between batches (killed by a failover, or timed out): every read
+#: of ours is repeated whole, so asking again is safe
+CURSOR_NOT_FOUND = 43
+#: A write concern error saying the write was not confirmed in time: it may or may
+#: not survive a failover, so its outcome is settled by retrying it
+WRITE_CONCERN_FAILED = 64
 
 
 def is_temporary_failure(exc: BaseException) -> bool:
@@ -24,18 +65,56 @@ def is_temporary_failure(exc: BaseException) -> bool:
 
     True for network errors, timeouts, failovers and server selection timeouts
     (pymongo's :exc:`~pymongo.errors.ConnectionFailure` family, which holds
-    :exc:`~pymongo.errors.AutoReconnect`) and for errors labelled
-    ``RetryableWriteError`` or ``TransientTransactionError``. False for everything
-    else: authentication, authorization, configuration, validation and duplicate key
-    errors are raised at once.
+    :exc:`~pymongo.errors.AutoReconnect`), for errors labelled ``RetryableWriteError``
+    or ``TransientTransactionError``, for the server's codes of passing trouble
+    (:data:`TEMPORARY_CODES`, :exc:`~pymongo.errors.CursorNotFound`) and for write
+    concern errors that leave a write unconfirmed (a timeout, or one of those codes),
+    also inside a :exc:`~pymongo.errors.BulkWriteError`. False for everything else:
+    authentication, authorization, configuration, validation and duplicate key
+    errors, and write concerns that cannot be satisfied, are raised at once.
     """
     if isinstance(exc, ConnectionFailure):
         return True
 
-    if isinstance(exc, PyMongoError):
-        return any(exc.has_error_label(label) for label in RETRYABLE_LABELS)
+    if not isinstance(exc, PyMongoError):
+        return False
+
+    if any(exc.has_error_label(label) for label in RETRYABLE_LABELS):
+        return True
+
+    if isinstance(exc, BulkWriteError):
+        return _bulk_write_unconfirmed(exc)
+
+    if isinstance(exc, WriteConcernError):
+        return exc.code in TEMPORARY_CODES or exc.code == WRITE_CONCERN_FAILED
+
+    if isinstance(exc, OperationFailure):
+        return exc.code in TEMPORARY_CODES or exc.code == CURSOR_NOT_FOUND
 
     return False
+
+
+def _bulk_write_unconfirmed(exc: BulkWriteError) -> bool:
+    """
+    Tell whether a bulk write failed only for want of confirmation.
+
+    That is: every write error is a duplicate key (which the store expects and
+    reads as "not this one"), and a write concern error says the writes were not
+    confirmed in time. The store then repeats the bulk write, whose conditions make
+    the repetition harmless, and learns what holds from its tokens.
+    """
+    details = exc.details or {}
+    if any(
+        error.get("code") != DUPLICATE_KEY for error in details.get("writeErrors", [])
+    ):
+        return False
+
+    return any(
+        error.get("code") in TEMPORARY_CODES
+        or error.get("code") == WRITE_CONCERN_FAILED
+        or any(label in RETRYABLE_LABELS for label in error.get("errorLabels", ()))
+        for error in details.get("writeConcernErrors", [])
+    )
 
 
 def retrying(settings: RetrySettings, logger: Logger, where: str = "") -> AsyncRetrying:
@@ -73,6 +152,38 @@ async def call_retrying(
     """Run ``operation(attempt_number)``, retrying as :func:`retrying` says."""
     async for attempt in retrying(settings, logger, where):
         with attempt:
-            return await operation(attempt.retry_state.attempt_number)
+            return await insulated(operation(attempt.retry_state.attempt_number))
 
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@attrs.define
+class Trouble:
+    """
+    Back off from a failure that repeats, and log it once per episode.
+
+    The first failure of an episode is logged as a warning, the next ones at debug
+    level; the first success after them ends the episode (logged once, at info).
+    """
+
+    logger: Logger
+    #: What fails, as the log names it ("Event broker poll")
+    what: str
+    #: The longest wait between attempts, in seconds
+    longest: float = 5.0
+    failures: int = attrs.field(init=False, default=0)
+
+    def failed(self, exc: BaseException) -> float:
+        """Note a failure; return how many seconds to wait before trying again."""
+        self.failures += 1
+        level = logging.WARNING if self.failures == 1 else logging.DEBUG
+        self.logger.log(level, "%s failed, retrying: %s", self.what, redact(str(exc)))
+        return min(0.5 * 2.0 ** (self.failures - 1), self.longest)
+
+    def over(self) -> None:
+        """Note a success, which ends the episode of failures, if any."""
+        if self.failures:
+            self.logger.info(
+                "%s works again after %d failed attempt(s)", self.what, self.failures
+            )
+            self.failures = 0
