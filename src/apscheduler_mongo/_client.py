@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import sys
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, contextmanager
-from typing import Any, cast
+from logging import Logger
+from typing import Any, TypeVar, cast
 
 import anyio
-from pymongo import AsyncMongoClient, MongoClient
+from pymongo import AsyncMongoClient, MongoClient, ReadPreference, WriteConcern
 from pymongo.driver_info import DriverInfo
 from pymongo.errors import (
     BulkWriteError,
@@ -25,6 +27,8 @@ from pymongo.uri_parser import parse_uri
 
 from ._version import __version__
 
+T = TypeVar("T")
+
 SCHEME = "mongodb://"
 SRV_SCHEME = "mongodb+srv://"
 #: "user:password@" after anything that looks like a URI scheme
@@ -34,6 +38,50 @@ _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*:/*)[^@/\s]+@")
 MIN_WIRE_VERSION = 8
 MIN_SERVER_VERSION = "4.2"
 _COMMAND_NOT_FOUND = 59
+
+
+#: Python versions whose asyncio.wait_for() waits in a task of its own
+_WAIT_FOR_IN_A_TASK = sys.version_info < (3, 12)
+
+
+async def insulated(awaitable: Awaitable[T]) -> T:
+    """
+    Await a pymongo call so that no cancellation reaches pymongo inside it.
+
+    On Python 3.10 and 3.11, pymongo's server selection waits through
+    :func:`asyncio.wait_for`, which there waits in a task of its own; AnyIO cancels
+    again and again until a cancelled task gives up, and such repeated cancellations
+    can leave pymongo's topology lock held by nobody: the cancelled call raises
+    ``RuntimeError: Lock is not acquired``, and every later call on the client
+    (closing it included, and so the end of ``asyncio.run()``) waits forever. Seen
+    with pymongo 4.20.1 when stopping a scheduler while the server was unreachable.
+
+    So on those Pythons the call runs in a task of its own, which a cancellation of
+    the caller leaves running: the caller is cancelled at once, and the call ends by
+    itself (with its result, or with the driver's server selection timeout), its
+    outcome discarded, like a request whose reply was lost. Elsewhere it is awaited
+    as it is.
+    """
+    if not _WAIT_FOR_IN_A_TASK:
+        return await awaitable
+
+    call = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        _abandoned.add(call)
+        call.add_done_callback(_discard_outcome)
+        raise
+
+
+#: The calls that :func:`insulated` left running when their callers were cancelled
+_abandoned: set[asyncio.Future[Any]] = set()
+
+
+def _discard_outcome(call: asyncio.Future[Any]) -> None:
+    _abandoned.discard(call)
+    if not call.cancelled():
+        call.exception()  # retrieved, so that asyncio does not report it
 
 
 def redact(text: str) -> str:
@@ -94,7 +142,9 @@ def client_or_uri_validator(instance: object, attribute: object, value: object) 
     validate_client_or_uri(value)
 
 
-async def open_client(client_or_uri: Any, exit_stack: AsyncExitStack) -> Any:
+async def open_client(
+    client_or_uri: Any, exit_stack: AsyncExitStack, logger: Logger | None = None
+) -> Any:
     """
     Return the client to use: the one given, or a new one for a URI.
 
@@ -105,7 +155,7 @@ async def open_client(client_or_uri: Any, exit_stack: AsyncExitStack) -> Any:
         return client_or_uri
 
     client = create_client(client_or_uri)
-    exit_stack.push_async_callback(close_client, client)
+    exit_stack.push_async_callback(close_client, client, logger)
     return client
 
 
@@ -227,33 +277,67 @@ def create_client(uri: str) -> AsyncMongoClient[Any]:
     )
 
 
-async def close_client(client: Any) -> None:
-    """Close a client we created, even when the stopping task was cancelled."""
-    with anyio.CancelScope(shield=True):
+#: How long closing a client we created may take (it ends the client's sessions on
+#: the server, which waits for server selection when the server is away)
+CLOSE_TIMEOUT = 5.0
+
+
+async def close_client(client: Any, logger: Logger | None = None) -> None:
+    """
+    Close a client we created, even when the stopping task was cancelled.
+
+    Closing gives up after :data:`CLOSE_TIMEOUT` seconds, with a warning: with the
+    server unreachable, pymongo would wait for it (on Python 3.10 and 3.11, a client
+    whose server selection was cancelled can even wait forever), and a scheduler
+    must be able to stop.
+    """
+    with anyio.move_on_after(CLOSE_TIMEOUT, shield=True) as scope:
+        if abandoned := [call for call in _abandoned if not call.done()]:
+            # Let the calls cancelled callers left behind end first (they end at
+            # the latest when their server selection times out)
+            await asyncio.wait(abandoned)
+
         result = client.close()
         if inspect.isawaitable(result):  # pymongo's close() is a coroutine
-            await result
+            await insulated(result)
+
+    if scope.cancelled_caught and logger is not None:
+        logger.warning(
+            "Gave up closing the MongoDB client after %s s (is the server "
+            "unreachable?)",
+            CLOSE_TIMEOUT,
+        )
 
 
 async def check_server(database: Any) -> dict[str, Any]:
     """
-    Ask the server who it is with ``hello`` and refuse servers we cannot work with.
+    Ask the server who it is and refuse servers we cannot work with.
 
-    :return: the ``hello`` reply
-    :raises RuntimeError: if the server is too old or does not know ``hello``
+    It asks with ``hello``, or with ``isMaster`` on servers older than ``hello``
+    (MongoDB 4.4.2, 4.2.10 and 4.0.21 introduced it), which answers the same.
+
+    :return: the reply
+    :raises RuntimeError: if the server is too old, or knows neither command
     :raises pymongo.errors.OperationFailure: if the server refuses us (for example,
         authentication failed)
     """
+    reply: dict[str, Any]
     try:
-        reply: dict[str, Any] = await database.command("hello")
+        reply = await database.command("hello")
     except OperationFailure as exc:
         if exc.code != _COMMAND_NOT_FOUND:
             raise  # e.g. authentication failed: the driver's error says it best
 
-        raise RuntimeError(
-            "the server does not know the 'hello' command; is it MongoDB "
-            f"{MIN_SERVER_VERSION} or later?"
-        ) from exc
+        try:
+            reply = await database.command("isMaster")
+        except OperationFailure as legacy:
+            if legacy.code != _COMMAND_NOT_FOUND:
+                raise
+
+            raise RuntimeError(
+                "the server knows neither 'hello' nor 'isMaster'; is it MongoDB "
+                f"{MIN_SERVER_VERSION} or later?"
+            ) from exc
 
     wire_version = reply.get("maxWireVersion")
     if not isinstance(wire_version, int) or wire_version < MIN_WIRE_VERSION:
@@ -263,6 +347,38 @@ async def check_server(database: Any) -> dict[str, Any]:
         )
 
     return reply
+
+
+#: What the store's and the broker's writes wait for, unless the client or its URI
+#: sets a write concern: a majority of the replica set, so that no write a scheduler
+#: was told about is rolled back at a failover; for at most 10 s, after which the
+#: write counts as a temporary failure and is retried (its outcome settled then)
+MAJORITY = WriteConcern("majority", wtimeout=10_000)
+
+
+def durable_collection(database: Any, name: str) -> Any:
+    """
+    Return a collection of ``database`` for the store's or the broker's own use.
+
+    Its writes wait for a majority (:data:`MAJORITY`), unless the client sets a write
+    concern of its own (then that one holds), and its reads go to the primary, whatever
+    the client's read preference: the store reads back its own claims, which a
+    secondary may not have yet.
+    """
+    options: dict[str, Any] = {"read_preference": ReadPreference.PRIMARY}
+    if is_mongomock(database.client) or database.client.write_concern.is_server_default:
+        options["write_concern"] = MAJORITY
+
+    return database.get_collection(name, **options)
+
+
+async def list_indexes(collection: Any) -> list[dict[str, Any]]:
+    """Return the descriptions of a collection's indexes (none if it does not exist)."""
+    cursor = collection.list_indexes()
+    if inspect.isawaitable(cursor):  # pymongo's is a coroutine; Motor's is not
+        cursor = await cursor
+
+    return list(await cursor.to_list(None))
 
 
 async def aggregate(

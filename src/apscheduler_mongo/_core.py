@@ -30,18 +30,20 @@ from apscheduler.serializers.pickle import PickleSerializer
 from attrs.validators import instance_of
 from bson import ObjectId
 from pymongo import ASCENDING, IndexModel
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.errors import BulkWriteError
 
 from ._client import (
     bulk_write,
     check_server,
     client_or_uri_validator,
     describe_hosts,
+    durable_collection,
     explaining_unreachable_servers,
     is_mongomock,
     open_client,
     require_asyncio,
 )
+from ._indexes import ensure_indexes
 from ._jobs import (
     describe_id,
     explain,
@@ -57,11 +59,10 @@ from ._marshalling import (
     schedule_from_document,
 )
 from ._names import database_validator
-from ._retry import call_retrying, is_temporary_failure
+from ._retry import DUPLICATE_KEY, call_retrying
 
 T = TypeVar("T")
 
-_DUPLICATE_KEY = 11000
 LIVE_STATES = [QUEUED, ACQUIRED]
 #: The order in which jobs are handed out
 QUEUE_ORDER = [("created_at", ASCENDING), ("_id", ASCENDING)]
@@ -195,8 +196,11 @@ class StoreCore(BaseExternalDataStore):
             result = await bulk_write(collection, requests, one_by_one=self._one_by_one)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
-            if any(error.get("code") != _DUPLICATE_KEY for error in errors):
+            if any(error.get("code") != DUPLICATE_KEY for error in errors):
                 raise
+
+            if exc.details.get("writeConcernErrors"):
+                raise  # applied, maybe not durably: a retry settles it (or fails)
 
             return int(exc.details.get("nMatched", 0))
 
@@ -212,13 +216,13 @@ class StoreCore(BaseExternalDataStore):
         require_asyncio(self)
 
         await super().start(exit_stack, event_broker, logger)
-        self._client = await open_client(self.client_or_uri, exit_stack)
+        self._client = await open_client(self.client_or_uri, exit_stack, logger)
 
         self._one_by_one = is_mongomock(self._client)
         database = self._client[self.database]
-        self._tasks = database["tasks"]
-        self._schedules = database["schedules"]
-        self._jobs = database["jobs"]
+        self._tasks = durable_collection(database, "tasks")
+        self._schedules = durable_collection(database, "schedules")
+        self._jobs = durable_collection(database, "jobs")
 
         async def initialize(attempt: int) -> None:
             if not self._one_by_one:  # mongomock-motor does not know "hello"
@@ -228,20 +232,8 @@ class StoreCore(BaseExternalDataStore):
                 for collection in (self._tasks, self._schedules, self._jobs):
                     await collection.drop()
 
-            try:
-                await self._schedules.create_indexes(_SCHEDULE_INDEXES)
-                await self._jobs.create_indexes(_JOB_INDEXES)
-            except OperationFailure as exc:
-                if is_temporary_failure(exc):
-                    raise
-
-                raise RuntimeError(
-                    f"cannot create the indexes the store needs in database "
-                    f"{self.database!r}: {exc}. The collections probably hold indexes "
-                    f"(and data) made by something else, such as APScheduler's "
-                    f"built-in MongoDB store, whose documents this store cannot "
-                    f"read; use a new database, or drop those collections"
-                ) from exc
+            await ensure_indexes(self._schedules, _SCHEDULE_INDEXES)
+            await ensure_indexes(self._jobs, _JOB_INDEXES)
 
         with explaining_unreachable_servers(self._client):
             await self._run(initialize)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -50,6 +51,21 @@ FIRE_TIME_RETENTION = timedelta(hours=1)
 _TASK = "_task"
 
 
+#: How a duplicate key error names its index, for servers whose errors carry no
+#: ``keyPattern`` ("E11000 duplicate key error collection: db.jobs index: fire_key")
+_DUPLICATE_INDEX = re.compile(r"\bindex: (\S+)")
+
+
+def duplicated_key(exc: DuplicateKeyError) -> str | None:
+    """Return the (first) field of the unique index a duplicate key error names."""
+    key_pattern = (exc.details or {}).get("keyPattern")
+    if isinstance(key_pattern, Mapping) and key_pattern:
+        return str(next(iter(key_pattern)))
+
+    match = _DUPLICATE_INDEX.search(str(exc))
+    return match.group(1) if match else None
+
+
 def passed(next_times: Mapping[Any, Any], schedule_id: Any, fire_time: Any) -> bool:
     """Tell whether a schedule is gone, finished, or past ``fire_time``."""
     if schedule_id not in next_times or next_times[schedule_id] is None:
@@ -96,7 +112,7 @@ class JobOperations(StoreCore):
                 if existing is not None and existing.get("insert_token") == token:
                     return True  # our own insert, retried after a lost reply
 
-                if "fire_key" in ((exc.details or {}).get("keyPattern") or {}):
+                if duplicated_key(exc) == "fire_key":
                     self._logger.debug(
                         "Not adding job %s: schedule %r already has a job for %s",
                         job.id,

@@ -1,0 +1,136 @@
+"""Bringing a collection's indexes to what this version needs, at start."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from pymongo import IndexModel
+from pymongo.errors import OperationFailure
+
+from ._client import list_indexes
+from ._retry import is_temporary_failure
+
+#: The server's codes for an index that does not exist
+_INDEX_NOT_FOUND = 27
+#: The index options we set, with the value that means "not set"
+_OPTIONS: dict[str, Any] = {
+    "unique": False,
+    "sparse": False,
+    "expireAfterSeconds": None,
+    "partialFilterExpression": None,
+}
+_TTL = "expireAfterSeconds"
+
+
+def _key(spec: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Return an index's key as (field, direction) pairs, 1.0 read as 1."""
+    return [
+        (field, int(order) if isinstance(order, float) else order)
+        for field, order in spec["key"].items()
+    ]
+
+
+def _differences(wanted: Mapping[str, Any], existing: Mapping[str, Any]) -> set[str]:
+    """Name what differs between two index descriptions: "key" and option names."""
+    differences = {"key"} if _key(wanted) != _key(existing) else set()
+    for option, unset in _OPTIONS.items():
+        if wanted.get(option, unset) != existing.get(option, unset):
+            differences.add(option)
+
+    return differences
+
+
+async def ensure_indexes(
+    collection: Any, wanted: Sequence[IndexModel], retired: Collection[str] = ()
+) -> None:
+    """
+    Give ``collection`` the indexes ``wanted``, changing any it has by those names.
+
+    Idempotent, and safe with other schedulers starting at the same time. An index
+    that exists with another time to live gets the new one in place (``collMod``); any
+    other non-unique index that differs is built again. The indexes named in
+    ``retired`` (made by an earlier version, now unused) are dropped.
+
+    :raises RuntimeError: if a unique index differs (it cannot be rebuilt while
+        schedulers run: for a moment nothing would keep its keys unique), or an
+        index cannot be created, say because an index made by something else holds
+        its keys
+    """
+    existing = {info["name"]: info for info in await list_indexes(collection)}
+    missing: list[IndexModel] = []
+    for model in wanted:
+        spec = model.document
+        current = existing.get(spec["name"])
+        if current is None:
+            missing.append(model)
+            continue
+
+        differences = _differences(spec, current)
+        if not differences:
+            continue
+
+        if differences == {_TTL} and await _change_ttl(collection, spec):
+            continue
+
+        if spec.get("unique") or current.get("unique"):
+            raise RuntimeError(
+                f"the unique index {spec['name']!r} of collection "
+                f"{collection.name!r} differs from what this version needs (in "
+                f"{', '.join(sorted(differences))}) and cannot be changed while "
+                f"schedulers run; stop them all, drop the index, and start again"
+            )
+
+        await _drop_index(collection, spec["name"])
+        missing.append(model)
+
+    for name in retired:
+        if name in existing:
+            await _drop_index(collection, name)
+
+    if missing:
+        try:
+            await collection.create_indexes(missing)
+        except OperationFailure as exc:
+            if is_temporary_failure(exc):
+                raise
+
+            raise RuntimeError(
+                f"cannot create the indexes this version needs on collection "
+                f"{collection.name!r}: {exc}. The collection probably holds indexes "
+                f"(and data) made by something else, such as APScheduler's built-in "
+                f"MongoDB store, whose documents cannot be read here; use a new "
+                f"database, or drop that collection"
+            ) from exc
+
+
+async def _change_ttl(collection: Any, spec: Mapping[str, Any]) -> bool:
+    """
+    Change an index's time to live in place; tell whether the server could.
+
+    A server without ``collMod`` (or one that refuses it) gets the index built again
+    instead, which a time-to-live index (never unique here) allows.
+    """
+    command = {
+        "collMod": collection.name,
+        "index": {"name": spec["name"], _TTL: spec[_TTL]},
+    }
+    try:
+        await collection.database.command(command)
+    except OperationFailure as exc:
+        if is_temporary_failure(exc):
+            raise
+
+        return False
+    except NotImplementedError:  # an in-process fake without the command
+        return False
+
+    return True
+
+
+async def _drop_index(collection: Any, name: str) -> None:
+    try:
+        await collection.drop_index(name)
+    except OperationFailure as exc:
+        if exc.code != _INDEX_NOT_FOUND:  # another scheduler dropped it first
+            raise

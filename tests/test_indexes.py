@@ -1,0 +1,144 @@
+"""The indexes of an existing database are brought to what this version needs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+from apscheduler.eventbrokers.local import LocalEventBroker
+from pymongo import ASCENDING, DESCENDING, IndexModel
+
+from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
+from apscheduler_mongo._client import list_indexes
+from apscheduler_mongo._indexes import ensure_indexes
+
+from .faults import FaultPlan
+from .proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
+
+pytestmark = pytest.mark.anyio
+
+
+async def indexes_of(collection: Any) -> dict[str, dict[str, Any]]:
+    return {info["name"]: info for info in await list_indexes(collection)}
+
+
+async def start_store(client: Any, database: str, logger: logging.Logger) -> None:
+    async with AsyncExitStack() as exit_stack:
+        # Starting publishes nothing: the broker need not run
+        store = MongoDBDataStore(client, database=database)
+        await store.start(exit_stack, LocalEventBroker(), logger)
+
+
+async def start_broker(
+    client: Any, database: str, logger: logging.Logger, event_ttl: float
+) -> None:
+    async with AsyncExitStack() as exit_stack:
+        broker = MongoDBEventBroker(
+            client, database=database, mode="polling", event_ttl=event_ttl
+        )
+        await broker.start(exit_stack, logger)
+
+
+class TestChangedIndexes:
+    """Options that changed since the last start are applied, not refused."""
+
+    async def test_broker_restarts_with_another_event_ttl(
+        self, client: Any, database_name: str, logger: logging.Logger
+    ) -> None:
+        await start_broker(client, database_name, logger, event_ttl=600)
+        await start_broker(client, database_name, logger, event_ttl=120)
+        indexes = await indexes_of(client[database_name]["events"])
+        assert indexes["at"]["expireAfterSeconds"] == 120
+        await start_broker(client, database_name, logger, event_ttl=900)
+        indexes = await indexes_of(client[database_name]["events"])
+        assert indexes["at"]["expireAfterSeconds"] == 900
+
+    async def test_other_index_rebuilt(
+        self, client: Any, database_name: str, logger: logging.Logger
+    ) -> None:
+        schedules = client[database_name]["schedules"]
+        await schedules.create_index([("task_id", DESCENDING)], name="task_id")
+        await start_store(client, database_name, logger)
+
+        indexes = await indexes_of(schedules)
+        assert list(indexes["task_id"]["key"].items()) == [("task_id", ASCENDING)]
+
+    async def test_differing_unique_index_refused(
+        self, client: Any, database_name: str, logger: logging.Logger
+    ) -> None:
+        jobs = client[database_name]["jobs"]
+        # Unique but not sparse: rebuilding it would leave a moment without it
+        await jobs.create_index([("fire_key", ASCENDING)], name="fire_key", unique=True)
+        with pytest.raises(RuntimeError, match=r"unique index 'fire_key'.*sparse"):
+            await start_store(client, database_name, logger)
+
+        indexes = await indexes_of(jobs)
+        assert not indexes["fire_key"].get("sparse")  # left as it was
+
+    async def test_retired_index_dropped_and_idempotent(
+        self, client: Any, database_name: str
+    ) -> None:
+        collection = client[database_name]["things"]
+        await collection.create_index([("old", ASCENDING)], name="old")
+        wanted = [IndexModel([("new", ASCENDING)], name="new")]
+        for _ in range(2):
+            await ensure_indexes(collection, wanted, retired=["old"])
+
+        assert set(await indexes_of(collection)) == {"_id_", "new"}
+
+
+@pytest.mark.wire
+class TestOnTheWire:
+    """What the store and broker send to bring indexes up to date."""
+
+    @pytest.fixture
+    def tier(self) -> str:
+        return "wire"
+
+    @pytest.fixture
+    def plan(self) -> FaultPlan:
+        return FaultPlan()
+
+    @pytest.fixture
+    def proxy(self, wire_uri: str, plan: FaultPlan) -> Iterator[FaultyProxy]:
+        with proxy_in_front_of(wire_uri, plan) as proxy:
+            yield proxy
+
+    @pytest.fixture
+    def through(self, proxy: FaultyProxy, wire_uri: str) -> Callable[[], str]:
+        return lambda: proxy.uri_for(wire_uri, **FAST_FAILURE)
+
+    async def test_ttl_changed_in_place(
+        self,
+        plan: FaultPlan,
+        through: Callable[[], str],
+        client: Any,
+        database_name: str,
+        logger: logging.Logger,
+    ) -> None:
+        await start_broker(through(), database_name, logger, event_ttl=600)
+        # The stand-in has no collMod; answer it as MongoDB does
+        plan.answer("collMod", reply={"ok": 1.0, "expireAfterSeconds_old": 600})
+        await start_broker(through(), database_name, logger, event_ttl=120)
+        [change] = plan.seen("collMod")
+        assert change.body["collMod"] == "events"
+        assert change.body["index"] == {"name": "at", "expireAfterSeconds": 120}
+        assert not plan.seen("dropIndexes")
+
+    async def test_unchanged_indexes_cost_one_listing(
+        self,
+        plan: FaultPlan,
+        through: Callable[[], str],
+        client: Any,
+        database_name: str,
+        logger: logging.Logger,
+    ) -> None:
+        await start_broker(through(), database_name, logger, event_ttl=600)
+        created = len(plan.seen("createIndexes"))
+        listed = len(plan.seen("listIndexes"))
+        await start_broker(through(), database_name, logger, event_ttl=600)
+        assert len(plan.seen("createIndexes")) == created == 1
+        assert len(plan.seen("listIndexes")) == listed + 1
