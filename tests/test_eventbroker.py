@@ -308,40 +308,58 @@ class TestOptions:
 
 
 class FakeStream:
-    """A change stream that yields the given changes, then fails with ``error``."""
+    """
+    A change stream that plays a script, as pymongo's does on a real server.
 
-    def __init__(self, changes: Sequence[Mapping[str, Any]], error: Exception) -> None:
-        self._changes = list(changes)
-        self._error = error
-        self.resume_token: Mapping[str, Any] | None = {"_data": "start"}
+    Each step is a change (``try_next`` returns it; an ``invalidate`` one ends the
+    stream), ``None`` (an empty batch, which moves the resume token on), or an
+    exception (raised). After the script, empty batches without a new token.
+    """
+
+    def __init__(self, steps: Sequence[Any], start: str = "start") -> None:
+        self._steps = list(steps)
+        self.resume_token: Mapping[str, Any] | None = {"_data": start}
+        self.alive = True
         self.closed = False
+        self._batches = 0
 
-    def __aiter__(self) -> FakeStream:
-        return self
+    async def try_next(self) -> Mapping[str, Any] | None:
+        await anyio.sleep(0.005)  # the server waits a little for changes
+        if not self._steps:
+            return None
 
-    async def __anext__(self) -> Mapping[str, Any]:
-        if not self._changes:
-            raise self._error
+        step = self._steps.pop(0)
+        if isinstance(step, BaseException):
+            raise step
 
-        change = self._changes.pop(0)
-        self.resume_token = change["_id"]
-        return change
+        if step is None:
+            self._batches += 1
+            self.resume_token = {"_data": f"empty-batch-{self._batches}"}
+            return None
+
+        self.resume_token = step["_id"]
+        if step["operationType"] == "invalidate":
+            self.alive = False
+
+        return dict(step)
 
     async def close(self) -> None:
         self.closed = True
+        self.alive = False
 
 
 class TestChangeStreamResume:
-    """The change-stream reader resumes from its last token, losing and repeating
-    nothing (tested with a fake stream: the stand-ins have no change streams)."""
+    """The change-stream reader resumes from the driver's token, reopens after an
+    invalidate and catches up from the collection when history is lost: nothing is
+    lost or repeated (tested with a fake stream: the stand-ins have none)."""
 
     @pytest.fixture
     def tier(self) -> str:
         return "mongomock"
 
-    def change(self, broker: MongoDBEventBroker, seq: int) -> dict[str, Any]:
+    def event(self, broker: MongoDBEventBroker, seq: int) -> dict[str, Any]:
         payload = broker.serializer.serialize(TaskAdded(task_id=f"t{seq}").marshal())
-        document = {
+        return {
             "_id": ObjectId(),
             "publisher": "p",
             "seq": seq,
@@ -349,17 +367,29 @@ class TestChangeStreamResume:
             "payload": payload,
             "at": datetime.now(timezone.utc),
         }
-        return {"_id": {"_data": f"token{seq}"}, "fullDocument": document}
+
+    def change(self, broker: MongoDBEventBroker, seq: int) -> dict[str, Any]:
+        return {
+            "_id": {"_data": f"token{seq}"},
+            "operationType": "insert",
+            "fullDocument": self.event(broker, seq),
+        }
 
     async def run_follower(
         self,
         broker: MongoDBEventBroker,
         first: FakeStream,
-        reopened: list[FakeStream],
+        reopened: list[FakeStream | BaseException],
         expected: int,
-    ) -> tuple[list[str], list[Any]]:
+    ) -> tuple[list[str], list[tuple[Any, Any]]]:
+        """
+        Follow ``first``, then the streams ``reopened`` gives out in turn, until
+        ``expected`` events arrived (and a little longer, for a late duplicate).
+
+        Return the task ids received and how each reopening asked to resume.
+        """
         received: list[str] = []
-        requested: list[Any] = []
+        requested: list[tuple[Any, Any]] = []
         done = anyio.Event()
 
         def record(event: Event) -> None:
@@ -368,18 +398,22 @@ class TestChangeStreamResume:
             if len(received) == expected:
                 done.set()
 
-        async def open_stream(token: Any) -> FakeStream:
-            requested.append(token)
-            return reopened.pop(0)
+        async def open_stream(resume_after: Any = None, start_after: Any = None) -> Any:
+            requested.append((resume_after, start_after))
+            outcome = reopened.pop(0) if reopened else FakeStream([])
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+            return outcome
 
         broker.subscribe(record, {TaskAdded})
-        broker._open_stream = open_stream  # type: ignore[method-assign, assignment]
+        broker._open_stream = open_stream  # type: ignore[method-assign]
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(broker._follow_stream, first)
-            with fail_after(5):
+            with fail_after(10):
                 await done.wait()
 
-            await anyio.sleep(0.1)
+            await anyio.sleep(0.2)
             task_group.cancel_scope.cancel()
 
         return received, requested
@@ -388,31 +422,76 @@ class TestChangeStreamResume:
         self, broker: MongoDBEventBroker
     ) -> None:
         changes = [self.change(broker, seq) for seq in range(1, 5)]
-        first = FakeStream(changes[:2], AutoReconnect("connection reset"))
+        first = FakeStream([*changes[:2], AutoReconnect("connection reset")])
         # The resumed stream repeats the last change before going on
-        second = FakeStream(changes[1:], AutoReconnect("again"))
-        idle = FakeStream([], AutoReconnect("idle"))
-        received, requested = await self.run_follower(
-            broker, first, [second, idle, idle, idle], 4
-        )
+        second = FakeStream(changes[1:])
+        received, requested = await self.run_follower(broker, first, [second], 4)
         assert received == ["t1", "t2", "t3", "t4"]
-        assert requested[0] == {"_data": "token2"}
+        assert requested[0] == ({"_data": "token2"}, None)
         assert first.closed
 
-    async def test_restarts_from_now_when_history_lost(
+    async def test_resumes_from_the_token_of_an_empty_batch(
+        self, broker: MongoDBEventBroker
+    ) -> None:
+        # The driver moves the token on after batches without changes; resuming
+        # from the last change's token instead would ask the server for history it
+        # may have dropped since (a quiet collection on a busy cluster)
+        first = FakeStream(
+            [self.change(broker, 1), None, None, AutoReconnect("connection reset")]
+        )
+        second = FakeStream([self.change(broker, 2)])
+        received, requested = await self.run_follower(broker, first, [second], 2)
+        assert received == ["t1", "t2"]
+        assert requested[0] == ({"_data": "empty-batch-2"}, None)
+
+    async def test_reopens_after_an_invalidate(
         self, broker: MongoDBEventBroker, caplog: pytest.LogCaptureFixture
     ) -> None:
-        changes = [self.change(broker, seq) for seq in range(1, 4)]
+        # The events collection is dropped: its indexes go with it
+        await broker._events.drop()
+        invalidate = {"_id": {"_data": "invalidate"}, "operationType": "invalidate"}
+        first = FakeStream([self.change(broker, 1), invalidate])
+        second = FakeStream([self.change(broker, 2)])
+        received, requested = await self.run_follower(broker, first, [second], 2)
+        assert received == ["t1", "t2"]
+        # Resuming after an invalidate cannot work; starting after it does
+        assert requested == [(None, {"_data": "invalidate"})]
+        assert "dropped or renamed" in caplog.text
+        names = {index["name"] async for index in broker._events.list_indexes()}
+        assert {"at", "publisher_seq"} <= names
+
+    async def test_catches_up_from_the_collection_when_history_is_lost(
+        self, broker: MongoDBEventBroker
+    ) -> None:
+        # The token fell out of the oplog while events 2 and 3 were published: the
+        # reader opens a stream from now (which sees 3 and 4), then reads 2 and 3
+        # from the collection; 3 is delivered once
         lost = OperationFailure("resume point lost", code=286)
-        first = FakeStream(changes[:1], lost)
-        second = FakeStream(changes[2:], AutoReconnect("idle"))
-        idle = FakeStream([], AutoReconnect("idle"))
-        received, requested = await self.run_follower(
-            broker, first, [second, idle, idle, idle], 2
-        )
-        assert received == ["t1", "t3"]
-        assert requested[0] is None
-        assert "fell out of the oplog" in caplog.text
+        first = FakeStream([self.change(broker, 1), lost])
+        missed = [self.event(broker, 2), self.event(broker, 3)]
+        await broker._events.insert_many(missed)
+        second = FakeStream([self.change(broker, 3), self.change(broker, 4)])
+        received, requested = await self.run_follower(broker, first, [second], 4)
+        assert received == ["t1", "t2", "t3", "t4"]
+        assert requested == [(None, None)]
+
+    async def test_persistent_failure_logged_once_then_recovery(
+        self, broker: MongoDBEventBroker, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        refused = OperationFailure("not authorized", code=13)
+        first = FakeStream([self.change(broker, 1), refused])
+        second = FakeStream([self.change(broker, 2)])
+        with caplog.at_level(logging.DEBUG):
+            received, _ = await self.run_follower(
+                broker, first, [refused, refused, second], 2
+            )
+
+        assert received == ["t1", "t2"]
+        warnings = [
+            r for r in caplog.records if r.getMessage().startswith("Event stream")
+        ]
+        assert [r.levelname for r in warnings] == ["WARNING", "DEBUG", "DEBUG", "INFO"]
+        assert "after 3 failed attempt(s)" in warnings[-1].getMessage()
 
 
 @pytest.mark.real_server

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from logging import Logger
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import uuid4
 
 import anyio
@@ -21,31 +21,35 @@ from attrs.validators import ge, in_, instance_of
 from bson import ObjectId
 from pymongo import ASCENDING, IndexModel
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
-from tenacity import AsyncRetrying
 
 from ._client import (
     check_server,
     client_or_uri_validator,
     describe_hosts,
+    durable_collection,
     explaining_unreachable_servers,
+    insulated,
     is_mongomock,
     open_client,
     redact,
     require_asyncio,
 )
+from ._indexes import ensure_indexes
 from ._names import database_validator, validate_collection_name
-from ._retry import is_temporary_failure, retrying
+from ._retry import Trouble, call_retrying, is_temporary_failure
 
+T = TypeVar("T")
 Mode = Literal["auto", "change_stream", "polling"]
-
-#: Errors meaning a change stream's resume token is no longer in the oplog
-_HISTORY_LOST = {280, 286}
 
 
 def _validate_collection(
     instance: MongoDBEventBroker, attribute: object, value: object
 ) -> None:
     validate_collection_name(value, instance.database)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def _as_seconds(value: float | timedelta) -> float:
@@ -126,6 +130,10 @@ class MongoDBEventBroker(BaseExternalEventBroker):
     #: malformed event documents already reported (by ``repr`` of ``_id``), and when
     _malformed: dict[str, datetime] = attrs.field(init=False, factory=dict)
     _active_mode: str = attrs.field(init=False, default="")
+    #: The newest ``at`` stamp delivered (or seen at start), by the server's clock
+    _newest: datetime = attrs.field(
+        init=False, factory=lambda: datetime.now(timezone.utc)
+    )
 
     def __repr__(self) -> str:
         return (
@@ -133,8 +141,14 @@ class MongoDBEventBroker(BaseExternalEventBroker):
             f"database={self.database!r}, collection={self.collection!r})"
         )
 
-    def _retry(self) -> AsyncRetrying:
-        return retrying(self.retry_settings, self._logger, " in the event broker")
+    async def _run(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run ``operation()``, retrying it on temporary failures."""
+        return await call_retrying(
+            self.retry_settings,
+            self._logger,
+            lambda attempt: operation(),
+            " in the event broker",
+        )
 
     @property
     def active_mode(self) -> str:
@@ -145,67 +159,97 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         require_asyncio(self)
 
         await super().start(exit_stack, logger)
-        self._client = await open_client(self.client_or_uri, exit_stack)
+        self._client = await open_client(self.client_or_uri, exit_stack, logger)
 
         database = self._client[self.database]
-        self._events = database[self.collection]
-        hello: dict[str, Any] = {}
-        with explaining_unreachable_servers(self._client):
-            async for attempt in self._retry():
-                with attempt:
-                    if not is_mongomock(self._client):
-                        hello = await check_server(database)
+        self._events = durable_collection(database, self.collection)
 
-                    await self._events.create_indexes(
-                        [
-                            IndexModel(
-                                [("at", ASCENDING)],
-                                name="at",
-                                expireAfterSeconds=int(self.event_ttl),
-                            ),
-                            IndexModel(
-                                [("publisher", ASCENDING), ("seq", ASCENDING)],
-                                name="publisher_seq",
-                            ),
-                        ]
-                    )
+        async def prepare() -> dict[str, Any]:
+            hello: dict[str, Any] = {}
+            if not is_mongomock(self._client):
+                hello = await check_server(database)
+
+            await self._prepare_collection()
+            return hello
+
+        with explaining_unreachable_servers(self._client):
+            hello = await self._run(prepare)
 
         replicated = "setName" in hello or hello.get("msg") == "isdbgrid"
         mode = self.mode
         if mode == "auto":
             mode = "change_stream" if replicated else "polling"
 
-        self._active_mode = mode
         server_time = hello.get("localTime")
         if not isinstance(server_time, datetime):
             server_time = datetime.now(timezone.utc)
-        elif server_time.tzinfo is None:
-            server_time = server_time.replace(tzinfo=timezone.utc)
 
-        if mode == "change_stream":
-            try:
-                stream = await self._open_stream(None)
-            except OperationFailure as exc:
-                if is_temporary_failure(exc):
-                    raise
+        self._newest = _aware(server_time)
+        # The events stored before the start are not for us (nor replayed later)
+        await self._skip_existing(self._newest)
+        stream = await self._first_stream() if mode == "change_stream" else None
+        if stream is None:
+            mode = "polling"
 
-                raise RuntimeError(
-                    "this server cannot open a change stream (it needs a replica set "
-                    "or a sharded cluster); use mode='auto' or mode='polling' "
-                    f"({redact(str(exc))})"
-                ) from exc
-
+        self._active_mode = mode
         # Open the stream before anything that needs undoing: a refusal is then a
         # plain error
         task_group = await exit_stack.enter_async_context(anyio.create_task_group())
         exit_stack.callback(task_group.cancel_scope.cancel)
-        if mode == "change_stream":
+        if stream is not None:
             task_group.start_soon(self._follow_stream, stream)
         else:
-            await self._skip_existing(server_time)
-            task_group.start_soon(self._poll, server_time)
+            task_group.start_soon(self._poll)
 
         self._logger.info("MongoDB event broker started (%s)", mode)
+
+    async def _prepare_collection(self) -> None:
+        """Create the events collection's indexes, or bring them up to date."""
+        await ensure_indexes(
+            self._events,
+            [
+                IndexModel(
+                    [("at", ASCENDING)],
+                    name="at",
+                    expireAfterSeconds=int(self.event_ttl),
+                ),
+                IndexModel(
+                    [("publisher", ASCENDING), ("seq", ASCENDING)],
+                    name="publisher_seq",
+                ),
+            ],
+        )
+
+    async def _first_stream(self) -> Any:
+        """
+        Open the change stream the broker starts with, retrying temporary failures.
+
+        :return: the stream, or ``None`` if the server refused one and ``mode`` is
+            ``"auto"`` (a replica set with change streams turned off, as Amazon
+            DocumentDB has by default): the broker then polls
+        :raises RuntimeError: if the server refused one and ``mode`` is
+            ``"change_stream"``
+        """
+        try:
+            return await self._run(self._open_stream)
+        except OperationFailure as exc:
+            if is_temporary_failure(exc):
+                raise
+
+            if self.mode == "change_stream":
+                raise RuntimeError(
+                    "this server cannot open a change stream (it needs a replica set "
+                    "or a sharded cluster, with change streams enabled); use "
+                    f"mode='auto' or mode='polling' ({redact(str(exc))})"
+                ) from exc
+
+            self._logger.warning(
+                "The server refused a change stream (%s); the event broker polls "
+                "the events collection instead",
+                redact(str(exc)),
+            )
+
+        return None
 
     # Publishing
 
@@ -220,17 +264,19 @@ class MongoDBEventBroker(BaseExternalEventBroker):
                 "type": type(event).__name__,
                 "payload": payload,
             }
-            async for attempt in self._retry():
-                with attempt:
-                    try:
-                        # The server stamps "at" with its own clock
-                        await self._events.update_one(
-                            {"_id": document["_id"]},
-                            {"$setOnInsert": document, "$currentDate": {"at": True}},
-                            upsert=True,
-                        )
-                    except DuplicateKeyError:
-                        pass  # our own write, retried after a lost reply
+
+            async def store() -> None:
+                try:
+                    # The server stamps "at" with its own clock
+                    await self._events.update_one(
+                        {"_id": document["_id"]},
+                        {"$setOnInsert": document, "$currentDate": {"at": True}},
+                        upsert=True,
+                    )
+                except DuplicateKeyError:
+                    pass  # our own write, retried after a lost reply
+
+            await self._run(store)
 
             # Our own subscribers hear it now; the readers skip our own documents
             await self.publish_local(event)
@@ -254,6 +300,9 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         last = self._last_seen.get(publisher)
         if publisher == self._publisher or (last is not None and seq <= last[0]):
             return  # ours (delivered when published), or delivered already
+
+        if isinstance(at, datetime):
+            self._newest = max(self._newest, _aware(at))
 
         self._last_seen[publisher] = (
             seq,
@@ -284,58 +333,71 @@ class MongoDBEventBroker(BaseExternalEventBroker):
 
     async def _skip_existing(self, since: datetime) -> None:
         """Mark the events already visible at start as seen: they are not ours."""
-        async for attempt in self._retry():
-            with attempt:
-                cursor = self._events.find(
-                    {"at": {"$gte": since - timedelta(seconds=self.lookback)}},
-                    {"publisher": 1, "seq": 1, "at": 1},
-                )
-                for document in await cursor.to_list(None):
-                    publisher, seq = document.get("publisher"), document.get("seq")
-                    if isinstance(publisher, str) and isinstance(seq, int):
-                        last = self._last_seen.get(publisher, (0, since))[0]
-                        self._last_seen[publisher] = (max(seq, last), since)
 
-    async def _poll(self, since: datetime) -> None:
-        """Read new events in order, every ``poll_interval``."""
-        newest = since
-        while True:
-            query: dict[str, Any] = {
-                "at": {"$gte": newest - timedelta(seconds=self.lookback)},
-            }
-            known = list(self._last_seen)
-            query["$or"] = [
+        async def read() -> list[Any]:
+            cursor = self._events.find(
+                {"at": {"$gte": since - timedelta(seconds=self.lookback)}},
+                {"publisher": 1, "seq": 1, "at": 1},
+            )
+            return list(await cursor.to_list(None))
+
+        for document in await self._run(read):
+            publisher, seq = document.get("publisher"), document.get("seq")
+            if isinstance(publisher, str) and isinstance(seq, int):
+                last = self._last_seen.get(publisher, (0, since))[0]
+                self._last_seen[publisher] = (max(seq, last), since)
+
+    async def _read_unseen(self) -> None:
+        """
+        Deliver, in order, the stored events not delivered yet.
+
+        It asks for the events of each known publisher above the last ``seq``
+        delivered, and for those of new publishers, stamped no earlier than
+        ``lookback`` seconds before the newest event seen.
+        """
+        known = list(self._last_seen)
+        query: dict[str, Any] = {
+            "at": {"$gte": self._newest - timedelta(seconds=self.lookback)},
+            "$or": [
                 {"publisher": publisher, "seq": {"$gt": self._last_seen[publisher][0]}}
                 for publisher in known
-            ] + [{"publisher": {"$nin": [*known, self._publisher]}}]
+            ]
+            + [{"publisher": {"$nin": [*known, self._publisher]}}],
+        }
+
+        async def read() -> list[Any]:
+            cursor = self._events.find(
+                query, sort=[("at", ASCENDING), ("publisher", ASCENDING), ("seq", 1)]
+            )
+            return list(await cursor.to_list(None))
+
+        for document in await insulated(read()):
+            await self._deliver(document)
+
+        self._forget_old_publishers(self._newest)
+
+    async def _poll(self) -> None:
+        """Read new events in order, every ``poll_interval``."""
+        trouble = Trouble(self._logger, "Event broker poll")
+        while True:
             try:
-                cursor = self._events.find(
-                    query,
-                    sort=[("at", ASCENDING), ("publisher", ASCENDING), ("seq", 1)],
-                )
-                documents = list(await cursor.to_list(None))
+                await self._read_unseen()
             except PyMongoError as exc:
-                if not is_temporary_failure(exc):
-                    self._logger.exception("Event broker poll failed")
-                else:
-                    self._logger.warning(
-                        "Event broker poll failed, retrying: %s", redact(str(exc))
-                    )
-                await anyio.sleep(max(self.poll_interval, 1.0))
+                await anyio.sleep(max(self.poll_interval, trouble.failed(exc)))
                 continue
 
-            for document in documents:
-                await self._deliver(document)
-                at = document.get("at")
-                if isinstance(at, datetime) and _aware(at) > newest:
-                    newest = _aware(at)
-
-            self._forget_old_publishers(newest)
+            trouble.over()
             await anyio.sleep(self.poll_interval)
 
-    async def _open_stream(self, resume_token: Mapping[str, Any] | None) -> Any:
+    async def _open_stream(
+        self,
+        resume_after: Mapping[str, Any] | None = None,
+        start_after: Mapping[str, Any] | None = None,
+    ) -> Any:
         stream = self._events.watch(
-            [{"$match": {"operationType": "insert"}}], resume_after=resume_token
+            [{"$match": {"operationType": {"$in": ["insert", "invalidate"]}}}],
+            resume_after=resume_after,
+            start_after=start_after,
         )
         if inspect.isawaitable(stream):  # pymongo opens it with await, Motor not
             stream = await stream
@@ -343,38 +405,63 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         return stream
 
     async def _follow_stream(self, stream: Any) -> None:
-        """Deliver events from a change stream, resuming after failures."""
-        # The token of the stream's starting point: resuming from it loses nothing
-        resume_token: Mapping[str, Any] | None = stream.resume_token
+        """
+        Deliver events from a change stream, resuming after failures, losing none.
+
+        The stream resumes from the token the driver keeps, which moves on with every
+        batch, empty ones too. After an ``invalidate`` (the collection was dropped or
+        renamed) it starts again after that event, once the indexes are back. After
+        an error that no resuming can cure (the token fell out of the oplog, say), it
+        opens a stream from now and then reads what it missed from the collection
+        itself, by the server's ``at`` stamps (delivery skips what it delivered).
+        """
+        resume_after: Mapping[str, Any] | None = stream.resume_token
+        start_after: Mapping[str, Any] | None = None
+        catch_up = False
+        trouble = Trouble(self._logger, "Event stream")
         while True:
             try:
                 if stream is None:
-                    stream = await self._open_stream(resume_token)
+                    stream = await insulated(
+                        self._open_stream(resume_after, start_after)
+                    )
+                    start_after = None
 
-                async for change in stream:
-                    await self._deliver(change.get("fullDocument") or {})
-                    resume_token = stream.resume_token
-            except OperationFailure as exc:
-                if exc.code in _HISTORY_LOST:
-                    self._logger.warning(
-                        "The event stream's resume point fell out of the oplog; "
-                        "events published meanwhile are lost. Restarting from now."
-                    )
-                    resume_token = None
-                elif not is_temporary_failure(exc):
-                    self._logger.exception("Event stream failed; reopening it")
-                else:
-                    self._logger.warning(
-                        "Event stream interrupted, resuming: %s", redact(str(exc))
-                    )
+                if catch_up:
+                    await self._read_unseen()
+                    catch_up = False
+
+                while stream.alive:
+                    change = await insulated(stream.try_next())
+                    trouble.over()
+                    if change is not None and change.get("operationType") == (
+                        "invalidate"
+                    ):
+                        self._logger.warning(
+                            "The events collection was dropped or renamed; "
+                            "listening to the new one"
+                        )
+                        await insulated(self._prepare_collection())
+                        start_after, resume_after = change["_id"], None
+                        break
+
+                    if change is not None:
+                        await self._deliver(change.get("fullDocument") or {})
+
+                    resume_after = stream.resume_token or resume_after
             except PyMongoError as exc:
-                self._logger.warning(
-                    "Event stream interrupted, resuming: %s", redact(str(exc))
-                )
+                if not is_temporary_failure(exc):
+                    # A resume cannot help: start from now, then read what was missed
+                    resume_after = start_after = None
+                    catch_up = True
+
+                await _close_quietly(stream)
+                stream = None
+                await anyio.sleep(trouble.failed(exc))
+                continue
 
             await _close_quietly(stream)
             stream = None
-            await anyio.sleep(0.5)
 
 
 def _aware(value: datetime) -> datetime:
@@ -388,6 +475,6 @@ async def _close_quietly(stream: Any) -> None:
     try:
         result = stream.close()
         if inspect.isawaitable(result):
-            await result
+            await insulated(result)
     except PyMongoError:
         pass
