@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from typing import Any
 
 import anyio
 import pytest
+from apscheduler import AsyncScheduler, Event, RetrySettings, SchedulerStopped
 from apscheduler.abc import EventBroker
+from apscheduler.triggers.interval import IntervalTrigger
 from pymongo.errors import InvalidOperation
+from tenacity import stop_after_delay, wait_fixed
 
-from apscheduler_mongo import MongoDBDataStore
+from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
+
+from .proxy import FAST_FAILURE, proxy_in_front_of
 
 pytestmark = pytest.mark.anyio
 
@@ -116,3 +122,60 @@ class TestRestart:
                 else:
                     assert [task.id for task in await store.get_tasks()] == ["kept"]
                     assert await store._jobs.index_information() == indexes
+
+
+@pytest.mark.wire
+class TestStopDuringOutage:
+    """A scheduler stopped while the server cannot be reached stops cleanly: no
+    crash, no error, whatever its store and broker were waiting for."""
+
+    @pytest.fixture
+    def tier(self) -> str:
+        return "wire"
+
+    @pytest.mark.parametrize(
+        "rounds", [pytest.param(n, id=f"round{n}") for n in range(3)]
+    )
+    async def test_stops_without_crashing(
+        self,
+        wire_uri: str,
+        client: Any,
+        database_name: str,
+        caplog: pytest.LogCaptureFixture,
+        rounds: int,
+    ) -> None:
+        logger = logging.getLogger(f"apscheduler_mongo.tests.outage{rounds}")
+        with proxy_in_front_of(wire_uri) as proxy:
+            uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
+            settings = RetrySettings(stop=stop_after_delay(60), wait=wait_fixed(0.1))
+            store = MongoDBDataStore(
+                uri, database=database_name, retry_settings=settings
+            )
+            broker = MongoDBEventBroker(
+                uri,
+                database=database_name,
+                mode="polling",
+                poll_interval=0.05,
+                retry_settings=settings,
+            )
+            stopped: list[Event] = []
+            async with AsyncScheduler(
+                store, broker, logger=logger, cleanup_interval=timedelta(seconds=0.2)
+            ) as scheduler:
+                scheduler.subscribe(stopped.append, {SchedulerStopped})
+                await scheduler.add_schedule(
+                    len, IntervalTrigger(seconds=0.1), args=["x"], id="busy"
+                )
+                await scheduler.start_in_background()
+                await anyio.sleep(0.5)
+                proxy.refuse_for(120)
+                # Every loop of the scheduler is now waiting for a server: in server
+                # selection, or between retries
+                await anyio.sleep(1.0 + rounds * 0.7)
+                with anyio.fail_after(30):
+                    await scheduler.stop()
+                    await scheduler.wait_until_stopped()
+
+        crashed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not crashed, [r.getMessage() for r in crashed]
+        assert [getattr(event, "exception", 0) for event in stopped] == [None]
