@@ -529,3 +529,50 @@ class TestRealChangeStreams:
         finally:
             await client.drop_database(database_name)
             await client.close()
+
+    async def test_delivery_goes_on_after_the_collection_is_dropped(
+        self, logger: logging.Logger, database_name: str
+    ) -> None:
+        uri = os.environ.get("MONGODB_URI")
+        if not uri:
+            pytest.skip("needs MONGODB_URI pointing at a replica set")
+
+        from pymongo import AsyncMongoClient
+
+        client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
+        try:
+            hello = await client.admin.command("hello")
+            if "setName" not in hello and hello.get("msg") != "isdbgrid":
+                pytest.skip("MONGODB_URI is not a replica set or sharded cluster")
+
+            async with AsyncExitStack() as exit_stack:
+                one = make_broker(client, database_name, mode="change_stream")
+                two = make_broker(client, database_name, mode="change_stream")
+                await one.start(exit_stack, logger)
+                await two.start(exit_stack, logger)
+                send, receive = create_memory_object_stream[Event](10)
+                with send, receive:
+                    two.subscribe(send.send, {TaskAdded})
+                    await one.publish(TaskAdded(task_id="before"))
+                    with fail_after(10):
+                        first = await receive.receive()
+
+                    # An invalidate for both streams; the brokers listen on
+                    await client[database_name]["events"].drop()
+                    await anyio.sleep(1)
+                    for n in range(3):
+                        await one.publish(TaskAdded(task_id=f"after{n}"))
+
+                    with fail_after(20):
+                        after = [await receive.receive() for _ in range(3)]
+
+            got = [e.task_id for e in (first, *after) if isinstance(e, TaskAdded)]
+            assert got == ["before", "after0", "after1", "after2"]
+            indexes = {
+                index["name"]
+                async for index in await client[database_name]["events"].list_indexes()
+            }
+            assert {"at", "publisher_seq"} <= indexes
+        finally:
+            await client.drop_database(database_name)
+            await client.close()

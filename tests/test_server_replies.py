@@ -581,3 +581,52 @@ class TestManagedServices:
         assert {c.collection for c in reads} >= {"jobs", "schedules", "events"}
         modes = {(c.read_preference or {}).get("mode", "primary") for c in reads}
         assert modes == {"primary"}, modes
+
+
+@pytest.mark.real_server
+class TestRealFailPoints:
+    """On a real server with test commands on, its own fail points do what the
+    injector plays: three unlabelled HostUnreachable replies in a row are cured."""
+
+    async def test_three_errors_on_a_read(
+        self, database_name: str, logger: logging.Logger
+    ) -> None:
+        uri = os.environ.get("MONGODB_URI")
+        if not uri:
+            pytest.skip("needs MONGODB_URI pointing at a real MongoDB")
+
+        from pymongo import AsyncMongoClient
+
+        admin: AsyncMongoClient[Any] = AsyncMongoClient(uri)
+        fail_point = {
+            "configureFailPoint": "failCommand",
+            "mode": {"times": 3},
+            "data": {"failCommands": ["find"], "errorCode": 6},
+        }
+        try:
+            async with AsyncExitStack() as exit_stack:
+                events = LocalEventBroker()
+                await events.start(exit_stack, logger)
+                store = await started_store(
+                    exit_stack, uri, database_name, events, logger
+                )
+                await store.add_task(
+                    Task(id="task", func="builtins:len", job_executor="async")
+                )
+                try:
+                    await admin.admin.command(fail_point)
+                except OperationFailure as exc:
+                    pytest.skip(
+                        f"the server has no fail points (enableTestCommands): {exc}"
+                    )
+
+                with anyio.fail_after(TIMEOUT):
+                    tasks = await store.get_tasks()
+
+            assert [task.id for task in tasks] == ["task"]
+        finally:
+            await admin.admin.command(
+                {"configureFailPoint": "failCommand", "mode": "off"}
+            )
+            await admin.drop_database(database_name)
+            await admin.close()
