@@ -52,12 +52,13 @@ def server_uri() -> Iterator[str]:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
 
-    from tests.servers import mongoeco_available, mongoeco_server
+    from tests.servers import mongoeco_server, wire_python
 
-    if not mongoeco_available():
+    if wire_python() is None:
         raise SystemExit(
-            "set MONGODB_URI, or use Python >= 3.13 with mongoeco[wire] installed "
-            "(pip install -e '.[test]') so that a local mongoeco server can be started"
+            "set MONGODB_URI, or make a Python >= 3.13 with mongoeco[wire] installed "
+            "findable (see tests/servers.py) so that a local mongoeco server can be "
+            "started"
         )
 
     with mongoeco_server() as uri:

@@ -414,7 +414,8 @@ class TestClientOptions:
             backend = component(client, "apscheduler")
             assert backend.client_or_uri is client
             async with AsyncExitStack() as exit_stack:
-                assert await open_client(backend.client_or_uri, exit_stack) is client
+                adapter = await open_client(backend.client_or_uri, exit_stack)
+                assert adapter.client is client
 
             # Not closed by the exit stack, and none of its options changed
             assert not client._closed

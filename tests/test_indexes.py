@@ -12,7 +12,7 @@ from apscheduler.eventbrokers.local import LocalEventBroker
 from pymongo import ASCENDING, DESCENDING, IndexModel
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
-from apscheduler_mongo._client import list_indexes
+from apscheduler_mongo._adapters import adapter_for
 from apscheduler_mongo._indexes import ensure_indexes
 
 from .faults import FaultPlan
@@ -22,7 +22,10 @@ pytestmark = pytest.mark.anyio
 
 
 async def indexes_of(collection: Any) -> dict[str, dict[str, Any]]:
-    return {info["name"]: info for info in await list_indexes(collection)}
+    """Return a collection's indexes by name (any client's collection)."""
+    client = collection.database.client
+    ours = adapter_for(client).collection(collection.database.name, collection.name)
+    return {info["name"]: info for info in await ours.list_indexes()}
 
 
 async def start_store(client: Any, database: str, logger: logging.Logger) -> None:
@@ -83,9 +86,10 @@ class TestChangedIndexes:
     ) -> None:
         collection = client[database_name]["things"]
         await collection.create_index([("old", ASCENDING)], name="old")
+        ours = adapter_for(client).collection(database_name, "things")
         wanted = [IndexModel([("new", ASCENDING)], name="new")]
         for _ in range(2):
-            await ensure_indexes(collection, wanted, retired=["old"])
+            await ensure_indexes(ours, wanted, retired={"old"})
 
         assert set(await indexes_of(collection)) == {"_id_", "new"}
 

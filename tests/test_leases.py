@@ -25,7 +25,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from time_machine import TimeMachineFixture
 
 from apscheduler_mongo import MongoDBDataStore
-from apscheduler_mongo._job_ops import FIRE_TIME_RETENTION
+from apscheduler_mongo._cleanup import FIRE_TIME_RETENTION
 
 from .conftest import another_store
 

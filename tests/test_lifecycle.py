@@ -44,7 +44,7 @@ class TestOwnedClient:
             await store.start(exit_stack, local_broker, logger)
             assert await store.get_tasks() == []
 
-        await assert_closed(store._client)
+        await assert_closed(store._adapter.client)
 
     @pytest.mark.parametrize("cancel_before_start", [True, False])
     async def test_closed_when_cancelled(
@@ -65,7 +65,7 @@ class TestOwnedClient:
                 await store.start(exit_stack, local_broker, logger)
                 scope.cancel()
 
-        await assert_closed(store._client)
+        await assert_closed(store._adapter.client)
 
 
 @pytest.mark.wire
@@ -118,10 +118,10 @@ class TestRestart:
                     await store.add_task(
                         Task(id="kept", func="builtins:len", job_executor="async")
                     )
-                    indexes = await store._jobs.index_information()
+                    indexes = await store._jobs.list_indexes()
                 else:
                     assert [task.id for task in await store.get_tasks()] == ["kept"]
-                    assert await store._jobs.index_information() == indexes
+                    assert await store._jobs.list_indexes() == indexes
 
 
 @pytest.mark.wire

@@ -47,7 +47,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
-from apscheduler_mongo._marshalling import ACQUIRED, FINISHED
+from apscheduler_mongo._layout import ACQUIRED, FINISHED
 
 from .conftest import another_store
 from .proxy import (

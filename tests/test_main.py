@@ -35,9 +35,9 @@ from pymongo import AsyncMongoClient, MongoClient
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo.__main__ import main
-from apscheduler_mongo._cli import build_parser, run_command
+from apscheduler_mongo._tools.cli import build_parser, run_command
 from apscheduler_mongo._marshalling import uuid_to_bson
-from apscheduler_mongo._status import _when, format_table
+from apscheduler_mongo._tools.status import _when, format_table
 
 from .servers import mongoeco_process, needs_mongoeco
 

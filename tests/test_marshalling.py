@@ -11,16 +11,14 @@ import pytest
 from bson import Binary
 from bson.binary import UuidRepresentation
 
+from apscheduler_mongo._layout import fire_key, slot_key, slot_number
 from apscheduler_mongo._marshalling import (
     MalformedDocumentError,
     duration_from_micros,
     duration_to_micros,
-    fire_key,
     from_micros,
     get_datetime,
     put_datetime,
-    slot_key,
-    slot_number,
     to_micros,
     uuid_from_bson,
     uuid_to_bson,

@@ -31,7 +31,7 @@ from tenacity import stop_after_attempt, wait_fixed
 from time_machine import TimeMachineFixture
 
 from apscheduler_mongo import MongoDBDataStore
-from apscheduler_mongo._job_ops import FIRE_TIME_RETENTION
+from apscheduler_mongo._cleanup import FIRE_TIME_RETENTION
 
 from .conftest import another_store
 
@@ -150,13 +150,9 @@ class TestLostReplies:
         self, retrying_store: MongoDBDataStore
     ) -> None:
         await add_task_and_jobs(retrying_store, 6)
-        lossy = LostReply(retrying_store._jobs, "bulk_write")
-        retrying_store._jobs = lossy
-        retrying_store._one_by_one = False  # mongomock: lose the bulk write itself
-        try:
-            acquired = await retrying_store.acquire_jobs("me", LEASE, 3)
-        except TypeError:  # pragma: no cover (mongomock cannot bulk_write UpdateOne)
-            pytest.skip("this client cannot run pymongo's bulk_write")
+        lossy = LostReply(retrying_store._jobs, "update_each")
+        retrying_store._jobs = lossy  # type: ignore[assignment]
+        acquired = await retrying_store.acquire_jobs("me", LEASE, 3)
 
         assert lossy.lost == 1
         assert len(acquired) == 3
@@ -368,17 +364,12 @@ class TestClaimNeverDelivered:
     ) -> None:
         store = retrying_store
         [job] = await add_task_and_jobs(store, 1)
-        outage = Outage(store._jobs, "bulk_write")
-        store._jobs = outage
-        store._one_by_one = False  # mongomock: make the bulk write itself fail
-        with pytest.raises((AutoReconnect, TypeError)) as exc_info:
+        outage = Outage(store._jobs, "update_each")
+        store._jobs = outage  # type: ignore[assignment]
+        with pytest.raises(AutoReconnect):
             await store.acquire_jobs("me", LEASE, 10)
 
-        if exc_info.type is TypeError:  # pragma: no cover (mongomock)
-            pytest.skip("this client cannot run pymongo's bulk_write")
-
         store._jobs = outage.end()
-        store._one_by_one = type(store._client).__module__.startswith("mongomock")
         assert await store._jobs.count_documents({"state": "acquired"}) == 1
 
         # The restarted scheduler reaps its abandoned jobs first: this one never
@@ -406,17 +397,12 @@ class TestClaimNeverDelivered:
         )
         schedule.next_fire_time = datetime.now(timezone.utc) - timedelta(seconds=1)
         await store.add_schedule(schedule, ConflictPolicy.exception)
-        outage = Outage(store._schedules, "bulk_write")
-        store._schedules = outage
-        store._one_by_one = False  # mongomock: make the bulk write itself fail
-        with pytest.raises((AutoReconnect, TypeError)) as exc_info:
+        outage = Outage(store._schedules, "update_each")
+        store._schedules = outage  # type: ignore[assignment]
+        with pytest.raises(AutoReconnect):
             await store.acquire_schedules("me", LEASE, 10)
 
-        if exc_info.type is TypeError:  # pragma: no cover (mongomock)
-            pytest.skip("this client cannot run pymongo's bulk_write")
-
         store._schedules = outage.end()
-        store._one_by_one = type(store._client).__module__.startswith("mongomock")
         # A scheduler of another identity (a restart gets a new default identity)
         # need not wait for the lease of a claim nobody saw
         [taken] = await store.acquire_schedules("another", LEASE, 10)

@@ -38,7 +38,7 @@ from pymongo.errors import OperationFailure
 from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
-from apscheduler_mongo._marshalling import ACQUIRED, FINISHED
+from apscheduler_mongo._layout import ACQUIRED, FINISHED
 
 from .faults import Command, FaultPlan
 from .proxy import FAST_FAILURE, LOOPBACK, FaultyProxy, proxy_in_front_of

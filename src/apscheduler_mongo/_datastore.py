@@ -2,37 +2,87 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from datetime import datetime, timedelta, timezone
+from logging import Logger
 from typing import Any
+from uuid import UUID
 
 import attrs
 from apscheduler import (
+    ConflictingIdError,
+    ConflictPolicy,
+    DeserializationError,
+    Event,
+    Job,
+    JobAcquired,
+    JobAdded,
+    JobReleased,
+    JobResult,
+    RetrySettings,
+    Schedule,
+    ScheduleAdded,
+    ScheduleRemoved,
+    ScheduleUpdated,
+    SerializationError,
     Task,
     TaskAdded,
     TaskLookupError,
     TaskRemoved,
     TaskUpdated,
 )
-from pymongo import ASCENDING
+from apscheduler._structures import ScheduleResult
+from apscheduler.abc import EventBroker, Serializer
+from apscheduler.datastores.base import BaseExternalDataStore
+from apscheduler.serializers.pickle import PickleSerializer
+from attrs.validators import instance_of
+from pymongo.errors import DuplicateKeyError
+from tenacity import AsyncRetrying
 
-from ._core import QUEUE_ORDER
-from ._job_ops import JobOperations
-from ._jobs import describe_id, explain
+from . import _layout as layout
+from ._adapters import Adapter, Collection, Update
+from ._cleanup import Cleanup
+from ._client import (
+    check_server,
+    client_or_uri_validator,
+    describe_hosts,
+    explaining_unreachable_servers,
+    open_client,
+    require_asyncio,
+)
+from ._indexes import ensure_indexes
+from ._layout import ACQUIRED, Document
+from ._leases import Leases
 from ._marshalling import (
-    ACQUIRED,
-    FINISHED,
-    QUEUED,
     MalformedDocumentError,
+    describe_id,
+    explain,
+    finish_update,
+    from_micros,
+    get_datetime,
+    job_from_document,
+    job_to_document,
     now_micros,
+    put_datetime,
+    quarantine_record,
+    released_event,
+    result_from_document,
+    schedule_from_document,
+    schedule_to_document,
     task_from_document,
     task_to_document,
+    uuid_to_bson,
 )
-from ._schedule_ops import ScheduleOperations
+from ._names import database_validator
+from ._planner import ClaimContext, ClaimPlan, Slots, plan_claims, task_cap, tasks_of
+from ._retry import retrying
+
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @attrs.define(eq=False, repr=False)
-class MongoDBDataStore(ScheduleOperations, JobOperations):
+class MongoDBDataStore(BaseExternalDataStore):
     """
     Keep APScheduler's tasks, schedules and jobs in MongoDB, shared by many schedulers.
 
@@ -63,50 +113,113 @@ class MongoDBDataStore(ScheduleOperations, JobOperations):
         the hosts' clocks synchronized (NTP).
     """
 
+    client_or_uri: object = attrs.field(validator=client_or_uri_validator)
+    database: str = attrs.field(
+        default="apscheduler", kw_only=True, validator=database_validator
+    )
+    serializer: Serializer = attrs.field(
+        factory=PickleSerializer,
+        kw_only=True,
+        validator=instance_of(Serializer),  # type: ignore[type-abstract]
+    )
+    start_from_scratch: bool = attrs.field(
+        default=False, kw_only=True, validator=instance_of(bool)
+    )
+    retry_settings: RetrySettings = attrs.field(
+        factory=RetrySettings, kw_only=True, validator=instance_of(RetrySettings)
+    )
+
+    _adapter: Adapter = attrs.field(init=False)
+    _tasks: Collection = attrs.field(init=False)
+    _schedules: Collection = attrs.field(init=False)
+    _jobs: Collection = attrs.field(init=False)
+    _leases: Leases = attrs.field(init=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(hosts={describe_hosts(self.client_or_uri)!r}, "
+            f"database={self.database!r})"
+        )
+
+    def _retry(self) -> AsyncRetrying:
+        """Return the loop that retries this store's temporary failures."""
+        return retrying(self.retry_settings, self._logger)
+
+    async def start(
+        self, exit_stack: AsyncExitStack, event_broker: EventBroker, logger: Logger
+    ) -> None:
+        require_asyncio(self)
+        await super().start(exit_stack, event_broker, logger)
+        self._adapter = adapter = await open_client(
+            self.client_or_uri, exit_stack, logger
+        )
+        self._tasks = adapter.collection(self.database, layout.TASKS)
+        self._schedules = adapter.collection(self.database, layout.SCHEDULES)
+        self._jobs = adapter.collection(self.database, layout.JOBS)
+        self._leases = Leases(self._schedules, self._jobs, self._retry, logger)
+        with explaining_unreachable_servers(adapter):
+            async for attempt in self._retry():
+                with attempt:
+                    await check_server(adapter, self.database)
+                    if self.start_from_scratch:
+                        for collection in (self._tasks, self._schedules, self._jobs):
+                            await collection.drop()
+
+                    await ensure_indexes(self._schedules, layout.SCHEDULE_INDEXES)
+                    await ensure_indexes(self._jobs, layout.JOB_INDEXES)
+
+    async def _publish_all(self, events: Iterable[Event]) -> None:
+        for event in events:
+            await self._event_broker.publish(event)
+
+    # Tasks
+
     async def add_task(self, task: Task) -> None:
         document = task_to_document(task)
+        async for attempt in self._retry():
+            with attempt:
+                previous = await self._tasks.find_one_and_replace(
+                    {"_id": task.id}, document
+                )
 
-        async def upsert(attempt: int) -> Any:
-            return await self._tasks.find_one_and_replace(
-                {"_id": task.id}, document, upsert=True
-            )
-
-        previous = await self._run(upsert)
         if previous is None:
             await self._event_broker.publish(TaskAdded(task_id=task.id))
         else:
             await self._event_broker.publish(TaskUpdated(task_id=task.id))
 
     async def remove_task(self, task_id: str) -> None:
-        async def delete(attempt: int) -> bool:
-            result = await self._tasks.delete_one({"_id": task_id})
-            # A retry after a lost reply finds nothing left to delete: that is ours
-            return bool(result.deleted_count) or attempt > 1
+        async for attempt in self._retry():
+            with attempt:
+                result = await self._tasks.delete_one({"_id": task_id})
+                # A retry after a lost reply finds nothing left to delete: ours
+                deleted = bool(result.deleted_count) or (
+                    attempt.retry_state.attempt_number > 1
+                )
 
-        if not await self._run(delete):
+        if not deleted:
             raise TaskLookupError(task_id)
 
         await self._event_broker.publish(TaskRemoved(task_id=task_id))
 
     async def _running_jobs(self, task_ids: list[str]) -> dict[str, int]:
         """Count the acquired jobs of each task (the truth, never a stored counter)."""
-
-        async def count(attempt: int) -> list[Any]:
-            query = {"task_id": {"$in": task_ids}, "state": ACQUIRED}
-            cursor = self._jobs.find(query, {"task_id": True, "_id": False})
-            return list(await cursor.to_list(None))
+        async for attempt in self._retry():
+            with attempt:
+                holders = await self._jobs.find(
+                    layout.jobs_of(task_ids, ACQUIRED), {"task_id": True, "_id": False}
+                )
 
         counts: dict[str, int] = dict.fromkeys(task_ids, 0)
-        for document in await self._run(count):
-            counts[document["task_id"]] = counts.get(document["task_id"], 0) + 1
+        for holder in holders:
+            counts[holder["task_id"]] = counts.get(holder["task_id"], 0) + 1
 
         return counts
 
     async def get_task(self, task_id: str) -> Task:
-        async def fetch(attempt: int) -> Any:
-            return await self._tasks.find_one({"_id": task_id})
+        async for attempt in self._retry():
+            with attempt:
+                document = await self._tasks.find_one({"_id": task_id})
 
-        document = await self._run(fetch)
         if document is None:
             raise TaskLookupError(task_id)
 
@@ -119,11 +232,10 @@ class MongoDBDataStore(ScheduleOperations, JobOperations):
             ) from exc
 
     async def get_tasks(self) -> list[Task]:
-        async def fetch(attempt: int) -> list[Any]:
-            cursor = self._tasks.find({}, sort=[("_id", ASCENDING)])
-            return list(await cursor.to_list(None))
+        async for attempt in self._retry():
+            with attempt:
+                documents = await self._tasks.find({}, sort=layout.BY_ID)
 
-        documents = await self._run(fetch)
         running = await self._running_jobs(
             [doc["_id"] for doc in documents if isinstance(doc["_id"], str)]
         )
@@ -143,47 +255,561 @@ class MongoDBDataStore(ScheduleOperations, JobOperations):
             self._logger.warning("Cannot read task %r: %s", task_id, exc)
             return None
 
-    async def cleanup(self) -> None:
-        events: list[Any] = []
+    # Schedules
 
-        # 1. Purge expired results (the TTL index does the same, but only every
-        #    minute or so, and not at all on some test servers)
-        async def purge(attempt: int) -> None:
-            now = datetime.now(timezone.utc)
-            await self._jobs.delete_many(
-                {"state": FINISHED, "purge_at": {"$lte": now, "$type": "date"}}
-            )
-            await self._jobs.update_many(
-                {"state": FINISHED, "result.expires_at": {"$lte": now_micros()}},
-                {"$unset": {"result": ""}},
-            )
+    async def get_schedules(self, ids: set[str] | None = None) -> list[Schedule]:
+        query = {} if ids is None else {"_id": {"$in": list(ids)}}
+        async for attempt in self._retry():
+            with attempt:
+                documents = await self._schedules.find(query, sort=layout.BY_ID)
 
-        await self._run(purge)
+        schedules = [self._build_schedule(doc) for doc in documents]
+        return [schedule for schedule in schedules if schedule is not None]
 
-        # 2. Finish the jobs whose leases lapsed (their schedulers are presumed dead)
-        async def lapsed(attempt: int) -> list[Any]:
-            query = {"state": ACQUIRED, "acquired_until": {"$lt": now_micros()}}
-            cursor = self._jobs.find(query, {"args": 0, "kwargs": 0}, sort=QUEUE_ORDER)
-            return list(await cursor.to_list(None))
-
-        events.extend(await self._abandon(await self._run(lapsed)))
-
-        # 3. Remove finished schedules that have no queued or running jobs left
-        events.extend(await self._remove_finished_schedules())
-
-        # 4. Forget the fire times that their schedules have moved past
-        await self._forget_used_fire_times()
-
-        # 5. Name the jobs in no known state: no query of the store ever meets them
-        async def strays(attempt: int) -> list[Any]:
-            query = {"state": {"$nin": [QUEUED, ACQUIRED, FINISHED]}}
-            return list(await self._jobs.find(query, {"state": 1}).to_list(None))
-
-        for document in await self._run(strays):
+    def _build_schedule(self, document: Mapping[str, Any]) -> Schedule | None:
+        """Build a schedule, or log why it cannot be built and return ``None``."""
+        try:
+            return schedule_from_document(document, self.serializer)
+        except (DeserializationError, MalformedDocumentError) as exc:
             self._logger.warning(
-                "Leaving job %s alone: its state %r is none the store knows",
-                describe_id(document["_id"]),
-                document.get("state"),
+                "Cannot read schedule %r: %s", document.get("_id"), explain(exc)
+            )
+            return None
+
+    async def add_schedule(
+        self, schedule: Schedule, conflict_policy: ConflictPolicy
+    ) -> None:
+        document = schedule_to_document(schedule, self.serializer)
+        document["v"] = document["insert_token"] = token = layout.new_token()
+        async for attempt in self._retry():
+            with attempt:
+                added = await self._insert_schedule(document, token, conflict_policy)
+
+        if added is not None:
+            event_class = ScheduleAdded if added else ScheduleUpdated
+            await self._event_broker.publish(
+                event_class(
+                    schedule_id=schedule.id,
+                    task_id=schedule.task_id,
+                    next_fire_time=schedule.next_fire_time,
+                )
             )
 
-        await self._publish_all(events)
+    async def _insert_schedule(
+        self, document: Document, token: object, conflict_policy: ConflictPolicy
+    ) -> bool | None:
+        """Return True if added, False if replaced, None if left alone."""
+        if conflict_policy is ConflictPolicy.replace:
+            query = {"_id": document["_id"]}
+            previous = await self._schedules.find_one_and_replace(query, document)
+            return previous is None or previous.get("insert_token") == token
+
+        try:
+            await self._schedules.insert_one(document)
+        except DuplicateKeyError:
+            existing = await self._schedules.find_one(
+                {"_id": document["_id"]}, {"insert_token": 1}
+            )
+            if existing is not None and existing.get("insert_token") == token:
+                return True  # our own insert, retried after a lost reply
+
+            if conflict_policy is ConflictPolicy.exception:
+                raise ConflictingIdError(document["_id"]) from None  # type: ignore[no-untyped-call]
+
+            return None
+
+        return True
+
+    async def remove_schedules(self, ids: Iterable[str]) -> None:
+        query = {"_id": {"$in": list(ids)}}
+        async for attempt in self._retry():
+            with attempt:
+                removed = await self._schedules.find(query, {"task_id": 1})
+                await self._schedules.delete_many(query)
+
+        await self._publish_all(
+            ScheduleRemoved(
+                schedule_id=doc["_id"], task_id=doc.get("task_id", ""), finished=False
+            )
+            for doc in removed
+        )
+
+    async def acquire_schedules(
+        self, scheduler_id: str, lease_duration: timedelta, limit: int
+    ) -> list[Schedule]:
+        token = layout.new_token()
+
+        async def choose() -> list[tuple[Document | None, Update]]:
+            now = now_micros()
+            eligible = layout.due_schedules(scheduler_id, now)
+            due = await self._schedules.find(
+                eligible, sort=layout.DUE_ORDER, limit=limit
+            )
+            claimed = layout.lease(
+                scheduler_id, now + lease_duration // _MICROSECOND, token
+            )
+            return [
+                (
+                    {**doc, **claimed},
+                    Update({**layout.unchanged(doc), **eligible}, {"$set": claimed}),
+                )
+                for doc in due
+            ]
+
+        async with self._leases.claiming(jobs=False, owner=scheduler_id, token=token):
+            async for attempt in self._retry():
+                with attempt:
+                    documents = await self._leases.claim(
+                        self._schedules,
+                        token,
+                        attempt.retry_state.attempt_number,
+                        layout.DUE_ORDER,
+                        choose,
+                    )
+
+            schedules: list[Schedule] = []
+            for document in documents:
+                if (schedule := self._build_schedule(document)) is not None:
+                    schedules.append(schedule)
+                    self._leases.hold(schedule.id, document["acquired_until"])
+                else:
+                    reason = "the schedule could not be deserialized"
+                    await self._quarantine(document["_id"], token, reason)
+
+        return schedules
+
+    async def _quarantine(
+        self, schedule_id: object, token: object, reason: str
+    ) -> None:
+        """Set a schedule aside so that no scheduler picks it up again."""
+        query: Document = {"_id": schedule_id}
+        if token is not None:
+            query["v"] = token
+
+        update = layout.quarantine_update(quarantine_record(reason))
+        async for attempt in self._retry():
+            with attempt:
+                await self._schedules.update_one(query, update)
+
+    async def release_schedules(
+        self, scheduler_id: str, results: Sequence[ScheduleResult]
+    ) -> None:
+        updates: list[Update] = []
+        tokens: dict[str, object] = {}
+        events: dict[str, ScheduleUpdated] = {}
+        for result in results:
+            self._leases.let_go(result.schedule_id)
+            tokens[result.schedule_id] = token = layout.new_token()
+            changes = self._released_schedule(result, token)
+            if "quarantine" not in changes:
+                events[result.schedule_id] = ScheduleUpdated(
+                    schedule_id=result.schedule_id,
+                    task_id=result.task_id,
+                    next_fire_time=result.next_fire_time,
+                )
+
+            query = layout.released_schedule(scheduler_id, result.schedule_id)
+            updates.append(Update(query, {"$set": changes}))
+
+        async for attempt in self._retry():
+            with attempt:
+                matched = await self._schedules.update_each(updates)
+
+        if matched != len(updates):
+            # Some leases were lost (or a retry found its own work done): see which
+            for schedule_id in await self._not_written(self._schedules, tokens):
+                self._logger.warning(
+                    "Not releasing schedule %r: scheduler %r no longer holds its lease",
+                    schedule_id,
+                    scheduler_id,
+                )
+                events.pop(schedule_id, None)
+
+        await self._publish_all(events.values())
+
+    def _released_schedule(self, result: ScheduleResult, token: object) -> Document:
+        """Return the fields of a schedule as its release leaves it."""
+        changes: Document = {**layout.NO_LEASE, "v": token, "release_token": token}
+        try:
+            changes["trigger"] = self.serializer.serialize(result.trigger)
+        except SerializationError as exc:
+            self._logger.exception(
+                "Cannot serialize the trigger of schedule %r; setting it aside",
+                result.schedule_id,
+            )
+            reason = f"the trigger could not be serialized: {exc}"
+            changes["quarantine"] = quarantine_record(reason)
+        else:
+            put_datetime(changes, "last_fire_time", result.last_fire_time)
+            put_datetime(changes, "next_fire_time", result.next_fire_time)
+
+        return changes
+
+    async def _not_written(
+        self, collection: Collection, tokens: Mapping[Any, object]
+    ) -> set[Any]:
+        """Return the documents (by id) that no release with its token changed."""
+        async for attempt in self._retry():
+            with attempt:
+                documents = await collection.find(
+                    {"_id": {"$in": list(tokens)}}, {"release_token": 1}
+                )
+
+        written = {
+            doc["_id"]
+            for doc in documents
+            if doc.get("release_token") == tokens[doc["_id"]]
+        }
+        return set(tokens) - written
+
+    async def get_next_schedule_run_time(self) -> datetime | None:
+        # A free schedule can be taken at its next fire time, a leased one when its
+        # lease runs out (or earlier, when its owner releases it: an event says so)
+        free = await self._earliest(layout.WAITING_FREE, "next_fire_time")
+        held = await self._earliest(layout.WAITING_HELD, "acquired_until")
+        candidates = [time for time in (free, held) if time is not None]
+        return min(candidates) if candidates else None
+
+    async def _earliest(self, query: Document, field: str) -> datetime | None:
+        """
+        Return the time in ``field`` of the first schedule by that field.
+
+        A held schedule can be taken at its lease's end, but not before its next
+        fire time. A schedule whose time is not an integer (edited by hand, say) is
+        quarantined and the next one is tried, so that bad data cannot stop the
+        scheduler.
+        """
+        projection = {"next_fire_time": 1, "next_fire_time_offset": 1, field: 1}
+        while True:
+            async for attempt in self._retry():
+                with attempt:
+                    document = await self._schedules.find_one(
+                        query, projection, sort=[(field, 1)]
+                    )
+
+            if document is None:
+                return None
+
+            try:
+                return _time_to_take(document, field)
+            except (MalformedDocumentError, TypeError, OverflowError) as exc:
+                self._logger.warning(
+                    "Setting schedule %r aside: %s", document["_id"], exc
+                )
+                await self._quarantine(document["_id"], None, f"malformed: {exc}")
+
+    async def extend_acquired_schedule_leases(
+        self, scheduler_id: str, schedule_ids: set[str], duration: timedelta
+    ) -> None:
+        await self._leases.extend(
+            self._schedules, scheduler_id, list(schedule_ids), duration
+        )
+
+    # Jobs
+
+    async def add_job(self, job: Job) -> None:
+        document = job_to_document(job, self.serializer)
+        document["v"] = document["insert_token"] = token = layout.new_token()
+        async for attempt in self._retry():
+            with attempt:
+                added = await self._insert_job(job, document, token)
+
+        if added:
+            await self._event_broker.publish(
+                JobAdded(
+                    job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id
+                )
+            )
+
+    async def _insert_job(self, job: Job, document: Document, token: object) -> bool:
+        if (
+            "fire_time" in document
+            and not self._leases.holds(job.schedule_id)
+            and not await self._fire_time_current(
+                job.schedule_id, document["fire_time"]
+            )
+        ):
+            self._logger.warning(
+                "Not adding job %s: schedule %r has moved past %s "
+                "(its lease probably passed to another scheduler)",
+                job.id,
+                job.schedule_id,
+                job.original_scheduled_time,
+            )
+            return False
+
+        try:
+            await self._jobs.insert_one(document)
+        except DuplicateKeyError as exc:
+            existing = await self._jobs.find_one(
+                {"_id": document["_id"]}, {"insert_token": 1}
+            )
+            if existing is not None and existing.get("insert_token") == token:
+                return True  # our own insert, retried after a lost reply
+
+            if layout.duplicated_key(exc) == "fire_key":
+                self._logger.debug(
+                    "Not adding job %s: schedule %r already has a job for %s",
+                    job.id,
+                    job.schedule_id,
+                    job.original_scheduled_time,
+                )
+                return False
+
+            raise ConflictingIdError(str(job.id)) from None  # type: ignore[no-untyped-call]
+
+        return True
+
+    async def _fire_time_current(self, schedule_id: object, fire_time: int) -> bool:
+        """
+        Tell whether a job for ``fire_time`` may still be added to the schedule.
+
+        Whoever processes a schedule adds jobs for its stored next fire time and
+        later ones; a scheduler that lost its lease while stalled, and comes back
+        after the schedule moved on, must not add a job for a fire time that has
+        been dealt with (its record may already have been forgotten). While this
+        store holds the schedule's lease, nobody else can have processed it, and
+        the read (a round trip per job) is skipped.
+        """
+        schedule = await self._schedules.find_one(
+            {"_id": schedule_id}, {"next_fire_time": 1}
+        )
+        if schedule is None:
+            return True  # if it was just removed, the fire time record still holds
+
+        next_fire_time = schedule.get("next_fire_time")
+        return isinstance(next_fire_time, int) and next_fire_time <= fire_time
+
+    async def get_jobs(self, ids: Iterable[UUID] | None = None) -> list[Job]:
+        bson_ids = None if ids is None else [uuid_to_bson(job_id) for job_id in ids]
+        async for attempt in self._retry():
+            with attempt:
+                documents = await self._jobs.find(
+                    layout.live_jobs(bson_ids), sort=layout.QUEUE_ORDER
+                )
+
+        jobs = [self._build_job(document) for document in documents]
+        return [job for job in jobs if job is not None]
+
+    def _build_job(self, document: Mapping[str, Any]) -> Job | None:
+        try:
+            return job_from_document(document, self.serializer)
+        except (DeserializationError, MalformedDocumentError) as exc:
+            self._logger.warning(
+                "Cannot read job %s: %s", describe_id(document.get("_id")), explain(exc)
+            )
+            return None
+
+    async def acquire_jobs(
+        self, scheduler_id: str, lease_duration: timedelta, limit: int | None = None
+    ) -> list[Job]:
+        token = layout.new_token()
+        plans: list[ClaimPlan] = []
+
+        async def choose() -> list[tuple[Document | None, Update]]:
+            now = now_micros()
+            context = ClaimContext(
+                scheduler_id,
+                now,
+                now + lease_duration // _MICROSECOND,
+                token,
+                self.serializer,
+                self._logger,
+            )
+            plan = await self._plan_claims(context, limit)
+            plans.append(plan)
+            return plan.chosen
+
+        async with self._leases.claiming(jobs=True, owner=scheduler_id, token=token):
+            async for attempt in self._retry():
+                with attempt:
+                    documents = await self._leases.claim(
+                        self._jobs,
+                        token,
+                        attempt.retry_state.attempt_number,
+                        layout.QUEUE_ORDER,
+                        choose,
+                    )
+
+            acquired, events = self._handed_out(scheduler_id, documents, plans)
+            await self._publish_all(events)
+
+        return acquired
+
+    async def _plan_claims(self, context: ClaimContext, limit: int | None) -> ClaimPlan:
+        """Read the free jobs (with their tasks) and the slots held; plan the claim."""
+        pipeline = layout.candidates_with_tasks(context.now, limit, self._tasks.name)
+        documents = await self._jobs.aggregate(pipeline)
+        if not documents:
+            return ClaimPlan()
+
+        tasks = tasks_of(documents)
+        caps = {
+            task_id: task_cap(task, self._logger) for task_id, task in tasks.items()
+        }
+        holders: list[Document] = []
+        if capped := [task_id for task_id, cap in caps.items() if cap is not None]:
+            holders = await self._jobs.find(
+                layout.jobs_of(capped, ACQUIRED), layout.HOLDER_FIELDS
+            )
+
+        slots = Slots.left(caps, holders, self._logger)
+        return plan_claims(documents, caps, slots, context)
+
+    def _handed_out(
+        self, scheduler_id: str, documents: Sequence[Document], plans: list[ClaimPlan]
+    ) -> tuple[list[Job], list[Event]]:
+        """Return the jobs a claim holds and the events to announce it with."""
+        jobs = {key: job for plan in plans for key, job in plan.jobs.items()}
+        finished = {key: res for plan in plans for key, res in plan.finished.items()}
+        acquired: list[Job] = []
+        events: list[Event] = []
+        for document in documents:
+            if (result := finished.get(document["_id"])) is not None:
+                events.append(released_event(result, scheduler_id, document))
+            elif job := jobs.get(document["_id"]) or self._build_job(document):
+                job.acquired_by = scheduler_id
+                job.acquired_until = from_micros(document["acquired_until"])
+                acquired.append(job)
+                events.append(JobAcquired.from_job(job, scheduler_id=scheduler_id))
+
+        return acquired, events
+
+    async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
+        token = layout.new_token()
+        from_schedule = (
+            job.schedule_id is not None and job.original_scheduled_time is not None
+        )
+        update = finish_update(
+            result,
+            self.serializer,
+            self._logger,
+            from_schedule=from_schedule,
+            token=token,
+        )
+        query = layout.acquired_job(scheduler_id, uuid_to_bson(job.id))
+        async for attempt in self._retry():
+            with attempt:
+                written = bool(
+                    (await self._jobs.update_one(query, update)).matched_count
+                )
+                if not written and attempt.retry_state.attempt_number > 1:
+                    # A retry after a lost reply finds the document finished by us
+                    written = await self._written_by(
+                        query["_id"], "release_token", token
+                    )
+
+        if not written:
+            self._logger.warning(
+                "Discarding the result of job %s: scheduler %r no longer holds its "
+                "lease (another scheduler took it over or released it)",
+                job.id,
+                scheduler_id,
+            )
+            return
+
+        await self._event_broker.publish(
+            JobReleased.from_result(
+                result,
+                scheduler_id,
+                job.task_id,
+                job.schedule_id,
+                job.scheduled_fire_time,
+            )
+        )
+
+    async def _written_by(self, document_id: object, field: str, token: object) -> bool:
+        """
+        Tell whether a write that carried ``token`` in ``field`` was applied.
+
+        Used when a retried write matches nothing: either the lost attempt was
+        applied, or someone else changed the document first. A document that is gone
+        was finished and purged, most likely by our attempt (anyone else needed our
+        lease to lapse first).
+        """
+        document = await self._jobs.find_one({"_id": document_id}, {field: 1})
+        return document is None or document.get(field) == token
+
+    async def get_job_result(self, job_id: UUID) -> JobResult | None:
+        document_id = uuid_to_bson(job_id)
+        async for attempt in self._retry():
+            with attempt:
+                document = await self._jobs.find_one(
+                    layout.stored_result(document_id),
+                    {"result": 1, "v": 1, "fire_key": 1},
+                )
+
+        if document is None:
+            return None
+
+        result = self._read_result(job_id, document)
+        if result.expires_at <= datetime.now(timezone.utc):
+            return None
+
+        token = layout.new_token()
+        changes: Document = {"v": token, "take_token": token}
+        if "fire_key" not in document:
+            changes["purge_at"] = datetime.now(timezone.utc)
+
+        # Only one caller gets the result: the write re-checks the version
+        query = layout.unchanged(document)
+        update = {"$set": changes, **layout.DROP_RESULT}
+        async for attempt in self._retry():
+            with attempt:
+                taken = bool((await self._jobs.update_one(query, update)).matched_count)
+                if not taken and attempt.retry_state.attempt_number > 1:
+                    taken = await self._written_by(document_id, "take_token", token)
+
+        return result if taken else None
+
+    def _read_result(self, job_id: UUID, document: Document) -> JobResult:
+        try:
+            if not isinstance(document["result"], Mapping):
+                raise MalformedDocumentError("field 'result' is not a document")
+
+            return result_from_document(job_id, document["result"], self.serializer)
+        except (DeserializationError, MalformedDocumentError) as exc:
+            # The result stays stored: APScheduler's stores raise here too
+            raise type(exc)(
+                f"cannot read the result of job {job_id}: {explain(exc)}"
+            ) from exc
+
+    async def extend_acquired_job_leases(
+        self, scheduler_id: str, job_ids: set[UUID], duration: timedelta
+    ) -> None:
+        ids = [uuid_to_bson(job_id) for job_id in job_ids]
+        await self._leases.extend(self._jobs, scheduler_id, ids, duration)
+
+    async def reap_abandoned_jobs(self, scheduler_id: str) -> None:
+        await self._leases.give_back()  # those never reached the scheduler
+        async for attempt in self._retry():
+            with attempt:
+                documents = await self._jobs.find(
+                    layout.acquired_jobs(scheduler_id),
+                    layout.WITHOUT_ARGUMENTS,
+                    sort=layout.QUEUE_ORDER,
+                )
+
+        await self._publish_all(await self._cleanup().abandon(documents))
+
+    async def cleanup(self) -> None:
+        await self._publish_all(await self._cleanup().run())
+
+    def _cleanup(self) -> Cleanup:
+        return Cleanup(
+            self._schedules, self._jobs, self.serializer, self._retry, self._logger
+        )
+
+
+def _time_to_take(document: Mapping[str, Any], field: str) -> datetime:
+    """Return when a schedule can be taken, from its ``field`` (microseconds)."""
+    micros = document.get(field)
+    if not isinstance(micros, int) or isinstance(micros, bool):
+        raise MalformedDocumentError(f"{field} is not an integer")
+
+    if field == "next_fire_time":
+        time = get_datetime(document, field)
+        assert time is not None
+        return time
+
+    return from_micros(max(micros, document["next_fire_time"]))

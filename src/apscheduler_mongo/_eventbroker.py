@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from logging import Logger
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 from uuid import uuid4
 
 import anyio
@@ -18,38 +17,33 @@ from apscheduler.abc import Serializer
 from apscheduler.eventbrokers.base import BaseExternalEventBroker
 from apscheduler.serializers.json import JSONSerializer
 from attrs.validators import ge, in_, instance_of
-from bson import ObjectId
-from pymongo import ASCENDING, IndexModel
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from tenacity import AsyncRetrying
 
+from . import _events as events
+from ._adapters import ChangeStream, Collection
 from ._client import (
     check_server,
     client_or_uri_validator,
     describe_hosts,
-    durable_collection,
     explaining_unreachable_servers,
-    insulated,
-    is_mongomock,
     open_client,
     redact,
     require_asyncio,
 )
+from ._events import Delivered
 from ._indexes import ensure_indexes
+from ._layout import Document, event_indexes
 from ._names import database_validator, validate_collection_name
-from ._retry import Trouble, call_retrying, is_temporary_failure
+from ._retry import Trouble, is_temporary_failure, retrying
 
-T = TypeVar("T")
 Mode = Literal["auto", "change_stream", "polling"]
 
 
 def _validate_collection(
-    instance: MongoDBEventBroker, attribute: object, value: object
+    instance: MongoDBEventBroker, _attribute: object, value: object
 ) -> None:
     validate_collection_name(value, instance.database)
-
-
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _as_seconds(value: float | timedelta) -> float:
@@ -88,7 +82,7 @@ class MongoDBEventBroker(BaseExternalEventBroker):
     .. note:: Runs on asyncio only, like pymongo's asynchronous API.
     """
 
-    client_or_uri: Any = attrs.field(validator=client_or_uri_validator)
+    client_or_uri: object = attrs.field(validator=client_or_uri_validator)
     database: str = attrs.field(
         default="apscheduler", kw_only=True, validator=database_validator
     )
@@ -121,19 +115,12 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         default=2.0, kw_only=True, converter=_as_seconds, validator=ge(0)
     )
 
-    _client: Any = attrs.field(init=False, default=None)
-    _events: Any = attrs.field(init=False, default=None)
+    _events: Collection = attrs.field(init=False)
     _publisher: str = attrs.field(init=False, factory=lambda: uuid4().hex)
     _sequence: int = attrs.field(init=False, default=0)
     _publish_lock: anyio.Lock = attrs.field(init=False, factory=anyio.Lock)
-    _last_seen: dict[str, tuple[int, datetime]] = attrs.field(init=False, factory=dict)
-    #: malformed event documents already reported (by ``repr`` of ``_id``), and when
-    _malformed: dict[str, datetime] = attrs.field(init=False, factory=dict)
+    _delivered: Delivered = attrs.field(init=False)
     _active_mode: str = attrs.field(init=False, default="")
-    #: The newest ``at`` stamp delivered (or seen at start), by the server's clock
-    _newest: datetime = attrs.field(
-        init=False, factory=lambda: datetime.now(timezone.utc)
-    )
 
     def __repr__(self) -> str:
         return (
@@ -141,14 +128,9 @@ class MongoDBEventBroker(BaseExternalEventBroker):
             f"database={self.database!r}, collection={self.collection!r})"
         )
 
-    async def _run(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run ``operation()``, retrying it on temporary failures."""
-        return await call_retrying(
-            self.retry_settings,
-            self._logger,
-            lambda attempt: operation(),
-            " in the event broker",
-        )
+    def _retry(self) -> AsyncRetrying:
+        """Return the loop that retries this broker's temporary failures."""
+        return retrying(self.retry_settings, self._logger, " in the event broker")
 
     @property
     def active_mode(self) -> str:
@@ -157,42 +139,26 @@ class MongoDBEventBroker(BaseExternalEventBroker):
 
     async def start(self, exit_stack: AsyncExitStack, logger: Logger) -> None:
         require_asyncio(self)
-
         await super().start(exit_stack, logger)
-        self._client = await open_client(self.client_or_uri, exit_stack, logger)
+        adapter = await open_client(self.client_or_uri, exit_stack, logger)
+        self._events = adapter.collection(self.database, self.collection)
+        self._delivered = Delivered(self._publisher, timedelta(seconds=self.event_ttl))
+        with explaining_unreachable_servers(adapter):
+            async for attempt in self._retry():
+                with attempt:
+                    hello = await check_server(adapter, self.database)
+                    await self._prepare_collection()
 
-        database = self._client[self.database]
-        self._events = durable_collection(database, self.collection)
-
-        async def prepare() -> dict[str, Any]:
-            hello: dict[str, Any] = {}
-            if not is_mongomock(self._client):
-                hello = await check_server(database)
-
-            await self._prepare_collection()
-            return hello
-
-        with explaining_unreachable_servers(self._client):
-            hello = await self._run(prepare)
-
-        replicated = "setName" in hello or hello.get("msg") == "isdbgrid"
+        # The events stored before the start are not for us (nor replayed later)
+        await self._skip_existing(hello.get("localTime"))
         mode = self.mode
         if mode == "auto":
+            replicated = "setName" in hello or hello.get("msg") == "isdbgrid"
             mode = "change_stream" if replicated else "polling"
 
-        server_time = hello.get("localTime")
-        if not isinstance(server_time, datetime):
-            server_time = datetime.now(timezone.utc)
-
-        self._newest = _aware(server_time)
-        # The events stored before the start are not for us (nor replayed later)
-        await self._skip_existing(self._newest)
         stream = await self._first_stream() if mode == "change_stream" else None
-        if stream is None:
-            mode = "polling"
-
-        self._active_mode = mode
-        # Open the stream before anything that needs undoing: a refusal is then a
+        self._active_mode = "polling" if stream is None else mode
+        # The stream opened before anything that needs undoing: a refusal is then a
         # plain error
         task_group = await exit_stack.enter_async_context(anyio.create_task_group())
         exit_stack.callback(task_group.cancel_scope.cancel)
@@ -201,26 +167,27 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         else:
             task_group.start_soon(self._poll)
 
-        self._logger.info("MongoDB event broker started (%s)", mode)
+        self._logger.info("MongoDB event broker started (%s)", self._active_mode)
 
     async def _prepare_collection(self) -> None:
         """Create the events collection's indexes, or bring them up to date."""
-        await ensure_indexes(
-            self._events,
-            [
-                IndexModel(
-                    [("at", ASCENDING)],
-                    name="at",
-                    expireAfterSeconds=int(self.event_ttl),
-                ),
-                IndexModel(
-                    [("publisher", ASCENDING), ("seq", ASCENDING)],
-                    name="publisher_seq",
-                ),
-            ],
-        )
+        await ensure_indexes(self._events, event_indexes(int(self.event_ttl)))
 
-    async def _first_stream(self) -> Any:
+    async def _skip_existing(self, server_time: object) -> None:
+        """Mark the events already visible at start as seen: they are not ours."""
+        moment = (
+            events.aware(server_time)
+            if isinstance(server_time, datetime)
+            else datetime.now(timezone.utc)
+        )
+        query = events.since(moment - timedelta(seconds=self.lookback))
+        async for attempt in self._retry():
+            with attempt:
+                positions = await self._events.find(query, events.POSITION_FIELDS)
+
+        self._delivered.skip_until(positions, moment)
+
+    async def _first_stream(self) -> ChangeStream | None:
         """
         Open the change stream the broker starts with, retrying temporary failures.
 
@@ -231,7 +198,9 @@ class MongoDBEventBroker(BaseExternalEventBroker):
             ``"change_stream"``
         """
         try:
-            return await self._run(self._open_stream)
+            async for attempt in self._retry():
+                with attempt:
+                    return await self._open_stream()
         except OperationFailure as exc:
             if is_temporary_failure(exc):
                 raise
@@ -257,26 +226,16 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         payload = self.serializer.serialize(event.marshal())
         async with self._publish_lock:  # one at a time: visible in publish order
             self._sequence += 1
-            document = {
-                "_id": ObjectId(),
-                "publisher": self._publisher,
-                "seq": self._sequence,
-                "type": type(event).__name__,
-                "payload": payload,
-            }
-
-            async def store() -> None:
-                try:
-                    # The server stamps "at" with its own clock
-                    await self._events.update_one(
-                        {"_id": document["_id"]},
-                        {"$setOnInsert": document, "$currentDate": {"at": True}},
-                        upsert=True,
-                    )
-                except DuplicateKeyError:
-                    pass  # our own write, retried after a lost reply
-
-            await self._run(store)
+            document = events.event_document(
+                self._publisher, self._sequence, type(event).__name__, payload
+            )
+            query, update = events.stored_once(document)
+            async for attempt in self._retry():
+                with attempt:
+                    try:
+                        await self._events.update_one(query, update, upsert=True)
+                    except DuplicateKeyError:
+                        pass  # our own write, retried after a lost reply
 
             # Our own subscribers hear it now; the readers skip our own documents
             await self.publish_local(event)
@@ -285,29 +244,13 @@ class MongoDBEventBroker(BaseExternalEventBroker):
 
     async def _deliver(self, document: Mapping[str, Any]) -> None:
         """Deliver one event document locally, unless it was delivered already."""
-        publisher = document.get("publisher")
-        seq = document.get("seq")
-        at = document.get("at")
-        if not isinstance(publisher, str) or not isinstance(seq, int):
-            # A poll meets it again until newer events move past: name it once
-            key = repr(document.get("_id"))
-            if key not in self._malformed:
-                self._malformed[key] = datetime.now(timezone.utc)
-                self._logger.warning("Ignoring a malformed event document %r", document)
+        new = self._delivered.is_new(document)
+        if new is None:
+            self._logger.warning("Ignoring a malformed event document %r", document)
+        elif new:
+            await self._publish_read(document)
 
-            return
-
-        last = self._last_seen.get(publisher)
-        if publisher == self._publisher or (last is not None and seq <= last[0]):
-            return  # ours (delivered when published), or delivered already
-
-        if isinstance(at, datetime):
-            self._newest = max(self._newest, _aware(at))
-
-        self._last_seen[publisher] = (
-            seq,
-            at if isinstance(at, datetime) else datetime.now(timezone.utc),
-        )
+    async def _publish_read(self, document: Mapping[str, Any]) -> None:
         payload = document.get("payload")
         if not isinstance(payload, bytes):
             self._logger.warning("Ignoring event %s: no payload", document.get("_id"))
@@ -321,60 +264,13 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         else:
             await self.publish_local(event)
 
-    def _forget_old_publishers(self, now: datetime) -> None:
-        horizon = now - timedelta(seconds=self.event_ttl)
-        for publisher, (_, at) in list(self._last_seen.items()):
-            if _aware(at) < horizon:
-                del self._last_seen[publisher]
-
-        for key, at in list(self._malformed.items()):
-            if at < horizon:
-                del self._malformed[key]
-
-    async def _skip_existing(self, since: datetime) -> None:
-        """Mark the events already visible at start as seen: they are not ours."""
-
-        async def read() -> list[Any]:
-            cursor = self._events.find(
-                {"at": {"$gte": since - timedelta(seconds=self.lookback)}},
-                {"publisher": 1, "seq": 1, "at": 1},
-            )
-            return list(await cursor.to_list(None))
-
-        for document in await self._run(read):
-            publisher, seq = document.get("publisher"), document.get("seq")
-            if isinstance(publisher, str) and isinstance(seq, int):
-                last = self._last_seen.get(publisher, (0, since))[0]
-                self._last_seen[publisher] = (max(seq, last), since)
-
     async def _read_unseen(self) -> None:
-        """
-        Deliver, in order, the stored events not delivered yet.
-
-        It asks for the events of each known publisher above the last ``seq``
-        delivered, and for those of new publishers, stamped no earlier than
-        ``lookback`` seconds before the newest event seen.
-        """
-        known = list(self._last_seen)
-        query: dict[str, Any] = {
-            "at": {"$gte": self._newest - timedelta(seconds=self.lookback)},
-            "$or": [
-                {"publisher": publisher, "seq": {"$gt": self._last_seen[publisher][0]}}
-                for publisher in known
-            ]
-            + [{"publisher": {"$nin": [*known, self._publisher]}}],
-        }
-
-        async def read() -> list[Any]:
-            cursor = self._events.find(
-                query, sort=[("at", ASCENDING), ("publisher", ASCENDING), ("seq", 1)]
-            )
-            return list(await cursor.to_list(None))
-
-        for document in await insulated(read()):
+        """Deliver, in order, the stored events not delivered yet."""
+        query = self._delivered.unseen(timedelta(seconds=self.lookback))
+        for document in await self._events.find(query, sort=events.READ_ORDER):
             await self._deliver(document)
 
-        self._forget_old_publishers(self._newest)
+        self._delivered.forget_old()
 
     async def _poll(self) -> None:
         """Read new events in order, every ``poll_interval``."""
@@ -393,18 +289,12 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         self,
         resume_after: Mapping[str, Any] | None = None,
         start_after: Mapping[str, Any] | None = None,
-    ) -> Any:
-        stream = self._events.watch(
-            [{"$match": {"operationType": {"$in": ["insert", "invalidate"]}}}],
-            resume_after=resume_after,
-            start_after=start_after,
+    ) -> ChangeStream:
+        return await self._events.watch(
+            events.STREAM_PIPELINE, resume_after, start_after
         )
-        if inspect.isawaitable(stream):  # pymongo opens it with await, Motor not
-            stream = await stream
 
-        return stream
-
-    async def _follow_stream(self, stream: Any) -> None:
+    async def _follow_stream(self, stream: ChangeStream) -> None:
         """
         Deliver events from a change stream, resuming after failures, losing none.
 
@@ -415,66 +305,79 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         opens a stream from now and then reads what it missed from the collection
         itself, by the server's ``at`` stamps (delivery skips what it delivered).
         """
-        resume_after: Mapping[str, Any] | None = stream.resume_token
-        start_after: Mapping[str, Any] | None = None
-        catch_up = False
-        trouble = Trouble(self._logger, "Event stream")
+        follower = _StreamFollower(self, stream.resume_token)
+        current: ChangeStream | None = stream
         while True:
             try:
-                if stream is None:
-                    stream = await insulated(
-                        self._open_stream(resume_after, start_after)
-                    )
-                    start_after = None
-
-                if catch_up:
-                    await self._read_unseen()
-                    catch_up = False
-
-                while stream.alive:
-                    change = await insulated(stream.try_next())
-                    trouble.over()
-                    if change is not None and change.get("operationType") == (
-                        "invalidate"
-                    ):
-                        self._logger.warning(
-                            "The events collection was dropped or renamed; "
-                            "listening to the new one"
-                        )
-                        await insulated(self._prepare_collection())
-                        start_after, resume_after = change["_id"], None
-                        break
-
-                    if change is not None:
-                        await self._deliver(change.get("fullDocument") or {})
-
-                    resume_after = stream.resume_token or resume_after
+                current = await follower.follow(current)
             except PyMongoError as exc:
-                if not is_temporary_failure(exc):
-                    # A resume cannot help: start from now, then read what was missed
-                    resume_after = start_after = None
-                    catch_up = True
-
-                await _close_quietly(stream)
-                stream = None
-                await anyio.sleep(trouble.failed(exc))
+                follower.lost(exc)
+                await _close_quietly(current)
+                current = None
+                await anyio.sleep(follower.trouble.failed(exc))
                 continue
 
-            await _close_quietly(stream)
-            stream = None
+            await _close_quietly(current)
+            current = None
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+@attrs.define
+class _StreamFollower:
+    """Where a broker's change stream is, and how to go on after it stops."""
+
+    broker: MongoDBEventBroker
+    resume_after: Mapping[str, Any] | None
+    start_after: Mapping[str, Any] | None = None
+    catch_up: bool = False
+    trouble: Trouble = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.trouble = Trouble(self.broker._logger, "Event stream")
+
+    async def follow(self, stream: ChangeStream | None) -> ChangeStream:
+        """Open the stream if needed, and deliver from it until it ends."""
+        if stream is None:
+            stream = await self.broker._open_stream(self.resume_after, self.start_after)
+            self.start_after = None
+
+        if self.catch_up:
+            await self.broker._read_unseen()
+            self.catch_up = False
+
+        while stream.alive:
+            change = await stream.try_next()
+            self.trouble.over()
+            if change is not None and change.get("operationType") == "invalidate":
+                await self._invalidated(change)
+                break
+
+            if change is not None:
+                await self.broker._deliver(change.get("fullDocument") or {})
+
+            self.resume_after = stream.resume_token or self.resume_after
+
+        return stream
+
+    async def _invalidated(self, change: Document) -> None:
+        self.broker._logger.warning(
+            "The events collection was dropped or renamed; listening to the new one"
+        )
+        await self.broker._prepare_collection()
+        self.start_after, self.resume_after = change["_id"], None
+
+    def lost(self, exc: BaseException) -> None:
+        """Note the failure that ended the stream: can it be resumed?"""
+        if not is_temporary_failure(exc):
+            # A resume cannot help: start from now, then read what was missed
+            self.resume_after = self.start_after = None
+            self.catch_up = True
 
 
-async def _close_quietly(stream: Any) -> None:
+async def _close_quietly(stream: ChangeStream | None) -> None:
     if stream is None:
         return
 
     try:
-        result = stream.close()
-        if inspect.isawaitable(result):
-            await insulated(result)
+        await stream.close()
     except PyMongoError:
         pass

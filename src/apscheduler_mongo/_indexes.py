@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
 from pymongo import IndexModel
 from pymongo.errors import OperationFailure
 
-from ._client import list_indexes
+from ._adapters import Collection
 from ._retry import is_temporary_failure
 
 #: The server's codes for an index that does not exist
@@ -42,7 +42,9 @@ def _differences(wanted: Mapping[str, Any], existing: Mapping[str, Any]) -> set[
 
 
 async def ensure_indexes(
-    collection: Any, wanted: Sequence[IndexModel], retired: Collection[str] = ()
+    collection: Collection,
+    wanted: Sequence[IndexModel],
+    retired: Set[str] = frozenset(),
 ) -> None:
     """
     Give ``collection`` the indexes ``wanted``, changing any it has by those names.
@@ -57,78 +59,85 @@ async def ensure_indexes(
         index cannot be created, say because an index made by something else holds
         its keys
     """
-    existing = {info["name"]: info for info in await list_indexes(collection)}
-    missing: list[IndexModel] = []
-    for model in wanted:
-        spec = model.document
-        current = existing.get(spec["name"])
-        if current is None:
-            missing.append(model)
-            continue
-
-        differences = _differences(spec, current)
-        if not differences:
-            continue
-
-        if differences == {_TTL} and await _change_ttl(collection, spec):
-            continue
-
-        if spec.get("unique") or current.get("unique"):
-            raise RuntimeError(
-                f"the unique index {spec['name']!r} of collection "
-                f"{collection.name!r} differs from what this version needs (in "
-                f"{', '.join(sorted(differences))}) and cannot be changed while "
-                f"schedulers run; stop them all, drop the index, and start again"
-            )
-
-        await _drop_index(collection, spec["name"])
-        missing.append(model)
-
-    for name in retired:
-        if name in existing:
-            await _drop_index(collection, name)
+    existing = {info["name"]: info for info in await collection.list_indexes()}
+    missing = [
+        model
+        for model in wanted
+        if not await _up_to_date(collection, model.document, existing)
+    ]
+    for name in retired & existing.keys():
+        await _drop_index(collection, name)
 
     if missing:
-        try:
-            await collection.create_indexes(missing)
-        except OperationFailure as exc:
-            if is_temporary_failure(exc):
-                raise
-
-            raise RuntimeError(
-                f"cannot create the indexes this version needs on collection "
-                f"{collection.name!r}: {exc}. The collection probably holds indexes "
-                f"(and data) made by something else, such as APScheduler's built-in "
-                f"MongoDB store, whose documents cannot be read here; use a new "
-                f"database, or drop that collection"
-            ) from exc
+        await _create(collection, missing)
 
 
-async def _change_ttl(collection: Any, spec: Mapping[str, Any]) -> bool:
+async def _up_to_date(
+    collection: Collection, spec: Mapping[str, Any], existing: Mapping[str, Any]
+) -> bool:
+    """
+    Make an existing index what ``spec`` says, where it can be done in place.
+
+    :return: whether the index is as ``spec`` says now; if not, it does not exist
+        (any more) and is to be created
+    """
+    current = existing.get(spec["name"])
+    if current is None:
+        return False
+
+    differences = _differences(spec, current)
+    if not differences:
+        return True
+
+    if differences == {_TTL} and await _change_ttl(collection, spec):
+        return True
+
+    if spec.get("unique") or current.get("unique"):
+        raise RuntimeError(
+            f"the unique index {spec['name']!r} of collection "
+            f"{collection.name!r} differs from what this version needs (in "
+            f"{', '.join(sorted(differences))}) and cannot be changed while "
+            f"schedulers run; stop them all, drop the index, and start again"
+        )
+
+    await _drop_index(collection, spec["name"])
+    return False
+
+
+async def _create(collection: Collection, models: Sequence[IndexModel]) -> None:
+    try:
+        await collection.create_indexes(models)
+    except OperationFailure as exc:
+        if is_temporary_failure(exc):
+            raise
+
+        raise RuntimeError(
+            f"cannot create the indexes this version needs on collection "
+            f"{collection.name!r}: {exc}. The collection probably holds indexes "
+            f"(and data) made by something else, such as APScheduler's built-in "
+            f"MongoDB store, whose documents cannot be read here; use a new "
+            f"database, or drop that collection"
+        ) from exc
+
+
+async def _change_ttl(collection: Collection, spec: Mapping[str, Any]) -> bool:
     """
     Change an index's time to live in place; tell whether the server could.
 
-    A server without ``collMod`` (or one that refuses it) gets the index built again
-    instead, which a time-to-live index (never unique here) allows.
+    A server without ``collMod`` (or one that refuses it, to a user without the
+    ``collMod`` privilege) gets the index built again instead, which a time-to-live
+    index (never unique here) allows.
     """
-    command = {
-        "collMod": collection.name,
-        "index": {"name": spec["name"], _TTL: spec[_TTL]},
-    }
     try:
-        await collection.database.command(command)
+        return await collection.change_ttl(spec["name"], spec[_TTL])
     except OperationFailure as exc:
         if is_temporary_failure(exc):
             raise
 
         return False
-    except NotImplementedError:  # an in-process fake without the command
-        return False
-
-    return True
 
 
-async def _drop_index(collection: Any, name: str) -> None:
+async def _drop_index(collection: Collection, name: str) -> None:
     try:
         await collection.drop_index(name)
     except OperationFailure as exc:

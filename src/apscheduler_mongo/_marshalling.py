@@ -4,27 +4,34 @@ Instants are stored as integer microseconds since the Unix epoch (exact and sort
 unlike BSON dates, which keep milliseconds), with the UTC offset in a sibling field
 named ``<field>_offset`` (whole seconds). Durations are integer microseconds. UUIDs
 are BSON binary subtype 4, built here rather than through codec options so that every
-client (including mongomock-motor) stores the same bytes.
+client (in-process fakes included) stores the same bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
+from logging import Logger
 from typing import Any
 from uuid import UUID
 
-from apscheduler import Job, JobOutcome, JobResult, Schedule, Task
+import attrs
+from apscheduler import (
+    Job,
+    JobOutcome,
+    JobReleased,
+    JobResult,
+    Schedule,
+    SerializationError,
+    Task,
+)
 from apscheduler.abc import Serializer
-from bson import Binary
+from bson import Binary, ObjectId
+
+from ._layout import FINISHED, FINISHED_DROPS, QUEUED, Document, fire_key
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
-
-#: Job document states (the ``state`` field)
-QUEUED = "queued"
-ACQUIRED = "acquired"
-FINISHED = "finished"
 
 
 class MalformedDocumentError(ValueError):
@@ -90,7 +97,7 @@ def uuid_to_bson(value: UUID) -> Binary:
     return Binary.from_uuid(value)
 
 
-def uuid_from_bson(value: Any) -> UUID:
+def uuid_from_bson(value: object) -> UUID:
     if isinstance(value, UUID):
         return value
 
@@ -103,21 +110,6 @@ def uuid_from_bson(value: Any) -> UUID:
 def quarantine_record(reason: str) -> dict[str, Any]:
     """Return what a set-aside document carries: why, and since when."""
     return {"reason": reason, "at": datetime.now(timezone.utc)}
-
-
-def fire_key(schedule_id: str, fire_time: int) -> str:
-    """Return the unique key of one fire time (microseconds) of one schedule."""
-    return f"{fire_time}/{schedule_id}"
-
-
-def slot_key(task_id: str, slot: int) -> str:
-    """Return the unique key of one concurrency slot of a task."""
-    return f"{slot}/{task_id}"
-
-
-def slot_number(key: str) -> int:
-    """Return the slot number held in a key made by :func:`slot_key`."""
-    return int(key.partition("/")[0])
 
 
 # Tasks
@@ -350,3 +342,119 @@ def result_from_document(
         return JobResult(**fields)
     except _READ_ERRORS as exc:
         raise MalformedDocumentError(str(exc)) from exc
+
+
+def finish_update(
+    result: JobResult,
+    serializer: Serializer,
+    logger: Logger,
+    *,
+    from_schedule: bool,
+    token: ObjectId,
+) -> Document:
+    """
+    Return the update that turns an acquired job document into a finished one.
+
+    The result is kept inside the document while it is wanted (``expires_at`` later
+    than ``finished_at``). ``purge_at`` lets the TTL index delete the document once
+    the result expires; a job created by a schedule gets none, because its document
+    also records that its fire time was used, until the store's cleanup sees the
+    schedule past that time. ``release_token`` (``token``) lets a retry tell whether
+    the write was applied. A result that cannot be serialized is kept without its
+    return value or exception, and the error logged.
+    """
+    changes: Document = {
+        "state": FINISHED,
+        "v": token,
+        "release_token": token,
+        "finished_time": to_micros(result.finished_at),
+    }
+    keep = result.expires_at > result.finished_at
+    if keep:
+        try:
+            changes["result"] = result_to_document(result, serializer)
+        except SerializationError:
+            logger.exception(
+                "Cannot serialize the result of job %s; keeping its outcome only",
+                result.job_id,
+            )
+            changes["result"] = result_to_document(
+                attrs.evolve(result, exception=None, return_value=None), serializer
+            )
+
+    if not from_schedule:
+        changes["purge_at"] = result.expires_at if keep else result.finished_at
+
+    return {"$set": changes, "$unset": FINISHED_DROPS}
+
+
+def result_for_document(
+    document: Mapping[str, Any],
+    outcome: JobOutcome,
+    now: datetime,
+    exception: BaseException | None = None,
+) -> JobResult:
+    """Build a result for a job known only by its (possibly damaged) document."""
+    try:
+        expiration = duration_from_micros(document.get("result_expiration_time"))
+    except TypeError:
+        expiration = None
+
+    return JobResult(
+        job_id=uuid_from_bson(document["_id"]),
+        outcome=outcome,
+        finished_at=now,
+        expires_at=now + (expiration or timedelta(0)),
+        exception=exception,
+    )
+
+
+def describe_id(value: object) -> str:
+    """Return a document id as users know it (a job's UUID rather than BSON)."""
+    try:
+        return str(uuid_from_bson(value))
+    except MalformedDocumentError:
+        return repr(value)
+
+
+def explain(exc: BaseException) -> str:
+    """Describe an error and its cause (serializers raise bare wrappers)."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if exc.__cause__ is not None:
+        text += f" (caused by {explain(exc.__cause__)})"
+
+    return text
+
+
+def scheduled_fire_time(document: Mapping[str, Any]) -> datetime | None:
+    """Return a job document's scheduled fire time, or ``None`` if unreadable."""
+    try:
+        return get_datetime(document, "scheduled_fire_time")
+    except MalformedDocumentError:
+        return None
+
+
+def is_from_schedule(document: Mapping[str, Any]) -> bool:
+    """Tell whether a job document records a schedule's fire time."""
+    return "fire_key" in document
+
+
+def lease_expiry(document: Mapping[str, Any]) -> datetime | None:
+    """Return the expiry of a document's lease, or ``None`` if unset or unreadable."""
+    try:
+        return get_datetime(document, "acquired_until")
+    except MalformedDocumentError:
+        return None
+
+
+def released_event(
+    result: JobResult, scheduler_id: str, document: Mapping[str, Any]
+) -> JobReleased:
+    """Return the event announcing a job finished from its (maybe damaged) document."""
+    return JobReleased.from_result(
+        result,
+        scheduler_id,
+        document.get("task_id", ""),
+        document.get("schedule_id"),
+        scheduled_fire_time(document),
+    )

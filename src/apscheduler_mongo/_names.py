@@ -64,6 +64,6 @@ def validate_collection_name(name: object, database: str) -> str:
     return name
 
 
-def database_validator(instance: object, attribute: object, value: object) -> None:
+def database_validator(_instance: object, _attribute: object, value: object) -> None:
     """Attrs validator running :func:`validate_database_name`."""
     validate_database_name(value)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from logging import Logger
-from typing import TypeVar
 
 import attrs
 from apscheduler import RetrySettings
@@ -18,12 +16,8 @@ from pymongo.errors import (
 )
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from ._client import insulated, redact
-
-T = TypeVar("T")
-
-#: The server's code for a duplicate key
-DUPLICATE_KEY = 11000
+from ._adapters import DUPLICATE_KEY
+from ._client import redact
 
 #: Error labels the server (or driver) puts on errors that are safe to retry
 RETRYABLE_LABELS = ("RetryableWriteError", "TransientTransactionError")
@@ -141,20 +135,6 @@ def retrying(settings: RetrySettings, logger: Logger, where: str = "") -> AsyncR
         after=log_attempt,
         reraise=True,
     )
-
-
-async def call_retrying(
-    settings: RetrySettings,
-    logger: Logger,
-    operation: Callable[[int], Awaitable[T]],
-    where: str = "",
-) -> T:
-    """Run ``operation(attempt_number)``, retrying as :func:`retrying` says."""
-    async for attempt in retrying(settings, logger, where):
-        with attempt:
-            return await insulated(operation(attempt.retry_state.attempt_number))
-
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @attrs.define

@@ -54,7 +54,7 @@ class SyncMongoDBDataStore:
 
     def __init__(
         self,
-        client_or_uri: Any,
+        client_or_uri: object,
         *,
         event_broker: EventBroker | None = None,
         logger: Logger | None = None,

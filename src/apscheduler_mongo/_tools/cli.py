@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 from apscheduler import AsyncScheduler, RetrySettings, Schedule, ScheduleLookupError
@@ -17,12 +17,17 @@ from apscheduler.eventbrokers.local import LocalEventBroker
 from pymongo.errors import PyMongoError
 from tenacity import stop_after_delay, wait_exponential
 
-from ._client import describe_hosts, open_client, redact, validate_client_or_uri
-from ._datastore import MongoDBDataStore
-from ._eventbroker import MongoDBEventBroker
-from ._marshalling import ACQUIRED, FINISHED
-from ._names import validate_database_name
-from ._status import Reader, format_table, gather_status, render_json, render_text
+from .._adapters import adapter_for
+from .._client import open_client, redact, server_errors, validate_client_or_uri
+from .._datastore import MongoDBDataStore
+from .._eventbroker import MongoDBEventBroker
+from .._layout import ACQUIRED, FINISHED
+from .._names import validate_database_name
+from .status import Reader, format_table, gather_status, render_json, render_text
+
+if TYPE_CHECKING:
+    #: What add_subparsers() returns
+    _Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -124,7 +129,7 @@ def _announcing_options() -> argparse.ArgumentParser:
     return options
 
 
-def _add_demo(commands: Any) -> None:
+def _add_demo(commands: _Commands) -> None:
     demo = commands.add_parser(
         "demo",
         help="run a scheduler on the MongoDB store for a few seconds",
@@ -157,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     store, announcing = _store_options(), _announcing_options()
 
-    def add(name: str, summary: str, description: str, *parents: Any) -> Any:
+    def add(
+        name: str, summary: str, description: str, *parents: argparse.ArgumentParser
+    ) -> argparse.ArgumentParser:
         return commands.add_parser(
             name,
             help=summary,
@@ -269,7 +276,7 @@ def _serializer(name: str) -> Serializer:
 
 def _scheduler(
     args: argparse.Namespace,
-    client: Any,
+    client: object,
     settings: RetrySettings,
     logger: logging.Logger,
 ) -> AsyncScheduler:
@@ -418,7 +425,7 @@ async def _purge_counts(reader: Reader) -> list[int]:
 
 
 async def _purge(
-    args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
+    _args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
 ) -> int:
     before = await _purge_counts(reader)
     await scheduler.cleanup()
@@ -451,22 +458,7 @@ def _innermost(exc: BaseException) -> BaseException:
     return exc
 
 
-def _server_errors(client: Any) -> str:
-    """Return what the driver last met at each server, if it says."""
-    try:
-        descriptions = client.topology_description.server_descriptions()
-    except AttributeError:  # mongomock-motor
-        return ""
-
-    errors = [
-        str(description.error)  # it names the server
-        for description in descriptions.values()
-        if description.error is not None
-    ]
-    return f" ({'; '.join(errors)})" if errors else ""
-
-
-async def run_command(args: argparse.Namespace, client: Any) -> int:
+async def run_command(args: argparse.Namespace, client: object) -> int:
     """
     Run a store command (any but ``demo``) on ``client``; return the exit status.
 
@@ -482,19 +474,22 @@ async def run_command(args: argparse.Namespace, client: Any) -> int:
     except (TypeError, ValueError) as exc:
         return _fail(EXIT_USAGE, str(exc))
 
-    reader = Reader(client, args.database, settings, logger)
+    adapter = adapter_for(client)
+    reader = Reader(adapter, args.database, settings, logger)
     changes = args.command != "status"
     try:
         with anyio.fail_after(args.timeout):
             async with _opened(scheduler, reader):
                 return await _COMMANDS[args.command](args, scheduler, reader)
     except TimeoutError:
-        hosts = ", ".join(describe_hosts(client))
+        hosts = ", ".join(adapter.hosts())
+        errors = server_errors(adapter)  # each names its server
+        met = f" ({'; '.join(errors)})" if errors else ""
         outcome = " (the change may or may not have been made)" if changes else ""
         return _fail(
             EXIT_SERVER,
             f"no answer from MongoDB at {hosts} within {args.timeout:g} s"
-            f"{_server_errors(client)}{outcome}",
+            f"{met}{outcome}",
         )
     except Exception as exc:
         error = _innermost(exc)
@@ -510,15 +505,15 @@ async def run_command(args: argparse.Namespace, client: Any) -> int:
 async def _run_on_uri(args: argparse.Namespace) -> int:
     async with AsyncExitStack() as exit_stack:
         try:
-            client = await open_client(args.uri, exit_stack)
+            adapter = await open_client(args.uri, exit_stack)
         except PyMongoError as exc:
             return _fail(EXIT_SERVER, str(exc))
 
-        return await run_command(args, client)
+        return await run_command(args, adapter.client)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
+    from .demo import run_demo
 
     try:
         ran = anyio.run(run_demo, args.uri, args.database, args.seconds)

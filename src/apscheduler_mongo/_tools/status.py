@@ -4,56 +4,40 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from logging import Logger
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 from apscheduler import RetrySettings, Schedule
 from apscheduler.abc import DataStore
 
-from ._client import describe_hosts
-from ._core import QUEUE_ORDER
-from ._jobs import describe_id
-from ._marshalling import (
-    ACQUIRED,
-    FINISHED,
-    QUEUED,
-    MalformedDocumentError,
-    get_datetime,
-)
-from ._retry import call_retrying
-
-T = TypeVar("T")
-
-#: The newest finished jobs first; those without a finish time (set aside) last
-_NEWEST_FIRST = [("finished_time", -1), ("_id", 1)]
+from .. import _layout as layout
+from .._adapters import Adapter, Collection
+from .._layout import ACQUIRED, FINISHED, QUEUED, Document
+from .._marshalling import MalformedDocumentError, describe_id, get_datetime
+from .._retry import retrying
 
 
 @attrs.define
 class Reader:
     """Read the store's documents directly (never writing), retrying like the store."""
 
-    client: Any
+    adapter: Adapter
     database_name: str
     retry_settings: RetrySettings
     logger: Logger
-    database: Any = attrs.field(init=False)
 
-    def __attrs_post_init__(self) -> None:
-        self.database = self.client[self.database_name]
-
-    async def _run(self, operation: Callable[[], Awaitable[T]]) -> T:
-        return await call_retrying(
-            self.retry_settings, self.logger, lambda attempt: operation()
-        )
+    def _collection(self, name: str) -> Collection:
+        return self.adapter.collection(self.database_name, name)
 
     async def collection_names(self) -> list[str]:
-        async def names() -> list[str]:
-            return list(await self.database.list_collection_names())
+        async for attempt in retrying(self.retry_settings, self.logger):
+            with attempt:
+                names = await self.adapter.collection_names(self.database_name)
 
-        return await self._run(names)
+        return names
 
     async def find(
         self,
@@ -63,21 +47,21 @@ class Reader:
         *,
         sort: Sequence[tuple[str, int]] | None = None,
         limit: int = 0,
-    ) -> list[dict[str, Any]]:
-        async def fetch() -> list[dict[str, Any]]:
-            cursor = self.database[collection].find(query, projection, sort=sort)
-            if limit:
-                cursor = cursor.limit(limit)
+    ) -> list[Document]:
+        async for attempt in retrying(self.retry_settings, self.logger):
+            with attempt:
+                documents = await self._collection(collection).find(
+                    query, projection, sort=sort, limit=limit
+                )
 
-            return list(await cursor.to_list(None))
-
-        return await self._run(fetch)
+        return documents
 
     async def count(self, collection: str, query: Mapping[str, Any]) -> int:
-        async def count() -> int:
-            return int(await self.database[collection].count_documents(query))
+        async for attempt in retrying(self.retry_settings, self.logger):
+            with attempt:
+                count = await self._collection(collection).count_documents(query)
 
-        return await self._run(count)
+        return count
 
 
 @attrs.frozen
@@ -138,7 +122,7 @@ class StoreStatus:
     results: list[ResultRow]
 
 
-def _text(value: Any) -> str | None:
+def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
 
@@ -266,7 +250,7 @@ async def gather_status(
             "jobs",
             {"state": ACQUIRED},
             {"task_id": 1, "schedule_id": 1, "acquired_by": 1, "acquired_until": 1},
-            sort=QUEUE_ORDER,
+            sort=layout.QUEUE_ORDER,
         )
     ]
     results: list[ResultRow] = []
@@ -285,14 +269,14 @@ async def gather_status(
                 "result.expires_at": 1,
                 "result.expires_at_offset": 1,
             },
-            sort=_NEWEST_FIRST,
+            sort=layout.NEWEST_FIRST,
             limit=limit,
         )
         results = [_result_row(document) for document in finished]
 
     return StoreStatus(
         database=reader.database_name,
-        hosts=describe_hosts(reader.client),
+        hosts=reader.adapter.hosts(),
         taken_at=datetime.now(timezone.utc),
         tasks=tasks,
         schedules=schedules,
@@ -369,22 +353,31 @@ def _problem(row: ScheduleRow) -> str:
     return "" if row.readable else "cannot be read here (see the warnings)"
 
 
-def render_text(status: StoreStatus) -> str:
-    """Return the status as aligned plain-text tables, one section each."""
+def _paused(row: ScheduleRow) -> str:
+    return "?" if row.paused is None else ("yes" if row.paused else "no")
+
+
+def _schedule_rows(status: StoreStatus, problems: bool) -> list[list[str]]:
     now = status.taken_at
-    problems = any(_problem(row) for row in status.schedules)
-    schedule_rows = [
+    return [
         [
             row.id,
             _or_dash(row.task_id),
             _when(row.next_fire_time, now),
-            "?" if row.paused is None else ("yes" if row.paused else "no"),
+            _paused(row),
             _or_dash(row.acquired_by),
             _when(row.acquired_until, now, lease=True),
             *([_problem(row)] if problems else []),
         ]
         for row in status.schedules
     ]
+
+
+def render_text(status: StoreStatus) -> str:
+    """Return the status as aligned plain-text tables, one section each."""
+    now = status.taken_at
+    problems = any(_problem(row) for row in status.schedules)
+    schedule_rows = _schedule_rows(status, problems)
     sections = [
         (
             f"Tasks ({len(status.tasks)})",
@@ -458,7 +451,7 @@ def render_text(status: StoreStatus) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_value(instance: object, field: object, value: Any) -> Any:
+def _json_value(_instance: object, _field: object, value: object) -> object:
     return value.isoformat() if isinstance(value, datetime) else value
 
 

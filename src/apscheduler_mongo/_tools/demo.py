@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 import anyio
-from apscheduler import AsyncScheduler, JobReleased
+from apscheduler import AsyncScheduler, Event, JobReleased
 from apscheduler.triggers.interval import IntervalTrigger
 
-from ._datastore import MongoDBDataStore
-from ._eventbroker import MongoDBEventBroker
+from .._datastore import MongoDBDataStore
+from .._eventbroker import MongoDBEventBroker
 
 _started = datetime.now(timezone.utc)
 
@@ -29,7 +28,7 @@ def greet(name: str) -> str:
 
 async def run_demo(uri: str | None, database: str, seconds: float) -> int:
     """Run the demo for ``seconds``; return the number of jobs that ran."""
-    client_or_uri: Any = uri
+    client_or_uri: object = uri
     if uri is None:
         try:
             from mongomock_motor import AsyncMongoMockClient
@@ -50,7 +49,7 @@ async def run_demo(uri: str | None, database: str, seconds: float) -> int:
     _say(f"event broker: {broker!r}")
     ran = 0
 
-    def report(event: Any) -> None:
+    def report(event: Event) -> None:
         nonlocal ran
         assert isinstance(event, JobReleased)
         ran += 1

@@ -1,0 +1,261 @@
+"""The store's cleanup, and the finishing of jobs whose scheduler is gone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from logging import Logger
+from typing import Any
+
+import attrs
+from apscheduler import JobOutcome, JobReleased, JobResult, ScheduleRemoved
+from apscheduler.abc import Serializer
+from bson import ObjectId
+from tenacity import AsyncRetrying
+
+from . import _layout as layout
+from ._adapters import Collection, Update
+from ._layout import ACQUIRED, Document
+from ._marshalling import (
+    MalformedDocumentError,
+    describe_id,
+    finish_update,
+    is_from_schedule,
+    now_micros,
+    released_event,
+    result_for_document,
+)
+
+#: How long a used fire time is remembered at least (see forget_used_fire_times)
+FIRE_TIME_RETENTION = timedelta(hours=1)
+
+
+def passed(
+    next_times: Mapping[object, object], schedule_id: object, fire_time: object
+) -> bool:
+    """Tell whether a schedule is gone, finished, or past ``fire_time``."""
+    if schedule_id not in next_times or next_times[schedule_id] is None:
+        return True
+
+    next_time = next_times[schedule_id]
+    return (
+        isinstance(next_time, int)
+        and isinstance(fire_time, int)
+        and (next_time > fire_time)
+    )
+
+
+@attrs.define
+class Cleanup:
+    """What :meth:`MongoDBDataStore.cleanup` does, step by step."""
+
+    schedules: Collection
+    jobs: Collection
+    serializer: Serializer
+    retry: Callable[[], AsyncRetrying]
+    logger: Logger
+
+    async def run(self) -> list[JobReleased | ScheduleRemoved]:
+        """Clean up; return the events to publish."""
+        await self.purge_expired()
+        events: list[JobReleased | ScheduleRemoved] = []
+        events.extend(await self.abandon(await self.lapsed_jobs()))
+        events.extend(await self.remove_finished_schedules())
+        await self.forget_used_fire_times()
+        await self.name_strays()
+        return events
+
+    async def purge_expired(self) -> None:
+        """
+        Purge expired results and the records they were kept in.
+
+        The TTL index does the same, but only every minute or so, and not at all on
+        some servers.
+        """
+        async for attempt in self.retry():
+            with attempt:
+                now = datetime.now(timezone.utc)
+                await self.jobs.delete_many(layout.expired_records(now))
+                await self.jobs.update_many(
+                    layout.expired_results(now_micros()), layout.DROP_RESULT
+                )
+
+    async def lapsed_jobs(self) -> list[Document]:
+        """Return the jobs whose leases lapsed (their schedulers are presumed dead)."""
+        async for attempt in self.retry():
+            with attempt:
+                lapsed = await self.jobs.find(
+                    layout.lapsed_jobs(now_micros()),
+                    layout.WITHOUT_ARGUMENTS,
+                    sort=layout.QUEUE_ORDER,
+                )
+
+        return lapsed
+
+    async def abandon(self, documents: Sequence[Document]) -> list[JobReleased]:
+        """Finish acquired jobs whose scheduler is gone; return the events to send."""
+        now = datetime.now(timezone.utc)
+        updates: list[Update] = []
+        results: dict[Any, JobResult] = {}
+        tokens: dict[Any, ObjectId] = {}
+        finishing: dict[Any, Document] = {}
+        for document in documents:
+            try:
+                result = result_for_document(document, JobOutcome.abandoned, now)
+            except MalformedDocumentError as exc:
+                self.logger.warning(
+                    "Cannot finish job %s: %s", describe_id(document["_id"]), exc
+                )
+                continue
+
+            tokens[document["_id"]] = token = layout.new_token()
+            update = finish_update(
+                result,
+                self.serializer,
+                self.logger,
+                from_schedule=is_from_schedule(document),
+                token=token,
+            )
+            query = {**layout.unchanged(document), "state": ACQUIRED}
+            updates.append(Update(query, update))
+            results[document["_id"]] = result
+            finishing[document["_id"]] = document
+
+        applied = await self._applied(updates, tokens) if updates else set()
+        return [
+            released_event(results[key], doc.get("acquired_by", ""), doc)
+            for key, doc in finishing.items()
+            if key in applied
+        ]
+
+    async def _applied(
+        self, updates: Sequence[Update], tokens: Mapping[Any, ObjectId]
+    ) -> set[Any]:
+        """Send finishing updates; return the ids of the jobs they finished."""
+        async for attempt in self.retry():
+            with attempt:
+                matched = await self.jobs.update_each(updates)
+                if matched == len(updates) and attempt.retry_state.attempt_number == 1:
+                    return set(tokens)
+
+                written = await self.jobs.find(
+                    {"_id": {"$in": list(tokens)}}, {"release_token": 1}
+                )
+
+        return {
+            doc["_id"]
+            for doc in written
+            if doc.get("release_token") == tokens[doc["_id"]]
+        }
+
+    async def remove_finished_schedules(self) -> list[ScheduleRemoved]:
+        """Remove finished schedules that have no queued or running jobs left."""
+        async for attempt in self.retry():
+            with attempt:
+                removed = await self._remove_finished_schedules()
+
+        return [
+            ScheduleRemoved(
+                schedule_id=doc["_id"], task_id=doc.get("task_id", ""), finished=True
+            )
+            for doc in removed
+        ]
+
+    async def _remove_finished_schedules(self) -> list[Document]:
+        # A schedule whose id is no string cannot be read: leave it for a human
+        finished = {
+            doc["_id"]: doc
+            for doc in await self.schedules.find(
+                layout.FINISHED_SCHEDULES, {"task_id": 1, "v": 1}
+            )
+        }
+        if finished:
+            busy = await self.jobs.distinct(
+                "schedule_id", layout.live_jobs_of_schedules(list(finished))
+            )
+            for schedule_id in busy:
+                finished.pop(schedule_id, None)
+
+        if not finished:
+            return []
+
+        unchanged = [layout.unchanged(doc) for doc in finished.values()]
+        result = await self.schedules.delete_many(
+            {**layout.FINISHED_SCHEDULES, "$or": unchanged}
+        )
+        if result.deleted_count != len(finished):
+            left = await self.schedules.distinct(
+                "_id", {"_id": {"$in": list(finished)}}
+            )
+            for schedule_id in left:
+                finished.pop(schedule_id, None)
+
+        return list(finished.values())
+
+    async def forget_used_fire_times(self) -> None:
+        """
+        Delete finished schedule jobs whose fire time their schedule has moved past.
+
+        Such a document is what makes a second job for the same fire time impossible
+        (the unique ``fire_key`` index); it may go once its schedule has been released
+        with a later next fire time, or is finished or gone, its result (if any) has
+        been fetched or has expired, and it finished longer than
+        :data:`FIRE_TIME_RETENTION` ago (so that a scheduler that stalled while adding
+        jobs finds it when it wakes).
+        """
+        async for attempt in self.retry():
+            with attempt:
+                cutoff = now_micros() - FIRE_TIME_RETENTION // timedelta(microseconds=1)
+                used = self._readable(
+                    await self.jobs.find(
+                        layout.used_fire_times(cutoff),
+                        {"schedule_id": 1, "fire_time": 1},
+                    )
+                )
+                if done := await self._moved_past(used):
+                    await self.jobs.delete_many(layout.forgettable(done))
+
+    def _readable(self, documents: Sequence[Document]) -> list[Document]:
+        readable = []
+        for doc in documents:
+            if isinstance(doc.get("schedule_id"), str):
+                readable.append(doc)
+            else:
+                self.logger.warning(
+                    "Keeping finished job %s: its schedule_id %r is no string",
+                    describe_id(doc["_id"]),
+                    doc.get("schedule_id"),
+                )
+
+        return readable
+
+    async def _moved_past(self, used: Sequence[Document]) -> list[Any]:
+        """Return the ids of the records whose schedules moved past their times."""
+        if not used:
+            return []
+
+        schedule_ids = list({doc["schedule_id"] for doc in used})
+        next_times = {
+            doc["_id"]: doc.get("next_fire_time")
+            for doc in await self.schedules.find(
+                {"_id": {"$in": schedule_ids}}, {"next_fire_time": 1}
+            )
+        }
+        return [
+            doc["_id"]
+            for doc in used
+            if passed(next_times, doc["schedule_id"], doc.get("fire_time"))
+        ]
+
+    async def name_strays(self) -> None:
+        """Name the jobs in no known state: no query of the store ever meets them."""
+        async for attempt in self.retry():
+            with attempt:
+                strays = await self.jobs.find(layout.STRAY_JOBS, {"state": 1})
+
+        for document in strays:
+            self.logger.warning(
+                "Leaving job %s alone: its state %r is none the store knows",
+                describe_id(document["_id"]),
+                document.get("state"),
+            )

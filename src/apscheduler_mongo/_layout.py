@@ -1,0 +1,336 @@
+"""
+The document layout: collections, job states, indexes, and the queries on them.
+
+Every filter, update and sort the store and the command line send is built here, so
+that a field's name and meaning can be read (and changed) in one place; the
+conversions between APScheduler's structures and these documents are in
+:mod:`._marshalling`. :doc:`design` describes the layout for users.
+
+Times are integer microseconds since the Unix epoch (see :mod:`._marshalling`); "now"
+is always passed in, in those units.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo.errors import DuplicateKeyError
+
+#: A document as the driver reads or writes it
+Document = dict[str, Any]
+
+TASKS = "tasks"
+SCHEDULES = "schedules"
+JOBS = "jobs"
+EVENTS = "events"
+
+#: The states of a job document (its ``state`` field)
+QUEUED = "queued"
+ACQUIRED = "acquired"
+FINISHED = "finished"
+LIVE_STATES = [QUEUED, ACQUIRED]
+STATES = [QUEUED, ACQUIRED, FINISHED]
+
+#: The order in which jobs are handed out
+QUEUE_ORDER = [("created_at", ASCENDING), ("_id", ASCENDING)]
+#: The order in which due schedules are handed out
+DUE_ORDER = [("next_fire_time", ASCENDING), ("_id", ASCENDING)]
+#: The newest finished jobs first; those without a finish time (set aside) last
+NEWEST_FIRST = [("finished_time", DESCENDING), ("_id", ASCENDING)]
+BY_ID = [("_id", ASCENDING)]
+
+SCHEDULE_INDEXES = [
+    IndexModel([("next_fire_time", ASCENDING)], name="next_fire_time"),
+    IndexModel([("task_id", ASCENDING)], name="task_id"),
+]
+JOB_INDEXES = [
+    IndexModel(
+        [("state", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)],
+        name="queue",
+    ),
+    IndexModel([("state", ASCENDING), ("acquired_until", ASCENDING)], name="leases"),
+    IndexModel([("acquired_by", ASCENDING)], name="acquired_by", sparse=True),
+    IndexModel([("task_id", ASCENDING), ("state", ASCENDING)], name="task_state"),
+    IndexModel(
+        [("schedule_id", ASCENDING), ("state", ASCENDING)], name="schedule_state"
+    ),
+    # One job per fire time of a schedule, one holder per slot of a capped task
+    IndexModel([("fire_key", ASCENDING)], name="fire_key", unique=True, sparse=True),
+    IndexModel([("slot_key", ASCENDING)], name="slot_key", unique=True, sparse=True),
+    IndexModel([("purge_at", ASCENDING)], name="purge_at", expireAfterSeconds=0),
+]
+
+
+def event_indexes(ttl_seconds: int) -> list[IndexModel]:
+    """Return the indexes of the broker's events collection."""
+    return [
+        IndexModel([("at", ASCENDING)], name="at", expireAfterSeconds=ttl_seconds),
+        IndexModel(
+            [("publisher", ASCENDING), ("seq", ASCENDING)], name="publisher_seq"
+        ),
+    ]
+
+
+# Keys
+
+#: How a duplicate key error names its index, for servers whose errors carry no
+#: ``keyPattern`` ("E11000 duplicate key error collection: db.jobs index: fire_key")
+_DUPLICATE_INDEX = re.compile(r"\bindex: (\S+)")
+
+
+def duplicated_key(exc: DuplicateKeyError) -> str | None:
+    """Return the (first) field of the unique index a duplicate key error names."""
+    key_pattern = (exc.details or {}).get("keyPattern")
+    if isinstance(key_pattern, Mapping) and key_pattern:
+        return str(next(iter(key_pattern)))
+
+    match = _DUPLICATE_INDEX.search(str(exc))
+    return match.group(1) if match else None
+
+
+def fire_key(schedule_id: str, fire_time: int) -> str:
+    """Return the unique key of one fire time (microseconds) of one schedule."""
+    return f"{fire_time}/{schedule_id}"
+
+
+def slot_key(task_id: str, slot: int) -> str:
+    """Return the unique key of one concurrency slot of a task."""
+    return f"{slot}/{task_id}"
+
+
+def slot_number(key: str) -> int:
+    """Return the slot number held in a key made by :func:`slot_key`."""
+    return int(key.partition("/")[0])
+
+
+# Leases: ``acquired_by`` (the owner), ``acquired_until`` (the expiry) and ``v``, the
+# version token that every write to a leasable document replaces
+
+
+def new_token() -> ObjectId:
+    return ObjectId()
+
+
+def lease(owner: str, until: int, token: ObjectId) -> Document:
+    """Return the fields of a lease held by ``owner`` until ``until``."""
+    return {"acquired_by": owner, "acquired_until": until, "v": token}
+
+
+#: The fields of a document nobody holds
+NO_LEASE: Document = {"acquired_by": None, "acquired_until": None}
+#: The lease fields a finished job loses, with its arguments and slot
+FINISHED_DROPS: Document = dict.fromkeys(
+    ["args", "kwargs", "acquired_by", "acquired_until", "slot_key"], ""
+)
+
+
+def lapsed(now: int) -> Document:
+    """Match a lease that ran out before ``now`` (at ``acquired_until`` it holds)."""
+    # "$ne: None" keeps servers without type bracketing from matching nulls
+    return {"acquired_until": {"$lt": now, "$ne": None}}
+
+
+def claimed_with(token: ObjectId) -> Document:
+    """Match the documents that the claim or write carrying ``token`` took."""
+    return {"v": token}
+
+
+def unchanged(document: Document) -> Document:
+    """Match ``document`` as long as nobody wrote to it since it was read."""
+    return {"_id": document["_id"], "v": document.get("v")}
+
+
+def held_by(owner: str, ids: Sequence[Any]) -> Document:
+    return {"_id": {"$in": list(ids)}, "acquired_by": owner}
+
+
+def extension(until: int) -> Document:
+    """Return the update that moves a lease's expiry (and its token) on."""
+    return {"$set": {"acquired_until": until, "v": new_token()}}
+
+
+def given_back_job() -> Document:
+    """Return the update that puts a job taken by an undelivered claim back."""
+    return {
+        "$set": {"state": QUEUED, "v": new_token(), **NO_LEASE},
+        "$unset": {"slot_key": ""},
+    }
+
+
+def given_back_schedule() -> Document:
+    return {"$set": {"v": new_token(), **NO_LEASE}}
+
+
+# Schedules
+
+#: Match the schedules that can fire: not finished, paused or quarantined
+ACTIVE: Document = {"paused": {"$ne": True}, "quarantine": {"$exists": False}}
+
+
+def due_schedules(owner: str, now: int) -> Document:
+    """Match the schedules ``owner`` may take at ``now``: due, active and free."""
+    return {
+        "next_fire_time": {"$lte": now, "$ne": None},
+        **ACTIVE,
+        "$or": [{"acquired_by": None}, lapsed(now), {"acquired_by": owner}],
+    }
+
+
+#: Match the active schedules that someone may take when they fall due
+WAITING_FREE: Document = {
+    "next_fire_time": {"$ne": None},
+    **ACTIVE,
+    "acquired_by": None,
+}
+#: ... and those held, which someone may take when their lease runs out
+WAITING_HELD: Document = {
+    "next_fire_time": {"$ne": None},
+    **ACTIVE,
+    "acquired_by": {"$ne": None},
+}
+#: Match the finished schedules nobody holds (whose ids can be read)
+FINISHED_SCHEDULES: Document = {
+    "_id": {"$type": "string"},
+    "next_fire_time": None,
+    "acquired_by": None,
+}
+
+
+def released_schedule(owner: str, schedule_id: str) -> Document:
+    """Match a schedule as its releasing owner may still change it."""
+    return {"_id": schedule_id, "acquired_by": owner}
+
+
+def quarantine_update(record: Document) -> Document:
+    """Return the update that sets a schedule aside for good, with ``record``."""
+    return {"$set": {"quarantine": record, "v": new_token(), **NO_LEASE}}
+
+
+# Jobs
+
+
+def free_jobs(now: int) -> Document:
+    """Match the jobs a scheduler may take: queued, or acquired with a lapsed lease."""
+    return {"$or": [{"state": QUEUED}, {"state": ACQUIRED, **lapsed(now)}]}
+
+
+def live_jobs(ids: Iterable[Any] | None = None) -> Document:
+    query: Document = {"state": {"$in": LIVE_STATES}}
+    if ids is not None:
+        query["_id"] = {"$in": list(ids)}
+
+    return query
+
+
+def acquired_job(owner: str, job_id: object) -> Document:
+    """Match a job as its owner may still finish it."""
+    return {"_id": job_id, "state": ACQUIRED, "acquired_by": owner}
+
+
+def acquired_jobs(owner: str | None = None) -> Document:
+    return (
+        {"state": ACQUIRED}
+        if owner is None
+        else {"state": ACQUIRED, "acquired_by": owner}
+    )
+
+
+def jobs_of(task_ids: Sequence[str], state: str) -> Document:
+    return {"task_id": {"$in": list(task_ids)}, "state": state}
+
+
+def lapsed_jobs(now: int) -> Document:
+    return {"state": ACQUIRED, **lapsed(now)}
+
+
+#: What a reaping or status read leaves out of a job document
+WITHOUT_ARGUMENTS: Document = {"args": 0, "kwargs": 0}
+#: Match the jobs in no state the store knows
+STRAY_JOBS: Document = {"state": {"$nin": STATES}}
+
+
+def live_jobs_of_schedules(schedule_ids: Sequence[Any]) -> Document:
+    return {"schedule_id": {"$in": list(schedule_ids)}, "state": {"$in": LIVE_STATES}}
+
+
+def stored_result(document_id: object) -> Document:
+    """Match a finished job whose result is still stored."""
+    return {"_id": document_id, "state": FINISHED, "result": {"$exists": True}}
+
+
+def expired_records(now: datetime) -> Document:
+    """Match the finished jobs whose ``purge_at`` (a BSON date) has passed."""
+    return {"state": FINISHED, "purge_at": {"$lte": now, "$type": "date"}}
+
+
+def expired_results(now: int) -> Document:
+    return {"state": FINISHED, "result.expires_at": {"$lte": now}}
+
+
+#: The update that drops a finished job's stored result
+DROP_RESULT: Document = {"$unset": {"result": ""}}
+
+
+def used_fire_times(cutoff: int) -> Document:
+    """Match the records of fire times used before ``cutoff``, results gone."""
+    return {
+        "state": FINISHED,
+        "fire_key": {"$exists": True},
+        "result": {"$exists": False},
+        "finished_time": {"$lt": cutoff, "$ne": None},
+    }
+
+
+def forgettable(ids: Sequence[Any]) -> Document:
+    return {"_id": {"$in": list(ids)}, "state": FINISHED, "result": {"$exists": False}}
+
+
+def set_aside_update(record: Document) -> Document:
+    """
+    Return the update that takes a job document out of the queue for good.
+
+    For a job that no result can name (its id is no UUID): it becomes finished
+    without a result, purge time or finish time, so nothing deletes it, and it
+    records why.
+    """
+    return {
+        "$set": {"state": FINISHED, "quarantine": record, "v": new_token()},
+        "$unset": {"acquired_by": "", "acquired_until": "", "slot_key": ""},
+    }
+
+
+def candidates_with_tasks(now: int, limit: int | None, tasks: str) -> list[Document]:
+    """
+    Return the pipeline that reads the free jobs, in queue order, each with its task.
+
+    Each job gets its task document (if any) in ``TASK_FIELD``.
+    """
+    pipeline: list[Document] = [
+        {"$match": free_jobs(now)},
+        {"$sort": dict(QUEUE_ORDER)},
+    ]
+    if limit:
+        pipeline.append({"$limit": limit})
+
+    pipeline.append(
+        {
+            "$lookup": {
+                "from": tasks,
+                "localField": "task_id",
+                "foreignField": "_id",
+                "as": TASK_FIELD,
+            }
+        }
+    )
+    return pipeline
+
+
+#: Where a claim's read puts each job's task document (removed before use)
+TASK_FIELD = "_task"
+#: What a claim reads of the jobs holding slots
+HOLDER_FIELDS: Document = {"task_id": 1, "slot_key": 1}

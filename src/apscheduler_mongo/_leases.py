@@ -1,0 +1,189 @@
+"""
+The lease protocol: token-checked claims, the ledger of undelivered claims, and the
+leases this store holds.
+
+Every leasable document (schedule or job) carries a version token ``v`` that every
+write to it replaces. A claim reads candidates, then sends one conditional update per
+candidate that demands the token it read (and that the candidate is still free): a
+document that anyone changed in between is not taken. When every update matched on
+the first attempt, the documents read are exactly what was claimed; otherwise (a lost
+race, or a retry after a lost reply) the claim asks what carries its own new token.
+:doc:`design` tells the whole protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from logging import Logger
+
+import attrs
+from bson import ObjectId
+from tenacity import AsyncRetrying
+
+from ._adapters import Collection, Update
+from ._layout import (
+    ACQUIRED,
+    Document,
+    claimed_with,
+    extension,
+    given_back_job,
+    given_back_schedule,
+    held_by,
+)
+from ._marshalling import now_micros
+
+#: Chooses what a claim attempt takes: the candidates as they will be once claimed
+#: (``None`` for one the claim writes to without holding it), each with the
+#: conditional update that claims it
+Choice = Callable[[], Awaitable[list[tuple[Document | None, Update]]]]
+
+
+@attrs.frozen
+class _Claim:
+    """A claim whose outcome never reached the scheduler that made it."""
+
+    jobs: bool
+    owner: str
+    token: ObjectId
+
+
+@attrs.define
+class Leases:
+    """
+    The store's side of the lease protocol.
+
+    :param schedules: the schedules collection
+    :param jobs: the jobs collection
+    :param retry: makes the store's retry loop
+    :param logger: where to report claims given back
+    """
+
+    schedules: Collection
+    jobs: Collection
+    retry: Callable[[], AsyncRetrying]
+    logger: Logger
+    #: Lease expiry (this store's clock, microseconds) of the schedules it acquired
+    #: and has not released yet
+    _held: dict[str, int] = attrs.field(init=False, factory=dict)
+    _unconfirmed: set[_Claim] = attrs.field(init=False, factory=set)
+
+    async def claim(
+        self,
+        collection: Collection,
+        token: ObjectId,
+        attempt: int,
+        order: Sequence[tuple[str, int]],
+        choose: Choice,
+    ) -> list[Document]:
+        """
+        Make one attempt of a claim; return the documents it holds, as claimed.
+
+        A retried attempt first asks what the claim holds already: if its first
+        attempt was applied (its reply lost), it claims nothing more, so it never
+        takes more than its limit.
+        """
+        if attempt > 1 and (taken := await self.taken(collection, token, order)):
+            return taken
+
+        chosen = await choose()
+        if not chosen and attempt == 1:
+            return []
+
+        matched = await collection.update_each([update for _, update in chosen])
+        if matched == len(chosen) and attempt == 1:
+            return [document for document, _ in chosen if document is not None]
+
+        # Lost a race for some of them, or retrying after a lost reply: ask
+        return await self.taken(collection, token, order)
+
+    async def taken(
+        self, collection: Collection, token: ObjectId, order: Sequence[tuple[str, int]]
+    ) -> list[Document]:
+        """Return the documents that the claim with ``token`` took."""
+        return await collection.find(claimed_with(token), sort=order)
+
+    # The ledger of claims whose outcome never reached the scheduler
+
+    @asynccontextmanager
+    async def claiming(
+        self, *, jobs: bool, owner: str, token: ObjectId
+    ) -> AsyncIterator[None]:
+        """
+        Remember a claim that fails, so that what it took can be given back.
+
+        A claim that fails or is cancelled after its write may have been applied (a
+        lost reply, then the retries ran out) took items the scheduler never saw.
+        The next claim or reaping of this store returns them to the queue, instead
+        of leaving them leased until the lease lapses (and a job then reported
+        abandoned, though it never ran).
+        """
+        await self.give_back()
+        try:
+            yield
+        except BaseException:
+            self._unconfirmed.add(_Claim(jobs, owner, token))
+            raise
+
+    async def give_back(self) -> None:
+        """Give back what earlier claims took if their outcome was never delivered."""
+        if not self._unconfirmed:
+            return
+
+        claims = list(self._unconfirmed)
+        async for attempt in self.retry():
+            with attempt:
+                returned = 0
+                for claim in claims:
+                    returned += await self._give_back(claim)
+
+        self._unconfirmed.difference_update(claims)
+        if returned:
+            self.logger.warning(
+                "Returned %d claimed item(s) whose claim never reached the scheduler",
+                returned,
+            )
+
+    async def _give_back(self, claim: _Claim) -> int:
+        query = {**claimed_with(claim.token), "acquired_by": claim.owner}
+        if claim.jobs:
+            result = await self.jobs.update_many(
+                {**query, "state": ACQUIRED}, given_back_job()
+            )
+        else:
+            result = await self.schedules.update_many(query, given_back_schedule())
+
+        return result.modified_count
+
+    # The schedules this store holds
+
+    def hold(self, schedule_id: str, until: int) -> None:
+        self._held[schedule_id] = until
+
+    def let_go(self, schedule_id: str) -> None:
+        self._held.pop(schedule_id, None)
+
+    def holds(self, schedule_id: object) -> bool:
+        """
+        Tell whether this store still holds the lease on a schedule it acquired.
+
+        While it does, nobody else can have processed the schedule.
+        """
+        until = self._held.get(schedule_id) if isinstance(schedule_id, str) else None
+        return until is not None and now_micros() < until
+
+    # Extending leases
+
+    async def extend(
+        self,
+        collection: Collection,
+        owner: str,
+        ids: Sequence[object],
+        duration: timedelta,
+    ) -> None:
+        """Move the leases ``owner`` holds on these documents ``duration`` on."""
+        async for attempt in self.retry():
+            with attempt:
+                until = now_micros() + duration // timedelta(microseconds=1)
+                await collection.update_many(held_by(owner, ids), extension(until))

@@ -1,0 +1,288 @@
+"""
+Planning a job claim: what to take, what to finish at once, what to leave queued.
+
+Pure functions of the documents a claim read; no round trips. The store reads the
+free jobs (each with its task) and the slots held, plans, and sends the plan's
+updates in one bulk write (see :mod:`._leases`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from logging import Logger
+from typing import Any
+
+import attrs
+from apscheduler import (
+    DeserializationError,
+    Job,
+    JobOutcome,
+    JobResult,
+    TaskLookupError,
+)
+from apscheduler.abc import Serializer
+from bson import ObjectId
+
+from ._adapters import Update
+from ._layout import (
+    ACQUIRED,
+    TASK_FIELD,
+    Document,
+    free_jobs,
+    lease,
+    set_aside_update,
+    slot_key,
+    slot_number,
+    unchanged,
+)
+from ._marshalling import (
+    MalformedDocumentError,
+    describe_id,
+    explain,
+    finish_update,
+    from_micros,
+    is_from_schedule,
+    job_from_document,
+    quarantine_record,
+    result_for_document,
+    task_from_document,
+    uuid_from_bson,
+)
+
+
+@attrs.frozen
+class ClaimContext:
+    """Who claims, when, and with what."""
+
+    owner: str
+    #: Now and the lease's expiry, in microseconds
+    now: int
+    acquired_until: int
+    token: ObjectId
+    serializer: Serializer
+    logger: Logger
+
+
+@attrs.define
+class ClaimPlan:
+    """What one claim attempt decided for its candidate job documents."""
+
+    #: Each candidate to write, as it will be once the write is applied (``None``
+    #: for one set aside, which the claim does not hold), with its update
+    chosen: list[tuple[Document | None, Update]] = attrs.field(factory=list)
+    #: The jobs to hand to the scheduler, by document id
+    jobs: dict[Any, Job] = attrs.field(factory=dict)
+    #: The results of jobs finished without running, by document id
+    finished: dict[Any, JobResult] = attrs.field(factory=dict)
+
+
+def tasks_of(documents: Sequence[Document]) -> dict[str, Document]:
+    """Take the task documents a claim's read put beside its jobs, by task id."""
+    tasks: dict[str, Document] = {}
+    for document in documents:
+        for task in document.pop(TASK_FIELD, None) or ():
+            if isinstance(task.get("_id"), str):
+                tasks[task["_id"]] = task
+
+    return tasks
+
+
+def task_cap(task: Mapping[str, Any], logger: Logger) -> int | None:
+    """Return a task's ``max_running_jobs``; 0 (run nothing) if the task is bad."""
+    try:
+        # The scheduler reads the task of each job it gets: it must be readable
+        task_from_document(task, 0)
+    except MalformedDocumentError as exc:
+        logger.warning(
+            "Cannot read task %r: %s; its jobs stay queued", task["_id"], exc
+        )
+        return 0
+
+    cap = task.get("max_running_jobs")
+    if cap is None or (isinstance(cap, int) and not isinstance(cap, bool) and cap > 0):
+        return cap
+
+    logger.warning(
+        "Task %r has an invalid max_running_jobs (%r); its jobs stay queued",
+        task["_id"],
+        cap,
+    )
+    return 0
+
+
+@attrs.define
+class Slots:
+    """The numbered slots of the capped tasks that a claim may still take."""
+
+    _free: dict[str, list[int]] = attrs.field(factory=dict)
+
+    @classmethod
+    def left(
+        cls,
+        caps: Mapping[str, int | None],
+        holders: Sequence[Mapping[str, Any]],
+        logger: Logger,
+    ) -> Slots:
+        """
+        Work out the free slots from the jobs holding the capped tasks' slots.
+
+        Running jobs without a slot (acquired before the task had a limit) count
+        against the limit too.
+        """
+        running: dict[str, int] = {}
+        held: dict[str, set[int]] = {}
+        for holder in holders:
+            task_id = holder["task_id"]
+            running[task_id] = running.get(task_id, 0) + 1
+            if "slot_key" in holder:
+                try:
+                    held.setdefault(task_id, set()).add(slot_number(holder["slot_key"]))
+                except (TypeError, ValueError):
+                    # Still counted as running; its slot number is unknown
+                    logger.warning(
+                        "Job %s holds a malformed slot key %r",
+                        describe_id(holder["_id"]),
+                        holder["slot_key"],
+                    )
+
+        free: dict[str, list[int]] = {}
+        for task_id, cap in caps.items():
+            if cap is not None:
+                available = max(0, cap - running.get(task_id, 0))
+                taken = held.get(task_id, set())
+                free[task_id] = [n for n in range(cap) if n not in taken][:available]
+
+        return cls(free)
+
+    def capped(self, task_id: str) -> bool:
+        return task_id in self._free
+
+    def take(self, task_id: str) -> int | None:
+        """Take a free slot of a capped task; ``None`` if none is left."""
+        free = self._free[task_id]
+        return free.pop(0) if free else None
+
+
+def plan_claims(
+    documents: Sequence[Document],
+    caps: Mapping[str, int | None],
+    slots: Slots,
+    context: ClaimContext,
+) -> ClaimPlan:
+    """
+    Decide, for each free job document (in queue order), whether to claim it.
+
+    A job whose task has ``max_running_jobs`` needs one of the task's numbered slots;
+    the unique ``slot_key`` index makes a slot impossible to hold twice. Jobs that
+    cannot run (unreadable, unknown task, start deadline passed) are finished in the
+    same bulk write instead of being handed out; a job whose id is no UUID is set
+    aside.
+    """
+    plan = ClaimPlan()
+    for document in documents:
+        query = {**unchanged(document), **free_jobs(context.now)}
+        try:
+            uuid_from_bson(document["_id"])
+        except MalformedDocumentError as exc:
+            context.logger.warning(
+                "Setting job %r aside: its id is no UUID, so no result can name it",
+                document["_id"],
+            )
+            update = set_aside_update(quarantine_record(str(exc)))
+            plan.chosen.append((None, Update(query, update)))
+            continue
+
+        job, result = _read(document, caps, context)
+        if result is not None:
+            _finish(plan, document, query, result, context)
+        elif job is not None:
+            _take(plan, document, query, job, slots, context)
+
+    return plan
+
+
+def _read(
+    document: Document, caps: Mapping[str, int | None], context: ClaimContext
+) -> tuple[Job | None, JobResult | None]:
+    """Read a candidate: the job to claim, or the result to finish it with."""
+    now = from_micros(context.now)
+    try:
+        job = job_from_document(document, context.serializer)
+    except (DeserializationError, MalformedDocumentError) as exc:
+        context.logger.warning(
+            "Cannot read job %s: %s", describe_id(document.get("_id")), explain(exc)
+        )
+        outcome = JobOutcome.deserialization_failed
+        return None, result_for_document(document, outcome, now, exc)
+
+    return job, _cannot_run(job, caps, now, context.logger)
+
+
+def _cannot_run(
+    job: Job, caps: Mapping[str, int | None], now: datetime, logger: Logger
+) -> JobResult | None:
+    """Return the result of a job that cannot run, or ``None`` if it can."""
+    if job.task_id not in caps:
+        logger.warning("Job %s refers to unknown task %r", job.id, job.task_id)
+        return JobResult.from_job(
+            job,
+            JobOutcome.error,
+            finished_at=now,
+            exception=TaskLookupError(job.task_id),
+        )
+
+    if job.start_deadline is not None and job.start_deadline < now:
+        return JobResult.from_job(
+            job, JobOutcome.missed_start_deadline, finished_at=now
+        )
+
+    return None
+
+
+def _finish(
+    plan: ClaimPlan,
+    document: Document,
+    query: Document,
+    result: JobResult,
+    context: ClaimContext,
+) -> None:
+    update = finish_update(
+        result,
+        context.serializer,
+        context.logger,
+        from_schedule=is_from_schedule(document),
+        token=context.token,
+    )
+    plan.chosen.append((document, Update(query, update)))
+    plan.finished[document["_id"]] = result
+
+
+def _take(
+    plan: ClaimPlan,
+    document: Document,
+    query: Document,
+    job: Job,
+    slots: Slots,
+    context: ClaimContext,
+) -> None:
+    changes = {
+        "state": ACQUIRED,
+        **lease(context.owner, context.acquired_until, context.token),
+    }
+    if slots.capped(job.task_id) and "slot_key" not in document:
+        slot = slots.take(job.task_id)
+        if slot is None:
+            context.logger.debug(
+                "Skipping job %s: task %r runs its maximum number of jobs",
+                job.id,
+                job.task_id,
+            )
+            return
+
+        changes["slot_key"] = slot_key(job.task_id, slot)
+
+    job.acquired_by = context.owner
+    job.acquired_until = from_micros(context.acquired_until)
+    plan.chosen.append(({**document, **changes}, Update(query, {"$set": changes})))
+    plan.jobs[document["_id"]] = job

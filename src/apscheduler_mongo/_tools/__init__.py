@@ -1,0 +1,1 @@
+"""The operator tools: the command line, its status report, and the demo."""
