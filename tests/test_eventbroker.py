@@ -458,7 +458,7 @@ class TestChangeStreamResume:
         assert requested == [(None, {"_data": "invalidate"})]
         assert "dropped or renamed" in caplog.text
         names = {index["name"] for index in await broker._events.list_indexes()}
-        assert {"at", "publisher_seq"} <= names
+        assert {"at", "read_order"} <= names
 
     async def test_catches_up_from_the_collection_when_history_is_lost(
         self, broker: MongoDBEventBroker

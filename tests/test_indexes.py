@@ -63,11 +63,14 @@ class TestChangedIndexes:
         self, client: Any, database_name: str, logger: logging.Logger
     ) -> None:
         schedules = client[database_name]["schedules"]
-        await schedules.create_index([("task_id", DESCENDING)], name="task_id")
+        await schedules.create_index([("acquired_by", DESCENDING)], name="free")
         await start_store(client, database_name, logger)
 
         indexes = await indexes_of(schedules)
-        assert list(indexes["task_id"]["key"].items()) == [("task_id", ASCENDING)]
+        assert list(indexes["free"]["key"].items()) == [
+            ("acquired_by", ASCENDING),
+            ("next_fire_time", ASCENDING),
+        ]
 
     async def test_differing_unique_index_refused(
         self, client: Any, database_name: str, logger: logging.Logger

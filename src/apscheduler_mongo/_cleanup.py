@@ -28,6 +28,8 @@ from ._marshalling import (
 
 #: How long a used fire time is remembered at least (see forget_used_fire_times)
 FIRE_TIME_RETENTION = timedelta(hours=1)
+#: How many documents cleanup reads (and names in one command) at a time
+BATCH = 1000
 
 
 def passed(
@@ -149,10 +151,28 @@ class Cleanup:
         }
 
     async def remove_finished_schedules(self) -> list[ScheduleRemoved]:
-        """Remove finished schedules that have no queued or running jobs left."""
-        async for attempt in self.retry():
-            with attempt:
-                removed = await self._remove_finished_schedules()
+        """
+        Remove finished schedules that have no queued or running jobs left.
+
+        They are read in batches of :data:`BATCH`, by id.
+        """
+        removed: list[Document] = []
+        after: str | None = None
+        while True:
+            async for attempt in self.retry():
+                with attempt:
+                    batch = await self.schedules.find(
+                        layout.finished_schedules(after),
+                        {"task_id": 1, "v": 1},
+                        sort=layout.BY_ID,
+                        limit=BATCH,
+                    )
+                    removed += await self._remove_unused(batch)
+
+            if len(batch) < BATCH:
+                break
+
+            after = batch[-1]["_id"]
 
         return [
             ScheduleRemoved(
@@ -161,14 +181,9 @@ class Cleanup:
             for doc in removed
         ]
 
-    async def _remove_finished_schedules(self) -> list[Document]:
-        # A schedule whose id is no string cannot be read: leave it for a human
-        finished = {
-            doc["_id"]: doc
-            for doc in await self.schedules.find(
-                layout.FINISHED_SCHEDULES, {"task_id": 1, "v": 1}
-            )
-        }
+    async def _remove_unused(self, documents: Sequence[Document]) -> list[Document]:
+        """Remove these finished schedules if no live job is left of them."""
+        finished = {doc["_id"]: doc for doc in documents}
         if finished:
             busy = await self.jobs.distinct(
                 "schedule_id", layout.live_jobs_of_schedules(list(finished))
@@ -181,7 +196,7 @@ class Cleanup:
 
         unchanged = [layout.unchanged(doc) for doc in finished.values()]
         result = await self.schedules.delete_many(
-            {**layout.FINISHED_SCHEDULES, "$or": unchanged}
+            {**layout.finished_schedules(None), "$or": unchanged}
         )
         if result.deleted_count != len(finished):
             left = await self.schedules.distinct(
@@ -201,19 +216,28 @@ class Cleanup:
         with a later next fire time, or is finished or gone, its result (if any) has
         been fetched or has expired, and it finished longer than
         :data:`FIRE_TIME_RETENTION` ago (so that a scheduler that stalled while adding
-        jobs finds it when it wakes).
+        jobs finds it when it wakes). The records are read in batches of
+        :data:`BATCH`, oldest first, so that any number of them is gone through and
+        no command grows with their number.
         """
-        async for attempt in self.retry():
-            with attempt:
-                cutoff = now_micros() - FIRE_TIME_RETENTION // timedelta(microseconds=1)
-                used = self._readable(
-                    await self.jobs.find(
-                        layout.used_fire_times(cutoff),
-                        {"schedule_id": 1, "fire_time": 1},
+        cutoff = now_micros() - FIRE_TIME_RETENTION // timedelta(microseconds=1)
+        after: tuple[int, Any] | None = None
+        while True:
+            async for attempt in self.retry():
+                with attempt:
+                    batch = await self.jobs.find(
+                        layout.used_fire_times(cutoff, after),
+                        {"schedule_id": 1, "fire_time": 1, "finished_time": 1},
+                        sort=layout.FINISH_ORDER,
+                        limit=BATCH,
                     )
-                )
-                if done := await self._moved_past(used):
-                    await self.jobs.delete_many(layout.forgettable(done))
+                    if done := await self._moved_past(self._readable(batch)):
+                        await self.jobs.delete_many(layout.forgettable(done))
+
+            if len(batch) < BATCH:
+                return
+
+            after = (batch[-1]["finished_time"], batch[-1]["_id"])
 
     def _readable(self, documents: Sequence[Document]) -> list[Document]:
         readable = []

@@ -33,7 +33,7 @@ from ._client import (
 )
 from ._events import Delivered
 from ._indexes import ensure_indexes
-from ._layout import Document, event_indexes
+from ._layout import RETIRED_EVENT_INDEXES, Document, event_indexes
 from ._names import database_validator, validate_collection_name
 from ._retry import Trouble, is_temporary_failure, retrying
 
@@ -171,7 +171,9 @@ class MongoDBEventBroker(BaseExternalEventBroker):
 
     async def _prepare_collection(self) -> None:
         """Create the events collection's indexes, or bring them up to date."""
-        await ensure_indexes(self._events, event_indexes(int(self.event_ttl)))
+        await ensure_indexes(
+            self._events, event_indexes(int(self.event_ttl)), RETIRED_EVENT_INDEXES
+        )
 
     async def _skip_existing(self, server_time: object) -> None:
         """Mark the events already visible at start as seen: they are not ours."""

@@ -24,6 +24,9 @@ from pymongo.errors import DuplicateKeyError
 #: A document as the driver reads or writes it
 Document = dict[str, Any]
 
+#: A collection only APScheduler's built-in MongoDB store has (its job results)
+BUILTIN_MARKER = "job_results"
+
 TASKS = "tasks"
 SCHEDULES = "schedules"
 JOBS = "jobs"
@@ -44,36 +47,83 @@ DUE_ORDER = [("next_fire_time", ASCENDING), ("_id", ASCENDING)]
 NEWEST_FIRST = [("finished_time", DESCENDING), ("_id", ASCENDING)]
 BY_ID = [("_id", ASCENDING)]
 
+#: The indexes of each collection, and (below) which queries each serves. Every query
+#: on a hot path is served by one whose prefix is its equality fields and whose
+#: order gives its sort (tests/test_index_coverage.py checks the commands sent)
 SCHEDULE_INDEXES = [
-    IndexModel([("next_fire_time", ASCENDING)], name="next_fire_time"),
-    IndexModel([("task_id", ASCENDING)], name="task_id"),
+    # Due schedules in the order they are handed out; finished ones (null)
+    IndexModel([("next_fire_time", ASCENDING), ("_id", ASCENDING)], name="due"),
+    # The free schedule that falls due first
+    IndexModel(
+        [("acquired_by", ASCENDING), ("next_fire_time", ASCENDING)], name="free"
+    ),
+    # The held schedule whose lease runs out first
+    IndexModel([("acquired_until", ASCENDING)], name="leases"),
+    # What a claim took, read back by its token
+    IndexModel(
+        [("v", ASCENDING), ("next_fire_time", ASCENDING), ("_id", ASCENDING)],
+        name="claim",
+    ),
 ]
+#: Indexes of earlier versions that nothing uses any more, dropped at start
+RETIRED_SCHEDULE_INDEXES = frozenset({"next_fire_time", "task_id"})
 JOB_INDEXES = [
+    # The queue (queued jobs, and acquired ones whose lease may have lapsed), in
+    # queue order; the live jobs; jobs in no known state
     IndexModel(
         [("state", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)],
         name="queue",
     ),
-    IndexModel([("state", ASCENDING), ("acquired_until", ASCENDING)], name="leases"),
-    IndexModel([("acquired_by", ASCENDING)], name="acquired_by", sparse=True),
+    # The jobs one scheduler holds, in queue order (reaping)
+    IndexModel(
+        [
+            ("state", ASCENDING),
+            ("acquired_by", ASCENDING),
+            ("created_at", ASCENDING),
+            ("_id", ASCENDING),
+        ],
+        name="owner",
+    ),
+    # The running jobs of some tasks (task limits, running counts)
     IndexModel([("task_id", ASCENDING), ("state", ASCENDING)], name="task_state"),
+    # The live jobs of finished schedules
     IndexModel(
         [("schedule_id", ASCENDING), ("state", ASCENDING)], name="schedule_state"
     ),
+    # What a claim took, read back by its token
+    IndexModel(
+        [("v", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)], name="claim"
+    ),
+    # Finished jobs by finish time (forgetting used fire times, in batches)
+    IndexModel(
+        [("state", ASCENDING), ("finished_time", ASCENDING), ("_id", ASCENDING)],
+        name="finished",
+    ),
+    # Stored results by expiry
+    IndexModel([("result.expires_at", ASCENDING)], name="results", sparse=True),
     # One job per fire time of a schedule, one holder per slot of a capped task
     IndexModel([("fire_key", ASCENDING)], name="fire_key", unique=True, sparse=True),
     IndexModel([("slot_key", ASCENDING)], name="slot_key", unique=True, sparse=True),
+    # Expired records, deleted by the server (and by cleanup)
     IndexModel([("purge_at", ASCENDING)], name="purge_at", expireAfterSeconds=0),
 ]
+RETIRED_JOB_INDEXES = frozenset({"leases", "acquired_by"})
 
 
 def event_indexes(ttl_seconds: int) -> list[IndexModel]:
     """Return the indexes of the broker's events collection."""
     return [
+        # Old events, deleted by the server
         IndexModel([("at", ASCENDING)], name="at", expireAfterSeconds=ttl_seconds),
+        # New events, in the order they are read
         IndexModel(
-            [("publisher", ASCENDING), ("seq", ASCENDING)], name="publisher_seq"
+            [("at", ASCENDING), ("publisher", ASCENDING), ("seq", ASCENDING)],
+            name="read_order",
         ),
     ]
+
+
+RETIRED_EVENT_INDEXES = frozenset({"publisher_seq"})
 
 
 # Keys
@@ -183,22 +233,29 @@ def due_schedules(owner: str, now: int) -> Document:
 
 #: Match the active schedules that someone may take when they fall due
 WAITING_FREE: Document = {
+    "acquired_by": None,
     "next_fire_time": {"$ne": None},
     **ACTIVE,
-    "acquired_by": None,
 }
 #: ... and those held, which someone may take when their lease runs out
 WAITING_HELD: Document = {
+    "acquired_until": {"$ne": None},
     "next_fire_time": {"$ne": None},
     **ACTIVE,
-    "acquired_by": {"$ne": None},
 }
-#: Match the finished schedules nobody holds (whose ids can be read)
-FINISHED_SCHEDULES: Document = {
-    "_id": {"$type": "string"},
-    "next_fire_time": None,
-    "acquired_by": None,
-}
+
+
+def finished_schedules(after: str | None) -> Document:
+    """
+    Match the finished schedules nobody holds (whose ids can be read).
+
+    :param after: the id of the last schedule of the previous batch
+    """
+    ids: Document = {"$type": "string"}
+    if after is not None:
+        ids["$gt"] = after
+
+    return {"next_fire_time": None, "acquired_by": None, "_id": ids}
 
 
 def released_schedule(owner: str, schedule_id: str) -> Document:
@@ -265,25 +322,43 @@ def stored_result(document_id: object) -> Document:
 
 def expired_records(now: datetime) -> Document:
     """Match the finished jobs whose ``purge_at`` (a BSON date) has passed."""
-    return {"state": FINISHED, "purge_at": {"$lte": now, "$type": "date"}}
+    # Only finished jobs have one
+    return {"purge_at": {"$lte": now, "$type": "date"}}
 
 
 def expired_results(now: int) -> Document:
-    return {"state": FINISHED, "result.expires_at": {"$lte": now}}
+    """Match the jobs whose stored result has expired (only finished ones have one)."""
+    return {"result.expires_at": {"$lte": now}}
 
 
 #: The update that drops a finished job's stored result
 DROP_RESULT: Document = {"$unset": {"result": ""}}
 
 
-def used_fire_times(cutoff: int) -> Document:
-    """Match the records of fire times used before ``cutoff``, results gone."""
-    return {
+def used_fire_times(cutoff: int, after: tuple[int, Any] | None) -> Document:
+    """
+    Match the records of fire times used before ``cutoff``, whose results are gone.
+
+    :param after: the (finish time, id) of the last record of the previous batch
+    """
+    query: Document = {
         "state": FINISHED,
+        "finished_time": {"$lt": cutoff, "$ne": None},
         "fire_key": {"$exists": True},
         "result": {"$exists": False},
-        "finished_time": {"$lt": cutoff, "$ne": None},
     }
+    if after is not None:
+        finished_time, document_id = after
+        query["$or"] = [
+            {"finished_time": {"$gt": finished_time}},
+            {"finished_time": finished_time, "_id": {"$gt": document_id}},
+        ]
+
+    return query
+
+
+#: The order in which used fire times are forgotten, batch by batch
+FINISH_ORDER = [("finished_time", ASCENDING), ("_id", ASCENDING)]
 
 
 def forgettable(ids: Sequence[Any]) -> Document:
@@ -304,16 +379,26 @@ def set_aside_update(record: Document) -> Document:
     }
 
 
-def candidates_with_tasks(now: int, limit: int | None, tasks: str) -> list[Document]:
+def candidates_with_tasks(
+    now: int,
+    limit: int | None,
+    tasks: str,
+    passed_over: Sequence[Any] = (),
+    tasks_at_cap: Iterable[str] = (),
+) -> list[Document]:
     """
     Return the pipeline that reads the free jobs, in queue order, each with its task.
 
-    Each job gets its task document (if any) in ``TASK_FIELD``.
+    Each job gets its task document (if any) in ``TASK_FIELD``. A further round of
+    a claim leaves out the jobs it read already and the tasks it found at their cap.
     """
-    pipeline: list[Document] = [
-        {"$match": free_jobs(now)},
-        {"$sort": dict(QUEUE_ORDER)},
-    ]
+    query = free_jobs(now)
+    if passed_over:
+        query["_id"] = {"$nin": list(passed_over)}
+    if tasks_at_cap:
+        query["task_id"] = {"$nin": sorted(tasks_at_cap)}
+
+    pipeline: list[Document] = [{"$match": query}, {"$sort": dict(QUEUE_ORDER)}]
     if limit:
         pipeline.append({"$limit": limit})
 
@@ -330,7 +415,27 @@ def candidates_with_tasks(now: int, limit: int | None, tasks: str) -> list[Docum
     return pipeline
 
 
+#: Per task, how many jobs run, and each one's id and slot key (read beside a claim's
+#: candidates, in the same round trip; bounded by the jobs running anywhere)
+RUNNING_JOBS: list[Document] = [
+    {"$match": {"state": ACQUIRED}},
+    {
+        "$group": {
+            "_id": "$task_id",
+            "running": {"$sum": 1},
+            "jobs": {"$push": {"_id": "$_id", "slot_key": "$slot_key"}},
+        }
+    },
+]
+
+
+def running_jobs_of(task_id: str) -> list[Document]:
+    """Return the pipeline that counts the running jobs of one task."""
+    return [
+        {"$match": {"task_id": task_id, "state": ACQUIRED}},
+        {"$group": {"_id": None, "running": {"$sum": 1}}},
+    ]
+
+
 #: Where a claim's read puts each job's task document (removed before use)
 TASK_FIELD = "_task"
-#: What a claim reads of the jobs holding slots
-HOLDER_FIELDS: Document = {"task_id": 1, "slot_key": 1}

@@ -1,0 +1,286 @@
+"""
+Cost independent of history (guarantee 11): every query is served by an index, and
+cleanup goes through any amount of history in bounded batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import anyio
+import pytest
+from apscheduler import (
+    AsyncScheduler,
+    CoalescePolicy,
+    ConflictPolicy,
+    Job,
+    Schedule,
+    Task,
+)
+from apscheduler.triggers.interval import IntervalTrigger
+from pymongo import AsyncMongoClient, monitoring
+
+from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
+from apscheduler_mongo import _cleanup as cleanup
+from apscheduler_mongo._layout import FINISHED, fire_key
+from apscheduler_mongo._marshalling import job_to_document, to_micros
+
+from .index_rules import Query, queries_of, served
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder(monitoring.CommandListener):
+    """Keep every command a client sends."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, dict[str, Any]]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.commands.append((event.command_name, dict(event.command)))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def recording_client(
+    wire_uri: str, recorder: Recorder, database_name: str
+) -> AsyncIterator[AsyncMongoClient[Any]]:
+    client: AsyncMongoClient[Any] = AsyncMongoClient(
+        wire_uri, event_listeners=[recorder], tz_aware=True
+    )
+    try:
+        yield client
+    finally:
+        await client.drop_database(database_name)
+        await client.close()
+
+
+async def index_keys(
+    client: Any, database: str
+) -> dict[str, list[list[tuple[str, Any]]]]:
+    keys: dict[str, list[list[tuple[str, Any]]]] = {}
+    for name in await client[database].list_collection_names():
+        indexes = await (await client[database][name].list_indexes()).to_list(None)
+        keys[name] = [list(index["key"].items()) for index in indexes]
+
+    return keys
+
+
+def unserved(
+    commands: list[tuple[str, dict[str, Any]]],
+    keys: dict[str, list[list[tuple[str, Any]]]],
+    database: str,
+) -> list[Query]:
+    """Return the queries no index serves, of the commands sent to ``database``."""
+    queries = [
+        query
+        for name, command in commands
+        if command.get("$db") == database
+        for query in queries_of(name, command)
+    ]
+    return [
+        query
+        for query in queries
+        # A whole collection read in index order (get_tasks, get_schedules) is
+        # what it asks for
+        if not (not query.filter and query.sort in ([], [("_id", 1)]))
+        and not served(query, keys.get(query.collection, []))
+    ]
+
+
+@pytest.mark.wire
+@pytest.mark.slow
+class TestIndexCoverage:
+    """
+    Every query of two busy schedulers (claims and their re-reads, releases, lease
+    extensions, reaping, wake-ups, results, cleanup, the broker's polls) is served
+    by an index, by the prefix and sort rules of ``tests/index_rules.py``.
+    """
+
+    @pytest.fixture
+    def tier(self) -> str:
+        return "wire"
+
+    async def test_busy_schedulers(
+        self,
+        recording_client: AsyncMongoClient[Any],
+        recorder: Recorder,
+        database_name: str,
+        logger: logging.Logger,
+        figures: Any,
+    ) -> None:
+        async with AsyncExitStack() as exit_stack:
+            schedulers = []
+            for n in range(2):
+                store = MongoDBDataStore(recording_client, database=database_name)
+                broker = MongoDBEventBroker(
+                    recording_client,
+                    database=database_name,
+                    mode="polling",
+                    poll_interval=0.05,
+                )
+                scheduler = AsyncScheduler(
+                    store,
+                    broker,
+                    identity=f"busy{n}",
+                    logger=logger,
+                    lease_duration=timedelta(seconds=2),
+                    cleanup_interval=timedelta(seconds=0.5),
+                )
+                await exit_stack.enter_async_context(scheduler)
+                schedulers.append(scheduler)
+
+            first = schedulers[0]
+            await first.data_store.add_task(
+                Task(
+                    id="capped",
+                    func="builtins:len",
+                    job_executor="async",
+                    max_running_jobs=1,
+                )
+            )
+            await first.add_schedule(
+                len,
+                IntervalTrigger(seconds=0.2),
+                args=["x"],
+                id="often",
+                coalesce=CoalescePolicy.all,
+            )
+            for scheduler in schedulers:
+                await scheduler.start_in_background()
+
+            with anyio.fail_after(30):
+                for _ in range(5):
+                    job_id = await first.add_job(
+                        len, args=["abc"], result_expiration_time=60
+                    )
+                    result = await first.get_job_result(job_id)
+                    assert result is not None
+                    assert result.return_value == 3
+
+                    await first.data_store.add_job(
+                        Job(task_id="capped", executor="async")
+                    )
+
+                await anyio.sleep(2.5)  # leases extended, cleanups, wake-ups
+
+        keys = await index_keys(recording_client, database_name)
+        missing = unserved(recorder.commands, keys, database_name)
+        queries = sum(
+            len(queries_of(name, command))
+            for name, command in recorder.commands
+            if command.get("$db") == database_name
+        )
+        assert queries > 200  # the workload did run
+        assert not missing, "\n".join(map(str, missing))
+        figures(
+            f"{queries} queries from {len(recorder.commands)} commands, all indexed"
+        )
+
+
+def fire_record(schedule_id: str, n: int, finished: datetime) -> dict[str, Any]:
+    """A finished schedule job with no result left: a used fire time's record."""
+    job = Job(
+        task_id="task",
+        executor="async",
+        schedule_id=schedule_id,
+        scheduled_fire_time=finished - timedelta(minutes=n),
+    )
+    document = job_to_document(job, pickle_serializer())
+    for field in ("args", "kwargs"):
+        del document[field]
+
+    document.update(state=FINISHED, finished_time=to_micros(finished))
+    document["fire_key"] = fire_key(schedule_id, document["fire_time"])
+    return document
+
+
+def pickle_serializer() -> Any:
+    from apscheduler.serializers.pickle import PickleSerializer
+
+    return PickleSerializer()
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    monkeypatch.setattr(cleanup, "BATCH", 3)
+    yield 3
+
+
+class TestCleanupInBatches:
+    """Cleanup reads and names a bounded number of documents per command, and still
+    goes through all of them."""
+
+    @pytest.mark.usefixtures("small_batches")
+    async def test_more_records_than_a_batch(self, store: MongoDBDataStore) -> None:
+        long_ago = datetime.now(timezone.utc) - cleanup.FIRE_TIME_RETENTION * 2
+        # Ten used fire times of a schedule that is gone, and seven finished
+        # schedules without jobs
+        await store._jobs.raw.insert_many(
+            [fire_record("gone", n, long_ago) for n in range(10)]
+        )
+        for n in range(7):
+            trigger = IntervalTrigger(minutes=1)
+            schedule = Schedule(
+                id=f"done{n}", task_id="task", trigger=trigger, job_executor="async"
+            )
+            await store.add_schedule(schedule, ConflictPolicy.exception)
+
+        assert len(await store.get_schedules()) == 7
+        await store.cleanup()
+
+        assert await store._jobs.count_documents({}) == 0
+        assert await store.get_schedules() == []
+
+
+@pytest.mark.wire
+class TestBatchesOnTheWire:
+    """No cleanup command names more documents than a batch holds."""
+
+    @pytest.fixture
+    def tier(self) -> str:
+        return "wire"
+
+    @pytest.mark.usefixtures("small_batches")
+    async def test_bounded_commands(
+        self,
+        recording_client: AsyncMongoClient[Any],
+        recorder: Recorder,
+        database_name: str,
+        logger: logging.Logger,
+    ) -> None:
+        long_ago = datetime.now(timezone.utc) - cleanup.FIRE_TIME_RETENTION * 2
+        await recording_client[database_name]["jobs"].insert_many(
+            [fire_record("gone", n, long_ago) for n in range(10)]
+        )
+        async with AsyncExitStack() as exit_stack:
+            events = MongoDBEventBroker(recording_client, database=database_name)
+            await events.start(exit_stack, logger)
+            store = MongoDBDataStore(recording_client, database=database_name)
+            await store.start(exit_stack, events, logger)
+            recorder.commands.clear()
+            await store.cleanup()
+
+        assert await recording_client[database_name]["jobs"].count_documents({}) == 0
+        named = [
+            len(statement["q"]["_id"]["$in"])
+            for name, command in recorder.commands
+            if name == "delete"
+            for statement in command["deletes"]
+            if "$in" in (statement["q"].get("_id") or {})
+        ]
+        assert named == [3, 3, 3, 1], named
