@@ -183,17 +183,17 @@ async def fast_retry_store(
 def _flaky_find_one(
     mocker: MockerFixture, store: MongoDBDataStore, failures: list[BaseException]
 ) -> Any:
-    """Make ``find_one`` on the tasks collection raise ``failures``, then work."""
-    real_find_one = store._tasks.find_one
+    """Make the read of a task (one aggregation) raise ``failures``, then work."""
+    real_aggregate = store._tasks.aggregate
     pending = list(failures)
 
-    async def find_one(*args: Any, **kwargs: Any) -> Any:
+    async def aggregate(*args: Any, **kwargs: Any) -> Any:
         if pending:
             raise pending.pop(0)
 
-        return await real_find_one(*args, **kwargs)
+        return await real_aggregate(*args, **kwargs)
 
-    return mocker.patch.object(store._tasks, "find_one", side_effect=find_one)
+    return mocker.patch.object(store._tasks, "aggregate", side_effect=aggregate)
 
 
 def _retry_messages(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -98,10 +98,64 @@ class TestJobLifecycle:
                 "me", acquired, JobResult.from_job(acquired, JobOutcome.success)
             )
 
-        # add: insert; acquire: aggregate (jobs and their tasks), the claim; and,
-        # for a capped task, a read of the slots held; release: update
-        expected = 5 if cap else 4
-        assert len(sent) == expected, sent
+        # add: insert; acquire: one aggregate (the jobs, their tasks and, beside
+        # them, what the running jobs hold, capped task or not), the claim;
+        # release: update
+        assert [name.split()[0] for name in sent] == [
+            "insert",
+            "aggregate",
+            "update",
+            "update",
+        ], sent
+
+    @pytest.mark.parametrize("cap", [None, 5], ids=["uncapped", "capped"])
+    async def test_what_a_scheduler_sends(
+        self, counted_store: MongoDBDataStore, commands: Commands, cap: int | None
+    ) -> None:
+        # The scheduler asks for each acquired job's task before running it: the
+        # claim just read it, so that costs nothing
+        store = counted_store
+        await store.add_task(
+            Task(
+                id="t", func="builtins:len", job_executor="async", max_running_jobs=cap
+            )
+        )
+        jobs = [Job(task_id="t", executor="async") for _ in range(3)]
+        for job in jobs:
+            await store.add_job(job)
+
+        with commands.recording() as sent:
+            acquired = await store.acquire_jobs("me", LEASE, 10)
+            tasks = [await store.get_task(job.task_id) for job in acquired]
+            for job in acquired:
+                result = JobResult.from_job(job, JobOutcome.success)
+                await store.release_job("me", job, result)
+
+        assert len(acquired) == 3
+        assert [task.running_jobs for task in tasks] == [3, 3, 3]
+        assert [name.split()[0] for name in sent] == [
+            "aggregate",
+            "update",
+            *["update"] * 3,
+        ], sent
+
+
+class TestGetTask:
+    """A task and the count of its running jobs come in one round trip."""
+
+    async def test_one_command(
+        self, counted_store: MongoDBDataStore, commands: Commands
+    ) -> None:
+        store = counted_store
+        await store.add_task(Task(id="t", func="builtins:len", job_executor="async"))
+        await store.add_job(Job(task_id="t", executor="async"))
+        await store.acquire_jobs("me", LEASE, 10)
+        store._claimed_tasks.forget()  # as after any other call of the store
+        with commands.recording() as sent:
+            task = await store.get_task("t")
+
+        assert task.running_jobs == 1
+        assert sent == ["aggregate tasks"], sent
 
 
 class TestScheduleFiring:

@@ -33,7 +33,7 @@ from pymongo import (
     UpdateOne,
     WriteConcern,
 )
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 from pymongo.results import BulkWriteResult, DeleteResult, UpdateResult
 
 from ._layout import Document
@@ -48,6 +48,16 @@ DUPLICATE_KEY = 11000
 #: was told about is rolled back at a failover; for at most 10 s, after which the
 #: write counts as a temporary failure and is retried (its outcome settled then)
 MAJORITY = WriteConcern("majority", wtimeout=10_000)
+
+#: Marks the documents a $unionWith brought in
+_UNION = "_apscheduler_mongo_union"
+#: The server's codes for a pipeline stage it does not know or support
+_UNKNOWN_STAGE = frozenset({40324, 115, 303})
+
+
+def _refuses_union(exc: OperationFailure) -> bool:
+    return exc.code in _UNKNOWN_STAGE or "$unionWith" in str(exc)
+
 
 #: Python versions whose asyncio.wait_for() waits in a task of its own
 _WAIT_FOR_IN_A_TASK = sys.version_info < (3, 12)
@@ -127,6 +137,14 @@ def _matched_despite(exc: BulkWriteError) -> int:
     return int(details.get("nMatched", 0))
 
 
+@attrs.define
+class Server:
+    """What a server was found to refuse, so as not to ask again."""
+
+    #: Whether it takes ``$unionWith``
+    union: bool = True
+
+
 class ChangeStream(Protocol):
     """What the broker uses of a change stream."""
 
@@ -171,9 +189,12 @@ class Collection:
     :func:`insulated`.
     """
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, server: Server | None = None) -> None:
         #: The client's own collection object
         self.raw = raw
+        #: What the server can do, as learnt so far (shared by the client's
+        #: collections)
+        self.server = server or Server()
 
     @property
     def name(self) -> str:
@@ -211,6 +232,39 @@ class Collection:
             return list(await cursor.to_list(None))
 
         return await insulated(run())
+
+    async def aggregate_with(
+        self,
+        pipeline: Sequence[Mapping[str, Any]],
+        other: Collection,
+        other_pipeline: Sequence[Mapping[str, Any]],
+    ) -> tuple[list[Document], list[Document]]:
+        """
+        Run a pipeline here and another on ``other``; return both outputs.
+
+        One round trip where the server has ``$unionWith`` (MongoDB 4.4 and later);
+        where it refuses it (Amazon DocumentDB before 8.0.3, say), two, from then on.
+        """
+        if self.server.union:
+            union = {
+                "$unionWith": {
+                    "coll": other.name,
+                    "pipeline": [*other_pipeline, {"$addFields": {_UNION: True}}],
+                }
+            }
+            try:
+                documents = await self.aggregate([*pipeline, union])
+            except OperationFailure as exc:
+                if not _refuses_union(exc):
+                    raise
+
+                self.server.union = False
+            else:
+                ours = [doc for doc in documents if _UNION not in doc]
+                theirs = [doc for doc in documents if _UNION in doc]
+                return ours, theirs
+
+        return await self.aggregate(pipeline), await other.aggregate(other_pipeline)
 
     async def count_documents(self, query: Mapping[str, Any]) -> int:
         return int(await insulated(self.raw.count_documents(query)))
@@ -335,6 +389,16 @@ class _MongomockCollection(Collection):
     async def change_ttl(self, index: str, seconds: int) -> bool:
         return False  # it has no collMod
 
+    @override
+    async def aggregate_with(
+        self,
+        pipeline: Sequence[Mapping[str, Any]],
+        other: Collection,
+        other_pipeline: Sequence[Mapping[str, Any]],
+    ) -> tuple[list[Document], list[Document]]:
+        # It has no $unionWith
+        return await self.aggregate(pipeline), await other.aggregate(other_pipeline)
+
 
 class Adapter:
     """What differs between the kinds of client: chosen once per store or broker."""
@@ -343,6 +407,7 @@ class Adapter:
 
     def __init__(self, client: Any) -> None:
         self.client = client
+        self.server = Server()
 
     def collection(self, database: str, name: str) -> Collection:
         """
@@ -358,7 +423,7 @@ class Adapter:
             options["write_concern"] = MAJORITY
 
         raw = self.client[database].get_collection(name, **options)
-        return self.collection_class(raw)
+        return self.collection_class(raw, self.server)
 
     def write_concern(self) -> WriteConcern:
         return cast(WriteConcern, self.client.write_concern)

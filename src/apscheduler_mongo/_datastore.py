@@ -52,6 +52,7 @@ from ._client import (
     require_asyncio,
 )
 from ._indexes import ensure_indexes
+from ._job_claims import ClaimedTasks, ClaimRead, plan_job_claim, running_count
 from ._layout import ACQUIRED, Document
 from ._leases import Leases
 from ._marshalling import (
@@ -75,7 +76,7 @@ from ._marshalling import (
     uuid_to_bson,
 )
 from ._names import database_validator
-from ._planner import ClaimContext, ClaimPlan, Slots, plan_claims, task_cap, tasks_of
+from ._planner import ClaimContext, ClaimPlan
 from ._retry import retrying
 
 _MICROSECOND = timedelta(microseconds=1)
@@ -134,6 +135,7 @@ class MongoDBDataStore(BaseExternalDataStore):
     _schedules: Collection = attrs.field(init=False)
     _jobs: Collection = attrs.field(init=False)
     _leases: Leases = attrs.field(init=False)
+    _claimed_tasks: ClaimedTasks = attrs.field(init=False, factory=ClaimedTasks)
 
     def __repr__(self) -> str:
         return (
@@ -161,12 +163,38 @@ class MongoDBDataStore(BaseExternalDataStore):
             async for attempt in self._retry():
                 with attempt:
                     await check_server(adapter, self.database)
+                    await self._refuse_foreign_store(adapter)
                     if self.start_from_scratch:
                         for collection in (self._tasks, self._schedules, self._jobs):
                             await collection.drop()
 
-                    await ensure_indexes(self._schedules, layout.SCHEDULE_INDEXES)
-                    await ensure_indexes(self._jobs, layout.JOB_INDEXES)
+                    await ensure_indexes(
+                        self._schedules,
+                        layout.SCHEDULE_INDEXES,
+                        layout.RETIRED_SCHEDULE_INDEXES,
+                    )
+                    await ensure_indexes(
+                        self._jobs, layout.JOB_INDEXES, layout.RETIRED_JOB_INDEXES
+                    )
+
+    async def _refuse_foreign_store(self, adapter: Adapter) -> None:
+        """
+        Refuse a database that APScheduler's built-in MongoDB store uses.
+
+        Its documents look like ours to the server but not to this store, which
+        would skip them all as unreadable (and its schedulers would meet ours).
+
+        :raises RuntimeError: if the database holds the built-in store's
+            ``job_results`` collection
+        """
+        names = await adapter.collection_names(self.database)
+        if layout.BUILTIN_MARKER in names:
+            raise RuntimeError(
+                f"database {self.database!r} holds the collections of APScheduler's "
+                f"built-in MongoDB store ({layout.BUILTIN_MARKER!r} among them), "
+                f"whose documents this store cannot read; use a new database (see "
+                f"the migration guide), or drop those collections"
+            )
 
     async def _publish_all(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -175,6 +203,7 @@ class MongoDBDataStore(BaseExternalDataStore):
     # Tasks
 
     async def add_task(self, task: Task) -> None:
+        self._claimed_tasks.forget(task.id)
         document = task_to_document(task)
         async for attempt in self._retry():
             with attempt:
@@ -188,6 +217,7 @@ class MongoDBDataStore(BaseExternalDataStore):
             await self._event_broker.publish(TaskUpdated(task_id=task.id))
 
     async def remove_task(self, task_id: str) -> None:
+        self._claimed_tasks.forget(task_id)
         async for attempt in self._retry():
             with attempt:
                 result = await self._tasks.delete_one({"_id": task_id})
@@ -216,16 +246,29 @@ class MongoDBDataStore(BaseExternalDataStore):
         return counts
 
     async def get_task(self, task_id: str) -> Task:
+        """
+        Return a task, with the number of its jobs running now.
+
+        For the task of a job this store's latest claim just handed out (what the
+        scheduler asks before running the job), the answer comes from what the claim
+        read, without a round trip (see :class:`~._job_claims.ClaimedTasks`);
+        otherwise the task and the count of its running jobs are read in one.
+        """
+        if (task := self._claimed_tasks.recall(task_id)) is not None:
+            return task
+
+        match = [{"$match": {"_id": task_id}}]
         async for attempt in self._retry():
             with attempt:
-                document = await self._tasks.find_one({"_id": task_id})
+                documents, summaries = await self._tasks.aggregate_with(
+                    match, self._jobs, layout.running_jobs_of(task_id)
+                )
 
-        if document is None:
+        if not documents:
             raise TaskLookupError(task_id)
 
-        running = await self._running_jobs([task_id])
         try:
-            return task_from_document(document, running[task_id])
+            return task_from_document(documents[0], running_count(summaries))
         except MalformedDocumentError as exc:
             raise MalformedDocumentError(
                 f"cannot read task {task_id!r}: {explain(exc)}"
@@ -604,7 +647,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         self, scheduler_id: str, lease_duration: timedelta, limit: int | None = None
     ) -> list[Job]:
         token = layout.new_token()
-        plans: list[ClaimPlan] = []
+        reads: list[ClaimRead] = []
 
         async def choose() -> list[tuple[Document | None, Update]]:
             now = now_micros()
@@ -616,9 +659,9 @@ class MongoDBDataStore(BaseExternalDataStore):
                 self.serializer,
                 self._logger,
             )
-            plan = await self._plan_claims(context, limit)
-            plans.append(plan)
-            return plan.chosen
+            read = await plan_job_claim(self._jobs, self._tasks, context, limit)
+            reads.append(read)
+            return read.plan.chosen
 
         async with self._leases.claiming(jobs=True, owner=scheduler_id, token=token):
             async for attempt in self._retry():
@@ -631,30 +674,14 @@ class MongoDBDataStore(BaseExternalDataStore):
                         choose,
                     )
 
+            plans = [read.plan for read in reads]
             acquired, events = self._handed_out(scheduler_id, documents, plans)
+            if reads:
+                self._claimed_tasks.remember(reads[-1], acquired)
+
             await self._publish_all(events)
 
         return acquired
-
-    async def _plan_claims(self, context: ClaimContext, limit: int | None) -> ClaimPlan:
-        """Read the free jobs (with their tasks) and the slots held; plan the claim."""
-        pipeline = layout.candidates_with_tasks(context.now, limit, self._tasks.name)
-        documents = await self._jobs.aggregate(pipeline)
-        if not documents:
-            return ClaimPlan()
-
-        tasks = tasks_of(documents)
-        caps = {
-            task_id: task_cap(task, self._logger) for task_id, task in tasks.items()
-        }
-        holders: list[Document] = []
-        if capped := [task_id for task_id, cap in caps.items() if cap is not None]:
-            holders = await self._jobs.find(
-                layout.jobs_of(capped, ACQUIRED), layout.HOLDER_FIELDS
-            )
-
-        slots = Slots.left(caps, holders, self._logger)
-        return plan_claims(documents, caps, slots, context)
 
     def _handed_out(
         self, scheduler_id: str, documents: Sequence[Document], plans: list[ClaimPlan]
@@ -676,6 +703,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         return acquired, events
 
     async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
+        self._claimed_tasks.forget(job.task_id)
         token = layout.new_token()
         from_schedule = (
             job.schedule_id is not None and job.original_scheduled_time is not None
@@ -781,6 +809,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         await self._leases.extend(self._jobs, scheduler_id, ids, duration)
 
     async def reap_abandoned_jobs(self, scheduler_id: str) -> None:
+        self._claimed_tasks.forget()
         await self._leases.give_back()  # those never reached the scheduler
         async for attempt in self._retry():
             with attempt:
@@ -793,6 +822,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         await self._publish_all(await self._cleanup().abandon(documents))
 
     async def cleanup(self) -> None:
+        self._claimed_tasks.forget()
         await self._publish_all(await self._cleanup().run())
 
     def _cleanup(self) -> Cleanup:

@@ -75,6 +75,19 @@ class ClaimPlan:
     jobs: dict[Any, Job] = attrs.field(factory=dict)
     #: The results of jobs finished without running, by document id
     finished: dict[Any, JobResult] = attrs.field(factory=dict)
+    #: The tasks whose jobs were left queued because they run all they may
+    at_cap: set[str] = attrs.field(factory=set)
+    #: The jobs to hand out that were queued (the others' leases had lapsed: they
+    #: were counted as running already), by document id
+    were_queued: set[Any] = attrs.field(factory=set)
+
+    def extend(self, other: ClaimPlan) -> None:
+        """Add what a further round of the same claim decided."""
+        self.chosen += other.chosen
+        self.jobs.update(other.jobs)
+        self.finished.update(other.finished)
+        self.at_cap |= other.at_cap
+        self.were_queued |= other.were_queued
 
 
 def tasks_of(documents: Sequence[Document]) -> dict[str, Document]:
@@ -111,55 +124,70 @@ def task_cap(task: Mapping[str, Any], logger: Logger) -> int | None:
     return 0
 
 
+@attrs.frozen
+class Holding:
+    """What a task's running jobs hold: how many run, and which slots they have."""
+
+    running: int = 0
+    slots: frozenset[int] = frozenset()
+
+
+def holdings_of(
+    summaries: Sequence[Mapping[str, Any]], logger: Logger
+) -> dict[str, Holding]:
+    """
+    Read the running jobs' summaries (``RUNNING_JOBS``: per task, a count and each
+    running job's id and slot key) into holdings by task id.
+
+    A malformed slot key is warned about; its job still counts as running.
+    """
+    holdings: dict[str, Holding] = {}
+    for summary in summaries:
+        task_id, running = summary.get("_id"), summary.get("running")
+        if isinstance(task_id, str) and isinstance(running, int):
+            held = (_slot_of(job, logger) for job in summary.get("jobs") or ())
+            slots = frozenset(slot for slot in held if slot is not None)
+            holdings[task_id] = Holding(running, slots)
+
+    return holdings
+
+
+def _slot_of(job: Mapping[str, Any], logger: Logger) -> int | None:
+    """Return the number of the slot a running job holds, if it holds one."""
+    if "slot_key" not in job or job["slot_key"] is None:
+        return None
+
+    try:
+        return slot_number(job["slot_key"])
+    except (AttributeError, TypeError, ValueError):
+        logger.warning(
+            "Job %s holds a malformed slot key %r",
+            describe_id(job.get("_id")),
+            job["slot_key"],
+        )
+        return None
+
+
 @attrs.define
 class Slots:
-    """The numbered slots of the capped tasks that a claim may still take."""
+    """
+    The numbered slots of the capped tasks that a claim may still take.
 
-    _free: dict[str, list[int]] = attrs.field(factory=dict)
+    Running jobs without a slot (acquired before the task had a limit) count against
+    the limit too.
+    """
 
-    @classmethod
-    def left(
-        cls,
-        caps: Mapping[str, int | None],
-        holders: Sequence[Mapping[str, Any]],
-        logger: Logger,
-    ) -> Slots:
-        """
-        Work out the free slots from the jobs holding the capped tasks' slots.
+    holdings: Mapping[str, Holding]
+    _free: dict[str, list[int]] = attrs.field(init=False, factory=dict)
 
-        Running jobs without a slot (acquired before the task had a limit) count
-        against the limit too.
-        """
-        running: dict[str, int] = {}
-        held: dict[str, set[int]] = {}
-        for holder in holders:
-            task_id = holder["task_id"]
-            running[task_id] = running.get(task_id, 0) + 1
-            if "slot_key" in holder:
-                try:
-                    held.setdefault(task_id, set()).add(slot_number(holder["slot_key"]))
-                except (TypeError, ValueError):
-                    # Still counted as running; its slot number is unknown
-                    logger.warning(
-                        "Job %s holds a malformed slot key %r",
-                        describe_id(holder["_id"]),
-                        holder["slot_key"],
-                    )
+    def take(self, task_id: str, cap: int) -> int | None:
+        """Take a free slot of a task capped at ``cap``; ``None`` if none is left."""
+        if task_id not in self._free:
+            holding = self.holdings.get(task_id, Holding())
+            available = max(0, cap - holding.running)
+            free = [n for n in range(cap) if n not in holding.slots]
+            self._free[task_id] = free[:available]
 
-        free: dict[str, list[int]] = {}
-        for task_id, cap in caps.items():
-            if cap is not None:
-                available = max(0, cap - running.get(task_id, 0))
-                taken = held.get(task_id, set())
-                free[task_id] = [n for n in range(cap) if n not in taken][:available]
-
-        return cls(free)
-
-    def capped(self, task_id: str) -> bool:
-        return task_id in self._free
-
-    def take(self, task_id: str) -> int | None:
-        """Take a free slot of a capped task; ``None`` if none is left."""
         free = self._free[task_id]
         return free.pop(0) if free else None
 
@@ -174,9 +202,10 @@ def plan_claims(
     Decide, for each free job document (in queue order), whether to claim it.
 
     A job whose task has ``max_running_jobs`` needs one of the task's numbered slots;
-    the unique ``slot_key`` index makes a slot impossible to hold twice. Jobs that
-    cannot run (unreadable, unknown task, start deadline passed) are finished in the
-    same bulk write instead of being handed out; a job whose id is no UUID is set
+    the unique ``slot_key`` index makes a slot impossible to hold twice; a job for
+    which none is left stays queued, and the plan names its task in ``at_cap``. Jobs
+    that cannot run (unreadable, unknown task, start deadline passed) are finished in
+    the same bulk write instead of being handed out; a job whose id is no UUID is set
     aside.
     """
     plan = ClaimPlan()
@@ -197,7 +226,7 @@ def plan_claims(
         if result is not None:
             _finish(plan, document, query, result, context)
         elif job is not None:
-            _take(plan, document, query, job, slots, context)
+            _take(plan, document, query, job, caps, slots, context)
 
     return plan
 
@@ -263,6 +292,7 @@ def _take(
     document: Document,
     query: Document,
     job: Job,
+    caps: Mapping[str, int | None],
     slots: Slots,
     context: ClaimContext,
 ) -> None:
@@ -270,14 +300,16 @@ def _take(
         "state": ACQUIRED,
         **lease(context.owner, context.acquired_until, context.token),
     }
-    if slots.capped(job.task_id) and "slot_key" not in document:
-        slot = slots.take(job.task_id)
+    cap = caps[job.task_id]
+    if cap is not None and "slot_key" not in document:
+        slot = slots.take(job.task_id, cap)
         if slot is None:
             context.logger.debug(
                 "Skipping job %s: task %r runs its maximum number of jobs",
                 job.id,
                 job.task_id,
             )
+            plan.at_cap.add(job.task_id)
             return
 
         changes["slot_key"] = slot_key(job.task_id, slot)
@@ -286,3 +318,5 @@ def _take(
     job.acquired_until = from_micros(context.acquired_until)
     plan.chosen.append(({**document, **changes}, Update(query, {"$set": changes})))
     plan.jobs[document["_id"]] = job
+    if document.get("state") != ACQUIRED:
+        plan.were_queued.add(document["_id"])
