@@ -314,6 +314,39 @@ def _acquisition(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _history(rows: list[dict[str, Any]]) -> list[str]:
+    timed = any(row["job"]["ms"] is not None for row in rows)
+    lines = [
+        "## Cost versus history",
+        "",
+        "One job's life (add, acquire, get_task, release), one schedule firing and "
+        "one cleanup, with this many finished jobs (results kept) already stored. "
+        "Commands sent / documents the server returned"
+        + ("; milliseconds." if timed else "; times only on a real server."),
+        "",
+    ]
+    header = ["store", "finished jobs", "job", "firing", "cleanup"]
+
+    def cell(measure: dict[str, Any]) -> str:
+        text = f"{measure['commands']} / {measure['documents']}"
+        return f"{text} / {measure['ms']:.1f} ms" if measure["ms"] is not None else text
+
+    lines += table(
+        header,
+        [
+            [
+                STORE_NAMES[row["store"]].split(" ")[0],
+                f"{row['history']:,}",
+                cell(row["job"]),
+                cell(row["firing"]),
+                cell(row["cleanup"]),
+            ]
+            for row in rows
+        ],
+    )
+    return lines
+
+
 def _latency(rows: list[dict[str, Any]]) -> list[str]:
     first = rows[0]
     lines = [
@@ -493,6 +526,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("drain", _drain),
         ("schedules", _schedules),
         ("acquisition", _acquisition),
+        ("history", _history),
         ("latency", _latency),
     ]
     for key, render in sections:

@@ -36,10 +36,11 @@ from typing import Any
 from _common import ROOT, STORE_KINDS, describe_server, server_uri
 from _counts import count_commands
 from _drain import measure_drain
+from _history import history_sizes, measure_history
 from _rates import acquisition_rounds, measure_acquisition, measure_schedules
 from _report import evaluate_targets, markdown, plot_throughput, write_json
 
-SECTIONS = ("counts", "schedules", "acquisition", "drain", "latency")
+SECTIONS = ("counts", "schedules", "acquisition", "history", "drain", "latency")
 FULL = {
     "jobs": 5000,
     "schedules": 1000,
@@ -180,59 +181,91 @@ def _versions() -> dict[str, str]:
     return {name: found for name in packages if (found := _version(name)) is not None}
 
 
-async def run(uri: str, args: argparse.Namespace) -> dict[str, Any]:
-    sections = set(args.sections.split(","))
-    results: dict[str, Any] = {}
-    if "counts" in sections:
-        results["counts"] = {}
-        for kind in STORE_KINDS:
-            progress(f"counting commands: {kind}")
-            results["counts"][kind] = await count_commands(kind, uri)
+async def _counts(uri: str, _args: argparse.Namespace) -> Any:
+    counts = {}
+    for kind in STORE_KINDS:
+        progress(f"counting commands: {kind}")
+        counts[kind] = await count_commands(kind, uri)
 
-    if "schedules" in sections:
-        results["schedules"] = []
-        for kind in STORE_KINDS:
-            for with_jobs in (False, True):
-                progress(f"schedules/s: {kind}, {args.schedules} schedules")
-                results["schedules"].append(
-                    await measure_schedules(
-                        kind, uri, args.schedules, with_jobs=with_jobs
-                    )
-                )
+    return counts
 
-    if "acquisition" in sections:
-        results["acquisition"] = {}
-        rounds = acquisition_rounds(args.acq_queued)
-        for kind in STORE_KINDS:
-            progress(
-                f"acquisition cost: {kind}, {args.acq_queued} queued, "
-                f"{args.acq_extra} finished + leased"
-            )
-            results["acquisition"][kind] = await measure_acquisition(
-                kind, uri, args.acq_queued, args.acq_extra, rounds
+
+async def _schedules(uri: str, args: argparse.Namespace) -> Any:
+    rows = []
+    for kind in STORE_KINDS:
+        for with_jobs in (False, True):
+            progress(f"schedules/s: {kind}, {args.schedules} schedules")
+            rows.append(
+                await measure_schedules(kind, uri, args.schedules, with_jobs=with_jobs)
             )
 
-    if "drain" in sections:
-        results["drain"] = []
-        for workers in args.worker_counts:
-            for kind in STORE_KINDS:
-                progress(f"draining {args.jobs} jobs: {kind}, {workers} workers")
-                row = await measure_drain(kind, uri, args.jobs, workers, args.limit)
-                progress(
-                    f"  {row['jobs_per_second']:.1f} jobs/s, "
-                    f"{row['duplicates']} duplicates, {row['lost']} lost"
-                )
-                results["drain"].append(row)
+    return rows
 
-    if "latency" in sections:
-        import broker_latency
 
-        progress(f"broker latency: {args.latency_events} events per mode")
-        results["latency"] = await broker_latency.measure(
-            uri, events=args.latency_events
+async def _acquisition(uri: str, args: argparse.Namespace) -> Any:
+    results = {}
+    rounds = acquisition_rounds(args.acq_queued)
+    for kind in STORE_KINDS:
+        progress(
+            f"acquisition cost: {kind}, {args.acq_queued} queued, "
+            f"{args.acq_extra} finished + leased"
+        )
+        results[kind] = await measure_acquisition(
+            kind, uri, args.acq_queued, args.acq_extra, rounds
         )
 
     return results
+
+
+async def _history(uri: str, args: argparse.Namespace) -> Any:
+    rows = []
+    sizes = history_sizes(args.quick)
+    for kind in STORE_KINDS:
+        progress(f"cost versus history: {kind}, {sizes} finished jobs")
+        rows += await measure_history(kind, uri, sizes)
+
+    return rows
+
+
+async def _drain(uri: str, args: argparse.Namespace) -> Any:
+    rows = []
+    for workers in args.worker_counts:
+        for kind in STORE_KINDS:
+            progress(f"draining {args.jobs} jobs: {kind}, {workers} workers")
+            row = await measure_drain(kind, uri, args.jobs, workers, args.limit)
+            progress(
+                f"  {row['jobs_per_second']:.1f} jobs/s, "
+                f"{row['duplicates']} duplicates, {row['lost']} lost"
+            )
+            rows.append(row)
+
+    return rows
+
+
+async def _latency(uri: str, args: argparse.Namespace) -> Any:
+    import broker_latency
+
+    progress(f"broker latency: {args.latency_events} events per mode")
+    return await broker_latency.measure(uri, events=args.latency_events)
+
+
+_RUNNERS = {
+    "counts": _counts,
+    "schedules": _schedules,
+    "acquisition": _acquisition,
+    "history": _history,
+    "drain": _drain,
+    "latency": _latency,
+}
+
+
+async def run(uri: str, args: argparse.Namespace) -> dict[str, Any]:
+    sections = set(args.sections.split(","))
+    return {
+        section: await runner(uri, args)
+        for section, runner in _RUNNERS.items()
+        if section in sections
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
