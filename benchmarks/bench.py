@@ -74,7 +74,8 @@ NOTES = [
     "Queued, finished and leased jobs are seeded as copies of one job made through "
     "each store's own API (fresh ids and version tokens), inserted 250 at a time.",
     "Drain workers do not call get_task (a scheduler would, once per job: 1 more "
-    "command per job for the built-in store, 2 for ours).",
+    "command per job for the built-in store, none for ours, whose claim has just "
+    "read the task).",
     "APScheduler has no MongoDB event broker, so the latency is ours only.",
 ]
 
