@@ -15,6 +15,7 @@ from apscheduler.serializers.json import JSONSerializer
 from apscheduler.serializers.pickle import PickleSerializer
 
 from apscheduler_mongo import MongoDBDataStore
+from apscheduler_mongo._clock import ServerClock
 
 from .servers import describe_wire_server, wire_server_uri, wire_unavailable_reason
 from .tier_report import TierReport
@@ -73,6 +74,24 @@ def figures(request: pytest.FixtureRequest) -> Callable[[str], None]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def _observe_nothing(*_args: object, **_kwargs: object) -> None:
+    """Stand in for ServerClock.observe: keep no sample."""
+
+
+@pytest.fixture(autouse=True)
+def host_clock_under_time_machine(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    In a test that moves this host's clock (time_machine), stores go by that clock.
+
+    Such a test stands for time passing everywhere; a store would otherwise go by
+    its estimate of the server's clock, which time_machine does not move.
+    """
+    if "time_machine" in request.fixturenames:
+        monkeypatch.setattr(ServerClock, "observe", _observe_nothing)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ import itertools
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
@@ -199,6 +200,16 @@ class FaultPlan:
             self._reply_changes.append(
                 (frozenset({"isMaster", "ismaster"}), no_hello_ok)
             )
+
+    def shift_clock(self, seconds: float) -> None:
+        """Make the handshake replies tell a server time ``seconds`` ahead."""
+
+        def shifted(body: dict[str, Any]) -> None:
+            if isinstance(local_time := body.get("localTime"), datetime):
+                body["localTime"] = local_time + timedelta(seconds=seconds)
+
+        with self._lock:
+            self._reply_changes.append((HANDSHAKES, shifted))
 
     def replica_set(self, name: str, me: str | None = None) -> None:
         """

@@ -5,8 +5,8 @@ A query is served by an index when the index's first field is constrained by the
 query, the fields the query fixes to one value (or a few, with ``$in``) form a
 prefix of the index, and the sort (if any) follows that prefix in the index's order
 (or its reverse). Range and other conditions may be on any field: the server checks
-them on the keys it walks. ``$or`` is served when its branches all are (each with the
-conditions beside the ``$or``), or when those conditions are served without it.
+them on the keys it walks. ``$or`` is served when the branches of one ``$or`` all are
+(each with the conditions beside it), or when those conditions are served without it.
 
 This is what ``tests/test_cost.py`` checks every command against; it is a model of
 the query planner's rules, not the planner: on a real server, ``explain()`` has the
@@ -101,13 +101,22 @@ def served(query: Query, indexes: Iterable[Sequence[tuple[str, Any]]]) -> bool:
     if not ors:
         return False
 
-    # Each $or branch, with the conditions beside the $or
-    for branches in ors:
-        for branch in branches:
-            merged, _ = _fields({**query.filter, "$or": [], **branch})
-            merged.update({k: v for k, v in fields.items() if k not in merged})
-            if not any(_served_by(merged, query.sort, key) for key in keys):
-                return False
+    # One $or whose every branch is served, with the conditions beside it (the
+    # server checks any other $or on the keys or documents it reads)
+    return any(_all_branches_served(branches, fields, query, keys) for branches in ors)
+
+
+def _all_branches_served(
+    branches: Sequence[Mapping[str, Any]],
+    fields: Mapping[str, str],
+    query: Query,
+    keys: Sequence[Sequence[tuple[str, Any]]],
+) -> bool:
+    for branch in branches:
+        merged, _ = _fields(branch)
+        merged.update({k: v for k, v in fields.items() if k not in merged})
+        if not any(_served_by(merged, query.sort, key) for key in keys):
+            return False
 
     return True
 

@@ -372,7 +372,9 @@ def test_troubleshooting_explains_every_warning() -> None:
         for module, line, text in messages
         if not all(
             part in page
-            for part in map(str.strip, re.split(r"%[-#0 +]*\d*[sdrfi]", text))
+            for part in map(
+                str.strip, re.split(r"%[-#0 +]*\d*(?:\.\d+)?[sdrfig]", text)
+            )
             if len(part) > 2
         )
     ]

@@ -145,6 +145,10 @@ class Server:
     union: bool = True
 
 
+#: A pipeline to run on another collection, beside a pipeline here
+Union = tuple["Collection", Sequence[Mapping[str, Any]]]
+
+
 class ChangeStream(Protocol):
     """What the broker uses of a change stream."""
 
@@ -234,37 +238,49 @@ class Collection:
         return await insulated(run())
 
     async def aggregate_with(
-        self,
-        pipeline: Sequence[Mapping[str, Any]],
-        other: Collection,
-        other_pipeline: Sequence[Mapping[str, Any]],
-    ) -> tuple[list[Document], list[Document]]:
+        self, pipeline: Sequence[Mapping[str, Any]], *others: Union
+    ) -> list[list[Document]]:
         """
-        Run a pipeline here and another on ``other``; return both outputs.
+        Run a pipeline here and one on each other collection; return the outputs.
 
         One round trip where the server has ``$unionWith`` (MongoDB 4.4 and later);
-        where it refuses it (Amazon DocumentDB before 8.0.3, say), two, from then on.
+        where it refuses it (Amazon DocumentDB before 8.0.3, say), one for each
+        pipeline, from then on.
         """
         if self.server.union:
-            union = {
-                "$unionWith": {
-                    "coll": other.name,
-                    "pipeline": [*other_pipeline, {"$addFields": {_UNION: True}}],
+            unions = [
+                {
+                    "$unionWith": {
+                        "coll": other.name,
+                        "pipeline": [*stages, {"$addFields": {_UNION: number}}],
+                    }
                 }
-            }
+                for number, (other, stages) in enumerate(others, 1)
+            ]
             try:
-                documents = await self.aggregate([*pipeline, union])
+                documents = await self.aggregate([*pipeline, *unions])
             except OperationFailure as exc:
                 if not _refuses_union(exc):
                     raise
 
                 self.server.union = False
             else:
-                ours = [doc for doc in documents if _UNION not in doc]
-                theirs = [doc for doc in documents if _UNION in doc]
-                return ours, theirs
+                outputs: list[list[Document]] = [[] for _ in range(len(others) + 1)]
+                for document in documents:
+                    outputs[document.pop(_UNION, 0)].append(document)
 
-        return await self.aggregate(pipeline), await other.aggregate(other_pipeline)
+                return outputs
+
+        return await self._separately(pipeline, others)
+
+    async def _separately(
+        self, pipeline: Sequence[Mapping[str, Any]], others: Sequence[Union]
+    ) -> list[list[Document]]:
+        outputs = [await self.aggregate(pipeline)]
+        for other, stages in others:
+            outputs.append(await other.aggregate(stages))
+
+        return outputs
 
     async def count_documents(self, query: Mapping[str, Any]) -> int:
         return int(await insulated(self.raw.count_documents(query)))
@@ -391,13 +407,9 @@ class _MongomockCollection(Collection):
 
     @override
     async def aggregate_with(
-        self,
-        pipeline: Sequence[Mapping[str, Any]],
-        other: Collection,
-        other_pipeline: Sequence[Mapping[str, Any]],
-    ) -> tuple[list[Document], list[Document]]:
-        # It has no $unionWith
-        return await self.aggregate(pipeline), await other.aggregate(other_pipeline)
+        self, pipeline: Sequence[Mapping[str, Any]], *others: Union
+    ) -> list[list[Document]]:
+        return await self._separately(pipeline, others)  # it has no $unionWith
 
 
 class Adapter:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from logging import Logger
 from typing import Any
 
@@ -15,13 +15,14 @@ from tenacity import AsyncRetrying
 
 from . import _layout as layout
 from ._adapters import Collection, Update
+from ._clock import ServerClock
 from ._layout import ACQUIRED, Document
 from ._marshalling import (
     MalformedDocumentError,
     describe_id,
     finish_update,
+    from_micros,
     is_from_schedule,
-    now_micros,
     released_event,
     result_for_document,
 )
@@ -56,6 +57,8 @@ class Cleanup:
     serializer: Serializer
     retry: Callable[[], AsyncRetrying]
     logger: Logger
+    #: The server's clock, which judges leases and expiry
+    clock: ServerClock
 
     async def run(self) -> list[JobReleased | ScheduleRemoved]:
         """Clean up; return the events to publish."""
@@ -76,10 +79,10 @@ class Cleanup:
         """
         async for attempt in self.retry():
             with attempt:
-                now = datetime.now(timezone.utc)
-                await self.jobs.delete_many(layout.expired_records(now))
+                now = self.clock.now_micros()
+                await self.jobs.delete_many(layout.expired_records(from_micros(now)))
                 await self.jobs.update_many(
-                    layout.expired_results(now_micros()), layout.DROP_RESULT
+                    layout.expired_results(now), layout.DROP_RESULT
                 )
 
     async def lapsed_jobs(self) -> list[Document]:
@@ -87,7 +90,7 @@ class Cleanup:
         async for attempt in self.retry():
             with attempt:
                 lapsed = await self.jobs.find(
-                    layout.lapsed_jobs(now_micros()),
+                    layout.lapsed_jobs(self.clock.now_micros()),
                     layout.WITHOUT_ARGUMENTS,
                     sort=layout.QUEUE_ORDER,
                 )
@@ -96,7 +99,7 @@ class Cleanup:
 
     async def abandon(self, documents: Sequence[Document]) -> list[JobReleased]:
         """Finish acquired jobs whose scheduler is gone; return the events to send."""
-        now = datetime.now(timezone.utc)
+        now = self.clock.now_datetime()
         updates: list[Update] = []
         results: dict[Any, JobResult] = {}
         tokens: dict[Any, ObjectId] = {}
@@ -220,7 +223,8 @@ class Cleanup:
         :data:`BATCH`, oldest first, so that any number of them is gone through and
         no command grows with their number.
         """
-        cutoff = now_micros() - FIRE_TIME_RETENTION // timedelta(microseconds=1)
+        retention = FIRE_TIME_RETENTION // timedelta(microseconds=1)
+        cutoff = self.clock.now_micros() - retention
         after: tuple[int, Any] | None = None
         while True:
             async for attempt in self.retry():

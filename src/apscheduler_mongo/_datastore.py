@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from logging import Logger
 from typing import Any
 from uuid import UUID
 
+import anyio
 import attrs
+from anyio.abc import TaskGroup
 from apscheduler import (
     ConflictingIdError,
     ConflictPolicy,
@@ -44,15 +46,21 @@ from . import _layout as layout
 from ._adapters import Adapter, Collection, Update
 from ._cleanup import Cleanup
 from ._client import (
-    check_server,
     client_or_uri_validator,
     describe_hosts,
     explaining_unreachable_servers,
     open_client,
     require_asyncio,
 )
+from ._clock import ServerClock, Timekeeper, timed_hello
 from ._indexes import ensure_indexes
-from ._job_claims import ClaimedTasks, ClaimRead, plan_job_claim, running_count
+from ._job_claims import (
+    ClaimedTasks,
+    ClaimRead,
+    JobAlarm,
+    plan_job_claim,
+    running_count,
+)
 from ._layout import ACQUIRED, Document
 from ._leases import Leases
 from ._marshalling import (
@@ -64,7 +72,6 @@ from ._marshalling import (
     get_datetime,
     job_from_document,
     job_to_document,
-    now_micros,
     put_datetime,
     quarantine_record,
     released_event,
@@ -110,8 +117,9 @@ class MongoDBDataStore(BaseExternalDataStore):
         starting it under Trio raises :exc:`RuntimeError`.
 
     .. note:: Times are kept as integer microseconds with their UTC offset, so they
-        round-trip exactly; leases are judged by each scheduler's own clock, so keep
-        the hosts' clocks synchronized (NTP).
+        round-trip exactly. Leases, due times and expiry are judged by the server's
+        clock, which the store estimates from its replies, not by this host's (see
+        :doc:`design`).
     """
 
     client_or_uri: object = attrs.field(validator=client_or_uri_validator)
@@ -136,6 +144,11 @@ class MongoDBDataStore(BaseExternalDataStore):
     _jobs: Collection = attrs.field(init=False)
     _leases: Leases = attrs.field(init=False)
     _claimed_tasks: ClaimedTasks = attrs.field(init=False, factory=ClaimedTasks)
+    #: The server's clock, which judges leases, due times and expiry
+    _clock: ServerClock = attrs.field(init=False, factory=ServerClock)
+    _timekeeper: Timekeeper = attrs.field(init=False)
+    _task_group: TaskGroup = attrs.field(init=False)
+    _alarm: JobAlarm = attrs.field(init=False)
 
     def __repr__(self) -> str:
         return (
@@ -145,7 +158,9 @@ class MongoDBDataStore(BaseExternalDataStore):
 
     def _retry(self) -> AsyncRetrying:
         """Return the loop that retries this store's temporary failures."""
-        return retrying(self.retry_settings, self._logger)
+        return retrying(
+            self.retry_settings, self._logger, on_failure=self._timekeeper.soon
+        )
 
     async def start(
         self, exit_stack: AsyncExitStack, event_broker: EventBroker, logger: Logger
@@ -158,11 +173,14 @@ class MongoDBDataStore(BaseExternalDataStore):
         self._tasks = adapter.collection(self.database, layout.TASKS)
         self._schedules = adapter.collection(self.database, layout.SCHEDULES)
         self._jobs = adapter.collection(self.database, layout.JOBS)
-        self._leases = Leases(self._schedules, self._jobs, self._retry, logger)
+        self._timekeeper = Timekeeper(adapter, self.database, self._clock, logger)
+        self._leases = Leases(
+            self._schedules, self._jobs, self._retry, logger, self._clock
+        )
         with explaining_unreachable_servers(adapter):
             async for attempt in self._retry():
                 with attempt:
-                    await check_server(adapter, self.database)
+                    await timed_hello(adapter, self.database, self._clock)
                     await self._refuse_foreign_store(adapter)
                     if self.start_from_scratch:
                         for collection in (self._tasks, self._schedules, self._jobs):
@@ -176,6 +194,16 @@ class MongoDBDataStore(BaseExternalDataStore):
                     await ensure_indexes(
                         self._jobs, layout.JOB_INDEXES, layout.RETIRED_JOB_INDEXES
                     )
+
+        self._clock.warn_if_off(logger)
+        self._task_group = await exit_stack.enter_async_context(
+            anyio.create_task_group()
+        )
+        exit_stack.callback(self._task_group.cancel_scope.cancel)
+        self._task_group.start_soon(self._timekeeper.run)
+        announce = getattr(event_broker, "publish_local", event_broker.publish)
+        self._alarm = JobAlarm(self._clock, announce)
+        self._task_group.start_soon(self._alarm.run)
 
     async def _refuse_foreign_store(self, adapter: Adapter) -> None:
         """
@@ -261,7 +289,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         async for attempt in self._retry():
             with attempt:
                 documents, summaries = await self._tasks.aggregate_with(
-                    match, self._jobs, layout.running_jobs_of(task_id)
+                    match, (self._jobs, layout.running_jobs_of(task_id))
                 )
 
         if not documents:
@@ -383,7 +411,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         token = layout.new_token()
 
         async def choose() -> list[tuple[Document | None, Update]]:
-            now = now_micros()
+            now = self._clock.now_micros()
             eligible = layout.due_schedules(scheduler_id, now)
             due = await self._schedules.find(
                 eligible, sort=layout.DUE_ORDER, limit=limit
@@ -429,7 +457,8 @@ class MongoDBDataStore(BaseExternalDataStore):
         if token is not None:
             query["v"] = token
 
-        update = layout.quarantine_update(quarantine_record(reason))
+        record = quarantine_record(reason, self._clock.now_datetime())
+        update = layout.quarantine_update(record)
         async for attempt in self._retry():
             with attempt:
                 await self._schedules.update_one(query, update)
@@ -481,7 +510,8 @@ class MongoDBDataStore(BaseExternalDataStore):
                 result.schedule_id,
             )
             reason = f"the trigger could not be serialized: {exc}"
-            changes["quarantine"] = quarantine_record(reason)
+            now = self._clock.now_datetime()
+            changes["quarantine"] = quarantine_record(reason, now)
         else:
             put_datetime(changes, "last_fire_time", result.last_fire_time)
             put_datetime(changes, "next_fire_time", result.next_fire_time)
@@ -511,7 +541,8 @@ class MongoDBDataStore(BaseExternalDataStore):
         free = await self._earliest(layout.WAITING_FREE, "next_fire_time")
         held = await self._earliest(layout.WAITING_HELD, "acquired_until")
         candidates = [time for time in (free, held) if time is not None]
-        return min(candidates) if candidates else None
+        # Both are the server's times; the scheduler waits by this host's clock
+        return self._clock.on_host_clock(min(candidates)) if candidates else None
 
     async def _earliest(self, query: Document, field: str) -> datetime | None:
         """
@@ -558,11 +589,10 @@ class MongoDBDataStore(BaseExternalDataStore):
                 added = await self._insert_job(job, document, token)
 
         if added:
-            await self._event_broker.publish(
-                JobAdded(
-                    job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id
-                )
+            event = JobAdded(
+                job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id
             )
+            await self._event_broker.publish(event)
 
     async def _insert_job(self, job: Job, document: Document, token: object) -> bool:
         if (
@@ -650,7 +680,7 @@ class MongoDBDataStore(BaseExternalDataStore):
         reads: list[ClaimRead] = []
 
         async def choose() -> list[tuple[Document | None, Update]]:
-            now = now_micros()
+            now = self._clock.now_micros()
             context = ClaimContext(
                 scheduler_id,
                 now,
@@ -678,6 +708,8 @@ class MongoDBDataStore(BaseExternalDataStore):
             acquired, events = self._handed_out(scheduler_id, documents, plans)
             if reads:
                 self._claimed_tasks.remember(reads[-1], acquired)
+                if (waiting := reads[-1].next_waiting) is not None:
+                    self._alarm.set(waiting)
 
             await self._publish_all(events)
 
@@ -695,12 +727,29 @@ class MongoDBDataStore(BaseExternalDataStore):
             if (result := finished.get(document["_id"])) is not None:
                 events.append(released_event(result, scheduler_id, document))
             elif job := jobs.get(document["_id"]) or self._build_job(document):
+                job = self._on_host_clock(job)
                 job.acquired_by = scheduler_id
                 job.acquired_until = from_micros(document["acquired_until"])
                 acquired.append(job)
                 events.append(JobAcquired.from_job(job, scheduler_id=scheduler_id))
 
         return acquired, events
+
+    def _on_host_clock(self, job: Job) -> Job:
+        """
+        Return the job with its start deadline on this host's clock.
+
+        The scheduler checks the deadline by this host's clock, just before it runs
+        the job; given in that clock, it is judged as if by the server's.
+        """
+        if job.start_deadline is None:
+            return job
+
+        deadline = self._clock.on_host_clock(job.start_deadline)
+        if deadline == job.start_deadline:
+            return job
+
+        return attrs.evolve(job, start_deadline=deadline)
 
     async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
         self._claimed_tasks.forget(job.task_id)
@@ -771,13 +820,13 @@ class MongoDBDataStore(BaseExternalDataStore):
             return None
 
         result = self._read_result(job_id, document)
-        if result.expires_at <= datetime.now(timezone.utc):
+        if result.expires_at <= self._clock.now_datetime():
             return None
 
         token = layout.new_token()
         changes: Document = {"v": token, "take_token": token}
         if "fire_key" not in document:
-            changes["purge_at"] = datetime.now(timezone.utc)
+            changes["purge_at"] = self._clock.now_datetime()
 
         # Only one caller gets the result: the write re-checks the version
         query = layout.unchanged(document)
@@ -827,7 +876,12 @@ class MongoDBDataStore(BaseExternalDataStore):
 
     def _cleanup(self) -> Cleanup:
         return Cleanup(
-            self._schedules, self._jobs, self.serializer, self._retry, self._logger
+            self._schedules,
+            self._jobs,
+            self.serializer,
+            self._retry,
+            self._logger,
+            self._clock,
         )
 
 

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import anyio
 import attrs
-from apscheduler import Job, Task
+from apscheduler import Job, JobAdded, Task
 
 from . import _layout as layout
 from ._adapters import Collection
+from ._clock import ServerClock
 from ._layout import Document
-from ._marshalling import MalformedDocumentError, task_from_document
+from ._marshalling import MalformedDocumentError, task_from_document, uuid_from_bson
 from ._marshalling import uuid_to_bson as bson_id
 from ._planner import (
     ClaimContext,
@@ -52,6 +54,9 @@ class ClaimRead:
     tasks: dict[str, Document]
     #: What the running jobs held when the claim read, by task id
     holdings: Mapping[str, Holding]
+    #: The queued job that falls due next, if it is for later (its id, its task's,
+    #: its schedule's and its ``scheduled_fire_time``)
+    next_waiting: Document | None = None
 
 
 async def plan_job_claim(
@@ -68,10 +73,13 @@ async def plan_job_claim(
     reads the next jobs of the other tasks (none in the common case).
     """
     pipeline = layout.candidates_with_tasks(context.now, limit, tasks.name)
-    documents, summaries = await jobs.aggregate_with(
-        pipeline, jobs, layout.RUNNING_JOBS
+    documents, summaries, waiting = await jobs.aggregate_with(
+        pipeline,
+        (jobs, layout.RUNNING_JOBS),
+        (jobs, layout.next_waiting_job(context.now)),
     )
     read = ClaimRead(ClaimPlan(), {}, holdings_of(summaries, context.logger))
+    read.next_waiting = waiting[0] if waiting else None
     slots = Slots(read.holdings)
     caps: dict[str, int | None] = {}
     passed_over: list[Any] = []
@@ -166,3 +174,64 @@ def running_count(summaries: Sequence[Mapping[str, Any]]) -> int:
             return running
 
     return 0
+
+
+#: How long after its fire time a job meant for later is announced (seconds)
+_ALARM_MARGIN = 0.01
+
+
+@attrs.define
+class JobAlarm:
+    """
+    Wake this scheduler's job loop when the next job meant for later falls due.
+
+    APScheduler's job loop waits for events, with no deadline. A job added before
+    its fire time by the server's clock (by a scheduler whose clock runs ahead) is
+    handed out from that time on, and no event marks it: so each claim learns, in
+    its round trip, when the next such job falls due, and this alarm announces the
+    job again, to this process's subscribers, at that time.
+    """
+
+    clock: ServerClock
+    announce: Callable[[JobAdded], Awaitable[object]]
+    _due: int | None = attrs.field(init=False, default=None)
+    _event: JobAdded | None = attrs.field(init=False, default=None)
+    _changed: anyio.Event = attrs.field(init=False, factory=anyio.Event)
+
+    def set(self, waiting: Mapping[str, Any]) -> None:
+        """Arm the alarm for a job meant for later, unless it rings earlier already."""
+        due = waiting.get("scheduled_fire_time")
+        if not isinstance(due, int) or (self._due is not None and self._due <= due):
+            return
+
+        try:
+            job_id = uuid_from_bson(waiting["_id"])
+        except MalformedDocumentError:
+            return
+
+        self._due = due
+        self._event = JobAdded(
+            job_id=job_id,
+            task_id=str(waiting.get("task_id")),
+            schedule_id=waiting.get("schedule_id"),
+        )
+        self._changed.set()
+
+    async def run(self) -> None:
+        while True:
+            if self._due is None:
+                await self._changed.wait()
+                self._changed = anyio.Event()
+                continue
+
+            wait = (self._due - self.clock.now_micros()) / 1_000_000 + _ALARM_MARGIN
+            with anyio.move_on_after(max(wait, 0)):
+                await self._changed.wait()
+
+            if self._changed.is_set():  # armed for an earlier time meanwhile
+                self._changed = anyio.Event()
+                continue
+
+            event, self._due, self._event = self._event, None, None
+            if event is not None:
+                await self.announce(event)

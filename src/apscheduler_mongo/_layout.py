@@ -94,6 +94,10 @@ JOB_INDEXES = [
     IndexModel(
         [("v", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)], name="claim"
     ),
+    # The queued jobs meant for later, by fire time
+    IndexModel(
+        [("state", ASCENDING), ("scheduled_fire_time", ASCENDING)], name="waiting"
+    ),
     # Finished jobs by finish time (forgetting used fire times, in batches)
     IndexModel(
         [("state", ASCENDING), ("finished_time", ASCENDING), ("_id", ASCENDING)],
@@ -272,8 +276,22 @@ def quarantine_update(record: Document) -> Document:
 
 
 def free_jobs(now: int) -> Document:
-    """Match the jobs a scheduler may take: queued, or acquired with a lapsed lease."""
-    return {"$or": [{"state": QUEUED}, {"state": ACQUIRED, **lapsed(now)}]}
+    """
+    Match the jobs a scheduler may take at ``now``: queued, or acquired with a lapsed
+    lease; and not meant for later (a job that a scheduler whose clock runs ahead
+    added for a fire time still to come waits for it).
+    """
+    return {
+        "$and": [
+            {"$or": [{"state": QUEUED}, {"state": ACQUIRED, **lapsed(now)}]},
+            {
+                "$or": [
+                    {"scheduled_fire_time": None},
+                    {"scheduled_fire_time": {"$lte": now}},
+                ]
+            },
+        ]
+    }
 
 
 def live_jobs(ids: Iterable[Any] | None = None) -> Document:
@@ -427,6 +445,19 @@ RUNNING_JOBS: list[Document] = [
         }
     },
 ]
+
+
+def next_waiting_job(now: int) -> list[Document]:
+    """
+    Return the pipeline that finds the queued job meant for the earliest time after
+    ``now`` (one that a scheduler whose clock runs ahead added early).
+    """
+    return [
+        {"$match": {"state": QUEUED, "scheduled_fire_time": {"$gt": now}}},
+        {"$sort": {"scheduled_fire_time": 1}},
+        {"$limit": 1},
+        {"$project": {"task_id": 1, "schedule_id": 1, "scheduled_fire_time": 1}},
+    ]
 
 
 def running_jobs_of(task_id: str) -> list[Document]:

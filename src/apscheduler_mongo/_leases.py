@@ -23,6 +23,7 @@ from bson import ObjectId
 from tenacity import AsyncRetrying
 
 from ._adapters import Collection, Update
+from ._clock import ServerClock
 from ._layout import (
     ACQUIRED,
     Document,
@@ -32,7 +33,6 @@ from ._layout import (
     given_back_schedule,
     held_by,
 )
-from ._marshalling import now_micros
 
 #: Chooses what a claim attempt takes: the candidates as they will be once claimed
 #: (``None`` for one the claim writes to without holding it), each with the
@@ -58,14 +58,16 @@ class Leases:
     :param jobs: the jobs collection
     :param retry: makes the store's retry loop
     :param logger: where to report claims given back
+    :param clock: the server's clock, which judges leases
     """
 
     schedules: Collection
     jobs: Collection
     retry: Callable[[], AsyncRetrying]
     logger: Logger
-    #: Lease expiry (this store's clock, microseconds) of the schedules it acquired
-    #: and has not released yet
+    clock: ServerClock
+    #: Lease expiry (the server's clock, microseconds) of the schedules this store
+    #: acquired and has not released yet
     _held: dict[str, int] = attrs.field(init=False, factory=dict)
     _unconfirmed: set[_Claim] = attrs.field(init=False, factory=set)
 
@@ -171,7 +173,7 @@ class Leases:
         While it does, nobody else can have processed the schedule.
         """
         until = self._held.get(schedule_id) if isinstance(schedule_id, str) else None
-        return until is not None and now_micros() < until
+        return until is not None and self.clock.now_micros() < until
 
     # Extending leases
 
@@ -185,5 +187,5 @@ class Leases:
         """Move the leases ``owner`` holds on these documents ``duration`` on."""
         async for attempt in self.retry():
             with attempt:
-                until = now_micros() + duration // timedelta(microseconds=1)
+                until = self.clock.now_micros() + duration // timedelta(microseconds=1)
                 await collection.update_many(held_by(owner, ids), extension(until))

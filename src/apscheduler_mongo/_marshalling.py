@@ -64,10 +64,6 @@ def duration_from_micros(value: int | None) -> timedelta | None:
     return None if value is None else value * _MICROSECOND
 
 
-def now_micros() -> int:
-    return to_micros(datetime.now(timezone.utc))
-
-
 def put_datetime(document: dict[str, Any], key: str, value: datetime | None) -> None:
     """Store ``value`` under ``key`` (microseconds) and ``key_offset`` (seconds)."""
     if value is None:
@@ -107,9 +103,9 @@ def uuid_from_bson(value: object) -> UUID:
     raise MalformedDocumentError(f"{value!r} is not a UUID")
 
 
-def quarantine_record(reason: str) -> dict[str, Any]:
+def quarantine_record(reason: str, at: datetime) -> dict[str, Any]:
     """Return what a set-aside document carries: why, and since when."""
-    return {"reason": reason, "at": datetime.now(timezone.utc)}
+    return {"reason": reason, "at": at}
 
 
 # Tasks

@@ -218,7 +218,8 @@ def plan_claims(
                 "Setting job %r aside: its id is no UUID, so no result can name it",
                 document["_id"],
             )
-            update = set_aside_update(quarantine_record(str(exc)))
+            record = quarantine_record(str(exc), from_micros(context.now))
+            update = set_aside_update(record)
             plan.chosen.append((None, Update(query, update)))
             continue
 

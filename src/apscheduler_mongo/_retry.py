@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from logging import Logger
 
 import attrs
@@ -111,12 +112,17 @@ def _bulk_write_unconfirmed(exc: BulkWriteError) -> bool:
     )
 
 
-def retrying(settings: RetrySettings, logger: Logger, where: str = "") -> AsyncRetrying:
+def retrying(
+    settings: RetrySettings,
+    logger: Logger,
+    where: str = "",
+    on_failure: Callable[[], None] | None = None,
+) -> AsyncRetrying:
     """
     Return a Tenacity loop that retries temporary failures as ``settings`` say.
 
     Each failed attempt is logged as a warning (``where`` names the component), with
-    credentials removed from the message.
+    credentials removed from the message, and ``on_failure`` (if given) is called.
     """
 
     def log_attempt(retry_state: RetryCallState) -> None:
@@ -127,6 +133,8 @@ def retrying(settings: RetrySettings, logger: Logger, where: str = "") -> AsyncR
             retry_state.attempt_number,
             redact(str(retry_state.outcome.exception())),
         )
+        if on_failure is not None:
+            on_failure()
 
     return AsyncRetrying(
         stop=settings.stop,

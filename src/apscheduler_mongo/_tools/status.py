@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from logging import Logger
 from typing import Any
 
@@ -15,6 +15,7 @@ from apscheduler.abc import DataStore
 
 from .. import _layout as layout
 from .._adapters import Adapter, Collection
+from .._clock import ServerClock, timed_hello
 from .._layout import ACQUIRED, FINISHED, QUEUED, Document
 from .._marshalling import MalformedDocumentError, describe_id, get_datetime
 from .._retry import retrying
@@ -55,6 +56,15 @@ class Reader:
                 )
 
         return documents
+
+    async def server_clock(self) -> ServerClock:
+        """Return the server's clock, estimated from one round trip."""
+        clock = ServerClock()
+        async for attempt in retrying(self.retry_settings, self.logger):
+            with attempt:
+                await timed_hello(self.adapter, self.database_name, clock)
+
+        return clock
 
     async def count(self, collection: str, query: Mapping[str, Any]) -> int:
         async for attempt in retrying(self.retry_settings, self.logger):
@@ -113,7 +123,10 @@ class StoreStatus:
 
     database: str
     hosts: list[str]
+    #: When, by the server's clock (as estimated from one round trip)
     taken_at: datetime
+    #: How far the server's clock is ahead of this host's (seconds), if known
+    host_offset: float | None
     tasks: list[TaskRow]
     schedules: list[ScheduleRow]
     queued_jobs: dict[str, int]
@@ -274,10 +287,12 @@ async def gather_status(
         )
         results = [_result_row(document) for document in finished]
 
+    clock = await reader.server_clock()
     return StoreStatus(
         database=reader.database_name,
         hosts=reader.adapter.hosts(),
-        taken_at=datetime.now(timezone.utc),
+        taken_at=clock.now_datetime(),
+        host_offset=clock.measured_offset(),
         tasks=tasks,
         schedules=schedules,
         queued_jobs=dict(sorted(queued.items())),
@@ -373,6 +388,18 @@ def _schedule_rows(status: StoreStatus, problems: bool) -> list[list[str]]:
     ]
 
 
+def _clock_note(offset: float | None) -> str:
+    """Say whose clock the times are on, and how far this host's is off."""
+    if offset is None:
+        return "(by this host's clock)"
+
+    if abs(offset) < 0.05:
+        return "(by the server's clock, which this host's agrees with)"
+
+    side = "behind" if offset > 0 else "ahead of"
+    return f"(by the server's clock; this host's is {abs(offset):.1f} s {side} it)"
+
+
 def render_text(status: StoreStatus) -> str:
     """Return the status as aligned plain-text tables, one section each."""
     now = status.taken_at
@@ -442,7 +469,8 @@ def render_text(status: StoreStatus) -> str:
     ]
     lines = [
         f"Store in database {status.database!r} at {', '.join(status.hosts)}, "
-        f"as of {status.taken_at.isoformat(sep=' ', timespec='seconds')}"
+        f"as of {status.taken_at.isoformat(sep=' ', timespec='seconds')} "
+        f"{_clock_note(status.host_offset)}"
     ]
     for title, headers, rows, right in sections:
         lines += ["", title]
