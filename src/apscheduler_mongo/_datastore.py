@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
 from logging import Logger
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import anyio
@@ -22,7 +22,6 @@ from apscheduler import (
     JobAdded,
     JobReleased,
     JobResult,
-    RetrySettings,
     Schedule,
     ScheduleAdded,
     ScheduleRemoved,
@@ -39,6 +38,7 @@ from apscheduler.abc import EventBroker, Serializer
 from apscheduler.datastores.base import BaseExternalDataStore
 from apscheduler.serializers.pickle import PickleSerializer
 from attrs.validators import instance_of
+from bson import ObjectId
 from pymongo.errors import DuplicateKeyError
 from tenacity import AsyncRetrying
 
@@ -46,7 +46,6 @@ from . import _layout as layout
 from ._adapters import Adapter, Collection, Update
 from ._cleanup import Cleanup
 from ._client import (
-    client_or_uri_validator,
     describe_hosts,
     explaining_unreachable_servers,
     open_client,
@@ -62,7 +61,7 @@ from ._job_claims import (
     running_count,
 )
 from ._layout import ACQUIRED, Document
-from ._leases import Leases
+from ._leases import Choice, Leases
 from ._marshalling import (
     MalformedDocumentError,
     describe_id,
@@ -82,15 +81,16 @@ from ._marshalling import (
     task_to_document,
     uuid_to_bson,
 )
-from ._names import database_validator
+from ._options import ConnectionOptions
 from ._planner import ClaimContext, ClaimPlan
 from ._retry import retrying
 
 _MICROSECOND = timedelta(microseconds=1)
+_Item = TypeVar("_Item", Schedule, Job)
 
 
 @attrs.define(eq=False, repr=False)
-class MongoDBDataStore(BaseExternalDataStore):
+class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
     """
     Keep APScheduler's tasks, schedules and jobs in MongoDB, shared by many schedulers.
 
@@ -122,10 +122,6 @@ class MongoDBDataStore(BaseExternalDataStore):
         :doc:`design`).
     """
 
-    client_or_uri: object = attrs.field(validator=client_or_uri_validator)
-    database: str = attrs.field(
-        default="apscheduler", kw_only=True, validator=database_validator
-    )
     serializer: Serializer = attrs.field(
         factory=PickleSerializer,
         kw_only=True,
@@ -133,9 +129,6 @@ class MongoDBDataStore(BaseExternalDataStore):
     )
     start_from_scratch: bool = attrs.field(
         default=False, kw_only=True, validator=instance_of(bool)
-    )
-    retry_settings: RetrySettings = attrs.field(
-        factory=RetrySettings, kw_only=True, validator=instance_of(RetrySettings)
     )
 
     _adapter: Adapter = attrs.field(init=False)
@@ -334,18 +327,38 @@ class MongoDBDataStore(BaseExternalDataStore):
             with attempt:
                 documents = await self._schedules.find(query, sort=layout.BY_ID)
 
-        schedules = [self._build_schedule(doc) for doc in documents]
-        return [schedule for schedule in schedules if schedule is not None]
+        return self._read_each("schedule", schedule_from_document, documents)
 
     def _build_schedule(self, document: Mapping[str, Any]) -> Schedule | None:
-        """Build a schedule, or log why it cannot be built and return ``None``."""
+        return self._read("schedule", schedule_from_document, document)
+
+    def _read(
+        self,
+        kind: str,
+        build: Callable[[Mapping[str, Any], Serializer], _Item],
+        document: Mapping[str, Any],
+    ) -> _Item | None:
+        """Build a schedule or job, or log why it cannot and return ``None``."""
         try:
-            return schedule_from_document(document, self.serializer)
+            return build(document, self.serializer)
         except (DeserializationError, MalformedDocumentError) as exc:
             self._logger.warning(
-                "Cannot read schedule %r: %s", document.get("_id"), explain(exc)
+                "Cannot read %s %s: %s",
+                kind,
+                describe_id(document.get("_id")),
+                explain(exc),
             )
             return None
+
+    def _read_each(
+        self,
+        kind: str,
+        build: Callable[[Mapping[str, Any], Serializer], _Item],
+        documents: Iterable[Mapping[str, Any]],
+    ) -> list[_Item]:
+        """Build what can be built of ``documents``, logging each that cannot."""
+        items = (self._read(kind, build, document) for document in documents)
+        return [item for item in items if item is not None]
 
     async def add_schedule(
         self, schedule: Schedule, conflict_policy: ConflictPolicy
@@ -405,6 +418,22 @@ class MongoDBDataStore(BaseExternalDataStore):
             for doc in removed
         )
 
+    async def _claim(
+        self,
+        collection: Collection,
+        token: ObjectId,
+        order: Sequence[tuple[str, int]],
+        choose: Choice,
+    ) -> list[Document]:
+        """Claim what ``choose`` picks, retrying temporary failures (see Leases)."""
+        async for attempt in self._retry():
+            with attempt:
+                documents = await self._leases.claim(
+                    collection, token, attempt.retry_state.attempt_number, order, choose
+                )
+
+        return documents
+
     async def acquire_schedules(
         self, scheduler_id: str, lease_duration: timedelta, limit: int
     ) -> list[Schedule]:
@@ -428,15 +457,9 @@ class MongoDBDataStore(BaseExternalDataStore):
             ]
 
         async with self._leases.claiming(jobs=False, owner=scheduler_id, token=token):
-            async for attempt in self._retry():
-                with attempt:
-                    documents = await self._leases.claim(
-                        self._schedules,
-                        token,
-                        attempt.retry_state.attempt_number,
-                        layout.DUE_ORDER,
-                        choose,
-                    )
+            documents = await self._claim(
+                self._schedules, token, layout.DUE_ORDER, choose
+            )
 
             schedules: list[Schedule] = []
             for document in documents:
@@ -661,17 +684,10 @@ class MongoDBDataStore(BaseExternalDataStore):
                     layout.live_jobs(bson_ids), sort=layout.QUEUE_ORDER
                 )
 
-        jobs = [self._build_job(document) for document in documents]
-        return [job for job in jobs if job is not None]
+        return self._read_each("job", job_from_document, documents)
 
     def _build_job(self, document: Mapping[str, Any]) -> Job | None:
-        try:
-            return job_from_document(document, self.serializer)
-        except (DeserializationError, MalformedDocumentError) as exc:
-            self._logger.warning(
-                "Cannot read job %s: %s", describe_id(document.get("_id")), explain(exc)
-            )
-            return None
+        return self._read("job", job_from_document, document)
 
     async def acquire_jobs(
         self, scheduler_id: str, lease_duration: timedelta, limit: int | None = None
@@ -694,15 +710,7 @@ class MongoDBDataStore(BaseExternalDataStore):
             return read.plan.chosen
 
         async with self._leases.claiming(jobs=True, owner=scheduler_id, token=token):
-            async for attempt in self._retry():
-                with attempt:
-                    documents = await self._leases.claim(
-                        self._jobs,
-                        token,
-                        attempt.retry_state.attempt_number,
-                        layout.QUEUE_ORDER,
-                        choose,
-                    )
+            documents = await self._claim(self._jobs, token, layout.QUEUE_ORDER, choose)
 
             plans = [read.plan for read in reads]
             acquired, events = self._handed_out(scheduler_id, documents, plans)

@@ -11,7 +11,6 @@ from uuid import uuid4
 
 import anyio
 import attrs
-from apscheduler import RetrySettings
 from apscheduler._events import Event
 from apscheduler.abc import Serializer
 from apscheduler.eventbrokers.base import BaseExternalEventBroker
@@ -24,7 +23,6 @@ from . import _events as events
 from ._adapters import ChangeStream, Collection
 from ._client import (
     check_server,
-    client_or_uri_validator,
     describe_hosts,
     explaining_unreachable_servers,
     open_client,
@@ -34,7 +32,8 @@ from ._client import (
 from ._events import Delivered
 from ._indexes import ensure_indexes
 from ._layout import RETIRED_EVENT_INDEXES, Document, event_indexes
-from ._names import database_validator, validate_collection_name
+from ._names import validate_collection_name
+from ._options import ConnectionOptions
 from ._retry import Trouble, is_temporary_failure, retrying
 
 Mode = Literal["auto", "change_stream", "polling"]
@@ -51,7 +50,7 @@ def _as_seconds(value: float | timedelta) -> float:
 
 
 @attrs.define(eq=False, repr=False)
-class MongoDBEventBroker(BaseExternalEventBroker):
+class MongoDBEventBroker(ConnectionOptions, BaseExternalEventBroker):
     """
     Carry APScheduler's events between processes through a MongoDB collection.
 
@@ -82,10 +81,6 @@ class MongoDBEventBroker(BaseExternalEventBroker):
     .. note:: Runs on asyncio only, like pymongo's asynchronous API.
     """
 
-    client_or_uri: object = attrs.field(validator=client_or_uri_validator)
-    database: str = attrs.field(
-        default="apscheduler", kw_only=True, validator=database_validator
-    )
     collection: str = attrs.field(
         default="events", kw_only=True, validator=_validate_collection
     )
@@ -93,9 +88,6 @@ class MongoDBEventBroker(BaseExternalEventBroker):
         factory=JSONSerializer,
         kw_only=True,
         validator=instance_of(Serializer),  # type: ignore[type-abstract]
-    )
-    retry_settings: RetrySettings = attrs.field(
-        factory=RetrySettings, kw_only=True, validator=instance_of(RetrySettings)
     )
     mode: Mode = attrs.field(
         default="auto",
