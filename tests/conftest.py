@@ -16,8 +16,12 @@ from apscheduler.serializers.pickle import PickleSerializer
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .servers import describe_wire_server, wire_server_uri, wire_unavailable_reason
-from .tier_report import TierReport
+from .support.servers import (
+    describe_wire_server,
+    wire_server_uri,
+    wire_unavailable_reason,
+)
+from .support.tier_report import TierReport
 
 TIERS = [
     pytest.param("mongomock", id="mongomock"),

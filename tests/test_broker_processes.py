@@ -13,8 +13,8 @@ from apscheduler import RetrySettings
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
-from .broker_workers import exchange_worker, join_or_kill
-from .proxy import (
+from .support.broker_workers import exchange_worker, join_or_kill
+from .support.proxy import (
     FAST_FAILURE,
     FAULT_RETRIES,
     LOOPBACK,

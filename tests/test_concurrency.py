@@ -13,7 +13,7 @@ from apscheduler.triggers.date import DateTrigger
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .workers import drain_worker, hold_worker
+from .support.workers import drain_worker, hold_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
 

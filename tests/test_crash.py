@@ -15,7 +15,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .workers import doomed_worker
+from .support.workers import doomed_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
 

@@ -24,9 +24,9 @@ from tenacity import stop_after_attempt, wait_fixed
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._client import create_client, open_client
 
-from .fake_servers import FakeServer, http_server
-from .proxy import FAST_FAILURE, FAULT_RETRIES, LOOPBACK, FaultyProxy
-from .servers import mongoeco_process, needs_mongoeco
+from .support.fake_servers import FakeServer, http_server
+from .support.proxy import FAST_FAILURE, FAULT_RETRIES, LOOPBACK, FaultyProxy
+from .support.servers import mongoeco_process, needs_mongoeco
 
 pytestmark = pytest.mark.anyio
 

@@ -32,7 +32,7 @@ from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .servers import mongoeco_process, needs_mongoeco
+from .support.servers import mongoeco_process, needs_mongoeco
 
 pytestmark = [
     pytest.mark.anyio,

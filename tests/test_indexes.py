@@ -15,8 +15,8 @@ from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._adapters import adapter_for
 from apscheduler_mongo._indexes import ensure_indexes
 
-from .faults import FaultPlan
-from .proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
+from .support.faults import FaultPlan
+from .support.proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,7 @@ from tenacity import stop_after_delay, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 
-from .proxy import FAST_FAILURE, proxy_in_front_of
+from .support.proxy import FAST_FAILURE, proxy_in_front_of
 
 pytestmark = pytest.mark.anyio
 

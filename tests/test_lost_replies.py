@@ -1,12 +1,12 @@
 """
 Writes whose reply was lost on a real socket take effect once (guarantee 5).
 
-A :class:`~tests.proxy.FaultyProxy` between the client and the wire server forwards
-a write to the server, which carries it out, then resets the connection instead of
-forwarding the reply: pymongo raises :exc:`~pymongo.errors.AutoReconnect` and the
-store (or broker) retries the write itself. pymongo's own retryable writes do not run
-against a standalone server, so the store's idempotency is all that stands between
-the retry and a second effect. Everything is checked afterwards through a client
+A :class:`~tests.support.proxy.FaultyProxy` between the client and the wire server
+forwards a write to the server, which carries it out, then resets the connection
+instead of forwarding the reply: pymongo raises :exc:`~pymongo.errors.AutoReconnect`
+and the store (or broker) retries the write itself. pymongo's own retryable writes do
+not run against a standalone server, so the store's idempotency is all that stands
+between the retry and a second effect. Everything is checked afterwards through a client
 that does not go through the proxy.
 """
 
@@ -50,7 +50,7 @@ from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._layout import ACQUIRED, FINISHED
 
 from .conftest import another_store
-from .proxy import (
+from .support.proxy import (
     FAST_FAILURE,
     FAULT_RETRIES,
     OP_MSG,

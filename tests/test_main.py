@@ -35,11 +35,11 @@ from pymongo import AsyncMongoClient, MongoClient
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo.__main__ import main
-from apscheduler_mongo._tools.cli import build_parser, run_command
 from apscheduler_mongo._marshalling import uuid_to_bson
+from apscheduler_mongo._tools.cli import build_parser, run_command
 from apscheduler_mongo._tools.status import _when, format_table
 
-from .servers import mongoeco_process, needs_mongoeco
+from .support.servers import mongoeco_process, needs_mongoeco
 
 LEASE = timedelta(minutes=1)
 PASSWORD = "pW-cli-probe-7Hq"

@@ -16,8 +16,8 @@ from tenacity import stop_after_delay, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .broker_workers import join_or_kill, supervised_scheduler_worker
-from .proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
+from .support.broker_workers import join_or_kill, supervised_scheduler_worker
+from .support.proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
 from .test_scheduler_processes import (
     INTERVAL,
     SCHEDULES,

@@ -18,8 +18,14 @@ from pymongo import MongoClient
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .broker_workers import join_or_kill, scheduler_worker
-from .proxy import FAST_FAILURE, FAULT_RETRIES, FaultyProxy, cutting, proxy_in_front_of
+from .support.broker_workers import join_or_kill, scheduler_worker
+from .support.proxy import (
+    FAST_FAILURE,
+    FAULT_RETRIES,
+    FaultyProxy,
+    cutting,
+    proxy_in_front_of,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
 
@@ -55,7 +61,11 @@ async def add_schedules(
 ) -> datetime:
     """Add the recording task and the interval schedules; return the first fire time."""
     await store.add_task(
-        Task(id="record", func="tests.broker_workers:record_run", job_executor="async")
+        Task(
+            id="record",
+            func="tests.support.broker_workers:record_run",
+            job_executor="async",
+        )
     )
     now = datetime.now(timezone.utc) + START_DELAY
     start = now.replace(microsecond=now.microsecond // 1000 * 1000)

@@ -1,9 +1,9 @@
 """
 What real servers answer that the stand-in never does, injected at the wire.
 
-A :class:`~tests.faults.FaultPlan` in front of the wire server plays a replica set
-member whose writes time out waiting for a majority, a mongos whose shard is
-unreachable, a server older than ``hello``, Amazon DocumentDB with change streams
+A :class:`~tests.support.faults.FaultPlan` in front of the wire server plays a
+replica set member whose writes time out waiting for a majority, a mongos whose shard
+is unreachable, a server older than ``hello``, Amazon DocumentDB with change streams
 off; and it records the write concern and read preference of every command.
 """
 
@@ -40,8 +40,8 @@ from tenacity import stop_after_attempt, wait_fixed
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._layout import ACQUIRED, FINISHED
 
-from .faults import Command, FaultPlan
-from .proxy import FAST_FAILURE, LOOPBACK, FaultyProxy, proxy_in_front_of
+from .support.faults import Command, FaultPlan
+from .support.proxy import FAST_FAILURE, LOOPBACK, FaultyProxy, proxy_in_front_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire]
 

@@ -18,7 +18,12 @@ from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._marshalling import uuid_to_bson
 
-from .stall_workers import STALE_LEASE, STALE_OWNER, WAIT_SECONDS, stalled_worker
+from .support.stall_workers import (
+    STALE_LEASE,
+    STALE_OWNER,
+    WAIT_SECONDS,
+    stalled_worker,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
 

@@ -19,7 +19,14 @@ from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 
-from .fake_servers import FakeServer, Handler, hang_up, http_server, noise, old_mongodb
+from .support.fake_servers import (
+    FakeServer,
+    Handler,
+    hang_up,
+    http_server,
+    noise,
+    old_mongodb,
+)
 
 pytestmark = pytest.mark.anyio
 

@@ -73,7 +73,7 @@ def proxy_in_front_of(uri: str, faults: FaultPlan | None = None) -> FaultyProxy:
     host): the proxy only stands in for a single loopback server.
 
     :param faults: what the proxy is to answer or change itself (see
-        :class:`~tests.faults.FaultPlan`)
+        :class:`~tests.support.faults.FaultPlan`)
     """
     port = loopback_port(uri)
     if port is None:
