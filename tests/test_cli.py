@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from apscheduler_mongo._marshalling import uuid_to_bson
 from apscheduler_mongo._tools.cli import build_parser, run_command
 from apscheduler_mongo._tools.status import _when, format_table
 
+from .support.fake_servers import free_port
 from .support.servers import mongoeco_process, needs_mongoeco
 
 LEASE = timedelta(minutes=1)
@@ -226,15 +226,6 @@ def row(output: str, first_cell: str) -> list[str]:
             return cells
 
     raise AssertionError(f"no row {first_cell!r} in:\n{output}")
-
-
-def free_port() -> int:
-    """Return a loopback port that nothing listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-
-    return port
 
 
 class TestDemo:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import traceback
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +23,7 @@ from tenacity import stop_after_attempt, wait_fixed
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._client import create_client, open_client
 
-from .support.fake_servers import FakeServer, http_server
+from .support.fake_servers import FakeServer, free_port, http_server
 from .support.proxy import FAST_FAILURE, FAULT_RETRIES, LOOPBACK, FaultyProxy
 from .support.servers import mongoeco_process, needs_mongoeco
 
@@ -59,15 +58,6 @@ needs_auth_server = [
 
 def double(value: int) -> int:
     return value * 2
-
-
-def _free_port() -> int:
-    """Return a loopback port that nothing listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-
-    return port
 
 
 def _uri(address: str, password: str = PASSWORD, **options: str | int) -> str:
@@ -307,7 +297,7 @@ class TestFailingToStart:
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         bad_uri = _uri(
-            f"{LOOPBACK}:{_free_port()}",
+            f"{LOOPBACK}:{free_port()}",
             serverSelectionTimeoutMS=300,
             connectTimeoutMS=300,
         )

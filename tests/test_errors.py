@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, AsyncExitStack
@@ -32,6 +31,7 @@ from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore
 
+from .support.fake_servers import free_port
 from .support.servers import mongoeco_process, needs_mongoeco
 
 pytestmark = [
@@ -47,15 +47,6 @@ AUTH_USER = "scheduler"
 AUTH_PASSWORD = "right-password"
 GARBAGE = b"\x80\x05 this is not a pickle"
 LEASE = timedelta(minutes=1)
-
-
-def _free_port() -> int:
-    """Return a loopback port that nothing listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-
-    return port
 
 
 def _retry_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -243,7 +234,7 @@ class TestUnreachableServer:
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         uri = (
-            f"mongodb://user:{SECRET}@127.0.0.1:{_free_port()}/"
+            f"mongodb://user:{SECRET}@127.0.0.1:{free_port()}/"
             "?serverSelectionTimeoutMS=200&connectTimeoutMS=200"
         )
         store = MongoDBDataStore(

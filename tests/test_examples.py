@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker, SyncMongoDBDataStore
+
+from .support.fake_servers import free_port
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -104,13 +105,6 @@ def import_example(name: str) -> ModuleType:
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(EXAMPLES))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.mark.wire

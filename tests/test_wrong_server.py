@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -22,6 +21,7 @@ from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from .support.fake_servers import (
     FakeServer,
     Handler,
+    free_port,
     hang_up,
     http_server,
     noise,
@@ -38,15 +38,6 @@ SELECTION_MS = 300
 DEADLINE = 10
 
 Starter = Callable[[str, AsyncExitStack], Awaitable[None]]
-
-
-def _free_port() -> int:
-    """Return a loopback port that nothing listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-
-    return port
 
 
 def _uri(address: str, *, selection_ms: int = SELECTION_MS, user: bool = True) -> str:
@@ -199,7 +190,7 @@ class TestNotMongoDB:
     async def test_nothing_listens(
         self, start: Starter, caplog: pytest.LogCaptureFixture
     ) -> None:
-        address = f"127.0.0.1:{_free_port()}"
+        address = f"127.0.0.1:{free_port()}"
         error, elapsed = await _failure(
             start, _uri(address), ServerSelectionTimeoutError
         )
