@@ -4,7 +4,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -16,23 +16,19 @@ from apscheduler.serializers.pickle import PickleSerializer
 
 from apscheduler_mongo import MongoDBDataStore
 
+from .support.faults import FaultPlan
+from .support.proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
 from .support.servers import (
     describe_wire_server,
     wire_server_uri,
     wire_unavailable_reason,
 )
+from .support.stores import another_store
 from .support.tier_report import TierReport
-
-TIERS = [
-    pytest.param("mongomock", id="mongomock"),
-    pytest.param("wire", id="wire", marks=pytest.mark.wire),
-    pytest.param("motor", id="motor", marks=pytest.mark.wire),
-]
+from .support.tiers import TIERS
 
 
-def pytest_collection_modifyitems(
-    config: pytest.Config, items: list[pytest.Item]
-) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     reason = wire_unavailable_reason()
     if reason is None:
         return
@@ -137,6 +133,12 @@ async def client(
         await mongo_client.close()
 
 
+@pytest.fixture
+def database(client: Any, database_name: str) -> Any:
+    """The test's database, through the tier's client: to read and damage directly."""
+    return client[database_name]
+
+
 @pytest.fixture(
     params=[
         pytest.param(PickleSerializer, id="pickle"),
@@ -155,6 +157,38 @@ def local_broker() -> EventBroker:
 
 
 @pytest.fixture
+async def local_events(logger: logging.Logger) -> AsyncIterator[LocalEventBroker]:
+    """A started local event broker, for the stores a test starts itself."""
+    async with AsyncExitStack() as exit_stack:
+        broker = LocalEventBroker()
+        await broker.start(exit_stack, logger)
+        yield broker
+
+
+@pytest.fixture
+def plan() -> FaultPlan:
+    """What the ``proxy`` answers or changes itself, and the commands it saw."""
+    return FaultPlan()
+
+
+@pytest.fixture
+def proxy(wire_uri: str, plan: FaultPlan) -> Iterator[FaultyProxy]:
+    """A proxy in front of the wire tier's server, following the fault ``plan``."""
+    with proxy_in_front_of(wire_uri, plan) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def through(proxy: FaultyProxy, wire_uri: str) -> Callable[..., str]:
+    """Return a function giving the URI through the ``proxy``, with extra options."""
+
+    def uri(**options: str | int) -> str:
+        return proxy.uri_for(wire_uri, **FAST_FAILURE, **options)
+
+    return uri
+
+
+@pytest.fixture
 def raw_store(client: Any, database_name: str) -> MongoDBDataStore:
     return MongoDBDataStore(client, database=database_name, start_from_scratch=True)
 
@@ -170,12 +204,10 @@ async def store(
         yield raw_store
 
 
-@asynccontextmanager
-async def another_store(
-    client: Any, database: str, broker: EventBroker, logger: logging.Logger
+@pytest.fixture
+async def other_store(
+    client: Any, store: MongoDBDataStore, logger: logging.Logger
 ) -> AsyncIterator[MongoDBDataStore]:
-    """Start a second store on ``database``: another scheduler's view of it."""
-    async with AsyncExitStack() as exit_stack:
-        other = MongoDBDataStore(client, database=database)
-        await other.start(exit_stack, broker, logger)
+    """A second store on the ``store``'s database: another scheduler's view of it."""
+    async with another_store(client, store, logger) as other:
         yield other

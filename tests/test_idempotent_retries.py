@@ -1,19 +1,25 @@
 """
-Writes whose reply was lost on a real socket take effect once (guarantee 5).
+Writes retried after a lost reply take effect once, and are told once (guarantee 5).
 
-A :class:`~tests.support.proxy.FaultyProxy` between the client and the wire server
-forwards a write to the server, which carries it out, then resets the connection
-instead of forwarding the reply: pymongo raises :exc:`~pymongo.errors.AutoReconnect`
-and the store (or broker) retries the write itself. pymongo's own retryable writes do
-not run against a standalone server, so the store's idempotency is all that stands
-between the retry and a second effect. Everything is checked afterwards through a client
-that does not go through the proxy.
+A write whose reply was lost may have been applied; the store (or broker) retries it,
+and its idempotency is all that stands between the retry and a second effect.
+
+In process, a collection of the store applies one write and then loses the reply
+(:mod:`tests.support.lossy`), letting other schedulers act before the retry; when the
+retries run out instead, the claim that was applied is not lost either.
+
+Over real sockets, a :class:`~tests.support.proxy.FaultyProxy` between the client and
+the wire server forwards a write to the server, which carries it out, then resets the
+connection instead of forwarding the reply: pymongo raises
+:exc:`~pymongo.errors.AutoReconnect` and the store (or broker) retries the write
+itself. pymongo's own retryable writes do not run against a standalone server. Those
+tests check everything afterwards through a client that does not go through the proxy.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -30,6 +36,7 @@ from apscheduler import (
     JobOutcome,
     JobReleased,
     JobResult,
+    RetrySettings,
     Schedule,
     ScheduleAdded,
     ScheduleUpdated,
@@ -38,70 +45,227 @@ from apscheduler import (
     TaskRemoved,
     TaskUpdated,
 )
-from apscheduler._events import Event
-from apscheduler._structures import ScheduleResult
 from apscheduler.abc import EventBroker
 from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.triggers.interval import IntervalTrigger
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect
+from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._layout import ACQUIRED, FINISHED
 
-from .conftest import another_store
-from .support.proxy import (
-    FAST_FAILURE,
-    FAULT_RETRIES,
-    OP_MSG,
-    FaultyProxy,
-    command_name,
-    proxy_in_front_of,
-)
+from .support.events import Recorder
+from .support.items import due_schedule, processed
+from .support.lossy import LostReply, Outage
+from .support.proxy import FAULT_RETRIES, OP_MSG, FaultyProxy, command_name
+from .support.stores import another_store
+from .support.tiers import WIRE_ONLY
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire]
+pytestmark = pytest.mark.anyio
 
 LEASE = timedelta(minutes=5)
-MARKER = "--marker--"
-#: Bounds every wait: a lost reply costs a reconnection, well under a second
+#: Bounds every wait for events in process
+IN_PROCESS_TIMEOUT = 3
+#: Bounds every wait over the wire: a lost reply costs a reconnection, well under a
+#: second
 TIMEOUT = 10
 
 
-@pytest.fixture
-def tier() -> str:
-    return "wire"
+# In process: a store's collection loses the reply
 
 
 @pytest.fixture
-def proxy(wire_uri: str) -> Iterator[FaultyProxy]:
-    with proxy_in_front_of(wire_uri) as proxy:
-        yield proxy
+def raw_store(client: Any, database_name: str) -> MongoDBDataStore:
+    """The store under test retries at once, three attempts at most."""
+    return MongoDBDataStore(
+        client,
+        database=database_name,
+        start_from_scratch=True,
+        retry_settings=RetrySettings(stop=stop_after_attempt(3), wait=wait_fixed(0)),
+    )
 
 
-@pytest.fixture
-async def local_events(logger: logging.Logger) -> AsyncIterator[LocalEventBroker]:
-    async with AsyncExitStack() as exit_stack:
-        broker = LocalEventBroker()
-        await broker.start(exit_stack, logger)
-        yield broker
+async def add_task_and_jobs(store: MongoDBDataStore, count: int) -> list[Job]:
+    await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+    jobs = [
+        Job(task_id="task", executor="async", result_expiration_time=60)
+        for _ in range(count)
+    ]
+    for job in jobs:
+        await store.add_job(job)
+
+    return jobs
+
+
+class TestLostReplies:
+    """A write applied before its reply was lost is not applied twice."""
+
+    async def test_claim_takes_no_more_than_limit(
+        self, store: MongoDBDataStore
+    ) -> None:
+        await add_task_and_jobs(store, 6)
+        lossy = LostReply(store._jobs, "update_each")
+        store._jobs = lossy.as_collection()
+        acquired = await store.acquire_jobs("me", LEASE, 3)
+
+        assert lossy.lost == 1
+        assert len(acquired) == 3
+        held = await store._jobs.count_documents({"state": "acquired"})
+        assert held == 3
+
+    async def test_insert_claimed_before_retry_is_not_a_conflict(
+        self,
+        store: MongoDBDataStore,
+        other_store: MongoDBDataStore,
+        local_broker: EventBroker,
+    ) -> None:
+        await add_task_and_jobs(store, 0)
+        added = Recorder(local_broker, JobAdded, timeout=IN_PROCESS_TIMEOUT)
+
+        async def claim_it() -> None:
+            assert len(await other_store.acquire_jobs("other", LEASE, 10)) == 1
+
+        store._jobs = LostReply(store._jobs, "insert_one", claim_it).as_collection()
+        job = Job(task_id="task", executor="async")
+        await store.add_job(job)  # no ConflictingIdError
+        assert [event.job_id for event in await added.settled()] == [job.id]
+
+    async def test_release_is_announced_once(
+        self, store: MongoDBDataStore, local_broker: EventBroker
+    ) -> None:
+        [job] = await add_task_and_jobs(store, 1)
+        [acquired] = await store.acquire_jobs("me", LEASE, 1)
+        released = Recorder(local_broker, JobReleased, timeout=IN_PROCESS_TIMEOUT)
+        store._jobs = LostReply(store._jobs, "update_one").as_collection()
+        result = JobResult.from_job(acquired, JobOutcome.success, return_value=7)
+        await store.release_job("me", acquired, result)
+
+        assert [event.job_id for event in await released.settled()] == [job.id]
+        stored = await store.get_job_result(job.id)
+        assert stored is not None
+        assert stored.return_value == 7
+
+    async def test_release_announced_when_purged_before_retry(
+        self,
+        store: MongoDBDataStore,
+        other_store: MongoDBDataStore,
+        local_broker: EventBroker,
+    ) -> None:
+        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        job = Job(task_id="task", executor="async")  # keeps no result
+        await store.add_job(job)
+        [acquired] = await store.acquire_jobs("me", LEASE, 1)
+        released = Recorder(local_broker, JobReleased, timeout=IN_PROCESS_TIMEOUT)
+
+        async def purge() -> None:  # another scheduler's cleanup()
+            await other_store.cleanup()
+            assert await other_store._jobs.count_documents({}) == 0
+
+        store._jobs = LostReply(store._jobs, "update_one", purge).as_collection()
+        result = JobResult.from_job(acquired, JobOutcome.success)
+        await store.release_job("me", acquired, result)
+        assert [event.job_id for event in await released.settled()] == [job.id]
+
+    async def test_result_fetched_once_is_not_lost(
+        self, store: MongoDBDataStore
+    ) -> None:
+        [job] = await add_task_and_jobs(store, 1)
+        [acquired] = await store.acquire_jobs("me", LEASE, 1)
+        result = JobResult.from_job(acquired, JobOutcome.success, return_value=7)
+        await store.release_job("me", acquired, result)
+
+        store._jobs = LostReply(store._jobs, "update_one").as_collection()
+        fetched = await store.get_job_result(job.id)
+        assert fetched is not None
+        assert fetched.return_value == 7
+        assert await store.get_job_result(job.id) is None
+
+    async def test_schedule_insert_claimed_before_retry(
+        self,
+        store: MongoDBDataStore,
+        other_store: MongoDBDataStore,
+        local_broker: EventBroker,
+    ) -> None:
+        added = Recorder(local_broker, ScheduleAdded, timeout=IN_PROCESS_TIMEOUT)
+
+        async def claim_it() -> None:
+            assert len(await other_store.acquire_schedules("other", LEASE, 10)) == 1
+
+        lossy = LostReply(store._schedules, "insert_one", claim_it)
+        store._schedules = lossy.as_collection()
+        await store.add_schedule(due_schedule("s"), ConflictPolicy.exception)
+        assert [s.id for s in await store.get_schedules()] == ["s"]
+        assert [event.schedule_id for event in await added.settled()] == ["s"]
+
+
+class TestClaimNeverDelivered:
+    """
+    A claim applied on the server whose reply never arrived (the retries ran out)
+    leaves nothing leased to a scheduler that never saw it: the next claim or reaping
+    puts it back, so a job is not reported abandoned without having run.
+    """
+
+    async def test_job_returns_to_the_queue(
+        self, store: MongoDBDataStore, local_broker: EventBroker
+    ) -> None:
+        [job] = await add_task_and_jobs(store, 1)
+        outage = Outage(store._jobs, "update_each")
+        store._jobs = outage.as_collection()
+        with pytest.raises(AutoReconnect):
+            await store.acquire_jobs("me", LEASE, 10)
+
+        store._jobs = outage.end()
+        assert await store._jobs.count_documents({"state": "acquired"}) == 1
+
+        # The restarted scheduler reaps its abandoned jobs first: this one never
+        # reached it, so it is queued again instead, and then handed out
+        released = Recorder(local_broker, JobReleased, timeout=IN_PROCESS_TIMEOUT)
+        await store.reap_abandoned_jobs("me")
+        assert await released.settled() == []
+        [again] = await store.acquire_jobs("me", LEASE, 10)
+        assert again.id == job.id
+        await store.release_job(
+            "me", again, JobResult.from_job(again, JobOutcome.success)
+        )
+        assert (await store.get_task("task")).running_jobs == 0
+
+    async def test_schedule_is_free_for_others(self, store: MongoDBDataStore) -> None:
+        await add_task_and_jobs(store, 0)
+        schedule = Schedule(
+            id="s",
+            task_id="task",
+            trigger=IntervalTrigger(minutes=1),
+            job_executor="async",
+        )
+        schedule.next_fire_time = datetime.now(timezone.utc) - timedelta(seconds=1)
+        await store.add_schedule(schedule, ConflictPolicy.exception)
+        outage = Outage(store._schedules, "update_each")
+        store._schedules = outage.as_collection()
+        with pytest.raises(AutoReconnect):
+            await store.acquire_schedules("me", LEASE, 10)
+
+        store._schedules = outage.end()
+        # A scheduler of another identity (a restart gets a new default identity)
+        # need not wait for the lease of a claim nobody saw
+        [taken] = await store.acquire_schedules("another", LEASE, 10)
+        assert taken.id == "s"
+
+
+# Over real sockets: the proxy loses the reply
 
 
 @pytest.fixture
 async def proxied_store(
-    proxy: FaultyProxy,
-    wire_uri: str,
+    through: Callable[..., str],
     database_name: str,
-    client: Any,
     local_events: LocalEventBroker,
     logger: logging.Logger,
 ) -> AsyncIterator[MongoDBDataStore]:
     """A store that owns a client connected through the proxy."""
-    # (Asking for ``client`` has the test's database dropped afterwards)
     async with AsyncExitStack() as exit_stack:
         store = MongoDBDataStore(
-            proxy.uri_for(wire_uri, **FAST_FAILURE),
-            database=database_name,
-            retry_settings=FAULT_RETRIES,
+            through(), database=database_name, retry_settings=FAULT_RETRIES
         )
         await store.start(exit_stack, local_events, logger)
         yield store
@@ -109,39 +273,11 @@ async def proxied_store(
 
 @pytest.fixture
 async def direct_store(
-    client: Any,
-    database_name: str,
-    proxied_store: MongoDBDataStore,
-    local_events: LocalEventBroker,
-    logger: logging.Logger,
+    client: Any, proxied_store: MongoDBDataStore, logger: logging.Logger
 ) -> AsyncIterator[MongoDBDataStore]:
     """Another scheduler's store on the same database, not through the proxy."""
-    async with another_store(client, database_name, local_events, logger) as other:
+    async with another_store(client, proxied_store, logger) as other:
         yield other
-
-
-class Recorder:
-    """Records the events of some types that a broker delivers to its subscribers."""
-
-    def __init__(self, broker: EventBroker, *event_types: type[Event]) -> None:
-        self.events: list[Any] = []
-        self._marker_seen = anyio.Event()
-        broker.subscribe(self._record, {*event_types, TaskRemoved})
-
-    def _record(self, event: Event) -> None:
-        if isinstance(event, TaskRemoved) and event.task_id == MARKER:
-            self._marker_seen.set()
-        else:
-            self.events.append(event)
-
-    async def settled(self, publisher: EventBroker) -> list[Any]:
-        """Return the events once a marker ``publisher`` sends after them arrives."""
-        # Delivery keeps each publisher's order: once the marker is in, so is the rest
-        await publisher.publish(TaskRemoved(task_id=MARKER))
-        with anyio.fail_after(TIMEOUT):
-            await self._marker_seen.wait()
-
-        return self.events
 
 
 def retries_logged(caplog: pytest.LogCaptureFixture) -> int:
@@ -159,16 +295,6 @@ def assert_lost_once(
     assert proxy.replies_lost == 1
     assert proxy.lost_commands == [command]
     assert retries_logged(caplog) == 1
-
-
-def due_schedule(schedule_id: str) -> Schedule:
-    start = datetime.now(timezone.utc) - timedelta(seconds=1)
-    trigger = IntervalTrigger(minutes=1, start_time=start)
-    schedule = Schedule(
-        id=schedule_id, task_id="task", trigger=trigger, job_executor="async"
-    )
-    schedule.next_fire_time = trigger.next()
-    return schedule
 
 
 async def add_task(store: MongoDBDataStore, max_running_jobs: int | None) -> None:
@@ -192,6 +318,8 @@ def op_msg(*sections: bytes, request_id: int = 7, flags: int = 0) -> bytes:
 class TestLosingProxy:
     """The proxy loses exactly the armed reply, after the server carried it out."""
 
+    pytestmark = WIRE_ONLY
+
     def test_command_name(self) -> None:
         body = b"\0" + bson.encode({"update": "jobs", "ordered": False})
         documents = bson.encode({"q": {}, "u": {"$set": {"a": 1}}})
@@ -208,33 +336,29 @@ class TestLosingProxy:
         assert command_name(bytes(compressed)) is None
 
     async def test_large_messages_pass_unchanged(
-        self, proxy: FaultyProxy, wire_uri: str, client: Any, database_name: str
+        self, proxy: FaultyProxy, through: Callable[..., str], database: Any
     ) -> None:
         payload = bytes(range(256)) * 4096  # 1 MiB: many partial reads
-        through: AsyncMongoClient[Any] = AsyncMongoClient(
-            proxy.uri_for(wire_uri, **FAST_FAILURE)
-        )
+        client: AsyncMongoClient[Any] = AsyncMongoClient(through())
         try:
             with anyio.fail_after(TIMEOUT):
-                collection = through[database_name]["blobs"]
+                collection = client[database.name]["blobs"]
                 await collection.insert_many(
                     [{"_id": n, "payload": payload} for n in range(3)]
                 )
                 stored = await collection.find(sort=[("_id", 1)]).to_list(None)
         finally:
-            await through.close()
+            await client.close()
 
         assert [doc["payload"] for doc in stored] == [payload] * 3
-        assert await client[database_name]["blobs"].count_documents({}) == 3
+        assert await database["blobs"].count_documents({}) == 3
         assert proxy.replies_lost == 0
 
     async def test_loses_the_armed_reply_only(
-        self, proxy: FaultyProxy, wire_uri: str, client: Any, database_name: str
+        self, proxy: FaultyProxy, through: Callable[..., str], database: Any
     ) -> None:
-        through: AsyncMongoClient[Any] = AsyncMongoClient(
-            proxy.uri_for(wire_uri, **FAST_FAILURE)
-        )
-        collection = through[database_name]["things"]
+        client: AsyncMongoClient[Any] = AsyncMongoClient(through())
+        collection = client[database.name]["things"]
         try:
             with anyio.fail_after(TIMEOUT):
                 await collection.find_one({})  # connected
@@ -246,10 +370,10 @@ class TestLosingProxy:
                 assert proxy.lost_commands == ["insert"]
                 await collection.insert_one({"_id": 2})  # disarmed after one
         finally:
-            await through.close()
+            await client.close()
 
         # The server did carry out the insert whose reply was lost
-        ids = await client[database_name]["things"].distinct("_id")
+        ids = await database["things"].distinct("_id")
         assert sorted(ids) == [1, 2]
         assert proxy.replies_lost == 1
         assert proxy.connections_cut == 0
@@ -265,19 +389,20 @@ class TestLosingProxy:
 class TestJobs:
     """A job write retried after its reply was lost takes effect, and is told, once."""
 
+    pytestmark = WIRE_ONLY
+
     @pytest.mark.parametrize("from_schedule", [False, True], ids=["plain", "schedule"])
     async def test_add_job(
         self,
         proxied_store: MongoDBDataStore,
         proxy: FaultyProxy,
-        client: Any,
-        database_name: str,
+        database: Any,
         local_events: LocalEventBroker,
         caplog: pytest.LogCaptureFixture,
         from_schedule: bool,
     ) -> None:
         await add_task(proxied_store, None)
-        added = Recorder(local_events, JobAdded)
+        added = Recorder(local_events, JobAdded, timeout=TIMEOUT)
         job = Job(task_id="task", executor="async")
         if from_schedule:  # also keyed by its fire time (a second unique index)
             job = Job(
@@ -291,9 +416,9 @@ class TestJobs:
             await proxied_store.add_job(job)  # no ConflictingIdError
 
         assert_lost_once(proxy, "insert", caplog)
-        assert await client[database_name]["jobs"].count_documents({}) == 1
+        assert await database["jobs"].count_documents({}) == 1
         assert [stored.id for stored in await proxied_store.get_jobs()] == [job.id]
-        events = await added.settled(local_events)
+        events = await added.settled()
         assert [event.job_id for event in events] == [job.id]
 
     @pytest.mark.parametrize(
@@ -305,8 +430,7 @@ class TestJobs:
         proxied_store: MongoDBDataStore,
         direct_store: MongoDBDataStore,
         proxy: FaultyProxy,
-        client: Any,
-        database_name: str,
+        database: Any,
         local_events: LocalEventBroker,
         caplog: pytest.LogCaptureFixture,
         max_running_jobs: int | None,
@@ -317,7 +441,7 @@ class TestJobs:
         for job in jobs:
             await proxied_store.add_job(job)
 
-        acquired_events = Recorder(local_events, JobAcquired)
+        acquired_events = Recorder(local_events, JobAcquired, timeout=TIMEOUT)
         proxy.lose_reply_to("update")  # the claim is one bulk write
         with anyio.fail_after(TIMEOUT):
             acquired = await proxied_store.acquire_jobs("me", LEASE, limit)
@@ -327,10 +451,10 @@ class TestJobs:
         # claimed them; none claimed but left out of the answer
         assert [job.id for job in acquired] == [job.id for job in jobs[:2]]
         assert all(job.acquired_by == "me" for job in acquired)
-        held = await client[database_name]["jobs"].find({"state": ACQUIRED}).to_list()
+        held = await database["jobs"].find({"state": ACQUIRED}).to_list()
         assert sorted(doc["acquired_by"] for doc in held) == ["me", "me"]
         assert {doc["_id"].as_uuid() for doc in held} == {job.id for job in jobs[:2]}
-        events = await acquired_events.settled(local_events)
+        events = await acquired_events.settled()
         assert [event.job_id for event in events] == [job.id for job in jobs[:2]]
         assert (await direct_store.get_task("task")).running_jobs == 2
 
@@ -344,8 +468,7 @@ class TestJobs:
         proxied_store: MongoDBDataStore,
         direct_store: MongoDBDataStore,
         proxy: FaultyProxy,
-        client: Any,
-        database_name: str,
+        database: Any,
         local_events: LocalEventBroker,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
@@ -357,18 +480,18 @@ class TestJobs:
         [acquired] = await proxied_store.acquire_jobs("me", LEASE, None)
         assert (await proxied_store.get_task("task")).running_jobs == 1
 
-        released = Recorder(local_events, JobReleased)
+        released = Recorder(local_events, JobReleased, timeout=TIMEOUT)
         result = JobResult.from_job(acquired, JobOutcome.success, return_value=7)
         proxy.lose_reply_to("update")
         with anyio.fail_after(TIMEOUT):
             await proxied_store.release_job("me", acquired, result)
 
         assert_lost_once(proxy, "update", caplog)
-        events = await released.settled(local_events)
+        events = await released.settled()
         assert [(event.job_id, event.outcome) for event in events] == [
             (job.id, JobOutcome.success)
         ]
-        document = await client[database_name]["jobs"].find_one(
+        document = await database["jobs"].find_one(
             {"_id": bson.Binary.from_uuid(job.id)}
         )
         assert document is not None
@@ -394,13 +517,13 @@ class TestJobs:
         job = Job(task_id="task", executor="async", result_expiration_time=60)
         await proxied_store.add_job(job)
         await proxied_store.acquire_jobs("me", LEASE, None)
-        released = Recorder(local_events, JobReleased)
+        released = Recorder(local_events, JobReleased, timeout=TIMEOUT)
         proxy.lose_reply_to("update")  # the bulk write that finishes them
         with anyio.fail_after(TIMEOUT):
             await proxied_store.reap_abandoned_jobs("me")
 
         assert_lost_once(proxy, "update", caplog)
-        events = await released.settled(local_events)
+        events = await released.settled()
         assert [(event.job_id, event.outcome) for event in events] == [
             (job.id, JobOutcome.abandoned)
         ]
@@ -409,6 +532,7 @@ class TestJobs:
         assert result is not None
         assert result.outcome is JobOutcome.abandoned
 
+    @pytest.mark.usefixtures("client")  # drops the test's database afterwards
     async def test_get_job_result(
         self,
         proxied_store: MongoDBDataStore,
@@ -435,26 +559,27 @@ class TestJobs:
 class TestTasks:
     """A task write retried after its reply was lost is reported as it happened."""
 
+    pytestmark = WIRE_ONLY
+
     async def test_add_task(
         self,
         proxied_store: MongoDBDataStore,
         proxy: FaultyProxy,
-        client: Any,
-        database_name: str,
+        database: Any,
         local_events: LocalEventBroker,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        announced = Recorder(local_events, TaskAdded, TaskUpdated)
+        announced = Recorder(local_events, TaskAdded, TaskUpdated, timeout=TIMEOUT)
         proxy.lose_reply_to("findAndModify")  # the upsert that stores the task
         with anyio.fail_after(TIMEOUT):
             await add_task(proxied_store, None)
 
         assert_lost_once(proxy, "findAndModify", caplog)
-        assert await client[database_name]["tasks"].count_documents({}) == 1
+        assert await database["tasks"].count_documents({}) == 1
         # Announced once; the retry finds the task already stored, so the
         # announcement may be TaskUpdated rather than TaskAdded (as with
         # add_schedule(..., ConflictPolicy.replace): design.rst, "Known behaviours")
-        [event] = await announced.settled(local_events)
+        [event] = await announced.settled()
         assert isinstance(event, TaskAdded | TaskUpdated)
         assert event.task_id == "task"
 
@@ -462,25 +587,26 @@ class TestTasks:
         self,
         proxied_store: MongoDBDataStore,
         proxy: FaultyProxy,
-        client: Any,
-        database_name: str,
+        database: Any,
         local_events: LocalEventBroker,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         await add_task(proxied_store, None)
-        removed = Recorder(local_events, TaskRemoved)
+        removed = Recorder(local_events, TaskRemoved, timeout=TIMEOUT)
         proxy.lose_reply_to("delete")
         with anyio.fail_after(TIMEOUT):
             await proxied_store.remove_task("task")  # no TaskLookupError
 
         assert_lost_once(proxy, "delete", caplog)
-        assert await client[database_name]["tasks"].count_documents({}) == 0
-        events = await removed.settled(local_events)
+        assert await database["tasks"].count_documents({}) == 0
+        events = await removed.settled()
         assert [event.task_id for event in events] == ["task"]
 
 
 class TestSchedules:
     """A schedule write retried after its reply was lost takes effect once."""
+
+    pytestmark = WIRE_ONLY
 
     @pytest.mark.parametrize(
         ("policy", "command"),
@@ -493,21 +619,20 @@ class TestSchedules:
         self,
         proxied_store: MongoDBDataStore,
         proxy: FaultyProxy,
-        client: Any,
-        database_name: str,
+        database: Any,
         local_events: LocalEventBroker,
         caplog: pytest.LogCaptureFixture,
         policy: ConflictPolicy,
         command: str,
     ) -> None:
-        added = Recorder(local_events, ScheduleAdded, ScheduleUpdated)
+        added = Recorder(local_events, ScheduleAdded, ScheduleUpdated, timeout=TIMEOUT)
         proxy.lose_reply_to(command)
         with anyio.fail_after(TIMEOUT):
             await proxied_store.add_schedule(due_schedule("s"), policy)
 
         assert_lost_once(proxy, command, caplog)
-        assert await client[database_name]["schedules"].count_documents({}) == 1
-        events = await added.settled(local_events)
+        assert await database["schedules"].count_documents({}) == 1
+        events = await added.settled()
         assert [(type(event), event.schedule_id) for event in events] == [
             (ScheduleAdded, "s")
         ]
@@ -516,13 +641,14 @@ class TestSchedules:
         self,
         proxied_store: MongoDBDataStore,
         proxy: FaultyProxy,
-        client: Any,
-        database_name: str,
+        database: Any,
         local_events: LocalEventBroker,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         await proxied_store.add_schedule(due_schedule("s"), ConflictPolicy.exception)
-        replaced = Recorder(local_events, ScheduleAdded, ScheduleUpdated)
+        replaced = Recorder(
+            local_events, ScheduleAdded, ScheduleUpdated, timeout=TIMEOUT
+        )
         replacement = due_schedule("s")
         replacement.args = ("replacement",)
         proxy.lose_reply_to("findAndModify")
@@ -530,12 +656,12 @@ class TestSchedules:
             await proxied_store.add_schedule(replacement, ConflictPolicy.replace)
 
         assert_lost_once(proxy, "findAndModify", caplog)
-        assert await client[database_name]["schedules"].count_documents({}) == 1
+        assert await database["schedules"].count_documents({}) == 1
         [stored] = await proxied_store.get_schedules()
         assert stored.args == ("replacement",)
         # Announced once; as design.rst says under "Known behaviours", the retry
         # finds its own replacement and may announce it as added
-        [event] = await replaced.settled(local_events)
+        [event] = await replaced.settled()
         assert isinstance(event, ScheduleAdded | ScheduleUpdated)
         assert event.schedule_id == "s"
 
@@ -544,8 +670,7 @@ class TestSchedules:
         proxied_store: MongoDBDataStore,
         direct_store: MongoDBDataStore,
         proxy: FaultyProxy,
-        client: Any,
-        database_name: str,
+        database: Any,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         for schedule_id in ("s1", "s2"):
@@ -560,8 +685,7 @@ class TestSchedules:
         assert_lost_once(proxy, "update", caplog)
         assert sorted(schedule.id for schedule in acquired) == ["s1", "s2"]
         owners = {
-            doc["_id"]: doc["acquired_by"]
-            async for doc in client[database_name]["schedules"].find()
+            doc["_id"]: doc["acquired_by"] async for doc in database["schedules"].find()
         }
         assert owners == {"s1": "me", "s2": "me"}
         assert await direct_store.acquire_schedules("other", LEASE, 10) == []
@@ -571,8 +695,7 @@ class TestSchedules:
         proxied_store: MongoDBDataStore,
         direct_store: MongoDBDataStore,
         proxy: FaultyProxy,
-        client: Any,
-        database_name: str,
+        database: Any,
         local_events: LocalEventBroker,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
@@ -581,28 +704,19 @@ class TestSchedules:
         assert schedule.next_fire_time is not None
         fire_time = schedule.next_fire_time
         next_time = fire_time + timedelta(minutes=1)
-        released = Recorder(local_events, ScheduleUpdated)
+        released = Recorder(local_events, ScheduleUpdated, timeout=TIMEOUT)
         proxy.lose_reply_to("update")
         with anyio.fail_after(TIMEOUT):
             await proxied_store.release_schedules(
-                "me",
-                [
-                    ScheduleResult(
-                        schedule_id="s",
-                        task_id="task",
-                        trigger=schedule.trigger,
-                        last_fire_time=fire_time,
-                        next_fire_time=next_time,
-                    )
-                ],
+                "me", [processed(schedule, next_time)]
             )
 
         assert_lost_once(proxy, "update", caplog)
-        events = await released.settled(local_events)
+        events = await released.settled()
         assert [(event.schedule_id, event.next_fire_time) for event in events] == [
             ("s", next_time)
         ]
-        document = await client[database_name]["schedules"].find_one({"_id": "s"})
+        document = await database["schedules"].find_one({"_id": "s"})
         assert document is not None
         assert document["acquired_by"] is None
         [stored] = await direct_store.get_schedules({"s"})
@@ -613,30 +727,32 @@ class TestSchedules:
 class TestEventBroker:
     """An event whose publishing write lost its reply is stored and delivered once."""
 
+    pytestmark = WIRE_ONLY
+
     async def test_publish(
         self,
         proxy: FaultyProxy,
-        wire_uri: str,
+        through: Callable[..., str],
         client: Any,
-        database_name: str,
+        database: Any,
         logger: logging.Logger,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         async with AsyncExitStack() as exit_stack:
             receiver = MongoDBEventBroker(
-                client, database=database_name, mode="polling", poll_interval=0.05
+                client, database=database.name, mode="polling", poll_interval=0.05
             )
             await receiver.start(exit_stack, logger)
             publisher = MongoDBEventBroker(
-                proxy.uri_for(wire_uri, **FAST_FAILURE),
-                database=database_name,
+                through(),
+                database=database.name,
                 mode="polling",
                 poll_interval=0.05,
                 retry_settings=FAULT_RETRIES,
             )
             await publisher.start(exit_stack, logger)
-            received = Recorder(receiver, JobAdded)
-            heard_locally = Recorder(publisher, JobAdded)
+            received = Recorder(receiver, JobAdded, timeout=TIMEOUT)
+            heard_locally = Recorder(publisher, JobAdded, timeout=TIMEOUT)
 
             event = JobAdded(job_id=uuid4(), task_id="task", schedule_id=None)
             proxy.lose_reply_to("update")  # the upsert that stores the event
@@ -649,7 +765,7 @@ class TestEventBroker:
             await anyio.sleep(0.3)  # several more polls bring nothing new
             assert received.events == [event]
 
-        stored = await client[database_name]["events"].find().to_list()
+        stored = await database["events"].find().to_list()
         assert [(doc["type"], doc["seq"]) for doc in stored] == [
             ("JobAdded", 1),
             ("TaskRemoved", 2),

@@ -1,0 +1,42 @@
+"""Schedules and their results, built as the tests need them."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from apscheduler import Schedule
+from apscheduler._structures import ScheduleResult
+from apscheduler.triggers.interval import IntervalTrigger
+
+
+def due_schedule(schedule_id: str = "s", task_id: str = "task") -> Schedule:
+    """Return a schedule firing every minute, its first fire time a second ago."""
+    start = datetime.now(timezone.utc) - timedelta(seconds=1)
+    trigger = IntervalTrigger(minutes=1, start_time=start)
+    schedule = Schedule(
+        id=schedule_id, task_id=task_id, trigger=trigger, job_executor="async"
+    )
+    schedule.next_fire_time = trigger.next()
+    return schedule
+
+
+def processed(
+    schedule: Schedule,
+    next_fire_time: datetime | None,
+    last_fire_time: datetime | None = None,
+) -> ScheduleResult:
+    """
+    Return what a scheduler releases ``schedule`` with once it processed it.
+
+    :param last_fire_time: the fire time processed; by default the schedule's next
+        fire time (as it was acquired)
+    """
+    last = schedule.next_fire_time if last_fire_time is None else last_fire_time
+    assert last is not None, f"schedule {schedule.id!r} has no fire time to process"
+    return ScheduleResult(
+        schedule_id=schedule.id,
+        task_id=schedule.task_id,
+        trigger=schedule.trigger,
+        last_fire_time=last,
+        next_fire_time=next_fire_time,
+    )
