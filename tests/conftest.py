@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
+from apscheduler import RetrySettings
 from apscheduler.abc import EventBroker, Serializer
 from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.serializers.cbor import CBORSerializer
@@ -17,7 +18,7 @@ from apscheduler.serializers.pickle import PickleSerializer
 from apscheduler_mongo import MongoDBDataStore
 
 from .support.faults import FaultPlan
-from .support.proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
+from .support.proxy import FAST_FAILURE, FAULT_RETRIES, FaultyProxy, proxy_in_front_of
 from .support.servers import (
     describe_wire_server,
     wire_server_uri,
@@ -186,6 +187,29 @@ def through(proxy: FaultyProxy, wire_uri: str) -> Callable[..., str]:
         return proxy.uri_for(wire_uri, **FAST_FAILURE, **options)
 
     return uri
+
+
+@pytest.fixture
+def proxy_retries() -> RetrySettings:
+    """The retry settings of the ``proxied_store``."""
+    return FAULT_RETRIES
+
+
+@pytest.fixture
+async def proxied_store(
+    through: Callable[..., str],
+    database_name: str,
+    local_events: LocalEventBroker,
+    logger: logging.Logger,
+    proxy_retries: RetrySettings,
+) -> AsyncIterator[MongoDBDataStore]:
+    """A started store that owns a client connected through the ``proxy``."""
+    async with AsyncExitStack() as exit_stack:
+        store = MongoDBDataStore(
+            through(), database=database_name, retry_settings=proxy_retries
+        )
+        await store.start(exit_stack, local_events, logger)
+        yield store
 
 
 @pytest.fixture

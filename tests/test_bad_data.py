@@ -259,10 +259,9 @@ class TestWrongTypes:
         assert [job.task_id for job in await store.get_jobs()] == ["bad", "good"]
 
 
+@WIRE_ONLY
 class TestOversized:
     """Arguments beyond MongoDB's 16 MB document limit fail clearly, writing nothing."""
-
-    pytestmark = WIRE_ONLY
 
     BIG = b"x" * (17 * 1024 * 1024)
     #: APScheduler types its ``args`` converter loosely; pass them untyped

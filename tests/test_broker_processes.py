@@ -22,18 +22,15 @@ from .support.proxy import (
     cutting,
     proxy_in_front_of,
 )
+from .support.tiers import WIRE_ONLY
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
+# Separate processes need a server they can all reach
+pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
 
 WORKERS = 3
 EVENTS = 200
 #: How long the test waits for each worker's report
 REPORT_TIMEOUT = 90
-
-
-@pytest.fixture
-def tier() -> str:
-    return "wire"  # separate processes need a server they can all reach
 
 
 def exchange(

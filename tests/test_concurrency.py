@@ -13,16 +13,13 @@ from apscheduler.triggers.date import DateTrigger
 
 from apscheduler_mongo import MongoDBDataStore
 
+from .support.tiers import WIRE_ONLY
 from .support.workers import drain_worker, hold_worker
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
+# Separate processes need a server they can all reach
+pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
 
 WORKERS = 4
-
-
-@pytest.fixture
-def tier() -> str:
-    return "wire"  # separate processes need a server they can all reach
 
 
 def run_workers(target: Callable[..., None], *args: Any) -> list[dict[str, Any]]:

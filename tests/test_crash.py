@@ -15,14 +15,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from apscheduler_mongo import MongoDBDataStore
 
+from .support.tiers import WIRE_ONLY
 from .support.workers import doomed_worker
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
-
-
-@pytest.fixture
-def tier() -> str:
-    return "wire"
+pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
 
 
 class TestKilledScheduler:

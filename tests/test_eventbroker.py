@@ -18,6 +18,8 @@ from pymongo.errors import AutoReconnect, OperationFailure
 
 from apscheduler_mongo import MongoDBEventBroker
 
+from .support.tiers import WIRE_ONLY
+
 pytestmark = pytest.mark.anyio
 
 
@@ -258,8 +260,7 @@ class TestLifecycle:
                 broker = make_broker(client, database_name, poll_interval=30)
                 await broker.start(exit_stack, logger)
 
-    @pytest.mark.wire
-    @pytest.mark.parametrize("tier", ["wire"])
+    @WIRE_ONLY
     async def test_change_streams_refused_clearly(
         self, client: Any, database_name: str, logger: logging.Logger
     ) -> None:

@@ -256,22 +256,6 @@ class TestClaimNeverDelivered:
 
 
 @pytest.fixture
-async def proxied_store(
-    through: Callable[..., str],
-    database_name: str,
-    local_events: LocalEventBroker,
-    logger: logging.Logger,
-) -> AsyncIterator[MongoDBDataStore]:
-    """A store that owns a client connected through the proxy."""
-    async with AsyncExitStack() as exit_stack:
-        store = MongoDBDataStore(
-            through(), database=database_name, retry_settings=FAULT_RETRIES
-        )
-        await store.start(exit_stack, local_events, logger)
-        yield store
-
-
-@pytest.fixture
 async def direct_store(
     client: Any, proxied_store: MongoDBDataStore, logger: logging.Logger
 ) -> AsyncIterator[MongoDBDataStore]:
@@ -315,10 +299,9 @@ def op_msg(*sections: bytes, request_id: int = 7, flags: int = 0) -> bytes:
     return header + OP_MSG.to_bytes(4, "little") + body
 
 
+@WIRE_ONLY
 class TestLosingProxy:
     """The proxy loses exactly the armed reply, after the server carried it out."""
-
-    pytestmark = WIRE_ONLY
 
     def test_command_name(self) -> None:
         body = b"\0" + bson.encode({"update": "jobs", "ordered": False})
@@ -386,10 +369,9 @@ class TestLosingProxy:
             proxy.lose_reply_to("insert", count=-1)
 
 
+@WIRE_ONLY
 class TestJobs:
     """A job write retried after its reply was lost takes effect, and is told, once."""
-
-    pytestmark = WIRE_ONLY
 
     @pytest.mark.parametrize("from_schedule", [False, True], ids=["plain", "schedule"])
     async def test_add_job(
@@ -556,10 +538,9 @@ class TestJobs:
         assert await proxied_store.get_job_result(job.id) is None  # taken once
 
 
+@WIRE_ONLY
 class TestTasks:
     """A task write retried after its reply was lost is reported as it happened."""
-
-    pytestmark = WIRE_ONLY
 
     async def test_add_task(
         self,
@@ -603,10 +584,9 @@ class TestTasks:
         assert [event.task_id for event in events] == ["task"]
 
 
+@WIRE_ONLY
 class TestSchedules:
     """A schedule write retried after its reply was lost takes effect once."""
-
-    pytestmark = WIRE_ONLY
 
     @pytest.mark.parametrize(
         ("policy", "command"),
@@ -724,10 +704,9 @@ class TestSchedules:
         assert stored.last_fire_time == fire_time
 
 
+@WIRE_ONLY
 class TestEventBroker:
     """An event whose publishing write lost its reply is stored and delivered once."""
-
-    pytestmark = WIRE_ONLY
 
     async def test_publish(
         self,

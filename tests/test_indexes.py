@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -16,7 +16,7 @@ from apscheduler_mongo._adapters import adapter_for
 from apscheduler_mongo._indexes import ensure_indexes
 
 from .support.faults import FaultPlan
-from .support.proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
+from .support.tiers import WIRE_ONLY
 
 pytestmark = pytest.mark.anyio
 
@@ -94,32 +94,15 @@ class TestChangedIndexes:
         assert set(await indexes_of(collection)) == {"_id_", "new"}
 
 
-@pytest.mark.wire
+@WIRE_ONLY
+@pytest.mark.usefixtures("client")  # drops the test's database afterwards
 class TestOnTheWire:
     """What the store and broker send to bring indexes up to date."""
-
-    @pytest.fixture
-    def tier(self) -> str:
-        return "wire"
-
-    @pytest.fixture
-    def plan(self) -> FaultPlan:
-        return FaultPlan()
-
-    @pytest.fixture
-    def proxy(self, wire_uri: str, plan: FaultPlan) -> Iterator[FaultyProxy]:
-        with proxy_in_front_of(wire_uri, plan) as proxy:
-            yield proxy
-
-    @pytest.fixture
-    def through(self, proxy: FaultyProxy, wire_uri: str) -> Callable[[], str]:
-        return lambda: proxy.uri_for(wire_uri, **FAST_FAILURE)
 
     async def test_ttl_changed_in_place(
         self,
         plan: FaultPlan,
-        through: Callable[[], str],
-        client: Any,
+        through: Callable[..., str],
         database_name: str,
         logger: logging.Logger,
     ) -> None:
@@ -135,8 +118,7 @@ class TestOnTheWire:
     async def test_unchanged_indexes_cost_one_listing(
         self,
         plan: FaultPlan,
-        through: Callable[[], str],
-        client: Any,
+        through: Callable[..., str],
         database_name: str,
         logger: logging.Logger,
     ) -> None:

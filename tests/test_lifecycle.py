@@ -18,6 +18,7 @@ from tenacity import stop_after_delay, wait_fixed
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 
 from .support.proxy import FAST_FAILURE, proxy_in_front_of
+from .support.tiers import WIRE_ONLY
 
 pytestmark = pytest.mark.anyio
 
@@ -124,14 +125,11 @@ class TestRestart:
                     assert await store._jobs.list_indexes() == indexes
 
 
-@pytest.mark.wire
+@WIRE_ONLY
+@pytest.mark.usefixtures("client")  # drops the test's database afterwards
 class TestStopDuringOutage:
     """A scheduler stopped while the server cannot be reached stops cleanly: no
     crash, no error, whatever its store and broker were waiting for."""
-
-    @pytest.fixture
-    def tier(self) -> str:
-        return "wire"
 
     @pytest.mark.parametrize(
         "rounds", [pytest.param(n, id=f"round{n}") for n in range(3)]
@@ -139,7 +137,6 @@ class TestStopDuringOutage:
     async def test_stops_without_crashing(
         self,
         wire_uri: str,
-        client: Any,
         database_name: str,
         caplog: pytest.LogCaptureFixture,
         rounds: int,

@@ -18,6 +18,7 @@ from apscheduler_mongo import MongoDBDataStore
 
 from .support.broker_workers import join_or_kill, supervised_scheduler_worker
 from .support.proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
+from .support.tiers import WIRE_ONLY
 from .test_scheduler_processes import (
     INTERVAL,
     SCHEDULES,
@@ -26,7 +27,8 @@ from .test_scheduler_processes import (
     recorded_runs,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
+# Separate processes need a server they can all reach
+pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
 
 WORKERS = 2
 #: The retry budget of the schedulers' store and broker ...
@@ -40,11 +42,6 @@ CATCH_UP = 30.0
 TIMEOUT = 90.0
 #: Names of the errors a lost server may surface as (pymongo's ConnectionFailure)
 NETWORK_ERRORS = {"ServerSelectionTimeoutError", "AutoReconnect", "NetworkTimeout"}
-
-
-@pytest.fixture
-def tier() -> str:
-    return "wire"  # separate processes need a server they can all reach
 
 
 def run_through_outage(

@@ -26,8 +26,10 @@ from .support.proxy import (
     cutting,
     proxy_in_front_of,
 )
+from .support.tiers import WIRE_ONLY
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
+# Separate processes need a server they can all reach
+pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
 
 WORKERS = 3
 SCHEDULES = ("every-half-second-1", "every-half-second-2")
@@ -49,11 +51,6 @@ REFUSE_FOR = 1.0
 #: ... for at least this long (several cuts)
 RUN_FOR_UNDER_FAULTS = 9.0
 REPORT_TIMEOUT = 90
-
-
-@pytest.fixture
-def tier() -> str:
-    return "wire"  # separate processes need a server they can all reach
 
 
 async def add_schedules(

@@ -24,16 +24,12 @@ from .support.stall_workers import (
     WAIT_SECONDS,
     stalled_worker,
 )
+from .support.tiers import WIRE_ONLY
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
 
 NEW_OWNER = "new-owner"
 LONG_LEASE = timedelta(minutes=5)
-
-
-@pytest.fixture
-def tier() -> str:
-    return "wire"
 
 
 def process_state(pid: int) -> str:

@@ -7,7 +7,11 @@ per tier: mongomock-motor in this process, and pymongo and Motor over real socke
 
 from __future__ import annotations
 
+from typing import TypeVar, cast
+
 import pytest
+
+T = TypeVar("T")
 
 #: The ``tier`` fixture's parameters: the wire ones are marked ``wire``
 TIERS = [
@@ -16,12 +20,28 @@ TIERS = [
     pytest.param("motor", id="motor", marks=pytest.mark.wire),
 ]
 
-#: Keeps a test module (``pytestmark = [*WIRE_ONLY, ...]``) or class (the same in its
-#: body) to the wire tier, marked ``wire``: for tests that need a server over real
-#: sockets (separate processes, the proxy). Each test gets the ``tier``, used or not.
-WIRE_ONLY = [
-    pytest.mark.usefixtures("tier"),
-    pytest.mark.parametrize(
-        "tier", [pytest.param("wire", marks=pytest.mark.wire)], indirect=True
-    ),
-]
+
+class Marks(list[pytest.MarkDecorator]):
+    """Marks that go together: in a ``pytestmark`` list, or as one decorator."""
+
+    def __call__(self, test: T) -> T:
+        """Apply every mark to a test function or class."""
+        for mark in self:
+            test = cast(T, mark(test))
+
+        return test
+
+
+#: Keeps a test to the wire tier, marked ``wire``: for tests that need a server
+#: reached over real sockets (from other processes, or through the proxy). Decorate a
+#: test function or class with it, or put it in a module's ``pytestmark``
+#: (``[*WIRE_ONLY, ...]``). Each test gets the ``tier`` fixture, whether it uses it or
+#: not, so that it can be parametrized.
+WIRE_ONLY = Marks(
+    [
+        pytest.mark.usefixtures("tier"),
+        pytest.mark.parametrize(
+            "tier", [pytest.param("wire", marks=pytest.mark.wire)], indirect=True
+        ),
+    ]
+)
