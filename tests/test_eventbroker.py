@@ -40,14 +40,11 @@ async def broker(
 
 @pytest.fixture
 async def other_broker(
-    client: Any,
-    database_name: str,
-    broker: MongoDBEventBroker,
-    logger: logging.Logger,
+    client: Any, broker: MongoDBEventBroker, logger: logging.Logger
 ) -> AsyncIterator[MongoDBEventBroker]:
-    """A second broker on the same database, as another process would have."""
+    """A second broker on the ``broker``'s database, as another process would have."""
     async with AsyncExitStack() as exit_stack:
-        started = make_broker(client, database_name)
+        started = make_broker(client, broker.database)
         await started.start(exit_stack, logger)
         yield started
 
@@ -118,7 +115,7 @@ class TestPublishSubscribe:
     async def test_failing_subscriber_does_not_stop_others(
         self, broker: MongoDBEventBroker, caplog: pytest.LogCaptureFixture
     ) -> None:
-        def fail(event: Event) -> None:
+        def fail(_event: Event) -> None:
             raise RuntimeError("subscriber failed")
 
         timestamp = datetime.now(timezone.utc)

@@ -49,7 +49,7 @@ def call(app: Any, method: str, path: str) -> tuple[str, Any]:
     setup_testing_defaults(environ)
     environ["wsgi.input"] = io.BytesIO()
     status: list[str] = []
-    body = b"".join(app(environ, lambda s, headers: status.append(s)))
+    body = b"".join(app(environ, lambda s, _headers: status.append(s)))
     return status[0], json.loads(body)
 
 
@@ -318,7 +318,7 @@ def builtin_store_runs(wire_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.setattr(
                 MongoClient,
                 "server_info",
-                lambda self, session=None: {
+                lambda *_args, **_kwargs: {
                     "version": "7.0.0",
                     "versionArray": [7, 0, 0, 0],
                 },

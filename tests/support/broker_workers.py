@@ -96,7 +96,7 @@ class _FailedHeartbeats(monitoring.ServerHeartbeatListener):
     def succeeded(self, event: monitoring.ServerHeartbeatSucceededEvent) -> None:
         pass
 
-    def failed(self, event: monitoring.ServerHeartbeatFailedEvent) -> None:
+    def failed(self, _event: monitoring.ServerHeartbeatFailedEvent) -> None:
         self.count += 1
 
 
