@@ -54,6 +54,7 @@ from pymongo.errors import DocumentTooLarge
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._marshalling import MalformedDocumentError
 
+from .support.logs import logged
 from .support.tiers import WIRE_ONLY
 
 pytestmark = [
@@ -180,11 +181,7 @@ class Read(Enum):
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.levelno == logging.WARNING
-    ]
+    return logged(caplog, logging.WARNING)
 
 
 async def add_task(store: MongoDBDataStore, task_id: str = "task") -> None:

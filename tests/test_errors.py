@@ -21,6 +21,7 @@ from tenacity import stop_after_attempt, wait_fixed
 from apscheduler_mongo import MongoDBDataStore
 
 from .support.fake_servers import free_port
+from .support.logs import retry_messages
 from .support.servers import mongoeco_process, needs_mongoeco
 
 pytestmark = [
@@ -34,14 +35,6 @@ pytestmark = [
 SECRET = "s3cret"
 AUTH_USER = "scheduler"
 AUTH_PASSWORD = "right-password"
-
-
-def _retry_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.getMessage().startswith("Temporary MongoDB error")
-    ]
 
 
 class TestClientOrUri:
@@ -231,7 +224,7 @@ class TestUnreachableServer:
             # Three attempts of 200 ms each, and two waits of 50 ms
             assert time.monotonic() - started < 10
 
-        messages = _retry_messages(caplog)
+        messages = retry_messages(caplog)
         assert [
             message[: len("Temporary MongoDB error (attempt 1")] for message in messages
         ] == [f"Temporary MongoDB error (attempt {n}" for n in (1, 2, 3)]
@@ -307,7 +300,7 @@ class TestAuthenticationFailure:
                 await store.start(exit_stack, local_broker, logger)
 
         assert "Authentication failed" in str(exc_info.value)
-        assert _retry_messages(caplog) == []
+        assert retry_messages(caplog) == []
         assert SECRET not in str(exc_info.value)
         assert SECRET not in caplog.text
 

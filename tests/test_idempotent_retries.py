@@ -26,10 +26,12 @@ from typing import Any
 from uuid import uuid4
 
 import anyio
+import attrs
 import bson
 import pytest
 from apscheduler import (
     ConflictPolicy,
+    Event,
     Job,
     JobAcquired,
     JobAdded,
@@ -40,7 +42,6 @@ from apscheduler import (
     Schedule,
     ScheduleAdded,
     ScheduleUpdated,
-    Task,
     TaskAdded,
     TaskRemoved,
     TaskUpdated,
@@ -56,7 +57,8 @@ from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._layout import ACQUIRED, FINISHED
 
 from .support.events import Recorder
-from .support.items import due_schedule, processed
+from .support.items import add_task, due_schedule, processed, scheduled_job
+from .support.logs import retry_messages
 from .support.lossy import LostReply, Outage
 from .support.proxy import FAULT_RETRIES, OP_MSG, FaultyProxy, command_name
 from .support.stores import another_store
@@ -87,7 +89,7 @@ def raw_store(client: Any, database_name: str) -> MongoDBDataStore:
 
 
 async def add_task_and_jobs(store: MongoDBDataStore, count: int) -> list[Job]:
-    await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+    await add_task(store)
     jobs = [
         Job(task_id="task", executor="async", result_expiration_time=60)
         for _ in range(count)
@@ -152,7 +154,7 @@ class TestLostReplies:
         other_store: MongoDBDataStore,
         local_broker: EventBroker,
     ) -> None:
-        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        await add_task(store)
         job = Job(task_id="task", executor="async")  # keeps no result
         await store.add_job(job)
         [acquired] = await store.acquire_jobs("me", LEASE, 1)
@@ -264,32 +266,44 @@ async def direct_store(
         yield other
 
 
-def retries_logged(caplog: pytest.LogCaptureFixture) -> int:
-    """Count the attempts the store's (or broker's) own retry loop saw fail."""
-    return sum(
-        record.getMessage().startswith("Temporary MongoDB error")
-        for record in caplog.records
-    )
-
-
 def assert_lost_once(
     proxy: FaultyProxy, command: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Assert that one reply, to ``command``, was lost, and our own retry cured it."""
     assert proxy.replies_lost == 1
     assert proxy.lost_commands == [command]
-    assert retries_logged(caplog) == 1
+    assert len(retry_messages(caplog)) == 1  # our own retry loop's
 
 
-async def add_task(store: MongoDBDataStore, max_running_jobs: int | None) -> None:
-    await store.add_task(
-        Task(
-            id="task",
-            func="builtins:len",
-            job_executor="async",
-            max_running_jobs=max_running_jobs,
-        )
-    )
+@attrs.define
+class LosingWire:
+    """A store whose client connects through the losing proxy, and its checks."""
+
+    store: MongoDBDataStore
+    proxy: FaultyProxy
+    #: The test's database, reached directly (not through the proxy)
+    database: Any
+    #: The store's event broker
+    events: LocalEventBroker
+    caplog: pytest.LogCaptureFixture
+
+    def recorder(self, *event_types: type[Event]) -> Recorder:
+        """Record the events of these types that the store announces."""
+        return Recorder(self.events, *event_types, timeout=TIMEOUT)
+
+    def assert_lost_once(self, command: str) -> None:
+        assert_lost_once(self.proxy, command, self.caplog)
+
+
+@pytest.fixture
+def wire(
+    proxied_store: MongoDBDataStore,
+    proxy: FaultyProxy,
+    database: Any,
+    local_events: LocalEventBroker,
+    caplog: pytest.LogCaptureFixture,
+) -> LosingWire:
+    return LosingWire(proxied_store, proxy, database, local_events, caplog)
 
 
 def op_msg(*sections: bytes, request_id: int = 7, flags: int = 0) -> bytes:
@@ -374,32 +388,19 @@ class TestJobs:
     """A job write retried after its reply was lost takes effect, and is told, once."""
 
     @pytest.mark.parametrize("from_schedule", [False, True], ids=["plain", "schedule"])
-    async def test_add_job(
-        self,
-        proxied_store: MongoDBDataStore,
-        proxy: FaultyProxy,
-        database: Any,
-        local_events: LocalEventBroker,
-        caplog: pytest.LogCaptureFixture,
-        from_schedule: bool,
-    ) -> None:
-        await add_task(proxied_store, None)
-        added = Recorder(local_events, JobAdded, timeout=TIMEOUT)
+    async def test_add_job(self, wire: LosingWire, from_schedule: bool) -> None:
+        await add_task(wire.store)
+        added = wire.recorder(JobAdded)
         job = Job(task_id="task", executor="async")
         if from_schedule:  # also keyed by its fire time (a second unique index)
-            job = Job(
-                task_id="task",
-                executor="async",
-                schedule_id="s",
-                scheduled_fire_time=datetime.now(timezone.utc),
-            )
-        proxy.lose_reply_to("insert")
+            job = scheduled_job("s", datetime.now(timezone.utc))
+        wire.proxy.lose_reply_to("insert")
         with anyio.fail_after(TIMEOUT):
-            await proxied_store.add_job(job)  # no ConflictingIdError
+            await wire.store.add_job(job)  # no ConflictingIdError
 
-        assert_lost_once(proxy, "insert", caplog)
-        assert await database["jobs"].count_documents({}) == 1
-        assert [stored.id for stored in await proxied_store.get_jobs()] == [job.id]
+        wire.assert_lost_once("insert")
+        assert await wire.database["jobs"].count_documents({}) == 1
+        assert [stored.id for stored in await wire.store.get_jobs()] == [job.id]
         events = await added.settled()
         assert [event.job_id for event in events] == [job.id]
 
@@ -409,31 +410,27 @@ class TestJobs:
     )
     async def test_acquire_jobs(
         self,
-        proxied_store: MongoDBDataStore,
+        wire: LosingWire,
         direct_store: MongoDBDataStore,
-        proxy: FaultyProxy,
-        database: Any,
-        local_events: LocalEventBroker,
-        caplog: pytest.LogCaptureFixture,
         max_running_jobs: int | None,
         limit: int | None,
     ) -> None:
-        await add_task(proxied_store, max_running_jobs)
+        await add_task(wire.store, max_running_jobs)
         jobs = [Job(task_id="task", executor="async") for _ in range(3)]
         for job in jobs:
-            await proxied_store.add_job(job)
+            await wire.store.add_job(job)
 
-        acquired_events = Recorder(local_events, JobAcquired, timeout=TIMEOUT)
-        proxy.lose_reply_to("update")  # the claim is one bulk write
+        acquired_events = wire.recorder(JobAcquired)
+        wire.proxy.lose_reply_to("update")  # the claim is one bulk write
         with anyio.fail_after(TIMEOUT):
-            acquired = await proxied_store.acquire_jobs("me", LEASE, limit)
+            acquired = await wire.store.acquire_jobs("me", LEASE, limit)
 
-        assert_lost_once(proxy, "update", caplog)
+        wire.assert_lost_once("update")
         # The first two in queue order, handed out once, to the scheduler that
         # claimed them; none claimed but left out of the answer
         assert [job.id for job in acquired] == [job.id for job in jobs[:2]]
         assert all(job.acquired_by == "me" for job in acquired)
-        held = await database["jobs"].find({"state": ACQUIRED}).to_list()
+        held = await wire.database["jobs"].find({"state": ACQUIRED}).to_list()
         assert sorted(doc["acquired_by"] for doc in held) == ["me", "me"]
         assert {doc["_id"].as_uuid() for doc in held} == {job.id for job in jobs[:2]}
         events = await acquired_events.settled()
@@ -446,34 +443,28 @@ class TestJobs:
         assert [job.id for job in others] == expected
 
     async def test_release_job(
-        self,
-        proxied_store: MongoDBDataStore,
-        direct_store: MongoDBDataStore,
-        proxy: FaultyProxy,
-        database: Any,
-        local_events: LocalEventBroker,
-        caplog: pytest.LogCaptureFixture,
+        self, wire: LosingWire, direct_store: MongoDBDataStore
     ) -> None:
-        await add_task(proxied_store, 1)
+        await add_task(wire.store, 1)
         job = Job(task_id="task", executor="async", result_expiration_time=60)
         queued = Job(task_id="task", executor="async")
-        await proxied_store.add_job(job)
-        await proxied_store.add_job(queued)
-        [acquired] = await proxied_store.acquire_jobs("me", LEASE, None)
-        assert (await proxied_store.get_task("task")).running_jobs == 1
+        await wire.store.add_job(job)
+        await wire.store.add_job(queued)
+        [acquired] = await wire.store.acquire_jobs("me", LEASE, None)
+        assert (await wire.store.get_task("task")).running_jobs == 1
 
-        released = Recorder(local_events, JobReleased, timeout=TIMEOUT)
+        released = wire.recorder(JobReleased)
         result = JobResult.from_job(acquired, JobOutcome.success, return_value=7)
-        proxy.lose_reply_to("update")
+        wire.proxy.lose_reply_to("update")
         with anyio.fail_after(TIMEOUT):
-            await proxied_store.release_job("me", acquired, result)
+            await wire.store.release_job("me", acquired, result)
 
-        assert_lost_once(proxy, "update", caplog)
+        wire.assert_lost_once("update")
         events = await released.settled()
         assert [(event.job_id, event.outcome) for event in events] == [
             (job.id, JobOutcome.success)
         ]
-        document = await database["jobs"].find_one(
+        document = await wire.database["jobs"].find_one(
             {"_id": bson.Binary.from_uuid(job.id)}
         )
         assert document is not None
@@ -488,23 +479,18 @@ class TestJobs:
         assert next_job.id == queued.id
 
     async def test_reap_abandoned_jobs(
-        self,
-        proxied_store: MongoDBDataStore,
-        direct_store: MongoDBDataStore,
-        proxy: FaultyProxy,
-        local_events: LocalEventBroker,
-        caplog: pytest.LogCaptureFixture,
+        self, wire: LosingWire, direct_store: MongoDBDataStore
     ) -> None:
-        await add_task(proxied_store, 1)
+        await add_task(wire.store, 1)
         job = Job(task_id="task", executor="async", result_expiration_time=60)
-        await proxied_store.add_job(job)
-        await proxied_store.acquire_jobs("me", LEASE, None)
-        released = Recorder(local_events, JobReleased, timeout=TIMEOUT)
-        proxy.lose_reply_to("update")  # the bulk write that finishes them
+        await wire.store.add_job(job)
+        await wire.store.acquire_jobs("me", LEASE, None)
+        released = wire.recorder(JobReleased)
+        wire.proxy.lose_reply_to("update")  # the bulk write that finishes them
         with anyio.fail_after(TIMEOUT):
-            await proxied_store.reap_abandoned_jobs("me")
+            await wire.store.reap_abandoned_jobs("me")
 
-        assert_lost_once(proxy, "update", caplog)
+        wire.assert_lost_once("update")
         events = await released.settled()
         assert [(event.job_id, event.outcome) for event in events] == [
             (job.id, JobOutcome.abandoned)
@@ -514,49 +500,36 @@ class TestJobs:
         assert result is not None
         assert result.outcome is JobOutcome.abandoned
 
-    @pytest.mark.usefixtures("client")  # drops the test's database afterwards
-    async def test_get_job_result(
-        self,
-        proxied_store: MongoDBDataStore,
-        proxy: FaultyProxy,
-        caplog: pytest.LogCaptureFixture,
-    ) -> None:
-        await add_task(proxied_store, None)
+    async def test_get_job_result(self, wire: LosingWire) -> None:
+        await add_task(wire.store)
         job = Job(task_id="task", executor="async", result_expiration_time=60)
-        await proxied_store.add_job(job)
-        [acquired] = await proxied_store.acquire_jobs("me", LEASE, None)
+        await wire.store.add_job(job)
+        [acquired] = await wire.store.acquire_jobs("me", LEASE, None)
         result = JobResult.from_job(acquired, JobOutcome.success, return_value=7)
-        await proxied_store.release_job("me", acquired, result)
+        await wire.store.release_job("me", acquired, result)
 
-        proxy.lose_reply_to("update")  # taking the result is a conditional update
+        wire.proxy.lose_reply_to("update")  # taking the result is a conditional update
         with anyio.fail_after(TIMEOUT):
-            fetched = await proxied_store.get_job_result(job.id)
+            fetched = await wire.store.get_job_result(job.id)
 
-        assert_lost_once(proxy, "update", caplog)
+        wire.assert_lost_once("update")
         assert fetched is not None
         assert fetched.return_value == 7
-        assert await proxied_store.get_job_result(job.id) is None  # taken once
+        assert await wire.store.get_job_result(job.id) is None  # taken once
 
 
 @WIRE_ONLY
 class TestTasks:
     """A task write retried after its reply was lost is reported as it happened."""
 
-    async def test_add_task(
-        self,
-        proxied_store: MongoDBDataStore,
-        proxy: FaultyProxy,
-        database: Any,
-        local_events: LocalEventBroker,
-        caplog: pytest.LogCaptureFixture,
-    ) -> None:
-        announced = Recorder(local_events, TaskAdded, TaskUpdated, timeout=TIMEOUT)
-        proxy.lose_reply_to("findAndModify")  # the upsert that stores the task
+    async def test_add_task(self, wire: LosingWire) -> None:
+        announced = wire.recorder(TaskAdded, TaskUpdated)
+        wire.proxy.lose_reply_to("findAndModify")  # the upsert that stores the task
         with anyio.fail_after(TIMEOUT):
-            await add_task(proxied_store, None)
+            await add_task(wire.store)
 
-        assert_lost_once(proxy, "findAndModify", caplog)
-        assert await database["tasks"].count_documents({}) == 1
+        wire.assert_lost_once("findAndModify")
+        assert await wire.database["tasks"].count_documents({}) == 1
         # Announced once; the retry finds the task already stored, so the
         # announcement may be TaskUpdated rather than TaskAdded (as with
         # add_schedule(..., ConflictPolicy.replace): design.rst, "Known behaviours")
@@ -564,22 +537,15 @@ class TestTasks:
         assert isinstance(event, TaskAdded | TaskUpdated)
         assert event.task_id == "task"
 
-    async def test_remove_task(
-        self,
-        proxied_store: MongoDBDataStore,
-        proxy: FaultyProxy,
-        database: Any,
-        local_events: LocalEventBroker,
-        caplog: pytest.LogCaptureFixture,
-    ) -> None:
-        await add_task(proxied_store, None)
-        removed = Recorder(local_events, TaskRemoved, timeout=TIMEOUT)
-        proxy.lose_reply_to("delete")
+    async def test_remove_task(self, wire: LosingWire) -> None:
+        await add_task(wire.store)
+        removed = wire.recorder(TaskRemoved)
+        wire.proxy.lose_reply_to("delete")
         with anyio.fail_after(TIMEOUT):
-            await proxied_store.remove_task("task")  # no TaskLookupError
+            await wire.store.remove_task("task")  # no TaskLookupError
 
-        assert_lost_once(proxy, "delete", caplog)
-        assert await database["tasks"].count_documents({}) == 0
+        wire.assert_lost_once("delete")
+        assert await wire.database["tasks"].count_documents({}) == 0
         events = await removed.settled()
         assert [event.task_id for event in events] == ["task"]
 
@@ -596,48 +562,32 @@ class TestSchedules:
         ],
     )
     async def test_add_schedule(
-        self,
-        proxied_store: MongoDBDataStore,
-        proxy: FaultyProxy,
-        database: Any,
-        local_events: LocalEventBroker,
-        caplog: pytest.LogCaptureFixture,
-        policy: ConflictPolicy,
-        command: str,
+        self, wire: LosingWire, policy: ConflictPolicy, command: str
     ) -> None:
-        added = Recorder(local_events, ScheduleAdded, ScheduleUpdated, timeout=TIMEOUT)
-        proxy.lose_reply_to(command)
+        added = wire.recorder(ScheduleAdded, ScheduleUpdated)
+        wire.proxy.lose_reply_to(command)
         with anyio.fail_after(TIMEOUT):
-            await proxied_store.add_schedule(due_schedule("s"), policy)
+            await wire.store.add_schedule(due_schedule("s"), policy)
 
-        assert_lost_once(proxy, command, caplog)
-        assert await database["schedules"].count_documents({}) == 1
+        wire.assert_lost_once(command)
+        assert await wire.database["schedules"].count_documents({}) == 1
         events = await added.settled()
         assert [(type(event), event.schedule_id) for event in events] == [
             (ScheduleAdded, "s")
         ]
 
-    async def test_replace_schedule(
-        self,
-        proxied_store: MongoDBDataStore,
-        proxy: FaultyProxy,
-        database: Any,
-        local_events: LocalEventBroker,
-        caplog: pytest.LogCaptureFixture,
-    ) -> None:
-        await proxied_store.add_schedule(due_schedule("s"), ConflictPolicy.exception)
-        replaced = Recorder(
-            local_events, ScheduleAdded, ScheduleUpdated, timeout=TIMEOUT
-        )
+    async def test_replace_schedule(self, wire: LosingWire) -> None:
+        await wire.store.add_schedule(due_schedule("s"), ConflictPolicy.exception)
+        replaced = wire.recorder(ScheduleAdded, ScheduleUpdated)
         replacement = due_schedule("s")
         replacement.args = ("replacement",)
-        proxy.lose_reply_to("findAndModify")
+        wire.proxy.lose_reply_to("findAndModify")
         with anyio.fail_after(TIMEOUT):
-            await proxied_store.add_schedule(replacement, ConflictPolicy.replace)
+            await wire.store.add_schedule(replacement, ConflictPolicy.replace)
 
-        assert_lost_once(proxy, "findAndModify", caplog)
-        assert await database["schedules"].count_documents({}) == 1
-        [stored] = await proxied_store.get_schedules()
+        wire.assert_lost_once("findAndModify")
+        assert await wire.database["schedules"].count_documents({}) == 1
+        [stored] = await wire.store.get_schedules()
         assert stored.args == ("replacement",)
         # Announced once; as design.rst says under "Known behaviours", the retry
         # finds its own replacement and may announce it as added
@@ -646,57 +596,43 @@ class TestSchedules:
         assert event.schedule_id == "s"
 
     async def test_acquire_schedules(
-        self,
-        proxied_store: MongoDBDataStore,
-        direct_store: MongoDBDataStore,
-        proxy: FaultyProxy,
-        database: Any,
-        caplog: pytest.LogCaptureFixture,
+        self, wire: LosingWire, direct_store: MongoDBDataStore
     ) -> None:
         for schedule_id in ("s1", "s2"):
-            await proxied_store.add_schedule(
+            await wire.store.add_schedule(
                 due_schedule(schedule_id), ConflictPolicy.exception
             )
 
-        proxy.lose_reply_to("update")  # the claim is one update of both
+        wire.proxy.lose_reply_to("update")  # the claim is one update of both
         with anyio.fail_after(TIMEOUT):
-            acquired = await proxied_store.acquire_schedules("me", LEASE, 10)
+            acquired = await wire.store.acquire_schedules("me", LEASE, 10)
 
-        assert_lost_once(proxy, "update", caplog)
+        wire.assert_lost_once("update")
         assert sorted(schedule.id for schedule in acquired) == ["s1", "s2"]
-        owners = {
-            doc["_id"]: doc["acquired_by"] async for doc in database["schedules"].find()
-        }
+        schedules = wire.database["schedules"]
+        owners = {doc["_id"]: doc["acquired_by"] async for doc in schedules.find()}
         assert owners == {"s1": "me", "s2": "me"}
         assert await direct_store.acquire_schedules("other", LEASE, 10) == []
 
     async def test_release_schedules(
-        self,
-        proxied_store: MongoDBDataStore,
-        direct_store: MongoDBDataStore,
-        proxy: FaultyProxy,
-        database: Any,
-        local_events: LocalEventBroker,
-        caplog: pytest.LogCaptureFixture,
+        self, wire: LosingWire, direct_store: MongoDBDataStore
     ) -> None:
-        await proxied_store.add_schedule(due_schedule("s"), ConflictPolicy.exception)
-        [schedule] = await proxied_store.acquire_schedules("me", LEASE, 10)
+        await wire.store.add_schedule(due_schedule("s"), ConflictPolicy.exception)
+        [schedule] = await wire.store.acquire_schedules("me", LEASE, 10)
         assert schedule.next_fire_time is not None
         fire_time = schedule.next_fire_time
         next_time = fire_time + timedelta(minutes=1)
-        released = Recorder(local_events, ScheduleUpdated, timeout=TIMEOUT)
-        proxy.lose_reply_to("update")
+        released = wire.recorder(ScheduleUpdated)
+        wire.proxy.lose_reply_to("update")
         with anyio.fail_after(TIMEOUT):
-            await proxied_store.release_schedules(
-                "me", [processed(schedule, next_time)]
-            )
+            await wire.store.release_schedules("me", [processed(schedule, next_time)])
 
-        assert_lost_once(proxy, "update", caplog)
+        wire.assert_lost_once("update")
         events = await released.settled()
         assert [(event.schedule_id, event.next_fire_time) for event in events] == [
             ("s", next_time)
         ]
-        document = await database["schedules"].find_one({"_id": "s"})
+        document = await wire.database["schedules"].find_one({"_id": "s"})
         assert document is not None
         assert document["acquired_by"] is None
         [stored] = await direct_store.get_schedules({"s"})

@@ -27,6 +27,7 @@ from .support.fake_servers import (
     noise,
     old_mongodb,
 )
+from .support.logs import retry_messages
 
 pytestmark = pytest.mark.anyio
 
@@ -46,14 +47,6 @@ def _uri(address: str, *, selection_ms: int = SELECTION_MS, user: bool = True) -
         f"mongodb://{userinfo}{address}/?serverSelectionTimeoutMS={selection_ms}"
         f"&connectTimeoutMS={selection_ms}"
     )
-
-
-def _retry_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.getMessage().startswith("Temporary MongoDB error")
-    ]
 
 
 @pytest.fixture(
@@ -114,7 +107,7 @@ class TestOldServer:
         assert f"MongoDB {common.MIN_SUPPORTED_SERVER_VERSION}" in message
         assert server.address in message
         assert elapsed < 5
-        assert _retry_messages(caplog) == []
+        assert retry_messages(caplog) == []
 
     async def test_older_than_we_support(
         self,
@@ -133,7 +126,7 @@ class TestOldServer:
             "MongoDB 4.2 or later is required (the server reports wire version 7)"
         )
         assert elapsed < 5
-        assert _retry_messages(caplog) == []
+        assert retry_messages(caplog) == []
 
 
 class TestNotMongoDB:
@@ -163,7 +156,7 @@ class TestNotMongoDB:
         assert "is it really a MongoDB server, and is the port right?" in message
         assert isinstance(error.__cause__, ServerSelectionTimeoutError)
         assert elapsed < DEADLINE
-        assert len(_retry_messages(caplog)) == 3
+        assert len(retry_messages(caplog)) == 3
         assert SECRET not in message
         assert SECRET not in caplog.text
 
@@ -183,7 +176,7 @@ class TestNotMongoDB:
         assert "are the host, port and TLS options right?" in message
         assert isinstance(error.__cause__, ServerSelectionTimeoutError)
         assert elapsed < DEADLINE
-        assert len(_retry_messages(caplog)) == 3
+        assert len(retry_messages(caplog)) == 3
         assert SECRET not in message
         assert SECRET not in caplog.text
 

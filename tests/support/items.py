@@ -1,12 +1,28 @@
-"""Schedules and their results, built as the tests need them."""
+"""Tasks, schedules, jobs and schedule results, built as the tests need them."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
-from apscheduler import Schedule
+from apscheduler import Job, Schedule, Task
 from apscheduler._structures import ScheduleResult
+from apscheduler.abc import DataStore
 from apscheduler.triggers.interval import IntervalTrigger
+
+
+async def add_task(
+    store: DataStore, max_running_jobs: int | None = None, task_id: str = "task"
+) -> None:
+    """Add a task whose jobs the tests claim and release (they never run)."""
+    await store.add_task(
+        Task(
+            id=task_id,
+            func="builtins:len",
+            job_executor="async",
+            max_running_jobs=max_running_jobs,
+        )
+    )
 
 
 def due_schedule(schedule_id: str = "s", task_id: str = "task") -> Schedule:
@@ -18,6 +34,19 @@ def due_schedule(schedule_id: str = "s", task_id: str = "task") -> Schedule:
     )
     schedule.next_fire_time = trigger.next()
     return schedule
+
+
+def scheduled_job(
+    schedule_id: str, fire_time: datetime, task_id: str = "task", **options: Any
+) -> Job:
+    """Return the job a scheduler adds for a fire time of schedule ``schedule_id``."""
+    return Job(
+        task_id=task_id,
+        executor="async",
+        schedule_id=schedule_id,
+        scheduled_fire_time=fire_time,
+        **options,
+    )
 
 
 def processed(
