@@ -25,11 +25,12 @@ from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
 from typing import Any
 
-from apscheduler import Event, Job, JobOutcome, JobResult, TaskUpdated
-from apscheduler._structures import ScheduleResult
+from apscheduler import Event, JobOutcome, JobResult, TaskUpdated
 from apscheduler.eventbrokers.local import LocalEventBroker
 
 from apscheduler_mongo import MongoDBDataStore
+
+from .items import processed, scheduled_job
 
 #: The scheduler id of the worker
 STALE_OWNER = "stale-owner"
@@ -113,15 +114,7 @@ async def _stall(
             "release_schedules": await _outcome(
                 store.release_schedules(
                     STALE_OWNER,
-                    [
-                        ScheduleResult(
-                            schedule_id=schedule.id,
-                            task_id=schedule.task_id,
-                            trigger=schedule.trigger,
-                            last_fire_time=schedule.next_fire_time,
-                            next_fire_time=schedule.next_fire_time + timedelta(days=1),
-                        )
-                    ],
+                    [processed(schedule, schedule.next_fire_time + timedelta(days=1))],
                 )
             ),
             "release_job": await _outcome(
@@ -135,11 +128,10 @@ async def _stall(
             ),
             "add_job": await _outcome(
                 store.add_job(
-                    Job(
-                        task_id=schedule.task_id,
-                        executor="async",
-                        schedule_id=schedule.id,
-                        scheduled_fire_time=schedule.next_fire_time,
+                    scheduled_job(
+                        schedule.id,
+                        schedule.next_fire_time,
+                        schedule.task_id,
                         result_expiration_time=timedelta(minutes=5),
                     )
                 )
