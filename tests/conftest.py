@@ -19,6 +19,7 @@ from apscheduler_mongo import MongoDBDataStore
 
 from .support.faults import FaultPlan
 from .support.proxy import FAST_FAILURE, FAULT_RETRIES, FaultyProxy, proxy_in_front_of
+from .support.runs import RecordingSchedules
 from .support.servers import (
     describe_wire_server,
     wire_server_uri,
@@ -235,3 +236,11 @@ async def other_store(
     """A second store on the ``store``'s database: another scheduler's view of it."""
     async with another_store(client, store, logger) as other:
         yield other
+
+
+@pytest.fixture
+async def recording(
+    store: MongoDBDataStore, wire_uri: str, database: Any
+) -> RecordingSchedules:
+    """Schedules whose jobs record their runs, for schedulers in other processes."""
+    return await RecordingSchedules.add(store, wire_uri, database)

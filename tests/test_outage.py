@@ -14,18 +14,10 @@ from apscheduler import RetrySettings
 from pymongo import MongoClient
 from tenacity import stop_after_delay, wait_fixed
 
-from apscheduler_mongo import MongoDBDataStore
-
 from .support.broker_workers import join_or_kill, supervised_scheduler_worker
 from .support.proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
+from .support.runs import INTERVAL, SCHEDULES, RecordingSchedules
 from .support.tiers import WIRE_ONLY
-from .test_scheduler_processes import (
-    INTERVAL,
-    SCHEDULES,
-    add_schedules,
-    check_runs,
-    recorded_runs,
-)
 
 # Separate processes need a server they can all reach
 pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
@@ -45,13 +37,14 @@ NETWORK_ERRORS = {"ServerSelectionTimeoutError", "AutoReconnect", "NetworkTimeou
 
 
 def run_through_outage(
-    proxy: FaultyProxy, uri: str, runs_uri: str, database: str
+    proxy: FaultyProxy, uri: str, recording: RecordingSchedules
 ) -> tuple[list[dict[str, Any]], float]:
     """
     Run supervised schedulers, take the server away for OUTAGE seconds, bring it back.
 
     Return the workers' reports and when the outage ended.
     """
+    database = recording.database.name
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     results = context.Queue()
@@ -74,7 +67,7 @@ def run_through_outage(
         proxy.refuse_for(OUTAGE)
         time.sleep(OUTAGE)
         outage_ended = time.time()
-        wait_for_catch_up(runs_uri, database, outage_ended)
+        wait_for_catch_up(recording.uri, database, outage_ended)
         stop.set()
         reports = [results.get(timeout=TIMEOUT) for _ in processes]
     finally:
@@ -116,22 +109,15 @@ class TestOutageBeyondRetryBudget:
     """
 
     async def test_fails_clearly_and_recovers(
-        self,
-        store: MongoDBDataStore,
-        client: Any,
-        wire_uri: str,
-        database_name: str,
-        figures: Callable[[str], None],
+        self, recording: RecordingSchedules, figures: Callable[[str], None]
     ) -> None:
-        start = await add_schedules(store, wire_uri, database_name)
-        with proxy_in_front_of(wire_uri) as proxy:
-            uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
+        with proxy_in_front_of(recording.uri) as proxy:
+            uri = proxy.uri_for(recording.uri, **FAST_FAILURE)
             reports, outage_ended = await to_thread.run_sync(
-                run_through_outage, proxy, uri, wire_uri, database_name
+                run_through_outage, proxy, uri, recording
             )
 
-        runs = await recorded_runs(client, database_name)
-        check_runs(runs, start, reports)
+        runs = await recording.checked_runs(reports)
         for report in reports:
             # The outage stopped the scheduler, with the network error in the
             # SchedulerStopped event and "Scheduler crashed" logged with it
