@@ -952,14 +952,8 @@ class TestJobResults:
     ) -> None:
         """Cleanup names a fire time record it cannot judge, and keeps it."""
         jobs = database["jobs"]
-        await store.add_task(Task(id="task", func="math:floor", job_executor="async"))
-        await store.add_job(
-            Job(
-                task_id="task",
-                executor="async",
-                result_expiration_time=timedelta(minutes=5),
-            )
-        )
+        await add_task(store)
+        await add_job(store)
         [job] = await store.acquire_jobs("me", LEASE, 10)
         await store.release_job("me", job, success(job))
         # What a finished schedule job looks like an hour later, result fetched

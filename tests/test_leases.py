@@ -15,7 +15,6 @@ from apscheduler import (
     JobOutcome,
     JobResult,
     Schedule,
-    Task,
 )
 from apscheduler.abc import EventBroker
 from apscheduler.triggers.interval import IntervalTrigger
@@ -25,7 +24,7 @@ from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._cleanup import FIRE_TIME_RETENTION
 
 from .support.events import Recorder
-from .support.items import due_schedule, processed
+from .support.items import add_task, due_schedule, processed
 
 pytestmark = pytest.mark.anyio
 
@@ -41,7 +40,7 @@ async def add_due_schedule(store: MongoDBDataStore, schedule_id: str = "s") -> N
         id=schedule_id, task_id="task", trigger=trigger, job_executor="async"
     )
     schedule.next_fire_time = trigger.next()
-    await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+    await add_task(store)
     await store.add_schedule(schedule, ConflictPolicy.exception)
 
 
@@ -67,7 +66,7 @@ class TestJobLeaseTakeover:
     async def test_stale_release_changes_nothing(
         self, store: MongoDBDataStore, other_store: MongoDBDataStore
     ) -> None:
-        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        await add_task(store)
         await store.add_job(
             Job(task_id="task", executor="async", result_expiration_time=60)
         )
@@ -255,7 +254,7 @@ class TestStalledOwner:
         local_broker: EventBroker,
         time_machine: TimeMachineFixture,
     ) -> None:
-        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        await add_task(store)
         schedule = due_schedule("s")
         first = schedule.next_fire_time
         assert first is not None

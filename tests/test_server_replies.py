@@ -26,7 +26,6 @@ from apscheduler import (
     JobReleased,
     JobResult,
     RetrySettings,
-    Task,
     TaskAdded,
 )
 from apscheduler._events import Event
@@ -38,7 +37,13 @@ from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._layout import ACQUIRED, FINISHED
 
 from .support.faults import Command, FaultPlan
-from .support.items import due_schedule, processed
+from .support.items import (
+    add_task,
+    due_schedule,
+    next_job,
+    processed,
+    scheduled_job,
+)
 from .support.proxy import LOOPBACK, FaultyProxy
 from .support.tiers import WIRE_ONLY
 
@@ -85,19 +90,10 @@ async def started_broker(
 
 async def a_job_lifecycle(store: MongoDBDataStore) -> None:
     """Send every kind of write the store makes for a schedule's fire time."""
-    await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+    await add_task(store)
     await store.add_schedule(due_schedule(), ConflictPolicy.exception)
     [schedule] = await store.acquire_schedules("me", LEASE, 10)
-    assert schedule.next_fire_time is not None
-    await store.add_job(
-        Job(
-            task_id="task",
-            executor="async",
-            schedule_id=schedule.id,
-            scheduled_fire_time=schedule.next_fire_time,
-            result_expiration_time=timedelta(minutes=1),
-        )
-    )
+    await store.add_job(next_job(schedule, result_expiration_time=timedelta(minutes=1)))
     await store.release_schedules("me", [processed(schedule, None)])
     [job] = await store.acquire_jobs("me", LEASE, 10)
     await store.extend_acquired_job_leases("me", {job.id}, LEASE)
@@ -184,7 +180,7 @@ class TestWriteConcern:
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         store = proxied_store
-        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        await add_task(store)
         for _ in range(3):
             await store.add_job(Job(task_id="task", executor="async"))
 
@@ -211,7 +207,7 @@ class TestWriteConcern:
         store = proxied_store
         released: list[Event] = []
         local_events.subscribe(released.append)
-        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        await add_task(store)
         await store.add_job(
             Job(
                 task_id="task",
@@ -244,9 +240,7 @@ class TestWriteConcern:
             message="Not enough data-bearing nodes",
         )
         with anyio.fail_after(TIMEOUT), pytest.raises(OperationFailure) as info:
-            await proxied_store.add_task(
-                Task(id="task", func="builtins:len", job_executor="async")
-            )
+            await add_task(proxied_store)
 
         assert info.value.code == 100
         assert plan.concern_errors == {"findAndModify": 1}
@@ -273,7 +267,7 @@ class TestTemporaryServerErrors:
         code_name: str,
     ) -> None:
         store = proxied_store
-        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        await add_task(store)
         plan.fail("find", code=code, code_name=code_name, count=3)
         with anyio.fail_after(TIMEOUT):
             tasks = await store.get_tasks()
@@ -286,7 +280,7 @@ class TestTemporaryServerErrors:
     ) -> None:
         # delete_many is no retryable write: pymongo never retries it by itself
         store = proxied_store
-        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        await add_task(store)
         await store.add_schedule(due_schedule(), ConflictPolicy.exception)
         plan.fail("delete", code=11602, count=3)
         with anyio.fail_after(TIMEOUT):
@@ -412,7 +406,7 @@ class TestManagedServices:
         # a server whose duplicate key errors carry no keyPattern still names the
         # index in its message
         store = proxied_store
-        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        await add_task(store)
         fire_time = datetime.now(timezone.utc)
         plan.fail(
             "insert",
@@ -421,14 +415,7 @@ class TestManagedServices:
             'index: fire_key dup key: { fire_key: "1/s" }',
         )
         with anyio.fail_after(TIMEOUT):
-            await store.add_job(
-                Job(
-                    task_id="task",
-                    executor="async",
-                    schedule_id="s",
-                    scheduled_fire_time=fire_time,
-                )
-            )
+            await store.add_job(scheduled_job("s", fire_time))
 
         assert plan.answered == {"insert": 1}
         assert await database["jobs"].count_documents({}) == 0
@@ -497,9 +484,7 @@ class TestRealFailPoints:
                 store = await started_store(
                     exit_stack, uri, database_name, events, logger
                 )
-                await store.add_task(
-                    Task(id="task", func="builtins:len", job_executor="async")
-                )
+                await add_task(store)
                 try:
                     await admin.admin.command(fail_point)
                 except OperationFailure as exc:

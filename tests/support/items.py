@@ -49,6 +49,14 @@ def scheduled_job(
     )
 
 
+def next_job(schedule: Schedule, **options: Any) -> Job:
+    """Return the job a scheduler adds for ``schedule``'s next fire time."""
+    assert schedule.next_fire_time is not None, f"{schedule.id!r} does not fire"
+    return scheduled_job(
+        schedule.id, schedule.next_fire_time, schedule.task_id, **options
+    )
+
+
 def processed(
     schedule: Schedule,
     next_fire_time: datetime | None,

@@ -30,7 +30,7 @@ from apscheduler.eventbrokers.local import LocalEventBroker
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .items import processed, scheduled_job
+from .items import next_job, processed
 
 #: The scheduler id of the worker
 STALE_OWNER = "stale-owner"
@@ -128,12 +128,7 @@ async def _stall(
             ),
             "add_job": await _outcome(
                 store.add_job(
-                    scheduled_job(
-                        schedule.id,
-                        schedule.next_fire_time,
-                        schedule.task_id,
-                        result_expiration_time=timedelta(minutes=5),
-                    )
+                    next_job(schedule, result_expiration_time=timedelta(minutes=5))
                 )
             ),
         }

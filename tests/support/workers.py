@@ -20,7 +20,7 @@ from apscheduler.eventbrokers.local import LocalEventBroker
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .items import processed, scheduled_job
+from .items import next_job, processed
 
 LEASE = timedelta(minutes=5)
 
@@ -105,14 +105,8 @@ async def _hold_then_hang(uri: str, database: str, ready: Any) -> None:
         store = await _started_store(uri, database, exit_stack)
         lease = timedelta(seconds=1)
         [schedule] = await store.acquire_schedules("doomed", lease, 10)
-        assert schedule.next_fire_time is not None
         await store.add_job(
-            scheduled_job(
-                schedule.id,
-                schedule.next_fire_time,
-                schedule.task_id,
-                result_expiration_time=timedelta(minutes=5),
-            )
+            next_job(schedule, result_expiration_time=timedelta(minutes=5))
         )
         await store.acquire_jobs("doomed", lease, 10)
         ready.set()
