@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -492,28 +492,52 @@ class TestChangeStreamResume:
         assert "after 3 failed attempt(s)" in warnings[-1].getMessage()
 
 
+@asynccontextmanager
+async def replica_set_client(database_name: str) -> AsyncIterator[Any]:
+    """
+    Yield a client of the replica set (or sharded cluster) at ``MONGODB_URI``.
+
+    Skip the test if there is none; drop the test's database afterwards.
+    """
+    uri = os.environ.get("MONGODB_URI")
+    if not uri:
+        pytest.skip("needs MONGODB_URI pointing at a replica set")
+
+    from pymongo import AsyncMongoClient
+
+    client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
+    try:
+        hello = await client.admin.command("hello")
+        if "setName" not in hello and hello.get("msg") != "isdbgrid":
+            pytest.skip("MONGODB_URI is not a replica set or sharded cluster")
+
+        yield client
+    finally:
+        await client.drop_database(database_name)
+        await client.close()
+
+
+async def change_stream_brokers(
+    exit_stack: AsyncExitStack, client: Any, database_name: str, logger: logging.Logger
+) -> tuple[MongoDBEventBroker, MongoDBEventBroker]:
+    """Start two brokers in change stream mode on the database."""
+    one = make_broker(client, database_name, mode="change_stream")
+    two = make_broker(client, database_name, mode="change_stream")
+    await one.start(exit_stack, logger)
+    await two.start(exit_stack, logger)
+    return one, two
+
+
 @pytest.mark.real_server
 class TestRealChangeStreams:
     """On a real replica set, change streams carry events between brokers."""
 
     async def test_delivery(self, logger: logging.Logger, database_name: str) -> None:
-        uri = os.environ.get("MONGODB_URI")
-        if not uri:
-            pytest.skip("needs MONGODB_URI pointing at a replica set")
-
-        from pymongo import AsyncMongoClient
-
-        client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
-        try:
-            hello = await client.admin.command("hello")
-            if "setName" not in hello and hello.get("msg") != "isdbgrid":
-                pytest.skip("MONGODB_URI is not a replica set or sharded cluster")
-
+        async with replica_set_client(database_name) as client:
             async with AsyncExitStack() as exit_stack:
-                one = make_broker(client, database_name, mode="change_stream")
-                two = make_broker(client, database_name, mode="change_stream")
-                await one.start(exit_stack, logger)
-                await two.start(exit_stack, logger)
+                one, two = await change_stream_brokers(
+                    exit_stack, client, database_name, logger
+                )
                 send, receive = create_memory_object_stream[Event](10)
                 with send, receive:
                     two.subscribe(send.send, {TaskAdded})
@@ -524,30 +548,15 @@ class TestRealChangeStreams:
                         got = [await receive.receive() for _ in range(5)]
 
             assert [e.task_id for e in got if isinstance(e, TaskAdded)] == list("01234")
-        finally:
-            await client.drop_database(database_name)
-            await client.close()
 
     async def test_delivery_goes_on_after_the_collection_is_dropped(
         self, logger: logging.Logger, database_name: str
     ) -> None:
-        uri = os.environ.get("MONGODB_URI")
-        if not uri:
-            pytest.skip("needs MONGODB_URI pointing at a replica set")
-
-        from pymongo import AsyncMongoClient
-
-        client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
-        try:
-            hello = await client.admin.command("hello")
-            if "setName" not in hello and hello.get("msg") != "isdbgrid":
-                pytest.skip("MONGODB_URI is not a replica set or sharded cluster")
-
+        async with replica_set_client(database_name) as client:
             async with AsyncExitStack() as exit_stack:
-                one = make_broker(client, database_name, mode="change_stream")
-                two = make_broker(client, database_name, mode="change_stream")
-                await one.start(exit_stack, logger)
-                await two.start(exit_stack, logger)
+                one, two = await change_stream_brokers(
+                    exit_stack, client, database_name, logger
+                )
                 send, receive = create_memory_object_stream[Event](10)
                 with send, receive:
                     two.subscribe(send.send, {TaskAdded})
@@ -571,6 +580,3 @@ class TestRealChangeStreams:
                 async for index in await client[database_name]["events"].list_indexes()
             }
             assert {"at", "publisher_seq"} <= indexes
-        finally:
-            await client.drop_database(database_name)
-            await client.close()

@@ -70,32 +70,27 @@ class RetryCounter(logging.Handler):
         }
 
 
-class _FailedCommands(monitoring.CommandListener):
+class _FailureCount:
+    """A monitoring listener that counts failures, and ignores the rest."""
+
     def __init__(self) -> None:
         self.count = 0
 
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
+    def started(self, _event: Any) -> None:
         pass
 
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+    def succeeded(self, _event: Any) -> None:
         pass
 
+
+class _FailedCommands(_FailureCount, monitoring.CommandListener):
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         error = getattr(errors, str(event.failure.get("errtype")), None)
         if isinstance(error, type) and issubclass(error, errors.ConnectionFailure):
             self.count += 1  # a network error, not an error reply from the server
 
 
-class _FailedHeartbeats(monitoring.ServerHeartbeatListener):
-    def __init__(self) -> None:
-        self.count = 0
-
-    def started(self, event: monitoring.ServerHeartbeatStartedEvent) -> None:
-        pass
-
-    def succeeded(self, event: monitoring.ServerHeartbeatSucceededEvent) -> None:
-        pass
-
+class _FailedHeartbeats(_FailureCount, monitoring.ServerHeartbeatListener):
     def failed(self, _event: monitoring.ServerHeartbeatFailedEvent) -> None:
         self.count += 1
 
