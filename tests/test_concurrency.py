@@ -13,11 +13,10 @@ from apscheduler.triggers.date import DateTrigger
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .support.tiers import WIRE_ONLY
+from .support.tiers import MULTI_PROCESS
 from .support.workers import drain_worker, hold_worker
 
-# Separate processes need a server they can all reach
-pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, *MULTI_PROCESS]
 
 WORKERS = 4
 

@@ -14,10 +14,10 @@ from apscheduler import ConflictPolicy, JobOutcome
 from apscheduler_mongo import MongoDBDataStore
 
 from .support.items import add_task, due_schedule, processed, scheduled_job
-from .support.tiers import WIRE_ONLY
+from .support.tiers import MULTI_PROCESS
 from .support.workers import doomed_worker
 
-pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, *MULTI_PROCESS]
 
 
 class TestKilledScheduler:

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 from anyio import CancelScope, create_memory_object_stream, fail_after
+from anyio.streams.memory import MemoryObjectReceiveStream
 from apscheduler import Event, ScheduleAdded, TaskAdded
 from bson import ObjectId
 from pymongo.errors import AutoReconnect, OperationFailure
@@ -55,6 +56,21 @@ def schedule_added(schedule_id: str = "schedule1") -> ScheduleAdded:
         task_id="task1",
         next_fire_time=datetime(2021, 9, 11, 12, 31, 56, 254867, timezone.utc),
     )
+
+
+async def first_task_added(
+    receiver: MongoDBEventBroker, publisher: MongoDBEventBroker, task_id: str
+) -> TaskAdded:
+    """Publish a TaskAdded; return the first one ``receiver`` delivers (in 3 s)."""
+    send, receive = create_memory_object_stream[Event](5)
+    with send, receive:
+        receiver.subscribe(send.send, {TaskAdded})
+        await publisher.publish(TaskAdded(task_id=task_id))
+        with fail_after(3):
+            received = await receive.receive()
+
+    assert isinstance(received, TaskAdded)
+    return received
 
 
 class TestPublishSubscribe:
@@ -184,14 +200,8 @@ class TestBetweenBrokers:
         async with AsyncExitStack() as exit_stack:
             late = make_broker(client, database_name)
             await late.start(exit_stack, logger)
-            send, receive = create_memory_object_stream[Event](5)
-            with send, receive:
-                late.subscribe(send.send, {TaskAdded})
-                await broker.publish(TaskAdded(task_id="new"))
-                with fail_after(3):
-                    received = await receive.receive()
+            received = await first_task_added(late, broker, "new")
 
-        assert isinstance(received, TaskAdded)
         assert received.task_id == "new"
 
     async def test_malformed_documents_are_skipped(
@@ -218,14 +228,7 @@ class TestBetweenBrokers:
                 },
             ]
         )
-        send, receive = create_memory_object_stream[Event](5)
-        with send, receive:
-            broker.subscribe(send.send, {TaskAdded})
-            await other_broker.publish(TaskAdded(task_id="fine"))
-            with fail_after(3):
-                received = await receive.receive()
-
-        assert isinstance(received, TaskAdded)
+        received = await first_task_added(broker, other_broker, "fine")
         assert received.task_id == "fine"
         assert "malformed event document" in caplog.text
 
@@ -517,15 +520,24 @@ async def replica_set_client(database_name: str) -> AsyncIterator[Any]:
         await client.close()
 
 
+@asynccontextmanager
 async def change_stream_brokers(
-    exit_stack: AsyncExitStack, client: Any, database_name: str, logger: logging.Logger
-) -> tuple[MongoDBEventBroker, MongoDBEventBroker]:
-    """Start two brokers in change stream mode on the database."""
-    one = make_broker(client, database_name, mode="change_stream")
-    two = make_broker(client, database_name, mode="change_stream")
-    await one.start(exit_stack, logger)
-    await two.start(exit_stack, logger)
-    return one, two
+    client: Any, database_name: str, logger: logging.Logger
+) -> AsyncIterator[tuple[MongoDBEventBroker, MemoryObjectReceiveStream[Event]]]:
+    """
+    Run two brokers in change stream mode on the database.
+
+    Yield the first, and the TaskAdded events that the second delivers.
+    """
+    async with AsyncExitStack() as exit_stack:
+        one = make_broker(client, database_name, mode="change_stream")
+        two = make_broker(client, database_name, mode="change_stream")
+        await one.start(exit_stack, logger)
+        await two.start(exit_stack, logger)
+        send, receive = create_memory_object_stream[Event](10)
+        with send, receive:
+            two.subscribe(send.send, {TaskAdded})
+            yield one, receive
 
 
 @pytest.mark.real_server
@@ -534,18 +546,13 @@ class TestRealChangeStreams:
 
     async def test_delivery(self, logger: logging.Logger, database_name: str) -> None:
         async with replica_set_client(database_name) as client:
-            async with AsyncExitStack() as exit_stack:
-                one, two = await change_stream_brokers(
-                    exit_stack, client, database_name, logger
-                )
-                send, receive = create_memory_object_stream[Event](10)
-                with send, receive:
-                    two.subscribe(send.send, {TaskAdded})
-                    for n in range(5):
-                        await one.publish(TaskAdded(task_id=str(n)))
+            brokers = change_stream_brokers(client, database_name, logger)
+            async with brokers as (one, received):
+                for n in range(5):
+                    await one.publish(TaskAdded(task_id=str(n)))
 
-                    with fail_after(10):
-                        got = [await receive.receive() for _ in range(5)]
+                with fail_after(10):
+                    got = [await received.receive() for _ in range(5)]
 
             assert [e.task_id for e in got if isinstance(e, TaskAdded)] == list("01234")
 
@@ -553,25 +560,20 @@ class TestRealChangeStreams:
         self, logger: logging.Logger, database_name: str
     ) -> None:
         async with replica_set_client(database_name) as client:
-            async with AsyncExitStack() as exit_stack:
-                one, two = await change_stream_brokers(
-                    exit_stack, client, database_name, logger
-                )
-                send, receive = create_memory_object_stream[Event](10)
-                with send, receive:
-                    two.subscribe(send.send, {TaskAdded})
-                    await one.publish(TaskAdded(task_id="before"))
-                    with fail_after(10):
-                        first = await receive.receive()
+            brokers = change_stream_brokers(client, database_name, logger)
+            async with brokers as (one, received):
+                await one.publish(TaskAdded(task_id="before"))
+                with fail_after(10):
+                    first = await received.receive()
 
-                    # An invalidate for both streams; the brokers listen on
-                    await client[database_name]["events"].drop()
-                    await anyio.sleep(1)
-                    for n in range(3):
-                        await one.publish(TaskAdded(task_id=f"after{n}"))
+                # An invalidate for both streams; the brokers listen on
+                await client[database_name]["events"].drop()
+                await anyio.sleep(1)
+                for n in range(3):
+                    await one.publish(TaskAdded(task_id=f"after{n}"))
 
-                    with fail_after(20):
-                        after = [await receive.receive() for _ in range(3)]
+                with fail_after(20):
+                    after = [await received.receive() for _ in range(3)]
 
             got = [e.task_id for e in (first, *after) if isinstance(e, TaskAdded)]
             assert got == ["before", "after0", "after1", "after2"]

@@ -17,7 +17,7 @@ from tenacity import stop_after_delay, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 
-from .support.proxy import FAST_FAILURE, proxy_in_front_of
+from .support.proxy import proxied
 from .support.tiers import WIRE_ONLY
 
 pytestmark = pytest.mark.anyio
@@ -142,8 +142,7 @@ class TestStopDuringOutage:
         rounds: int,
     ) -> None:
         logger = logging.getLogger(f"apscheduler_mongo.tests.outage{rounds}")
-        with proxy_in_front_of(wire_uri) as proxy:
-            uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
+        with proxied(wire_uri) as (proxy, uri):
             settings = RetrySettings(stop=stop_after_delay(60), wait=wait_fixed(0.1))
             store = MongoDBDataStore(
                 uri, database=database_name, retry_settings=settings

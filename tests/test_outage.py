@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -14,13 +13,12 @@ from apscheduler import RetrySettings
 from pymongo import MongoClient
 from tenacity import stop_after_delay, wait_fixed
 
-from .support.broker_workers import join_or_kill, supervised_scheduler_worker
-from .support.proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
+from .support.broker_workers import SPAWN, Workers, run_supervised_scheduler
+from .support.proxy import FaultyProxy, proxied
 from .support.runs import INTERVAL, SCHEDULES, RecordingSchedules
-from .support.tiers import WIRE_ONLY
+from .support.tiers import MULTI_PROCESS
 
-# Separate processes need a server they can all reach
-pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, *MULTI_PROCESS]
 
 WORKERS = 2
 #: The retry budget of the schedulers' store and broker ...
@@ -45,21 +43,16 @@ def run_through_outage(
     Return the workers' reports and when the outage ended.
     """
     database = recording.database.name
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    results = context.Queue()
-    readies = [context.Event() for _ in range(WORKERS)]
-    processes = [
-        context.Process(
-            target=supervised_scheduler_worker,
-            args=(uri, database, f"scheduler{n}", ready, stop, BUDGET, results),
+    stop = SPAWN.Event()
+    readies = [SPAWN.Event() for _ in range(WORKERS)]
+    workers = Workers()
+    for n, ready in enumerate(readies):
+        name = f"scheduler{n}"
+        workers.spawn(
+            run_supervised_scheduler, uri, database, name, ready, stop, BUDGET
         )
-        for n, ready in enumerate(readies)
-    ]
-    for process in processes:
-        process.start()
 
-    try:
+    with workers.running(stop):
         for ready in readies:
             assert ready.wait(TIMEOUT), "a scheduler did not start"
 
@@ -69,13 +62,7 @@ def run_through_outage(
         outage_ended = time.time()
         wait_for_catch_up(recording.uri, database, outage_ended)
         stop.set()
-        reports = [results.get(timeout=TIMEOUT) for _ in processes]
-    finally:
-        stop.set()
-        join_or_kill(processes)
-
-    for report in reports:
-        assert "crash" not in report, report["crash"]
+        reports = workers.reports(TIMEOUT)
 
     return reports, outage_ended
 
@@ -111,8 +98,7 @@ class TestOutageBeyondRetryBudget:
     async def test_fails_clearly_and_recovers(
         self, recording: RecordingSchedules, figures: Callable[[str], None]
     ) -> None:
-        with proxy_in_front_of(recording.uri) as proxy:
-            uri = proxy.uri_for(recording.uri, **FAST_FAILURE)
+        with proxied(recording.uri) as (proxy, uri):
             reports, outage_ended = await to_thread.run_sync(
                 run_through_outage, proxy, uri, recording
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -13,19 +12,12 @@ from anyio import to_thread
 from apscheduler import RetrySettings
 from pymongo import MongoClient
 
-from .support.broker_workers import join_or_kill, scheduler_worker
-from .support.proxy import (
-    FAST_FAILURE,
-    FAULT_RETRIES,
-    FaultyProxy,
-    cutting,
-    proxy_in_front_of,
-)
+from .support.broker_workers import SPAWN, Workers, run_scheduler
+from .support.proxy import FAULT_RETRIES, FaultyProxy, cutting, proxied
 from .support.runs import SCHEDULES, RecordingSchedules
-from .support.tiers import WIRE_ONLY
+from .support.tiers import MULTI_PROCESS
 
-# Separate processes need a server they can all reach
-pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, *MULTI_PROCESS]
 
 WORKERS = 3
 #: How long the schedulers run, at least, once all of them are up
@@ -59,30 +51,16 @@ def run_schedulers(
     new ones for REFUSE_FOR after each cut), then let them run SETTLE seconds more
     without faults. Return the workers' reports and the times of the cuts.
     """
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(WORKERS + 1)
-    stop = context.Event()
-    results = context.Queue()
-    processes = [
-        context.Process(
-            target=scheduler_worker,
-            args=(
-                uri,
-                recording.database.name,
-                f"scheduler{n}",
-                barrier,
-                stop,
-                retry_settings,
-                results,
-            ),
-        )
-        for n in range(WORKERS)
-    ]
-    for process in processes:
-        process.start()
+    barrier = SPAWN.Barrier(WORKERS + 1)
+    stop = SPAWN.Event()
+    workers = Workers()
+    for n in range(WORKERS):
+        name = f"scheduler{n}"
+        args = (barrier, stop, retry_settings)
+        workers.spawn(run_scheduler, uri, recording.database.name, name, *args)
 
     cut_times: list[float] = []
-    try:
+    with workers.running(stop):
         barrier.wait(REPORT_TIMEOUT)
         run_for = RUN_FOR
         with ExitStack() as faults:
@@ -101,17 +79,13 @@ def run_schedulers(
             time.sleep(SETTLE)
 
         stop.set()
-        reports = [results.get(timeout=REPORT_TIMEOUT) for _ in processes]
-    finally:
-        stop.set()
-        join_or_kill(processes)
+        reports = workers.reports(REPORT_TIMEOUT)
 
     for report in reports:
-        assert "crash" not in report, report["crash"]
         assert not report["stopped_early"], f"{report['worker']} crashed"
         assert not report["errors"], report["errors"]
 
-    assert [process.exitcode for process in processes] == [0] * WORKERS
+    assert [process.exitcode for process in workers.processes] == [0] * WORKERS
     return reports, cut_times
 
 
@@ -153,8 +127,7 @@ class TestSchedulersThroughCuts:
     async def test_each_fire_time_runs_once(
         self, recording: RecordingSchedules, figures: Callable[[str], None]
     ) -> None:
-        with proxy_in_front_of(recording.uri) as proxy:
-            uri = proxy.uri_for(recording.uri, **FAST_FAILURE)
+        with proxied(recording.uri) as (proxy, uri):
             reports, cut_times = await to_thread.run_sync(
                 run_schedulers, uri, recording, FAULT_RETRIES, proxy
             )

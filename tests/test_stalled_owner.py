@@ -23,9 +23,9 @@ from .support.stall_workers import (
     WAIT_SECONDS,
     stalled_worker,
 )
-from .support.tiers import WIRE_ONLY
+from .support.tiers import MULTI_PROCESS
 
-pytestmark = [pytest.mark.anyio, *WIRE_ONLY, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, *MULTI_PROCESS]
 
 NEW_OWNER = "new-owner"
 LONG_LEASE = timedelta(minutes=5)

@@ -84,15 +84,25 @@ async def _failure(
     return exc_info.value, elapsed
 
 
-def assert_failed_after_retries(
-    error: BaseException, elapsed: float, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Assert that start() gave up after three attempts, in time, showing no secret."""
+async def failure_at(
+    start: Starter, handler: Handler, caplog: pytest.LogCaptureFixture
+) -> tuple[str, FakeServer]:
+    """
+    Start on a server answering with ``handler``; return the error and the server.
+
+    Check that start() gave up after three attempts, in time, showing no secret.
+    """
+    async with FakeServer(handler) as server:
+        error, elapsed = await _failure(
+            start, _uri(server.address), ServerSelectionTimeoutError
+        )
+
     assert isinstance(error.__cause__, ServerSelectionTimeoutError)
     assert elapsed < DEADLINE
     assert len(retry_messages(caplog)) == 3
     assert SECRET not in str(error)
     assert SECRET not in caplog.text
+    return str(error), server
 
 
 class TestOldServer:
@@ -155,33 +165,21 @@ class TestNotMongoDB:
     async def test_other_protocol(
         self, start: Starter, handler: Handler, caplog: pytest.LogCaptureFixture
     ) -> None:
-        async with FakeServer(handler) as server:
-            error, elapsed = await _failure(
-                start, _uri(server.address), ServerSelectionTimeoutError
-            )
-
-        message = str(error)
+        message, server = await failure_at(start, handler, caplog)
         assert message.startswith(
             f"the server at {server.address} does not speak the MongoDB wire protocol"
         )
         assert "is it really a MongoDB server, and is the port right?" in message
-        assert_failed_after_retries(error, elapsed, caplog)
 
     async def test_hangs_up(
         self, start: Starter, caplog: pytest.LogCaptureFixture
     ) -> None:
-        async with FakeServer(hang_up) as server:
-            error, elapsed = await _failure(
-                start, _uri(server.address), ServerSelectionTimeoutError
-            )
-
+        message, server = await failure_at(start, hang_up, caplog)
         assert server.connections > 0
-        message = str(error)
         assert message.startswith(
             f"could not connect to a MongoDB server at {server.address} ("
         )
         assert "are the host, port and TLS options right?" in message
-        assert_failed_after_retries(error, elapsed, caplog)
 
     async def test_nothing_listens(
         self, start: Starter, caplog: pytest.LogCaptureFixture

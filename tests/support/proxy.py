@@ -82,6 +82,17 @@ def proxy_in_front_of(uri: str, faults: FaultPlan | None = None) -> FaultyProxy:
     return FaultyProxy(LOOPBACK, port, faults)
 
 
+@contextmanager
+def proxied(uri: str) -> Iterator[tuple[FaultyProxy, str]]:
+    """
+    Run a proxy in front of the server ``uri`` names; yield it and the URI through it.
+
+    The URI has the :data:`FAST_FAILURE` options.
+    """
+    with proxy_in_front_of(uri) as proxy:
+        yield proxy, proxy.uri_for(uri, **FAST_FAILURE)
+
+
 def _reset(writer: asyncio.StreamWriter) -> None:
     """Close a connection at once with a reset, as a failing network would."""
     sock = writer.get_extra_info("socket")

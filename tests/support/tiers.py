@@ -45,3 +45,6 @@ WIRE_ONLY = Marks(
         ),
     ]
 )
+#: Marks a module whose tests run workers in other processes: slow, and on the wire
+#: tier only (separate processes need a server they can all reach)
+MULTI_PROCESS = Marks([*WIRE_ONLY, pytest.mark.slow])
