@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -94,37 +94,42 @@ class TestChangedIndexes:
         assert set(await indexes_of(collection)) == {"_id_", "new"}
 
 
+#: Starts (and stops) a broker with this event TTL, through the proxy
+BrokerStart = Callable[[float], Awaitable[None]]
+
+
 @WIRE_ONLY
 @pytest.mark.usefixtures("client")  # drops the test's database afterwards
 class TestOnTheWire:
     """What the store and broker send to bring indexes up to date."""
 
+    @pytest.fixture
+    def start_through_proxy(
+        self, through: Callable[..., str], database_name: str, logger: logging.Logger
+    ) -> BrokerStart:
+        async def start(event_ttl: float) -> None:
+            await start_broker(through(), database_name, logger, event_ttl=event_ttl)
+
+        return start
+
     async def test_ttl_changed_in_place(
-        self,
-        plan: FaultPlan,
-        through: Callable[..., str],
-        database_name: str,
-        logger: logging.Logger,
+        self, plan: FaultPlan, start_through_proxy: BrokerStart
     ) -> None:
-        await start_broker(through(), database_name, logger, event_ttl=600)
+        await start_through_proxy(600)
         # The stand-in has no collMod; answer it as MongoDB does
         plan.answer("collMod", reply={"ok": 1.0, "expireAfterSeconds_old": 600})
-        await start_broker(through(), database_name, logger, event_ttl=120)
+        await start_through_proxy(120)
         [change] = plan.seen("collMod")
         assert change.body["collMod"] == "events"
         assert change.body["index"] == {"name": "at", "expireAfterSeconds": 120}
         assert not plan.seen("dropIndexes")
 
     async def test_unchanged_indexes_cost_one_listing(
-        self,
-        plan: FaultPlan,
-        through: Callable[..., str],
-        database_name: str,
-        logger: logging.Logger,
+        self, plan: FaultPlan, start_through_proxy: BrokerStart
     ) -> None:
-        await start_broker(through(), database_name, logger, event_ttl=600)
+        await start_through_proxy(600)
         created = len(plan.seen("createIndexes"))
         listed = len(plan.seen("listIndexes"))
-        await start_broker(through(), database_name, logger, event_ttl=600)
+        await start_through_proxy(600)
         assert len(plan.seen("createIndexes")) == created == 1
         assert len(plan.seen("listIndexes")) == listed + 1
