@@ -21,7 +21,7 @@ LATEST = PYTHONS[-1]
 WIRE_SERVER_PYTHON = (3, 13)
 #: Where the wire server's own environment lives, for sessions on older Pythons
 WIRE_SERVER_VENV = Path(".nox", "_wire-server")
-#: Read by tests/servers.py: the Python that runs the wire server
+#: Read by tests/support/servers.py: the Python that runs the wire server
 WIRE_PYTHON_VARIABLE = "APSCHEDULER_MONGO_WIRE_PYTHON"
 
 

@@ -42,8 +42,8 @@ def server_uri() -> Iterator[str]:
     """
     Yield ``MONGODB_URI`` if set, else the URI of a mongoeco server on 127.0.0.1.
 
-    The mongoeco server is the one the test suite uses (``tests/servers.py``), started
-    for the duration of the ``with`` block.
+    The mongoeco server is the one the test suite uses
+    (``tests/support/servers.py``), started for the duration of the ``with`` block.
     """
     if uri := os.environ.get("MONGODB_URI"):
         yield uri
@@ -52,13 +52,13 @@ def server_uri() -> Iterator[str]:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
 
-    from tests.servers import mongoeco_server, wire_python
+    from tests.support.servers import mongoeco_server, wire_python
 
     if wire_python() is None:
         raise SystemExit(
             "set MONGODB_URI, or make a Python >= 3.13 with mongoeco[wire] installed "
-            "findable (see tests/servers.py) so that a local mongoeco server can be "
-            "started"
+            "findable (see tests/support/servers.py) so that a local mongoeco server "
+            "can be started"
         )
 
     with mongoeco_server() as uri:

@@ -4,10 +4,11 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
+from apscheduler import RetrySettings
 from apscheduler.abc import EventBroker, Serializer
 from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.serializers.cbor import CBORSerializer
@@ -17,19 +18,20 @@ from apscheduler.serializers.pickle import PickleSerializer
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._clock import ServerClock
 
-from .servers import describe_wire_server, wire_server_uri, wire_unavailable_reason
-from .tier_report import TierReport
+from .support.faults import FaultPlan
+from .support.proxy import FAST_FAILURE, FAULT_RETRIES, FaultyProxy, proxy_in_front_of
+from .support.runs import RecordingSchedules
+from .support.servers import (
+    describe_wire_server,
+    wire_server_uri,
+    wire_unavailable_reason,
+)
+from .support.stores import another_store
+from .support.tier_report import TierReport
+from .support.tiers import TIERS
 
-TIERS = [
-    pytest.param("mongomock", id="mongomock"),
-    pytest.param("wire", id="wire", marks=pytest.mark.wire),
-    pytest.param("motor", id="motor", marks=pytest.mark.wire),
-]
 
-
-def pytest_collection_modifyitems(
-    config: pytest.Config, items: list[pytest.Item]
-) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     reason = wire_unavailable_reason()
     if reason is None:
         return
@@ -152,6 +154,12 @@ async def client(
         await mongo_client.close()
 
 
+@pytest.fixture
+def database(client: Any, database_name: str) -> Any:
+    """The test's database, through the tier's client: to read and damage directly."""
+    return client[database_name]
+
+
 @pytest.fixture(
     params=[
         pytest.param(PickleSerializer, id="pickle"),
@@ -170,6 +178,61 @@ def local_broker() -> EventBroker:
 
 
 @pytest.fixture
+async def local_events(logger: logging.Logger) -> AsyncIterator[LocalEventBroker]:
+    """A started local event broker, for the stores a test starts itself."""
+    async with AsyncExitStack() as exit_stack:
+        broker = LocalEventBroker()
+        await broker.start(exit_stack, logger)
+        yield broker
+
+
+@pytest.fixture
+def plan() -> FaultPlan:
+    """What the ``proxy`` answers or changes itself, and the commands it saw."""
+    return FaultPlan()
+
+
+@pytest.fixture
+def proxy(wire_uri: str, plan: FaultPlan) -> Iterator[FaultyProxy]:
+    """A proxy in front of the wire tier's server, following the fault ``plan``."""
+    with proxy_in_front_of(wire_uri, plan) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def through(proxy: FaultyProxy, wire_uri: str) -> Callable[..., str]:
+    """Return a function giving the URI through the ``proxy``, with extra options."""
+
+    def uri(**options: str | int) -> str:
+        return proxy.uri_for(wire_uri, **FAST_FAILURE, **options)
+
+    return uri
+
+
+@pytest.fixture
+def proxy_retries() -> RetrySettings:
+    """The retry settings of the ``proxied_store``."""
+    return FAULT_RETRIES
+
+
+@pytest.fixture
+async def proxied_store(
+    through: Callable[..., str],
+    database_name: str,
+    local_events: LocalEventBroker,
+    logger: logging.Logger,
+    proxy_retries: RetrySettings,
+) -> AsyncIterator[MongoDBDataStore]:
+    """A started store that owns a client connected through the ``proxy``."""
+    async with AsyncExitStack() as exit_stack:
+        store = MongoDBDataStore(
+            through(), database=database_name, retry_settings=proxy_retries
+        )
+        await store.start(exit_stack, local_events, logger)
+        yield store
+
+
+@pytest.fixture
 def raw_store(client: Any, database_name: str) -> MongoDBDataStore:
     return MongoDBDataStore(client, database=database_name, start_from_scratch=True)
 
@@ -185,12 +248,18 @@ async def store(
         yield raw_store
 
 
-@asynccontextmanager
-async def another_store(
-    client: Any, database: str, broker: EventBroker, logger: logging.Logger
+@pytest.fixture
+async def other_store(
+    client: Any, store: MongoDBDataStore, logger: logging.Logger
 ) -> AsyncIterator[MongoDBDataStore]:
-    """Start a second store on ``database``: another scheduler's view of it."""
-    async with AsyncExitStack() as exit_stack:
-        other = MongoDBDataStore(client, database=database)
-        await other.start(exit_stack, broker, logger)
+    """A second store on the ``store``'s database: another scheduler's view of it."""
+    async with another_store(client, store, logger) as other:
         yield other
+
+
+@pytest.fixture
+async def recording(
+    store: MongoDBDataStore, wire_uri: str, database: Any
+) -> RecordingSchedules:
+    """Schedules whose jobs record their runs, for schedulers in other processes."""
+    return await RecordingSchedules.add(store, wire_uri, database)

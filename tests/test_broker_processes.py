@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from typing import Any
 
@@ -13,27 +12,23 @@ from apscheduler import RetrySettings
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
-from .broker_workers import exchange_worker, join_or_kill
-from .proxy import (
-    FAST_FAILURE,
+from .support.broker_workers import SPAWN, Workers, exchange_events
+from .support.proxy import (
     FAULT_RETRIES,
     LOOPBACK,
     FaultyProxy,
     cutting,
+    proxied,
     proxy_in_front_of,
 )
+from .support.tiers import MULTI_PROCESS
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, *MULTI_PROCESS]
 
 WORKERS = 3
 EVENTS = 200
 #: How long the test waits for each worker's report
 REPORT_TIMEOUT = 90
-
-
-@pytest.fixture
-def tier() -> str:
-    return "wire"  # separate processes need a server they can all reach
 
 
 def exchange(
@@ -45,40 +40,19 @@ def exchange(
     The test process passes the barrier with the workers, so the returned time is
     when publishing began.
     """
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(WORKERS + 1)
-    results = context.Queue()
-    processes = [
-        context.Process(
-            target=exchange_worker,
-            args=(
-                uri,
-                database,
-                f"worker{n}",
-                barrier,
-                EVENTS,
-                EVENTS * WORKERS,
-                pace,
-                retry_settings,
-                results,
-            ),
-        )
-        for n in range(WORKERS)
-    ]
-    for process in processes:
-        process.start()
+    barrier = SPAWN.Barrier(WORKERS + 1)
+    workers = Workers()
+    for n in range(WORKERS):
+        name = f"worker{n}"
+        args = (barrier, EVENTS, EVENTS * WORKERS, pace, retry_settings)
+        workers.spawn(exchange_events, uri, database, name, *args)
 
-    try:
+    with workers.running():
         barrier.wait(REPORT_TIMEOUT)
         started = time.time()
-        reports = [results.get(timeout=REPORT_TIMEOUT) for _ in processes]
-    finally:
-        join_or_kill(processes)
+        reports = workers.reports(REPORT_TIMEOUT)
 
-    for report in reports:
-        assert "crash" not in report, report["crash"]
-
-    assert [process.exitcode for process in processes] == [0] * WORKERS
+    assert [process.exitcode for process in workers.processes] == [0] * WORKERS
     return reports, started
 
 
@@ -136,8 +110,7 @@ class TestDeliveryThroughCuts:
     async def test_exactly_once_in_order(
         self, client: Any, wire_uri: str, database_name: str
     ) -> None:
-        with proxy_in_front_of(wire_uri) as proxy:
-            uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
+        with proxied(wire_uri) as (proxy, uri):
             with cutting(proxy, every=0.5) as cut_times:
                 # Paced publishing (2 s at least), with the proxy cutting meanwhile
                 reports, started = await to_thread.run_sync(

@@ -13,16 +13,12 @@ from apscheduler.triggers.date import DateTrigger
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .workers import drain_worker, hold_worker
+from .support.tiers import MULTI_PROCESS
+from .support.workers import drain_worker, hold_worker
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, *MULTI_PROCESS]
 
 WORKERS = 4
-
-
-@pytest.fixture
-def tier() -> str:
-    return "wire"  # separate processes need a server they can all reach
 
 
 def run_workers(target: Callable[..., None], *args: Any) -> list[dict[str, Any]]:

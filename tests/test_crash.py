@@ -5,24 +5,19 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import anyio
 import pytest
-from apscheduler import ConflictPolicy, Job, JobOutcome, Schedule, Task
-from apscheduler._structures import ScheduleResult
-from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler import ConflictPolicy, JobOutcome
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .workers import doomed_worker
+from .support.items import add_task, due_schedule, processed, scheduled_job
+from .support.tiers import MULTI_PROCESS
+from .support.workers import doomed_worker
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
-
-
-@pytest.fixture
-def tier() -> str:
-    return "wire"
+pytestmark = [pytest.mark.anyio, *MULTI_PROCESS]
 
 
 class TestKilledScheduler:
@@ -31,22 +26,10 @@ class TestKilledScheduler:
     async def test_takeover_after_sigkill(
         self, store: MongoDBDataStore, wire_uri: str, database_name: str
     ) -> None:
-        await store.add_task(
-            Task(
-                id="task",
-                func="builtins:len",
-                job_executor="async",
-                max_running_jobs=1,
-            )
-        )
-        start = datetime.now(timezone.utc) - timedelta(seconds=1)
-        trigger = IntervalTrigger(minutes=1, start_time=start)
-        schedule = Schedule(
-            id="s", task_id="task", trigger=trigger, job_executor="async"
-        )
-        fire_time = trigger.next()
+        await add_task(store, max_running_jobs=1)
+        schedule = due_schedule()
+        fire_time = schedule.next_fire_time
         assert fire_time is not None
-        schedule.next_fire_time = fire_time
         await store.add_schedule(schedule, ConflictPolicy.exception)
 
         context = multiprocessing.get_context("spawn")
@@ -70,14 +53,7 @@ class TestKilledScheduler:
         # fire time: no second job appears
         [taken] = await store.acquire_schedules("survivor", timedelta(minutes=1), 10)
         assert taken.next_fire_time == fire_time
-        await store.add_job(
-            Job(
-                task_id="task",
-                executor="async",
-                schedule_id="s",
-                scheduled_fire_time=fire_time,
-            )
-        )
+        await store.add_job(scheduled_job("s", fire_time))
         [held] = await store.get_jobs()
         assert held.acquired_by == "doomed"
 
@@ -90,26 +66,9 @@ class TestKilledScheduler:
         assert (await store.get_task("task")).running_jobs == 0
 
         # Still no second job for that fire time
-        await store.add_job(
-            Job(
-                task_id="task",
-                executor="async",
-                schedule_id="s",
-                scheduled_fire_time=fire_time,
-            )
-        )
+        await store.add_job(scheduled_job("s", fire_time))
         assert await store.get_jobs() == []
-        await store.release_schedules(
-            "survivor",
-            [
-                ScheduleResult(
-                    schedule_id="s",
-                    task_id="task",
-                    trigger=taken.trigger,
-                    last_fire_time=fire_time,
-                    next_fire_time=fire_time + timedelta(minutes=1),
-                )
-            ],
-        )
+        next_fire_time = fire_time + timedelta(minutes=1)
+        await store.release_schedules("survivor", [processed(taken, next_fire_time)])
         # Nothing is queued until the next fire time is processed
         assert await store.acquire_jobs("survivor", timedelta(minutes=1), 10) == []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import traceback
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 from anyio import to_thread
 from apscheduler import AsyncScheduler, JobReleased, RetrySettings
@@ -24,9 +24,9 @@ from tenacity import stop_after_attempt, wait_fixed
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._client import create_client, open_client
 
-from .fake_servers import FakeServer, http_server
-from .proxy import FAST_FAILURE, FAULT_RETRIES, LOOPBACK, FaultyProxy
-from .servers import mongoeco_process, needs_mongoeco
+from .support.fake_servers import FakeServer, free_port, http_server
+from .support.proxy import FAST_FAILURE, FAULT_RETRIES, LOOPBACK, FaultyProxy
+from .support.servers import mongoeco_process, needs_mongoeco
 
 pytestmark = pytest.mark.anyio
 
@@ -59,15 +59,6 @@ needs_auth_server = [
 
 def double(value: int) -> int:
     return value * 2
-
-
-def _free_port() -> int:
-    """Return a loopback port that nothing listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-
-    return port
 
 
 def _uri(address: str, password: str = PASSWORD, **options: str | int) -> str:
@@ -243,30 +234,52 @@ class TestRunning:
         exposure.assert_nothing_shows(PASSWORD, uri)
 
 
+@attrs.frozen
+class FailingStart:
+    """Starts a scheduler whose ``failing`` component has a bad URI."""
+
+    #: The URI of the component that works
+    good_uri: str
+    #: Which component gets the bad URI: "store" or "broker"
+    failing: str
+    database: str
+    exposure: Exposure
+
+    async def __call__(self, bad_uri: str) -> BaseException:
+        """Start the scheduler with ``bad_uri``; return why it did not start."""
+        store_uri, broker_uri = (
+            (bad_uri, self.good_uri)
+            if self.failing == "store"
+            else (self.good_uri, bad_uri)
+        )
+        store = _store(store_uri, self.database, retry_settings=QUICK_RETRIES)
+        broker = _broker(broker_uri, self.database, retry_settings=QUICK_RETRIES)
+        # The scheduler takes no event before it starts
+        broker.subscribe(self.exposure.record_event)
+        scheduler = AsyncScheduler(data_store=store, event_broker=broker)
+        with anyio.fail_after(30), pytest.raises(Exception) as exc_info:
+            async with scheduler:
+                pass
+
+        self.exposure.add_exception("start()", exc_info.value)
+        self.exposure.add_components(store, broker, scheduler)
+        return exc_info.value
+
+    def assert_nothing_shows(self, bad_uri: str, *secrets: str) -> None:
+        """Assert that neither URI (nor a password) shows anywhere."""
+        self.exposure.assert_nothing_shows(PASSWORD, *secrets, bad_uri, self.good_uri)
+
+
 @pytest.fixture(params=["store", "broker"])
-def failing(request: pytest.FixtureRequest) -> str:
-    """Which component gets the bad URI (the other one works)."""
-    return str(request.param)
-
-
-async def _fail_to_start(
-    bad_uri: str, good_uri: str, failing: str, database: str, exposure: Exposure
-) -> BaseException:
-    """Start a scheduler whose ``failing`` component has ``bad_uri``; return why not."""
-    store_uri, broker_uri = (
-        (bad_uri, good_uri) if failing == "store" else (good_uri, bad_uri)
-    )
-    store = _store(store_uri, database, retry_settings=QUICK_RETRIES)
-    broker = _broker(broker_uri, database, retry_settings=QUICK_RETRIES)
-    broker.subscribe(exposure.record_event)  # the scheduler takes none before start
-    scheduler = AsyncScheduler(data_store=store, event_broker=broker)
-    with anyio.fail_after(30), pytest.raises(Exception) as exc_info:
-        async with scheduler:
-            pass
-
-    exposure.add_exception("start()", exc_info.value)
-    exposure.add_components(store, broker, scheduler)
-    return exc_info.value
+def start(
+    request: pytest.FixtureRequest,
+    auth_server_port: int,
+    database_name: str,
+    exposure: Exposure,
+) -> FailingStart:
+    """Starts a scheduler with one bad URI, for the store or the broker."""
+    good_uri = _uri(f"{LOOPBACK}:{auth_server_port}", serverSelectionTimeoutMS=5000)
+    return FailingStart(good_uri, str(request.param), database_name, exposure)
 
 
 class TestFailingToStart:
@@ -280,66 +293,42 @@ class TestFailingToStart:
     pytestmark = needs_auth_server
 
     async def test_wrong_password(
-        self,
-        auth_server_port: int,
-        database_name: str,
-        failing: str,
-        exposure: Exposure,
+        self, auth_server_port: int, start: FailingStart
     ) -> None:
         address = f"{LOOPBACK}:{auth_server_port}"
         bad_uri = _uri(address, WRONG_PASSWORD, serverSelectionTimeoutMS=5000)
-        good_uri = _uri(address, serverSelectionTimeoutMS=5000)
-        error = await _fail_to_start(
-            bad_uri, good_uri, failing, database_name, exposure
-        )
+        error = await start(bad_uri)
 
         failures = [e for e in _chain(error) if isinstance(e, OperationFailure)]
         assert failures
         assert "Authentication failed" in str(failures[0])
-        exposure.assert_nothing_shows(PASSWORD, WRONG_PASSWORD, bad_uri, good_uri)
+        start.assert_nothing_shows(bad_uri, WRONG_PASSWORD)
 
     async def test_unreachable(
-        self,
-        auth_server_port: int,
-        database_name: str,
-        failing: str,
-        exposure: Exposure,
-        caplog: pytest.LogCaptureFixture,
+        self, start: FailingStart, caplog: pytest.LogCaptureFixture
     ) -> None:
         bad_uri = _uri(
-            f"{LOOPBACK}:{_free_port()}",
+            f"{LOOPBACK}:{free_port()}",
             serverSelectionTimeoutMS=300,
             connectTimeoutMS=300,
         )
-        good_uri = _uri(f"{LOOPBACK}:{auth_server_port}", serverSelectionTimeoutMS=5000)
-        error = await _fail_to_start(
-            bad_uri, good_uri, failing, database_name, exposure
-        )
+        error = await start(bad_uri)
 
         assert any(isinstance(e, ServerSelectionTimeoutError) for e in _chain(error))
         assert caplog.text.count("Temporary MongoDB error") == 3
-        exposure.assert_nothing_shows(PASSWORD, bad_uri, good_uri)
+        start.assert_nothing_shows(bad_uri)
 
-    async def test_not_mongodb(
-        self,
-        auth_server_port: int,
-        database_name: str,
-        failing: str,
-        exposure: Exposure,
-    ) -> None:
-        good_uri = _uri(f"{LOOPBACK}:{auth_server_port}", serverSelectionTimeoutMS=5000)
+    async def test_not_mongodb(self, start: FailingStart) -> None:
         async with FakeServer(http_server) as server:
             bad_uri = _uri(
                 server.address, serverSelectionTimeoutMS=300, connectTimeoutMS=300
             )
-            error = await _fail_to_start(
-                bad_uri, good_uri, failing, database_name, exposure
-            )
+            error = await start(bad_uri)
 
         assert any(
             "does not speak the MongoDB wire protocol" in str(e) for e in _chain(error)
         )
-        exposure.assert_nothing_shows(PASSWORD, bad_uri, good_uri)
+        start.assert_nothing_shows(bad_uri)
 
 
 class TestClientOptions:

@@ -42,11 +42,12 @@ from apscheduler import (
     TaskRemoved,
     TaskUpdated,
 )
-from apscheduler._structures import ScheduleResult
 from apscheduler.abc import EventBroker, Serializer
 from apscheduler.triggers.date import DateTrigger
 
 from apscheduler_mongo import MongoDBDataStore
+
+from .support.items import processed
 
 if TYPE_CHECKING:
     from pytest_mock import MockerFixture
@@ -160,6 +161,15 @@ def make_job(task_id: str = "task1", **kwargs: Any) -> Job:
     return Job(task_id=task_id, executor="async", **kwargs)
 
 
+def three_schedules() -> list[Schedule]:
+    """Return schedules ``s1``, ``s2`` (of ``task2``) and ``s3``, a day apart."""
+    return [
+        make_schedule("s1", datetime(2020, 9, 13, tzinfo=UTC)),
+        make_schedule("s2", datetime(2020, 9, 14, tzinfo=UTC), "task2"),
+        make_schedule("s3", datetime(2020, 9, 15, tzinfo=UTC)),
+    ]
+
+
 async def add_schedules(store: MongoDBDataStore, *schedules: Schedule) -> None:
     for schedule in schedules:
         await store.add_schedule(schedule, ConflictPolicy.exception)
@@ -175,18 +185,6 @@ async def add_jobs(store: MongoDBDataStore, count: int, **kwargs: Any) -> list[J
         await store.add_job(job)
 
     return jobs
-
-
-def released(
-    schedule: Schedule, next_fire_time: datetime | None, last_fire_time: datetime
-) -> ScheduleResult:
-    return ScheduleResult(
-        schedule_id=schedule.id,
-        task_id=schedule.task_id,
-        trigger=schedule.trigger,
-        last_fire_time=last_fire_time,
-        next_fire_time=next_fire_time,
-    )
 
 
 def ids(items: Iterable[Schedule | Job]) -> list[Any]:
@@ -420,11 +418,7 @@ class TestGetSchedules:
 
     @pytest.fixture
     async def schedules(self, store: MongoDBDataStore) -> list[Schedule]:
-        schedules = [
-            make_schedule("s1", datetime(2020, 9, 13, tzinfo=UTC)),
-            make_schedule("s2", datetime(2020, 9, 14, tzinfo=UTC), "task2"),
-            make_schedule("s3", datetime(2020, 9, 15, tzinfo=UTC)),
-        ]
+        schedules = three_schedules()
         await add_schedules(store, schedules[2], schedules[0], schedules[1])
         return schedules
 
@@ -438,9 +432,8 @@ class TestGetSchedules:
             assert actual.trigger == expected.trigger
             assert actual.next_fire_time == expected.next_fire_time
 
-    async def test_by_ids(
-        self, store: MongoDBDataStore, schedules: list[Schedule]
-    ) -> None:
+    @pytest.mark.usefixtures("schedules")
+    async def test_by_ids(self, store: MongoDBDataStore) -> None:
         assert ids(await store.get_schedules({"s3", "s1"})) == ["s1", "s3"]
         assert ids(await store.get_schedules({"s2"})) == ["s2"]
         assert ids(await store.get_schedules({"s2", "unknown"})) == ["s2"]
@@ -451,12 +444,7 @@ class TestRemoveSchedules:
     """Removing schedules announces exactly those that existed."""
 
     async def test_remove(self, store: MongoDBDataStore) -> None:
-        await add_schedules(
-            store,
-            make_schedule("s1", datetime(2020, 9, 13, tzinfo=UTC)),
-            make_schedule("s2", datetime(2020, 9, 14, tzinfo=UTC), "task2"),
-            make_schedule("s3", datetime(2020, 9, 15, tzinfo=UTC)),
-        )
+        await add_schedules(store, *three_schedules())
         async with recording(store, ScheduleRemoved) as recorder:
             await store.remove_schedules(["s1", "s2", "unknown"])
             events = await recorder.wait_for(2)
@@ -555,20 +543,15 @@ class TestReleaseSchedules:
     """Releasing schedules stores their new fire times and frees their leases."""
 
     async def test_release(self, store: MongoDBDataStore) -> None:
-        await add_schedules(
-            store,
-            make_schedule("s1", datetime(2020, 9, 13, tzinfo=UTC)),
-            make_schedule("s2", datetime(2020, 9, 14, tzinfo=UTC), "task2"),
-            make_schedule("s3", datetime(2020, 9, 15, tzinfo=UTC)),
-        )
+        await add_schedules(store, *three_schedules())
         [s1] = await store.acquire_schedules("scheduler1", LEASE, 1)
         [s2] = await store.acquire_schedules("scheduler2", LEASE, 1)
         fired = datetime(2020, 9, 14, tzinfo=UTC)
         next_time = datetime(2020, 9, 15, 12, tzinfo=UTC)
         async with recording(store, ScheduleUpdated, ScheduleRemoved) as recorder:
-            await store.release_schedules("scheduler1", [released(s1, None, fired)])
+            await store.release_schedules("scheduler1", [processed(s1, None, fired)])
             await store.release_schedules(
-                "scheduler2", [released(s2, next_time, fired)]
+                "scheduler2", [processed(s2, next_time, fired)]
             )
             events = await recorder.wait_for(2)
             await assert_silent(store, recorder, expected=2)
@@ -606,7 +589,7 @@ class TestReleaseSchedules:
         next_time = datetime(2020, 9, 14, tzinfo=UTC)
         await store.release_schedules(
             "scheduler1",
-            [released(schedule, next_time, datetime(2020, 9, 13, tzinfo=UTC))],
+            [processed(schedule, next_time, datetime(2020, 9, 13, tzinfo=UTC))],
         )
         [again] = await store.acquire_schedules("scheduler2", LEASE, 1)
         assert again.id == "s1"
@@ -624,7 +607,7 @@ class TestReleaseSchedules:
         next_time = datetime(2020, 9, 20, tzinfo=UTC)
         await store.release_schedules(
             "scheduler",
-            [released(schedule, next_time, same_time) for schedule in acquired],
+            [processed(schedule, next_time, same_time) for schedule in acquired],
         )
 
         stored = await store.get_schedules()
@@ -641,7 +624,7 @@ class TestReleaseSchedules:
         )
         first, second = await store.acquire_schedules("scheduler", LEASE, 3)
         await store.release_schedules(
-            "scheduler", [released(first, None, datetime(2020, 9, 10, tzinfo=UTC))]
+            "scheduler", [processed(first, None, datetime(2020, 9, 10, tzinfo=UTC))]
         )
 
         stored = await store.get_schedules({first.id, second.id})
@@ -1001,7 +984,8 @@ class TestCleanup:
         )
         await store.add_job(job)
         await store.release_schedules(
-            "scheduler", [released(s1, None, fire_time), released(s2, None, fire_time)]
+            "scheduler",
+            [processed(s1, None, fire_time), processed(s2, None, fire_time)],
         )
 
         async with recording(store, ScheduleRemoved) as recorder:

@@ -1,38 +1,28 @@
-"""Bad input: wrong arguments, unreachable or refusing servers, corrupted documents."""
+"""Bad input: wrong arguments, and unreachable or refusing servers."""
 
 from __future__ import annotations
 
 import logging
 import re
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, AsyncExitStack
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import anyio
 import pytest
-from apscheduler import (
-    ConflictPolicy,
-    Job,
-    JobOutcome,
-    RetrySettings,
-    Schedule,
-    Task,
-    TaskLookupError,
-)
+from apscheduler import RetrySettings, Task
 from apscheduler.abc import EventBroker
 from apscheduler.serializers.json import JSONSerializer
-from apscheduler.triggers.date import DateTrigger
-from bson import Binary
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .servers import mongoeco_process, needs_mongoeco
+from .support.fake_servers import free_port
+from .support.logs import retry_messages
+from .support.servers import mongoeco_process, needs_mongoeco
 
 pytestmark = [
     pytest.mark.anyio,
@@ -45,33 +35,6 @@ pytestmark = [
 SECRET = "s3cret"
 AUTH_USER = "scheduler"
 AUTH_PASSWORD = "right-password"
-GARBAGE = b"\x80\x05 this is not a pickle"
-LEASE = timedelta(minutes=1)
-
-
-def _free_port() -> int:
-    """Return a loopback port that nothing listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-
-    return port
-
-
-def _retry_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.getMessage().startswith("Temporary MongoDB error")
-    ]
-
-
-def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.levelno == logging.WARNING
-    ]
 
 
 class TestClientOrUri:
@@ -243,7 +206,7 @@ class TestUnreachableServer:
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         uri = (
-            f"mongodb://user:{SECRET}@127.0.0.1:{_free_port()}/"
+            f"mongodb://user:{SECRET}@127.0.0.1:{free_port()}/"
             "?serverSelectionTimeoutMS=200&connectTimeoutMS=200"
         )
         store = MongoDBDataStore(
@@ -261,7 +224,7 @@ class TestUnreachableServer:
             # Three attempts of 200 ms each, and two waits of 50 ms
             assert time.monotonic() - started < 10
 
-        messages = _retry_messages(caplog)
+        messages = retry_messages(caplog)
         assert [
             message[: len("Temporary MongoDB error (attempt 1")] for message in messages
         ] == [f"Temporary MongoDB error (attempt {n}" for n in (1, 2, 3)]
@@ -337,7 +300,7 @@ class TestAuthenticationFailure:
                 await store.start(exit_stack, local_broker, logger)
 
         assert "Authentication failed" in str(exc_info.value)
-        assert _retry_messages(caplog) == []
+        assert retry_messages(caplog) == []
         assert SECRET not in str(exc_info.value)
         assert SECRET not in caplog.text
 
@@ -374,247 +337,3 @@ class TestTrio:
 
         assert "trio" in str(exc_info.value)
         assert not hasattr(store, "_adapter")  # no client was made
-
-
-# Corrupted documents
-
-
-async def _add_task(store: MongoDBDataStore, task_id: str = "task") -> None:
-    await store.add_task(Task(id=task_id, func="math:floor", job_executor="async"))
-
-
-async def _add_schedule(
-    store: MongoDBDataStore, schedule_id: str, next_fire_time: datetime
-) -> Schedule:
-    schedule = Schedule(
-        id=schedule_id,
-        task_id="task",
-        trigger=DateTrigger(next_fire_time),
-        job_executor="async",
-        next_fire_time=next_fire_time,
-    )
-    await store.add_schedule(schedule, ConflictPolicy.exception)
-    return schedule
-
-
-async def _add_job(store: MongoDBDataStore, task_id: str = "task") -> Job:
-    job = Job(
-        task_id=task_id,
-        executor="async",
-        result_expiration_time=timedelta(minutes=5),
-    )
-    await store.add_job(job)
-    return job
-
-
-class TestCorruptedSchedules:
-    """An unreadable schedule is skipped and set aside, never deleted."""
-
-    async def test_get_schedules_skips_it(
-        self,
-        store: MongoDBDataStore,
-        client: Any,
-        database_name: str,
-        caplog: pytest.LogCaptureFixture,
-    ) -> None:
-        now = datetime.now(timezone.utc)
-        await _add_task(store)
-        await _add_schedule(store, "good", now + timedelta(hours=1))
-        await _add_schedule(store, "bad", now + timedelta(hours=1))
-        collection = client[database_name]["schedules"]
-        await collection.update_one({"_id": "bad"}, {"$set": {"trigger": GARBAGE}})
-
-        with anyio.fail_after(10):
-            schedules = await store.get_schedules()
-
-        assert [schedule.id for schedule in schedules] == ["good"]
-        assert any("'bad'" in message for message in _warnings(caplog))
-        assert await collection.count_documents({"_id": "bad"}) == 1
-
-    async def test_acquire_schedules_quarantines_it(
-        self,
-        store: MongoDBDataStore,
-        client: Any,
-        database_name: str,
-        caplog: pytest.LogCaptureFixture,
-    ) -> None:
-        past = datetime.now(timezone.utc) - timedelta(minutes=1)
-        await _add_task(store)
-        await _add_schedule(store, "good", past)
-        await _add_schedule(store, "bad", past)
-        collection = client[database_name]["schedules"]
-        await collection.update_one({"_id": "bad"}, {"$set": {"trigger": GARBAGE}})
-
-        with anyio.fail_after(10):
-            acquired = await store.acquire_schedules("scheduler-1", LEASE, 10)
-
-        assert [schedule.id for schedule in acquired] == ["good"]
-        assert any("'bad'" in message for message in _warnings(caplog))
-        document = await collection.find_one({"_id": "bad"})
-        assert document is not None
-        assert document["trigger"] == GARBAGE
-        assert document["quarantine"]["reason"]
-        assert document["acquired_by"] is None
-
-        with anyio.fail_after(10):
-            again = await store.acquire_schedules("scheduler-1", LEASE, 10)
-            other = await store.acquire_schedules("scheduler-2", LEASE, 10)
-
-        assert "bad" not in [schedule.id for schedule in again]
-        assert other == []
-        assert await collection.count_documents({"_id": "bad"}) == 1
-
-    async def test_next_run_time_ignores_quarantined(
-        self, store: MongoDBDataStore, client: Any, database_name: str
-    ) -> None:
-        now = datetime.now(timezone.utc)
-        await _add_task(store)
-        bad = await _add_schedule(store, "bad", now - timedelta(minutes=1))
-        later = await _add_schedule(store, "later", now + timedelta(hours=1))
-        collection = client[database_name]["schedules"]
-        await collection.update_one({"_id": "bad"}, {"$set": {"trigger": GARBAGE}})
-
-        with anyio.fail_after(10):
-            assert await store.get_next_schedule_run_time() == bad.next_fire_time
-            assert await store.acquire_schedules("scheduler-1", LEASE, 10) == []
-            assert await store.get_next_schedule_run_time() == later.next_fire_time
-
-        assert await collection.count_documents({"quarantine": {"$exists": True}}) == 1
-
-
-class TestCorruptedJobs:
-    """An unusable job is finished with a result instead of being handed out."""
-
-    @pytest.mark.parametrize(
-        "damage",
-        [
-            pytest.param({"$set": {"args": GARBAGE}}, id="garbage-args"),
-            pytest.param({"$set": {"kwargs": GARBAGE}}, id="garbage-kwargs"),
-            pytest.param({"$unset": {"executor": ""}}, id="no-executor"),
-            pytest.param({"$unset": {"task_id": ""}}, id="no-task-id"),
-            pytest.param({"$set": {"created_at": "yesterday"}}, id="bad-created-at"),
-        ],
-    )
-    async def test_unreadable_job(
-        self,
-        store: MongoDBDataStore,
-        client: Any,
-        database_name: str,
-        caplog: pytest.LogCaptureFixture,
-        damage: dict[str, Any],
-    ) -> None:
-        await _add_task(store)
-        first = await _add_job(store)
-        bad = await _add_job(store)
-        last = await _add_job(store)
-        collection = client[database_name]["jobs"]
-        bad_id = Binary.from_uuid(bad.id)
-        assert (await collection.update_one({"_id": bad_id}, damage)).matched_count
-
-        with anyio.fail_after(10):
-            acquired = await store.acquire_jobs("scheduler-1", LEASE)
-
-        assert {job.id for job in acquired} == {first.id, last.id}
-        assert any("Cannot read job" in message for message in _warnings(caplog))
-        document = await collection.find_one({"_id": bad_id})
-        assert document is not None
-        assert document["state"] == "finished"
-        assert document["result"]["outcome"] == JobOutcome.deserialization_failed.name
-
-        with anyio.fail_after(10):
-            assert await store.acquire_jobs("scheduler-2", LEASE) == []
-
-        assert await collection.count_documents({}) == 3
-        with anyio.fail_after(10):
-            result = await store.get_job_result(bad.id)
-
-        assert result is not None
-        assert result.outcome is JobOutcome.deserialization_failed
-
-    async def test_unreadable_job_is_named_in_the_log(
-        self,
-        store: MongoDBDataStore,
-        client: Any,
-        database_name: str,
-        caplog: pytest.LogCaptureFixture,
-    ) -> None:
-        await _add_task(store)
-        bad = await _add_job(store)
-        collection = client[database_name]["jobs"]
-        await collection.update_one(
-            {"_id": Binary.from_uuid(bad.id)}, {"$set": {"args": GARBAGE}}
-        )
-
-        with anyio.fail_after(10):
-            assert await store.acquire_jobs("scheduler-1", LEASE) == []
-
-        assert any(str(bad.id) in message for message in _warnings(caplog))
-
-    async def test_unknown_task(
-        self,
-        store: MongoDBDataStore,
-        client: Any,
-        database_name: str,
-        caplog: pytest.LogCaptureFixture,
-    ) -> None:
-        await _add_task(store)
-        good = await _add_job(store)
-        orphan = await _add_job(store, task_id="no-such-task")
-
-        with anyio.fail_after(10):
-            acquired = await store.acquire_jobs("scheduler-1", LEASE)
-
-        assert [job.id for job in acquired] == [good.id]
-        assert any(
-            str(orphan.id) in message and "no-such-task" in message
-            for message in _warnings(caplog)
-        )
-        collection = client[database_name]["jobs"]
-        document = await collection.find_one({"_id": Binary.from_uuid(orphan.id)})
-        assert document is not None
-        assert document["state"] == "finished"
-        assert document["result"]["outcome"] == JobOutcome.error.name
-
-        with anyio.fail_after(10):
-            assert await store.acquire_jobs("scheduler-2", LEASE) == []
-
-        assert await collection.count_documents({}) == 2
-        with anyio.fail_after(10):
-            result = await store.get_job_result(orphan.id)
-
-        assert result is not None
-        assert result.outcome is JobOutcome.error
-        assert isinstance(result.exception, TaskLookupError)
-
-
-class TestCorruptedTasks:
-    """A task document missing required fields is skipped, never deleted."""
-
-    @pytest.mark.parametrize(
-        "damage",
-        [
-            pytest.param({"$unset": {"job_executor": ""}}, id="no-job-executor"),
-            pytest.param(
-                {"$set": {"misfire_grace_time": "soon"}}, id="bad-misfire-grace-time"
-            ),
-        ],
-    )
-    async def test_get_tasks_skips_it(
-        self,
-        store: MongoDBDataStore,
-        client: Any,
-        database_name: str,
-        caplog: pytest.LogCaptureFixture,
-        damage: dict[str, Any],
-    ) -> None:
-        await _add_task(store, "bad")
-        await _add_task(store, "good")
-        collection = client[database_name]["tasks"]
-        await collection.update_one({"_id": "bad"}, damage)
-
-        with anyio.fail_after(10):
-            tasks = await store.get_tasks()
-
-        assert [task.id for task in tasks] == ["good"]
-        assert any("'bad'" in message for message in _warnings(caplog))
-        assert await collection.count_documents({"_id": "bad"}) == 1

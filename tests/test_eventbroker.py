@@ -5,18 +5,21 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import anyio
 import pytest
 from anyio import CancelScope, create_memory_object_stream, fail_after
+from anyio.streams.memory import MemoryObjectReceiveStream
 from apscheduler import Event, ScheduleAdded, TaskAdded
 from bson import ObjectId
 from pymongo.errors import AutoReconnect, OperationFailure
 
 from apscheduler_mongo import MongoDBEventBroker
+
+from .support.tiers import WIRE_ONLY
 
 pytestmark = pytest.mark.anyio
 
@@ -38,14 +41,11 @@ async def broker(
 
 @pytest.fixture
 async def other_broker(
-    client: Any,
-    database_name: str,
-    broker: MongoDBEventBroker,
-    logger: logging.Logger,
+    client: Any, broker: MongoDBEventBroker, logger: logging.Logger
 ) -> AsyncIterator[MongoDBEventBroker]:
-    """A second broker on the same database, as another process would have."""
+    """A second broker on the ``broker``'s database, as another process would have."""
     async with AsyncExitStack() as exit_stack:
-        started = make_broker(client, database_name)
+        started = make_broker(client, broker.database)
         await started.start(exit_stack, logger)
         yield started
 
@@ -56,6 +56,21 @@ def schedule_added(schedule_id: str = "schedule1") -> ScheduleAdded:
         task_id="task1",
         next_fire_time=datetime(2021, 9, 11, 12, 31, 56, 254867, timezone.utc),
     )
+
+
+async def first_task_added(
+    receiver: MongoDBEventBroker, publisher: MongoDBEventBroker, task_id: str
+) -> TaskAdded:
+    """Publish a TaskAdded; return the first one ``receiver`` delivers (in 3 s)."""
+    send, receive = create_memory_object_stream[Event](5)
+    with send, receive:
+        receiver.subscribe(send.send, {TaskAdded})
+        await publisher.publish(TaskAdded(task_id=task_id))
+        with fail_after(3):
+            received = await receive.receive()
+
+    assert isinstance(received, TaskAdded)
+    return received
 
 
 class TestPublishSubscribe:
@@ -116,7 +131,7 @@ class TestPublishSubscribe:
     async def test_failing_subscriber_does_not_stop_others(
         self, broker: MongoDBEventBroker, caplog: pytest.LogCaptureFixture
     ) -> None:
-        def fail(event: Event) -> None:
+        def fail(_event: Event) -> None:
             raise RuntimeError("subscriber failed")
 
         timestamp = datetime.now(timezone.utc)
@@ -185,14 +200,8 @@ class TestBetweenBrokers:
         async with AsyncExitStack() as exit_stack:
             late = make_broker(client, database_name)
             await late.start(exit_stack, logger)
-            send, receive = create_memory_object_stream[Event](5)
-            with send, receive:
-                late.subscribe(send.send, {TaskAdded})
-                await broker.publish(TaskAdded(task_id="new"))
-                with fail_after(3):
-                    received = await receive.receive()
+            received = await first_task_added(late, broker, "new")
 
-        assert isinstance(received, TaskAdded)
         assert received.task_id == "new"
 
     async def test_malformed_documents_are_skipped(
@@ -219,14 +228,7 @@ class TestBetweenBrokers:
                 },
             ]
         )
-        send, receive = create_memory_object_stream[Event](5)
-        with send, receive:
-            broker.subscribe(send.send, {TaskAdded})
-            await other_broker.publish(TaskAdded(task_id="fine"))
-            with fail_after(3):
-                received = await receive.receive()
-
-        assert isinstance(received, TaskAdded)
+        received = await first_task_added(broker, other_broker, "fine")
         assert received.task_id == "fine"
         assert "malformed event document" in caplog.text
 
@@ -258,8 +260,7 @@ class TestLifecycle:
                 broker = make_broker(client, database_name, poll_interval=30)
                 await broker.start(exit_stack, logger)
 
-    @pytest.mark.wire
-    @pytest.mark.parametrize("tier", ["wire"])
+    @WIRE_ONLY
     async def test_change_streams_refused_clearly(
         self, client: Any, database_name: str, logger: logging.Logger
     ) -> None:
@@ -494,77 +495,85 @@ class TestChangeStreamResume:
         assert "after 3 failed attempt(s)" in warnings[-1].getMessage()
 
 
+@asynccontextmanager
+async def replica_set_client(database_name: str) -> AsyncIterator[Any]:
+    """
+    Yield a client of the replica set (or sharded cluster) at ``MONGODB_URI``.
+
+    Skip the test if there is none; drop the test's database afterwards.
+    """
+    uri = os.environ.get("MONGODB_URI")
+    if not uri:
+        pytest.skip("needs MONGODB_URI pointing at a replica set")
+
+    from pymongo import AsyncMongoClient
+
+    client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
+    try:
+        hello = await client.admin.command("hello")
+        if "setName" not in hello and hello.get("msg") != "isdbgrid":
+            pytest.skip("MONGODB_URI is not a replica set or sharded cluster")
+
+        yield client
+    finally:
+        await client.drop_database(database_name)
+        await client.close()
+
+
+@asynccontextmanager
+async def change_stream_brokers(
+    client: Any, database_name: str, logger: logging.Logger
+) -> AsyncIterator[tuple[MongoDBEventBroker, MemoryObjectReceiveStream[Event]]]:
+    """
+    Run two brokers in change stream mode on the database.
+
+    Yield the first, and the TaskAdded events that the second delivers.
+    """
+    async with AsyncExitStack() as exit_stack:
+        one = make_broker(client, database_name, mode="change_stream")
+        two = make_broker(client, database_name, mode="change_stream")
+        await one.start(exit_stack, logger)
+        await two.start(exit_stack, logger)
+        send, receive = create_memory_object_stream[Event](10)
+        with send, receive:
+            two.subscribe(send.send, {TaskAdded})
+            yield one, receive
+
+
 @pytest.mark.real_server
 class TestRealChangeStreams:
     """On a real replica set, change streams carry events between brokers."""
 
     async def test_delivery(self, logger: logging.Logger, database_name: str) -> None:
-        uri = os.environ.get("MONGODB_URI")
-        if not uri:
-            pytest.skip("needs MONGODB_URI pointing at a replica set")
+        async with replica_set_client(database_name) as client:
+            brokers = change_stream_brokers(client, database_name, logger)
+            async with brokers as (one, received):
+                for n in range(5):
+                    await one.publish(TaskAdded(task_id=str(n)))
 
-        from pymongo import AsyncMongoClient
-
-        client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
-        try:
-            hello = await client.admin.command("hello")
-            if "setName" not in hello and hello.get("msg") != "isdbgrid":
-                pytest.skip("MONGODB_URI is not a replica set or sharded cluster")
-
-            async with AsyncExitStack() as exit_stack:
-                one = make_broker(client, database_name, mode="change_stream")
-                two = make_broker(client, database_name, mode="change_stream")
-                await one.start(exit_stack, logger)
-                await two.start(exit_stack, logger)
-                send, receive = create_memory_object_stream[Event](10)
-                with send, receive:
-                    two.subscribe(send.send, {TaskAdded})
-                    for n in range(5):
-                        await one.publish(TaskAdded(task_id=str(n)))
-
-                    with fail_after(10):
-                        got = [await receive.receive() for _ in range(5)]
+                with fail_after(10):
+                    got = [await received.receive() for _ in range(5)]
 
             assert [e.task_id for e in got if isinstance(e, TaskAdded)] == list("01234")
-        finally:
-            await client.drop_database(database_name)
-            await client.close()
 
     async def test_delivery_goes_on_after_the_collection_is_dropped(
         self, logger: logging.Logger, database_name: str
     ) -> None:
-        uri = os.environ.get("MONGODB_URI")
-        if not uri:
-            pytest.skip("needs MONGODB_URI pointing at a replica set")
+        async with replica_set_client(database_name) as client:
+            brokers = change_stream_brokers(client, database_name, logger)
+            async with brokers as (one, received):
+                await one.publish(TaskAdded(task_id="before"))
+                with fail_after(10):
+                    first = await received.receive()
 
-        from pymongo import AsyncMongoClient
+                # An invalidate for both streams; the brokers listen on
+                await client[database_name]["events"].drop()
+                await anyio.sleep(1)
+                for n in range(3):
+                    await one.publish(TaskAdded(task_id=f"after{n}"))
 
-        client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
-        try:
-            hello = await client.admin.command("hello")
-            if "setName" not in hello and hello.get("msg") != "isdbgrid":
-                pytest.skip("MONGODB_URI is not a replica set or sharded cluster")
-
-            async with AsyncExitStack() as exit_stack:
-                one = make_broker(client, database_name, mode="change_stream")
-                two = make_broker(client, database_name, mode="change_stream")
-                await one.start(exit_stack, logger)
-                await two.start(exit_stack, logger)
-                send, receive = create_memory_object_stream[Event](10)
-                with send, receive:
-                    two.subscribe(send.send, {TaskAdded})
-                    await one.publish(TaskAdded(task_id="before"))
-                    with fail_after(10):
-                        first = await receive.receive()
-
-                    # An invalidate for both streams; the brokers listen on
-                    await client[database_name]["events"].drop()
-                    await anyio.sleep(1)
-                    for n in range(3):
-                        await one.publish(TaskAdded(task_id=f"after{n}"))
-
-                    with fail_after(20):
-                        after = [await receive.receive() for _ in range(3)]
+                with fail_after(20):
+                    after = [await received.receive() for _ in range(3)]
 
             got = [e.task_id for e in (first, *after) if isinstance(e, TaskAdded)]
             assert got == ["before", "after0", "after1", "after2"]
@@ -573,6 +582,3 @@ class TestRealChangeStreams:
                 async for index in await client[database_name]["events"].list_indexes()
             }
             assert {"at", "publisher_seq"} <= indexes
-        finally:
-            await client.drop_database(database_name)
-            await client.close()

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from pymongo.errors import OperationFailure
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker, SyncMongoDBDataStore
 
+from .support.fake_servers import free_port
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
@@ -48,7 +49,7 @@ def call(app: Any, method: str, path: str) -> tuple[str, Any]:
     setup_testing_defaults(environ)
     environ["wsgi.input"] = io.BytesIO()
     status: list[str] = []
-    body = b"".join(app(environ, lambda s, headers: status.append(s)))
+    body = b"".join(app(environ, lambda s, _headers: status.append(s)))
     return status[0], json.loads(body)
 
 
@@ -104,13 +105,6 @@ def import_example(name: str) -> ModuleType:
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(EXAMPLES))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.mark.wire
@@ -324,7 +318,7 @@ def builtin_store_runs(wire_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.setattr(
                 MongoClient,
                 "server_info",
-                lambda self, session=None: {
+                lambda *_args, **_kwargs: {
                     "version": "7.0.0",
                     "versionArray": [7, 0, 0, 0],
                 },

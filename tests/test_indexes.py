@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -15,8 +15,8 @@ from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._adapters import adapter_for
 from apscheduler_mongo._indexes import ensure_indexes
 
-from .faults import FaultPlan
-from .proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
+from .support.faults import FaultPlan
+from .support.tiers import WIRE_ONLY
 
 pytestmark = pytest.mark.anyio
 
@@ -97,55 +97,42 @@ class TestChangedIndexes:
         assert set(await indexes_of(collection)) == {"_id_", "new"}
 
 
-@pytest.mark.wire
+#: Starts (and stops) a broker with this event TTL, through the proxy
+BrokerStart = Callable[[float], Awaitable[None]]
+
+
+@WIRE_ONLY
+@pytest.mark.usefixtures("client")  # drops the test's database afterwards
 class TestOnTheWire:
     """What the store and broker send to bring indexes up to date."""
 
     @pytest.fixture
-    def tier(self) -> str:
-        return "wire"
+    def start_through_proxy(
+        self, through: Callable[..., str], database_name: str, logger: logging.Logger
+    ) -> BrokerStart:
+        async def start(event_ttl: float) -> None:
+            await start_broker(through(), database_name, logger, event_ttl=event_ttl)
 
-    @pytest.fixture
-    def plan(self) -> FaultPlan:
-        return FaultPlan()
-
-    @pytest.fixture
-    def proxy(self, wire_uri: str, plan: FaultPlan) -> Iterator[FaultyProxy]:
-        with proxy_in_front_of(wire_uri, plan) as proxy:
-            yield proxy
-
-    @pytest.fixture
-    def through(self, proxy: FaultyProxy, wire_uri: str) -> Callable[[], str]:
-        return lambda: proxy.uri_for(wire_uri, **FAST_FAILURE)
+        return start
 
     async def test_ttl_changed_in_place(
-        self,
-        plan: FaultPlan,
-        through: Callable[[], str],
-        client: Any,
-        database_name: str,
-        logger: logging.Logger,
+        self, plan: FaultPlan, start_through_proxy: BrokerStart
     ) -> None:
-        await start_broker(through(), database_name, logger, event_ttl=600)
+        await start_through_proxy(600)
         # The stand-in has no collMod; answer it as MongoDB does
         plan.answer("collMod", reply={"ok": 1.0, "expireAfterSeconds_old": 600})
-        await start_broker(through(), database_name, logger, event_ttl=120)
+        await start_through_proxy(120)
         [change] = plan.seen("collMod")
         assert change.body["collMod"] == "events"
         assert change.body["index"] == {"name": "at", "expireAfterSeconds": 120}
         assert not plan.seen("dropIndexes")
 
     async def test_unchanged_indexes_cost_one_listing(
-        self,
-        plan: FaultPlan,
-        through: Callable[[], str],
-        client: Any,
-        database_name: str,
-        logger: logging.Logger,
+        self, plan: FaultPlan, start_through_proxy: BrokerStart
     ) -> None:
-        await start_broker(through(), database_name, logger, event_ttl=600)
+        await start_through_proxy(600)
         created = len(plan.seen("createIndexes"))
         listed = len(plan.seen("listIndexes"))
-        await start_broker(through(), database_name, logger, event_ttl=600)
+        await start_through_proxy(600)
         assert len(plan.seen("createIndexes")) == created == 1
         assert len(plan.seen("listIndexes")) == listed + 1

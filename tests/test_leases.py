@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import uuid4
@@ -17,9 +15,7 @@ from apscheduler import (
     JobOutcome,
     JobResult,
     Schedule,
-    Task,
 )
-from apscheduler._structures import ScheduleResult
 from apscheduler.abc import EventBroker
 from apscheduler.triggers.interval import IntervalTrigger
 from time_machine import TimeMachineFixture
@@ -27,25 +23,13 @@ from time_machine import TimeMachineFixture
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._cleanup import FIRE_TIME_RETENTION
 
-from .conftest import another_store
+from .support.events import Recorder
+from .support.items import add_task, due_schedule, processed
 
 pytestmark = pytest.mark.anyio
 
 SHORT_LEASE = timedelta(seconds=0.3)
 LONG_LEASE = timedelta(minutes=5)
-
-
-@pytest.fixture
-async def other_store(
-    client: Any,
-    database_name: str,
-    store: MongoDBDataStore,
-    local_broker: EventBroker,
-    logger: logging.Logger,
-) -> AsyncIterator[MongoDBDataStore]:
-    """A second store on the same database: another scheduler's view."""
-    async with another_store(client, database_name, local_broker, logger) as other:
-        yield other
 
 
 async def add_due_schedule(store: MongoDBDataStore, schedule_id: str = "s") -> None:
@@ -56,7 +40,7 @@ async def add_due_schedule(store: MongoDBDataStore, schedule_id: str = "s") -> N
         id=schedule_id, task_id="task", trigger=trigger, job_executor="async"
     )
     schedule.next_fire_time = trigger.next()
-    await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+    await add_task(store)
     await store.add_schedule(schedule, ConflictPolicy.exception)
 
 
@@ -82,7 +66,7 @@ class TestJobLeaseTakeover:
     async def test_stale_release_changes_nothing(
         self, store: MongoDBDataStore, other_store: MongoDBDataStore
     ) -> None:
-        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        await add_task(store)
         await store.add_job(
             Job(task_id="task", executor="async", result_expiration_time=60)
         )
@@ -136,34 +120,14 @@ class TestScheduleLeaseTakeover:
         assert stale.next_fire_time is not None
 
         far_future = stale.next_fire_time + timedelta(days=365)
-        await store.release_schedules(
-            "old",
-            [
-                ScheduleResult(
-                    schedule_id=stale.id,
-                    task_id=stale.task_id,
-                    trigger=stale.trigger,
-                    last_fire_time=stale.next_fire_time,
-                    next_fire_time=far_future,
-                )
-            ],
-        )
+        await store.release_schedules("old", [processed(stale, far_future)])
         [current] = await store.get_schedules()
         assert current.acquired_by == "new"
         assert current.next_fire_time == stale.next_fire_time
 
         new_next = stale.next_fire_time + timedelta(minutes=1)
         await other_store.release_schedules(
-            "new",
-            [
-                ScheduleResult(
-                    schedule_id=taken.id,
-                    task_id=taken.task_id,
-                    trigger=taken.trigger,
-                    last_fire_time=stale.next_fire_time,
-                    next_fire_time=new_next,
-                )
-            ],
+            "new", [processed(taken, new_next, stale.next_fire_time)]
         )
         [current] = await store.get_schedules()
         assert current.acquired_by is None
@@ -223,11 +187,9 @@ class TestOneJobPerFireTime:
 
         assert [event.job_id for event in added] == [first.id]
 
+    @pytest.mark.usefixtures("other_store")
     async def test_next_fire_time_gets_its_job(
-        self,
-        store: MongoDBDataStore,
-        other_store: MongoDBDataStore,
-        time_machine: TimeMachineFixture,
+        self, store: MongoDBDataStore, time_machine: TimeMachineFixture
     ) -> None:
         """After the release, the following fire time is free and the record goes."""
         await add_due_schedule(store)
@@ -240,18 +202,7 @@ class TestOneJobPerFireTime:
         )
         await store.get_job_result(job.id)
         next_fire_time = schedule.next_fire_time + timedelta(minutes=1)
-        await store.release_schedules(
-            "A",
-            [
-                ScheduleResult(
-                    schedule_id=schedule.id,
-                    task_id=schedule.task_id,
-                    trigger=schedule.trigger,
-                    last_fire_time=schedule.next_fire_time,
-                    next_fire_time=next_fire_time,
-                )
-            ],
-        )
+        await store.release_schedules("A", [processed(schedule, next_fire_time)])
 
         later = Job(
             task_id="task",
@@ -291,3 +242,59 @@ class TestOneJobPerFireTime:
         [again] = await store.acquire_schedules("B", LONG_LEASE, 10)
         await store.add_job(job_for(again))
         assert await store.get_jobs() == []
+
+
+class TestStalledOwner:
+    """A scheduler that stalls past its lease cannot add a job for a used fire time."""
+
+    async def test_late_add_job_after_schedule_moved_on(
+        self,
+        store: MongoDBDataStore,
+        other_store: MongoDBDataStore,
+        local_broker: EventBroker,
+        time_machine: TimeMachineFixture,
+    ) -> None:
+        await add_task(store)
+        schedule = due_schedule("s")
+        first = schedule.next_fire_time
+        assert first is not None
+        await store.add_schedule(schedule, ConflictPolicy.exception)
+        time_machine.move_to(datetime.now(timezone.utc), tick=False)
+
+        # A claims the schedule and stalls past its lease
+        [stalled] = await store.acquire_schedules("A", timedelta(seconds=30), 10)
+        time_machine.shift(31)
+
+        # B takes over, adds the job, it runs, and B releases the schedule
+        [taken] = await other_store.acquire_schedules("B", LONG_LEASE, 10)
+        await other_store.add_job(
+            Job(
+                task_id="task",
+                executor="async",
+                schedule_id="s",
+                scheduled_fire_time=first,
+            )
+        )
+        [job] = await other_store.acquire_jobs("worker", LONG_LEASE, 10)
+        await other_store.release_job(
+            "worker", job, JobResult.from_job(job, JobOutcome.success)
+        )
+        await other_store.release_schedules(
+            "B", [processed(taken, first + timedelta(minutes=1), first)]
+        )
+
+        # Long after, the fire time record is forgotten; then A wakes up
+        time_machine.shift(FIRE_TIME_RETENTION.total_seconds() + 60)
+        await other_store.cleanup()
+        assert await store._jobs.count_documents({}) == 0
+        added = Recorder(local_broker, JobAdded, timeout=3)
+        await store.add_job(
+            Job(
+                task_id="task",
+                executor="async",
+                schedule_id=stalled.id,
+                scheduled_fire_time=first,
+            )
+        )
+        assert await store.get_jobs() == []
+        assert await added.settled() == []

@@ -17,7 +17,8 @@ from tenacity import stop_after_delay, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 
-from .proxy import FAST_FAILURE, proxy_in_front_of
+from .support.proxy import proxied
+from .support.tiers import WIRE_ONLY
 
 pytestmark = pytest.mark.anyio
 
@@ -124,14 +125,11 @@ class TestRestart:
                     assert await store._jobs.list_indexes() == indexes
 
 
-@pytest.mark.wire
+@WIRE_ONLY
+@pytest.mark.usefixtures("client")  # drops the test's database afterwards
 class TestStopDuringOutage:
     """A scheduler stopped while the server cannot be reached stops cleanly: no
     crash, no error, whatever its store and broker were waiting for."""
-
-    @pytest.fixture
-    def tier(self) -> str:
-        return "wire"
 
     @pytest.mark.parametrize(
         "rounds", [pytest.param(n, id=f"round{n}") for n in range(3)]
@@ -139,14 +137,12 @@ class TestStopDuringOutage:
     async def test_stops_without_crashing(
         self,
         wire_uri: str,
-        client: Any,
         database_name: str,
         caplog: pytest.LogCaptureFixture,
         rounds: int,
     ) -> None:
         logger = logging.getLogger(f"apscheduler_mongo.tests.outage{rounds}")
-        with proxy_in_front_of(wire_uri) as proxy:
-            uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
+        with proxied(wire_uri) as (proxy, uri):
             settings = RetrySettings(stop=stop_after_delay(60), wait=wait_fixed(0.1))
             store = MongoDBDataStore(
                 uri, database=database_name, retry_settings=settings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -14,19 +13,12 @@ from apscheduler import RetrySettings
 from pymongo import MongoClient
 from tenacity import stop_after_delay, wait_fixed
 
-from apscheduler_mongo import MongoDBDataStore
+from .support.broker_workers import SPAWN, Workers, run_supervised_scheduler
+from .support.proxy import FaultyProxy, proxied
+from .support.runs import INTERVAL, SCHEDULES, RecordingSchedules
+from .support.tiers import MULTI_PROCESS
 
-from .broker_workers import join_or_kill, supervised_scheduler_worker
-from .proxy import FAST_FAILURE, FaultyProxy, proxy_in_front_of
-from .test_scheduler_processes import (
-    INTERVAL,
-    SCHEDULES,
-    add_schedules,
-    check_runs,
-    recorded_runs,
-)
-
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, *MULTI_PROCESS]
 
 WORKERS = 2
 #: The retry budget of the schedulers' store and broker ...
@@ -42,34 +34,25 @@ TIMEOUT = 90.0
 NETWORK_ERRORS = {"ServerSelectionTimeoutError", "AutoReconnect", "NetworkTimeout"}
 
 
-@pytest.fixture
-def tier() -> str:
-    return "wire"  # separate processes need a server they can all reach
-
-
 def run_through_outage(
-    proxy: FaultyProxy, uri: str, runs_uri: str, database: str
+    proxy: FaultyProxy, uri: str, recording: RecordingSchedules
 ) -> tuple[list[dict[str, Any]], float]:
     """
     Run supervised schedulers, take the server away for OUTAGE seconds, bring it back.
 
     Return the workers' reports and when the outage ended.
     """
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    results = context.Queue()
-    readies = [context.Event() for _ in range(WORKERS)]
-    processes = [
-        context.Process(
-            target=supervised_scheduler_worker,
-            args=(uri, database, f"scheduler{n}", ready, stop, BUDGET, results),
+    database = recording.database.name
+    stop = SPAWN.Event()
+    readies = [SPAWN.Event() for _ in range(WORKERS)]
+    workers = Workers()
+    for n, ready in enumerate(readies):
+        name = f"scheduler{n}"
+        workers.spawn(
+            run_supervised_scheduler, uri, database, name, ready, stop, BUDGET
         )
-        for n, ready in enumerate(readies)
-    ]
-    for process in processes:
-        process.start()
 
-    try:
+    with workers.running(stop):
         for ready in readies:
             assert ready.wait(TIMEOUT), "a scheduler did not start"
 
@@ -77,15 +60,9 @@ def run_through_outage(
         proxy.refuse_for(OUTAGE)
         time.sleep(OUTAGE)
         outage_ended = time.time()
-        wait_for_catch_up(runs_uri, database, outage_ended)
+        wait_for_catch_up(recording.uri, database, outage_ended)
         stop.set()
-        reports = [results.get(timeout=TIMEOUT) for _ in processes]
-    finally:
-        stop.set()
-        join_or_kill(processes)
-
-    for report in reports:
-        assert "crash" not in report, report["crash"]
+        reports = workers.reports(TIMEOUT)
 
     return reports, outage_ended
 
@@ -119,22 +96,14 @@ class TestOutageBeyondRetryBudget:
     """
 
     async def test_fails_clearly_and_recovers(
-        self,
-        store: MongoDBDataStore,
-        client: Any,
-        wire_uri: str,
-        database_name: str,
-        figures: Callable[[str], None],
+        self, recording: RecordingSchedules, figures: Callable[[str], None]
     ) -> None:
-        start = await add_schedules(store, wire_uri, database_name)
-        with proxy_in_front_of(wire_uri) as proxy:
-            uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
+        with proxied(recording.uri) as (proxy, uri):
             reports, outage_ended = await to_thread.run_sync(
-                run_through_outage, proxy, uri, wire_uri, database_name
+                run_through_outage, proxy, uri, recording
             )
 
-        runs = await recorded_runs(client, database_name)
-        check_runs(runs, start, reports)
+        runs = await recording.checked_runs(reports)
         for report in reports:
             # The outage stopped the scheduler, with the network error in the
             # SchedulerStopped event and "Scheduler crashed" logged with it

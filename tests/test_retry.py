@@ -30,6 +30,8 @@ from tenacity import stop_after_attempt, wait_fixed
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._retry import TEMPORARY_CODES, is_temporary_failure
 
+from .support.logs import retry_messages
+
 pytestmark = [
     pytest.mark.anyio,
     # mongomock's TTL index support calls datetime.utcnow() (deprecated in 3.12)
@@ -196,14 +198,6 @@ def _flaky_find_one(
     return mocker.patch.object(store._tasks, "aggregate", side_effect=aggregate)
 
 
-def _retry_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.getMessage().startswith("Temporary MongoDB error")
-    ]
-
-
 class TestStoreRetries:
     """The store repeats a round trip after a temporary failure, and only then."""
 
@@ -239,7 +233,7 @@ class TestStoreRetries:
         assert task.id == "task"
         assert task.func == "math:floor"
         assert find_one.await_count == 3
-        messages = _retry_messages(caplog)
+        messages = retry_messages(caplog)
         assert len(messages) == 2
         assert messages[0].startswith("Temporary MongoDB error (attempt 1)")
         assert messages[1].startswith("Temporary MongoDB error (attempt 2)")
@@ -258,7 +252,7 @@ class TestStoreRetries:
             await fast_retry_store.get_task("task")
 
         assert find_one.await_count == ATTEMPTS
-        assert len(_retry_messages(caplog)) == ATTEMPTS
+        assert len(retry_messages(caplog)) == ATTEMPTS
 
     @pytest.mark.parametrize(
         "failure",
@@ -290,7 +284,7 @@ class TestStoreRetries:
         assert exc_info.value is failure
         assert exc_info.value.code == failure.code
         assert find_one.await_count == 1
-        assert _retry_messages(caplog) == []
+        assert retry_messages(caplog) == []
 
     async def test_lookup_error_not_retried(
         self,
@@ -303,4 +297,4 @@ class TestStoreRetries:
             await fast_retry_store.get_task("no-such-task")
 
         assert find_one.await_count == 1
-        assert _retry_messages(caplog) == []
+        assert retry_messages(caplog) == []

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 from apscheduler import ConflictPolicy, Job, JobOutcome, JobResult, Schedule, Task
-from apscheduler._structures import ScheduleResult
 from apscheduler.abc import EventBroker
 from apscheduler.triggers.interval import IntervalTrigger
 from pymongo import AsyncMongoClient, monitoring
 
 from apscheduler_mongo import MongoDBDataStore
+
+from .support.items import processed, scheduled_job
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire]
 
@@ -75,6 +76,15 @@ async def counted_store(
     finally:
         await client.drop_database(database_name)
         await client.close()
+
+
+async def add_schedule(store: MongoDBDataStore, next_fire_time: datetime) -> None:
+    """Add task ``t`` and its schedule ``s`` (every 10 s), next firing then."""
+    await store.add_task(Task(id="t", func="builtins:len", job_executor="async"))
+    trigger = IntervalTrigger(seconds=10)
+    schedule = Schedule(id="s", task_id="t", trigger=trigger, job_executor="async")
+    schedule.next_fire_time = next_fire_time
+    await store.add_schedule(schedule, ConflictPolicy.exception)
 
 
 class TestJobLifecycle:
@@ -165,34 +175,13 @@ class TestScheduleFiring:
         self, counted_store: MongoDBDataStore, commands: Commands
     ) -> None:
         store = counted_store
-        await store.add_task(Task(id="t", func="builtins:len", job_executor="async"))
-        trigger = IntervalTrigger(seconds=10)
-        schedule = Schedule(id="s", task_id="t", trigger=trigger, job_executor="async")
-        schedule.next_fire_time = datetime.now(timezone.utc) - timedelta(seconds=1)
-        await store.add_schedule(schedule, ConflictPolicy.exception)
+        await add_schedule(store, datetime.now(timezone.utc) - timedelta(seconds=1))
         with commands.recording() as sent:
             [taken] = await store.acquire_schedules("me", LEASE, 10)
             assert taken.next_fire_time is not None
-            await store.add_job(
-                Job(
-                    task_id="t",
-                    executor="async",
-                    schedule_id="s",
-                    scheduled_fire_time=taken.next_fire_time,
-                )
-            )
-            await store.release_schedules(
-                "me",
-                [
-                    ScheduleResult(
-                        schedule_id="s",
-                        task_id="t",
-                        trigger=taken.trigger,
-                        last_fire_time=taken.next_fire_time,
-                        next_fire_time=datetime.now(timezone.utc) + LEASE,
-                    )
-                ],
-            )
+            await store.add_job(scheduled_job("s", taken.next_fire_time, "t"))
+            next_fire_time = datetime.now(timezone.utc) + LEASE
+            await store.release_schedules("me", [processed(taken, next_fire_time)])
 
         assert [name.split()[0] for name in sent] == [
             "find",
@@ -207,19 +196,9 @@ class TestScheduleFiring:
         # Without the lease, add_job reads the schedule (a stalled owner must not
         # add a job for a fire time the schedule has moved past)
         store = counted_store
-        await store.add_task(Task(id="t", func="builtins:len", job_executor="async"))
-        trigger = IntervalTrigger(seconds=10)
-        schedule = Schedule(id="s", task_id="t", trigger=trigger, job_executor="async")
-        schedule.next_fire_time = fire_time = datetime.now(timezone.utc)
-        await store.add_schedule(schedule, ConflictPolicy.exception)
+        fire_time = datetime.now(timezone.utc)
+        await add_schedule(store, fire_time)
         with commands.recording() as sent:
-            await store.add_job(
-                Job(
-                    task_id="t",
-                    executor="async",
-                    schedule_id="s",
-                    scheduled_fire_time=fire_time,
-                )
-            )
+            await store.add_job(scheduled_job("s", fire_time, "t"))
 
         assert [name.split()[0] for name in sent] == ["find", "insert"], sent

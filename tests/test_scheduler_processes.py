@@ -2,39 +2,30 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from anyio import to_thread
-from apscheduler import CoalescePolicy, ConflictPolicy, RetrySettings, Schedule, Task
-from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler import RetrySettings
 from pymongo import MongoClient
 
-from apscheduler_mongo import MongoDBDataStore
+from .support.broker_workers import SPAWN, Workers, run_scheduler
+from .support.proxy import FAULT_RETRIES, FaultyProxy, cutting, proxied
+from .support.runs import SCHEDULES, RecordingSchedules
+from .support.tiers import MULTI_PROCESS
 
-from .broker_workers import join_or_kill, scheduler_worker
-from .proxy import FAST_FAILURE, FAULT_RETRIES, FaultyProxy, cutting, proxy_in_front_of
-
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, *MULTI_PROCESS]
 
 WORKERS = 3
-SCHEDULES = ("every-half-second-1", "every-half-second-2")
-INTERVAL = timedelta(seconds=0.5)
-#: The first fire time, counted from when the schedules are added
-START_DELAY = timedelta(seconds=2)
 #: How long the schedulers run, at least, once all of them are up
 RUN_FOR = 6.0
 #: ... and at most this much longer, if the schedules fall behind (the test then fails)
 MAX_EXTRA = 14.0
 #: Stop once each schedule ran this many times (and RUN_FOR has passed)
 TARGET_RUNS = 10
-MIN_RUNS = 8
 #: How long the schedulers run without faults before they stop
 SETTLE = 2.5
 #: Under faults: cut every connection this often, then refuse new ones for a while
@@ -45,45 +36,9 @@ RUN_FOR_UNDER_FAULTS = 9.0
 REPORT_TIMEOUT = 90
 
 
-@pytest.fixture
-def tier() -> str:
-    return "wire"  # separate processes need a server they can all reach
-
-
-async def add_schedules(
-    store: MongoDBDataStore, runs_uri: str, database: str
-) -> datetime:
-    """Add the recording task and the interval schedules; return the first fire time."""
-    await store.add_task(
-        Task(id="record", func="tests.broker_workers:record_run", job_executor="async")
-    )
-    now = datetime.now(timezone.utc) + START_DELAY
-    start = now.replace(microsecond=now.microsecond // 1000 * 1000)
-    for schedule_id in SCHEDULES:
-        trigger = IntervalTrigger(seconds=INTERVAL.total_seconds(), start_time=start)
-        # Passed as Any: APScheduler's converters confuse mypy about these types
-        options: dict[str, Any] = {
-            "args": (runs_uri, database),
-            "misfire_grace_time": None,  # every fire time runs, however late
-        }
-        schedule = Schedule(
-            id=schedule_id,
-            task_id="record",
-            trigger=trigger,
-            coalesce=CoalescePolicy.all,
-            job_executor="async",
-            **options,
-        )
-        schedule.next_fire_time = trigger.next()
-        await store.add_schedule(schedule, ConflictPolicy.exception)
-
-    return start
-
-
 def run_schedulers(
     uri: str,
-    runs_uri: str,
-    database: str,
+    recording: RecordingSchedules,
     retry_settings: RetrySettings,
     proxy: FaultyProxy | None = None,
 ) -> tuple[list[dict[str, Any]], list[float]]:
@@ -96,30 +51,16 @@ def run_schedulers(
     new ones for REFUSE_FOR after each cut), then let them run SETTLE seconds more
     without faults. Return the workers' reports and the times of the cuts.
     """
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(WORKERS + 1)
-    stop = context.Event()
-    results = context.Queue()
-    processes = [
-        context.Process(
-            target=scheduler_worker,
-            args=(
-                uri,
-                database,
-                f"scheduler{n}",
-                barrier,
-                stop,
-                retry_settings,
-                results,
-            ),
-        )
-        for n in range(WORKERS)
-    ]
-    for process in processes:
-        process.start()
+    barrier = SPAWN.Barrier(WORKERS + 1)
+    stop = SPAWN.Event()
+    workers = Workers()
+    for n in range(WORKERS):
+        name = f"scheduler{n}"
+        args = (barrier, stop, retry_settings)
+        workers.spawn(run_scheduler, uri, recording.database.name, name, *args)
 
     cut_times: list[float] = []
-    try:
+    with workers.running(stop):
         barrier.wait(REPORT_TIMEOUT)
         run_for = RUN_FOR
         with ExitStack() as faults:
@@ -129,7 +70,7 @@ def run_schedulers(
                     cutting(proxy, CUT_EVERY, refuse_for=REFUSE_FOR)
                 )
 
-            wait_for_runs(runs_uri, database, time.time(), run_for)
+            wait_for_runs(recording, time.time(), run_for)
 
         if proxy is not None:
             # Let the retries under way finish: a job whose claim is still being
@@ -138,27 +79,25 @@ def run_schedulers(
             time.sleep(SETTLE)
 
         stop.set()
-        reports = [results.get(timeout=REPORT_TIMEOUT) for _ in processes]
-    finally:
-        stop.set()
-        join_or_kill(processes)
+        reports = workers.reports(REPORT_TIMEOUT)
 
     for report in reports:
-        assert "crash" not in report, report["crash"]
         assert not report["stopped_early"], f"{report['worker']} crashed"
         assert not report["errors"], report["errors"]
 
-    assert [process.exitcode for process in processes] == [0] * WORKERS
+    assert [process.exitcode for process in workers.processes] == [0] * WORKERS
     return reports, cut_times
 
 
-def wait_for_runs(runs_uri: str, database: str, started: float, run_for: float) -> None:
+def wait_for_runs(
+    recording: RecordingSchedules, started: float, run_for: float
+) -> None:
     """Wait ``run_for`` seconds, and on until each schedule ran TARGET_RUNS times."""
     client: MongoClient[dict[str, Any]] = MongoClient(
-        runs_uri, serverSelectionTimeoutMS=5000
+        recording.uri, serverSelectionTimeoutMS=5000
     )
     with client:
-        runs = client[database]["runs"]
+        runs = client[recording.database.name]["runs"]
         time.sleep(run_for)
         while time.time() < started + run_for + MAX_EXTRA:
             counts = [runs.count_documents({"schedule_id": s}) for s in SCHEDULES]
@@ -168,92 +107,17 @@ def wait_for_runs(runs_uri: str, database: str, started: float, run_for: float) 
             time.sleep(0.25)
 
 
-async def recorded_runs(client: Any, database: str) -> list[dict[str, Any]]:
-    cursor = client[database]["runs"].find({}, {"_id": False})
-    return list(await cursor.to_list(None))
-
-
-def check_runs(
-    runs: list[dict[str, Any]],
-    start: datetime,
-    reports: Sequence[dict[str, Any]] = (),
-) -> None:
-    """
-    Assert each schedule's fire times ran once each, without gaps, from the first.
-
-    Also assert the runs were shared out between processes. A fire time that never
-    ran is explained with what the workers' journals (in ``reports``) say of it.
-    """
-    per_schedule: dict[str, list[datetime]] = {schedule: [] for schedule in SCHEDULES}
-    for run in runs:
-        per_schedule[run["schedule_id"]].append(
-            datetime.fromisoformat(run["fire_time"])
-        )
-
-    for schedule_id, fire_times in per_schedule.items():
-        summary = f"{schedule_id}: {describe(runs, schedule_id, start)}"
-        duplicates = [t for t, n in Counter(fire_times).items() if n > 1]
-        assert not duplicates, f"ran {duplicates} more than once; {summary}"
-        assert len(fire_times) >= MIN_RUNS, f"too few runs; {summary}"
-        expected = [start + INTERVAL * n for n in range(len(fire_times))]
-        missing = sorted(set(expected) - set(fire_times))
-        assert sorted(fire_times) == expected, (
-            f"never ran {missing}; {summary}; what the schedulers saw of them: "
-            f"{journal_of(reports, schedule_id, missing)}"
-        )
-
-    assert len({run["pid"] for run in runs}) > 1, "one process ran every job"
-
-
-def journal_of(
-    reports: Sequence[dict[str, Any]], schedule_id: str, fire_times: list[datetime]
-) -> list[dict[str, Any]]:
-    """Return the journal entries of the workers about these fire times' jobs."""
-    entries = [entry for report in reports for entry in report.get("journal", [])]
-    wanted = {fire_time.isoformat() for fire_time in fire_times}
-    job_ids = {
-        entry["job_id"]
-        for entry in entries
-        if entry.get("schedule_id") == schedule_id and entry.get("fire_time") in wanted
-    }
-    return sorted(
-        (entry for entry in entries if entry.get("job_id") in job_ids),
-        key=lambda entry: float(entry["at"]),
-    )
-
-
-def describe(runs: list[dict[str, Any]], schedule_id: str, start: datetime) -> str:
-    """Describe a schedule's runs as (fire time offset, lateness, pid) triples."""
-    described = []
-    for run in runs:
-        if run["schedule_id"] == schedule_id:
-            fire_time = datetime.fromisoformat(run["fire_time"])
-            late = datetime.fromisoformat(run["ran_at"]) - fire_time
-            offset = (fire_time - start).total_seconds()
-            described.append((offset, round(late.total_seconds(), 2), run["pid"]))
-
-    return repr(sorted(described))
-
-
 class TestSchedulers:
     """Schedulers in several processes run each fire time once, without gaps."""
 
     async def test_each_fire_time_runs_once(
-        self,
-        store: MongoDBDataStore,
-        client: Any,
-        wire_uri: str,
-        database_name: str,
-        figures: Callable[[str], None],
+        self, recording: RecordingSchedules, figures: Callable[[str], None]
     ) -> None:
-        start = await add_schedules(store, wire_uri, database_name)
-
         reports, _ = await to_thread.run_sync(
-            run_schedulers, wire_uri, wire_uri, database_name, RetrySettings()
+            run_schedulers, recording.uri, recording, RetrySettings()
         )
 
-        runs = await recorded_runs(client, database_name)
-        check_runs(runs, start, reports)
+        runs = await recording.checked_runs(reports)
         figures(f"{len(runs)} fire times ran once each, 0 doubled, 0 missing")
 
 
@@ -261,23 +125,14 @@ class TestSchedulersThroughCuts:
     """Connections cut under the schedulers neither lose nor repeat a fire time."""
 
     async def test_each_fire_time_runs_once(
-        self,
-        store: MongoDBDataStore,
-        client: Any,
-        wire_uri: str,
-        database_name: str,
-        figures: Callable[[str], None],
+        self, recording: RecordingSchedules, figures: Callable[[str], None]
     ) -> None:
-        # The jobs record their runs directly, not through the proxy
-        start = await add_schedules(store, wire_uri, database_name)
-        with proxy_in_front_of(wire_uri) as proxy:
-            uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
+        with proxied(recording.uri) as (proxy, uri):
             reports, cut_times = await to_thread.run_sync(
-                run_schedulers, uri, wire_uri, database_name, FAULT_RETRIES, proxy
+                run_schedulers, uri, recording, FAULT_RETRIES, proxy
             )
 
-        runs = await recorded_runs(client, database_name)
-        check_runs(runs, start, reports)
+        runs = await recording.checked_runs(reports)
         assert len(cut_times) >= 3
         assert proxy.connections_cut > 0, "the cuts closed no connection"
         # The cuts reached every scheduler, whose store and broker retried

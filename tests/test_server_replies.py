@@ -1,9 +1,9 @@
 """
 What real servers answer that the stand-in never does, injected at the wire.
 
-A :class:`~tests.faults.FaultPlan` in front of the wire server plays a replica set
-member whose writes time out waiting for a majority, a mongos whose shard is
-unreachable, a server older than ``hello``, Amazon DocumentDB with change streams
+A :class:`~tests.support.faults.FaultPlan` in front of the wire server plays a
+replica set member whose writes time out waiting for a majority, a mongos whose shard
+is unreachable, a server older than ``hello``, Amazon DocumentDB with change streams
 off; and it records the write concern and read preference of every command.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -26,24 +26,28 @@ from apscheduler import (
     JobReleased,
     JobResult,
     RetrySettings,
-    Schedule,
-    Task,
     TaskAdded,
 )
 from apscheduler._events import Event
-from apscheduler._structures import ScheduleResult
 from apscheduler.eventbrokers.local import LocalEventBroker
-from apscheduler.triggers.interval import IntervalTrigger
 from pymongo.errors import OperationFailure
 from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._layout import ACQUIRED, FINISHED
 
-from .faults import Command, FaultPlan
-from .proxy import FAST_FAILURE, LOOPBACK, FaultyProxy, proxy_in_front_of
+from .support.faults import Command, FaultPlan
+from .support.items import (
+    add_task,
+    due_schedule,
+    next_job,
+    processed,
+    scheduled_job,
+)
+from .support.proxy import LOOPBACK, FaultyProxy
+from .support.tiers import WIRE_ONLY
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire]
+pytestmark = [pytest.mark.anyio, *WIRE_ONLY]
 
 LEASE = timedelta(minutes=5)
 TIMEOUT = 20
@@ -53,37 +57,8 @@ WRITES = ("insert", "update", "delete", "findAndModify")
 
 
 @pytest.fixture
-def tier() -> str:
-    return "wire"
-
-
-@pytest.fixture
-def plan() -> FaultPlan:
-    return FaultPlan()
-
-
-@pytest.fixture
-def proxy(wire_uri: str, plan: FaultPlan) -> Iterator[FaultyProxy]:
-    with proxy_in_front_of(wire_uri, plan) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def through(proxy: FaultyProxy, wire_uri: str) -> Callable[..., str]:
-    """Return a function giving the URI through the proxy, with extra options."""
-
-    def uri(**options: str | int) -> str:
-        return proxy.uri_for(wire_uri, **FAST_FAILURE, **options)
-
-    return uri
-
-
-@pytest.fixture
-async def local_events(logger: logging.Logger) -> AsyncIterator[LocalEventBroker]:
-    async with AsyncExitStack() as exit_stack:
-        broker = LocalEventBroker()
-        await broker.start(exit_stack, logger)
-        yield broker
+def proxy_retries() -> RetrySettings:
+    return FOUR_ATTEMPTS
 
 
 async def started_store(
@@ -113,43 +88,13 @@ async def started_broker(
     return broker
 
 
-def due_schedule(schedule_id: str = "s") -> Schedule:
-    start = datetime.now(timezone.utc) - timedelta(seconds=1)
-    trigger = IntervalTrigger(minutes=1, start_time=start)
-    schedule = Schedule(
-        id=schedule_id, task_id="task", trigger=trigger, job_executor="async"
-    )
-    schedule.next_fire_time = trigger.next()
-    return schedule
-
-
 async def a_job_lifecycle(store: MongoDBDataStore) -> None:
     """Send every kind of write the store makes for a schedule's fire time."""
-    await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+    await add_task(store)
     await store.add_schedule(due_schedule(), ConflictPolicy.exception)
     [schedule] = await store.acquire_schedules("me", LEASE, 10)
-    assert schedule.next_fire_time is not None
-    await store.add_job(
-        Job(
-            task_id="task",
-            executor="async",
-            schedule_id=schedule.id,
-            scheduled_fire_time=schedule.next_fire_time,
-            result_expiration_time=timedelta(minutes=1),
-        )
-    )
-    await store.release_schedules(
-        "me",
-        [
-            ScheduleResult(
-                schedule_id=schedule.id,
-                task_id=schedule.task_id,
-                trigger=schedule.trigger,
-                last_fire_time=schedule.next_fire_time,
-                next_fire_time=None,
-            )
-        ],
-    )
+    await store.add_job(next_job(schedule, result_expiration_time=timedelta(minutes=1)))
+    await store.release_schedules("me", [processed(schedule, None)])
     [job] = await store.acquire_jobs("me", LEASE, 10)
     await store.extend_acquired_job_leases("me", {job.id}, LEASE)
     await store.release_job(
@@ -173,6 +118,7 @@ def is_claim(collection: str) -> Callable[[Mapping[str, Any]], bool]:
     return matches
 
 
+@pytest.mark.usefixtures("client")  # drops the test's database afterwards
 class TestWriteConcern:
     """Writes wait for a majority unless the user chose otherwise, and a reply
     with a write concern error is not taken as a success (guarantee 9)."""
@@ -182,7 +128,6 @@ class TestWriteConcern:
         plan: FaultPlan,
         through: Callable[..., str],
         database_name: str,
-        client: Any,
         logger: logging.Logger,
         figures: Callable[[str], None],
     ) -> None:
@@ -209,7 +154,6 @@ class TestWriteConcern:
         plan: FaultPlan,
         through: Callable[..., str],
         database_name: str,
-        client: Any,
         local_events: LocalEventBroker,
         logger: logging.Logger,
     ) -> None:
@@ -231,69 +175,54 @@ class TestWriteConcern:
     async def test_claim_with_write_concern_error_settled_once(
         self,
         plan: FaultPlan,
-        through: Callable[..., str],
-        database_name: str,
-        client: Any,
-        local_events: LocalEventBroker,
-        logger: logging.Logger,
+        proxied_store: MongoDBDataStore,
+        database: Any,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        async with AsyncExitStack() as exit_stack:
-            store = await started_store(
-                exit_stack, through(), database_name, local_events, logger
-            )
-            await store.add_task(
-                Task(id="task", func="builtins:len", job_executor="async")
-            )
-            for _ in range(3):
-                await store.add_job(Job(task_id="task", executor="async"))
+        store = proxied_store
+        await add_task(store)
+        for _ in range(3):
+            await store.add_job(Job(task_id="task", executor="async"))
 
-            # The claim's bulk write reaches the server, which applies it, but a
-            # majority does not confirm it in time
-            plan.write_concern_error("update", where=is_claim("jobs"))
-            with anyio.fail_after(TIMEOUT):
-                jobs = await store.acquire_jobs("me", LEASE, 10)
+        # The claim's bulk write reaches the server, which applies it, but a
+        # majority does not confirm it in time
+        plan.write_concern_error("update", where=is_claim("jobs"))
+        with anyio.fail_after(TIMEOUT):
+            jobs = await store.acquire_jobs("me", LEASE, 10)
 
         assert plan.concern_errors == {"update": 1}
         assert len(jobs) == 3
         assert "Temporary MongoDB error" in caplog.text  # not taken as a success
-        documents = await client[database_name]["jobs"].find().to_list(None)
+        documents = await database["jobs"].find().to_list(None)
         assert [doc["state"] for doc in documents] == [ACQUIRED] * 3
         assert {doc["v"] for doc in documents} == {documents[0]["v"]}  # one claim
 
     async def test_release_with_write_concern_error_settled_once(
         self,
         plan: FaultPlan,
-        through: Callable[..., str],
-        database_name: str,
-        client: Any,
+        proxied_store: MongoDBDataStore,
+        database: Any,
         local_events: LocalEventBroker,
-        logger: logging.Logger,
     ) -> None:
+        store = proxied_store
         released: list[Event] = []
         local_events.subscribe(released.append)
-        async with AsyncExitStack() as exit_stack:
-            store = await started_store(
-                exit_stack, through(), database_name, local_events, logger
+        await add_task(store)
+        await store.add_job(
+            Job(
+                task_id="task",
+                executor="async",
+                result_expiration_time=timedelta(minutes=1),
             )
-            await store.add_task(
-                Task(id="task", func="builtins:len", job_executor="async")
-            )
-            await store.add_job(
-                Job(
-                    task_id="task",
-                    executor="async",
-                    result_expiration_time=timedelta(minutes=1),
-                )
-            )
-            [job] = await store.acquire_jobs("me", LEASE, 10)
-            plan.write_concern_error("update")
-            with anyio.fail_after(TIMEOUT):
-                result = JobResult.from_job(job, JobOutcome.success, return_value=5)
-                await store.release_job("me", job, result)
-                [document] = await client[database_name]["jobs"].find().to_list(None)
-                stored = await store.get_job_result(job.id)
-                await anyio.sleep(0.1)  # the local broker delivers in a task
+        )
+        [job] = await store.acquire_jobs("me", LEASE, 10)
+        plan.write_concern_error("update")
+        with anyio.fail_after(TIMEOUT):
+            result = JobResult.from_job(job, JobOutcome.success, return_value=5)
+            await store.release_job("me", job, result)
+            [document] = await database["jobs"].find().to_list(None)
+            stored = await store.get_job_result(job.id)
+            await anyio.sleep(0.1)  # the local broker delivers in a task
 
         assert plan.concern_errors == {"update": 1}
         assert stored is not None
@@ -302,33 +231,22 @@ class TestWriteConcern:
         assert document["state"] == FINISHED
 
     async def test_unsatisfiable_write_concern_raised_at_once(
-        self,
-        plan: FaultPlan,
-        through: Callable[..., str],
-        database_name: str,
-        client: Any,
-        local_events: LocalEventBroker,
-        logger: logging.Logger,
+        self, plan: FaultPlan, proxied_store: MongoDBDataStore
     ) -> None:
-        async with AsyncExitStack() as exit_stack:
-            store = await started_store(
-                exit_stack, through(), database_name, local_events, logger
-            )
-            plan.write_concern_error(
-                "findAndModify",
-                code=100,
-                code_name="UnsatisfiableWriteConcern",
-                message="Not enough data-bearing nodes",
-            )
-            with anyio.fail_after(TIMEOUT), pytest.raises(OperationFailure) as info:
-                await store.add_task(
-                    Task(id="task", func="builtins:len", job_executor="async")
-                )
+        plan.write_concern_error(
+            "findAndModify",
+            code=100,
+            code_name="UnsatisfiableWriteConcern",
+            message="Not enough data-bearing nodes",
+        )
+        with anyio.fail_after(TIMEOUT), pytest.raises(OperationFailure) as info:
+            await add_task(proxied_store)
 
         assert info.value.code == 100
         assert plan.concern_errors == {"findAndModify": 1}
 
 
+@pytest.mark.usefixtures("client")  # drops the test's database afterwards
 class TestTemporaryServerErrors:
     """Codes of passing trouble are retried even when they come unlabelled."""
 
@@ -344,52 +262,32 @@ class TestTemporaryServerErrors:
     async def test_three_in_a_row_on_a_read(
         self,
         plan: FaultPlan,
-        through: Callable[..., str],
-        database_name: str,
-        client: Any,
-        local_events: LocalEventBroker,
-        logger: logging.Logger,
+        proxied_store: MongoDBDataStore,
         code: int,
         code_name: str,
     ) -> None:
-        async with AsyncExitStack() as exit_stack:
-            store = await started_store(
-                exit_stack, through(), database_name, local_events, logger
-            )
-            await store.add_task(
-                Task(id="task", func="builtins:len", job_executor="async")
-            )
-            plan.fail("find", code=code, code_name=code_name, count=3)
-            with anyio.fail_after(TIMEOUT):
-                tasks = await store.get_tasks()
+        store = proxied_store
+        await add_task(store)
+        plan.fail("find", code=code, code_name=code_name, count=3)
+        with anyio.fail_after(TIMEOUT):
+            tasks = await store.get_tasks()
 
         assert [task.id for task in tasks] == ["task"]
         assert plan.answered == {"find": 3}
 
     async def test_on_a_multi_document_write(
-        self,
-        plan: FaultPlan,
-        through: Callable[..., str],
-        database_name: str,
-        client: Any,
-        local_events: LocalEventBroker,
-        logger: logging.Logger,
+        self, plan: FaultPlan, proxied_store: MongoDBDataStore, database: Any
     ) -> None:
         # delete_many is no retryable write: pymongo never retries it by itself
-        async with AsyncExitStack() as exit_stack:
-            store = await started_store(
-                exit_stack, through(), database_name, local_events, logger
-            )
-            await store.add_task(
-                Task(id="task", func="builtins:len", job_executor="async")
-            )
-            await store.add_schedule(due_schedule(), ConflictPolicy.exception)
-            plan.fail("delete", code=11602, count=3)
-            with anyio.fail_after(TIMEOUT):
-                await store.remove_schedules(["s"])
+        store = proxied_store
+        await add_task(store)
+        await store.add_schedule(due_schedule(), ConflictPolicy.exception)
+        plan.fail("delete", code=11602, count=3)
+        with anyio.fail_after(TIMEOUT):
+            await store.remove_schedules(["s"])
 
         assert plan.answered == {"delete": 3}
-        assert await client[database_name]["schedules"].count_documents({}) == 0
+        assert await database["schedules"].count_documents({}) == 0
 
     @pytest.mark.parametrize(
         ("code", "code_name"),
@@ -402,28 +300,21 @@ class TestTemporaryServerErrors:
     async def test_permanent_errors_raised_at_once(
         self,
         plan: FaultPlan,
-        through: Callable[..., str],
-        database_name: str,
-        client: Any,
-        local_events: LocalEventBroker,
-        logger: logging.Logger,
+        proxied_store: MongoDBDataStore,
         caplog: pytest.LogCaptureFixture,
         code: int,
         code_name: str,
     ) -> None:
-        async with AsyncExitStack() as exit_stack:
-            store = await started_store(
-                exit_stack, through(), database_name, local_events, logger
-            )
-            plan.fail("find", code=code, code_name=code_name, count=3)
-            with anyio.fail_after(TIMEOUT), pytest.raises(OperationFailure) as info:
-                await store.get_tasks()
+        plan.fail("find", code=code, code_name=code_name, count=3)
+        with anyio.fail_after(TIMEOUT), pytest.raises(OperationFailure) as info:
+            await proxied_store.get_tasks()
 
         assert info.value.code == code
         assert plan.answered == {"find": 1}
         assert "Temporary MongoDB error" not in caplog.text
 
 
+@pytest.mark.usefixtures("client")  # drops the test's database afterwards
 class TestServerWithoutHello:
     """A server older than ``hello`` (MongoDB 4.4.0, 4.4.1) is asked ``isMaster``."""
 
@@ -432,7 +323,6 @@ class TestServerWithoutHello:
         plan: FaultPlan,
         through: Callable[..., str],
         database_name: str,
-        client: Any,
         logger: logging.Logger,
     ) -> None:
         plan.old_server()
@@ -450,6 +340,7 @@ class TestServerWithoutHello:
         assert len(asked) >= 2
 
 
+@pytest.mark.usefixtures("client")  # drops the test's database afterwards
 class TestManagedServices:
     """A replica set that refuses change streams (Amazon DocumentDB by default)
     gets a polling broker in ``auto`` mode; a secondary read preference in the URI
@@ -474,7 +365,6 @@ class TestManagedServices:
         plan: FaultPlan,
         through: Callable[..., str],
         database_name: str,
-        client: Any,
         logger: logging.Logger,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
@@ -483,7 +373,7 @@ class TestManagedServices:
             one = await started_broker(exit_stack, through(), database_name, logger)
             two = await started_broker(exit_stack, through(), database_name, logger)
             received = anyio.Event()
-            two.subscribe(lambda event: received.set(), {TaskAdded})
+            two.subscribe(lambda _event: received.set(), {TaskAdded})
             await one.publish(TaskAdded(task_id="t"))
             with anyio.fail_after(TIMEOUT):
                 await received.wait()
@@ -497,7 +387,6 @@ class TestManagedServices:
         plan: FaultPlan,
         through: Callable[..., str],
         database_name: str,
-        client: Any,
         logger: logging.Logger,
     ) -> None:
         self.refuse_change_streams(plan)
@@ -510,48 +399,32 @@ class TestManagedServices:
     async def test_duplicate_fire_time_without_key_pattern(
         self,
         plan: FaultPlan,
-        through: Callable[..., str],
-        database_name: str,
-        client: Any,
-        local_events: LocalEventBroker,
-        logger: logging.Logger,
+        proxied_store: MongoDBDataStore,
+        database: Any,
     ) -> None:
         # A second job for a fire time that has one is refused by the unique index;
         # a server whose duplicate key errors carry no keyPattern still names the
         # index in its message
-        async with AsyncExitStack() as exit_stack:
-            store = await started_store(
-                exit_stack, through(), database_name, local_events, logger
-            )
-            await store.add_task(
-                Task(id="task", func="builtins:len", job_executor="async")
-            )
-            fire_time = datetime.now(timezone.utc)
-            plan.fail(
-                "insert",
-                code=11000,
-                message=f"E11000 duplicate key error collection: {database_name}.jobs "
-                'index: fire_key dup key: { fire_key: "1/s" }',
-            )
-            with anyio.fail_after(TIMEOUT):
-                await store.add_job(
-                    Job(
-                        task_id="task",
-                        executor="async",
-                        schedule_id="s",
-                        scheduled_fire_time=fire_time,
-                    )
-                )
+        store = proxied_store
+        await add_task(store)
+        fire_time = datetime.now(timezone.utc)
+        plan.fail(
+            "insert",
+            code=11000,
+            message=f"E11000 duplicate key error collection: {database.name}.jobs "
+            'index: fire_key dup key: { fire_key: "1/s" }',
+        )
+        with anyio.fail_after(TIMEOUT):
+            await store.add_job(scheduled_job("s", fire_time))
 
         assert plan.answered == {"insert": 1}
-        assert await client[database_name]["jobs"].count_documents({}) == 0
+        assert await database["jobs"].count_documents({}) == 0
 
     async def test_reads_stay_on_the_primary(
         self,
         plan: FaultPlan,
         proxy: FaultyProxy,
         database_name: str,
-        client: Any,
         logger: logging.Logger,
     ) -> None:
         if os.environ.get("MONGODB_URI"):
@@ -611,9 +484,7 @@ class TestRealFailPoints:
                 store = await started_store(
                     exit_stack, uri, database_name, events, logger
                 )
-                await store.add_task(
-                    Task(id="task", func="builtins:len", job_executor="async")
-                )
+                await add_task(store)
                 try:
                     await admin.admin.command(fail_point)
                 except OperationFailure as exc:

@@ -6,29 +6,29 @@ import multiprocessing
 import os
 import queue
 import signal
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import anyio
 import pytest
-from apscheduler import ConflictPolicy, Job, JobOutcome, JobResult, Schedule, Task
-from apscheduler._structures import ScheduleResult
-from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler import ConflictPolicy, JobOutcome, JobResult
 
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._marshalling import uuid_to_bson
 
-from .stall_workers import STALE_LEASE, STALE_OWNER, WAIT_SECONDS, stalled_worker
+from .support.items import add_task, due_schedule, processed, scheduled_job
+from .support.stall_workers import (
+    STALE_LEASE,
+    STALE_OWNER,
+    WAIT_SECONDS,
+    stalled_worker,
+)
+from .support.tiers import MULTI_PROCESS
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, *MULTI_PROCESS]
 
 NEW_OWNER = "new-owner"
 LONG_LEASE = timedelta(minutes=5)
-
-
-@pytest.fixture
-def tier() -> str:
-    return "wire"
 
 
 def process_state(pid: int) -> str:
@@ -83,30 +83,12 @@ class TestStalledOwner:
         database_name: str,
         max_running_jobs: int | None,
     ) -> None:
-        await store.add_task(
-            Task(
-                id="task",
-                func="builtins:len",
-                job_executor="async",
-                max_running_jobs=max_running_jobs,
-            )
-        )
-        start = datetime.now(timezone.utc) - timedelta(seconds=1)
-        trigger = IntervalTrigger(minutes=1, start_time=start)
-        schedule = Schedule(
-            id="s", task_id="task", trigger=trigger, job_executor="async"
-        )
-        fire_time = trigger.next()
+        await add_task(store, max_running_jobs)
+        schedule = due_schedule()
+        fire_time = schedule.next_fire_time
         assert fire_time is not None
-        schedule.next_fire_time = fire_time
         await store.add_schedule(schedule, ConflictPolicy.exception)
-        job = Job(
-            task_id="task",
-            executor="async",
-            schedule_id="s",
-            scheduled_fire_time=fire_time,
-            result_expiration_time=timedelta(minutes=5),
-        )
+        job = scheduled_job("s", fire_time, result_expiration_time=timedelta(minutes=5))
         await store.add_job(job)
         schedules = client[database_name]["schedules"]
         jobs = client[database_name]["jobs"]
@@ -221,16 +203,7 @@ class TestStalledOwner:
 
         next_fire_time = fire_time + timedelta(minutes=1)
         await store.release_schedules(
-            NEW_OWNER,
-            [
-                ScheduleResult(
-                    schedule_id="s",
-                    task_id="task",
-                    trigger=new_schedule.trigger,
-                    last_fire_time=fire_time,
-                    next_fire_time=next_fire_time,
-                )
-            ],
+            NEW_OWNER, [processed(new_schedule, next_fire_time)]
         )
         [released] = await store.get_schedules()
         assert released.acquired_by is None

@@ -22,7 +22,6 @@ from apscheduler import (
     Task,
     TaskLookupError,
 )
-from apscheduler._structures import ScheduleResult
 from apscheduler.triggers.interval import IntervalTrigger
 
 from apscheduler_mongo import (
@@ -30,6 +29,8 @@ from apscheduler_mongo import (
     StoreNotRunningError,
     SyncMongoDBDataStore,
 )
+
+from .support.items import processed
 
 LEASE = timedelta(minutes=1)
 SYNC_TIERS = [
@@ -100,18 +101,7 @@ class TestBlockingTwins:
         sync_store.extend_acquired_schedule_leases("me", {"s"}, LEASE)
         assert acquired.next_fire_time is not None
         later = acquired.next_fire_time + timedelta(minutes=1)
-        sync_store.release_schedules(
-            "me",
-            [
-                ScheduleResult(
-                    schedule_id="s",
-                    task_id="task",
-                    trigger=acquired.trigger,
-                    last_fire_time=acquired.next_fire_time,
-                    next_fire_time=later,
-                )
-            ],
-        )
+        sync_store.release_schedules("me", [processed(acquired, later)])
         [stored] = sync_store.get_schedules({"s"})
         assert stored.next_fire_time == later
         sync_store.remove_schedules(["s"])

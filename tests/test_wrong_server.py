@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -19,7 +18,16 @@ from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 
-from .fake_servers import FakeServer, Handler, hang_up, http_server, noise, old_mongodb
+from .support.fake_servers import (
+    FakeServer,
+    Handler,
+    free_port,
+    hang_up,
+    http_server,
+    noise,
+    old_mongodb,
+)
+from .support.logs import retry_messages
 
 pytestmark = pytest.mark.anyio
 
@@ -33,29 +41,12 @@ DEADLINE = 10
 Starter = Callable[[str, AsyncExitStack], Awaitable[None]]
 
 
-def _free_port() -> int:
-    """Return a loopback port that nothing listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-
-    return port
-
-
 def _uri(address: str, *, selection_ms: int = SELECTION_MS, user: bool = True) -> str:
     userinfo = f"scheduler:{SECRET}@" if user else ""
     return (
         f"mongodb://{userinfo}{address}/?serverSelectionTimeoutMS={selection_ms}"
         f"&connectTimeoutMS={selection_ms}"
     )
-
-
-def _retry_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.getMessage().startswith("Temporary MongoDB error")
-    ]
 
 
 @pytest.fixture(
@@ -93,6 +84,27 @@ async def _failure(
     return exc_info.value, elapsed
 
 
+async def failure_at(
+    start: Starter, handler: Handler, caplog: pytest.LogCaptureFixture
+) -> tuple[str, FakeServer]:
+    """
+    Start on a server answering with ``handler``; return the error and the server.
+
+    Check that start() gave up after three attempts, in time, showing no secret.
+    """
+    async with FakeServer(handler) as server:
+        error, elapsed = await _failure(
+            start, _uri(server.address), ServerSelectionTimeoutError
+        )
+
+    assert isinstance(error.__cause__, ServerSelectionTimeoutError)
+    assert elapsed < DEADLINE
+    assert len(retry_messages(caplog)) == 3
+    assert SECRET not in str(error)
+    assert SECRET not in caplog.text
+    return str(error), server
+
+
 class TestOldServer:
     """A server older than pymongo or we support fails start() at once, no retries."""
 
@@ -116,7 +128,7 @@ class TestOldServer:
         assert f"MongoDB {common.MIN_SUPPORTED_SERVER_VERSION}" in message
         assert server.address in message
         assert elapsed < 5
-        assert _retry_messages(caplog) == []
+        assert retry_messages(caplog) == []
 
     async def test_older_than_we_support(
         self,
@@ -135,7 +147,7 @@ class TestOldServer:
             "MongoDB 4.2 or later is required (the server reports wire version 7)"
         )
         assert elapsed < 5
-        assert _retry_messages(caplog) == []
+        assert retry_messages(caplog) == []
 
 
 class TestNotMongoDB:
@@ -153,46 +165,26 @@ class TestNotMongoDB:
     async def test_other_protocol(
         self, start: Starter, handler: Handler, caplog: pytest.LogCaptureFixture
     ) -> None:
-        async with FakeServer(handler) as server:
-            error, elapsed = await _failure(
-                start, _uri(server.address), ServerSelectionTimeoutError
-            )
-
-        message = str(error)
+        message, server = await failure_at(start, handler, caplog)
         assert message.startswith(
             f"the server at {server.address} does not speak the MongoDB wire protocol"
         )
         assert "is it really a MongoDB server, and is the port right?" in message
-        assert isinstance(error.__cause__, ServerSelectionTimeoutError)
-        assert elapsed < DEADLINE
-        assert len(_retry_messages(caplog)) == 3
-        assert SECRET not in message
-        assert SECRET not in caplog.text
 
     async def test_hangs_up(
         self, start: Starter, caplog: pytest.LogCaptureFixture
     ) -> None:
-        async with FakeServer(hang_up) as server:
-            error, elapsed = await _failure(
-                start, _uri(server.address), ServerSelectionTimeoutError
-            )
-
+        message, server = await failure_at(start, hang_up, caplog)
         assert server.connections > 0
-        message = str(error)
         assert message.startswith(
             f"could not connect to a MongoDB server at {server.address} ("
         )
         assert "are the host, port and TLS options right?" in message
-        assert isinstance(error.__cause__, ServerSelectionTimeoutError)
-        assert elapsed < DEADLINE
-        assert len(_retry_messages(caplog)) == 3
-        assert SECRET not in message
-        assert SECRET not in caplog.text
 
     async def test_nothing_listens(
         self, start: Starter, caplog: pytest.LogCaptureFixture
     ) -> None:
-        address = f"127.0.0.1:{_free_port()}"
+        address = f"127.0.0.1:{free_port()}"
         error, elapsed = await _failure(
             start, _uri(address), ServerSelectionTimeoutError
         )

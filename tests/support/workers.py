@@ -16,10 +16,11 @@ from multiprocessing.synchronize import Barrier
 from typing import Any
 
 from apscheduler import JobOutcome, JobResult
-from apscheduler._structures import ScheduleResult
 from apscheduler.eventbrokers.local import LocalEventBroker
 
 from apscheduler_mongo import MongoDBDataStore
+
+from .items import next_job, processed
 
 LEASE = timedelta(minutes=5)
 
@@ -49,17 +50,7 @@ async def _drain(
             owned_jobs.extend(str(job.id) for job in jobs)
             if schedules:
                 await store.release_schedules(
-                    name,
-                    [
-                        ScheduleResult(
-                            schedule_id=schedule.id,
-                            task_id=schedule.task_id,
-                            trigger=schedule.trigger,
-                            last_fire_time=schedule.next_fire_time,
-                            next_fire_time=None,
-                        )
-                        for schedule in schedules
-                    ],
+                    name, [processed(schedule, None) for schedule in schedules]
                 )
             for job in jobs:
                 result = JobResult.from_job(job, JobOutcome.success, return_value=name)
@@ -114,16 +105,8 @@ async def _hold_then_hang(uri: str, database: str, ready: Any) -> None:
         store = await _started_store(uri, database, exit_stack)
         lease = timedelta(seconds=1)
         [schedule] = await store.acquire_schedules("doomed", lease, 10)
-        from apscheduler import Job
-
         await store.add_job(
-            Job(
-                task_id=schedule.task_id,
-                executor="async",
-                schedule_id=schedule.id,
-                scheduled_fire_time=schedule.next_fire_time,
-                result_expiration_time=timedelta(minutes=5),
-            )
+            next_job(schedule, result_expiration_time=timedelta(minutes=5))
         )
         await store.acquire_jobs("doomed", lease, 10)
         ready.set()

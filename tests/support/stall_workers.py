@@ -25,11 +25,12 @@ from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
 from typing import Any
 
-from apscheduler import Event, Job, JobOutcome, JobResult, TaskUpdated
-from apscheduler._structures import ScheduleResult
+from apscheduler import Event, JobOutcome, JobResult, TaskUpdated
 from apscheduler.eventbrokers.local import LocalEventBroker
 
 from apscheduler_mongo import MongoDBDataStore
+
+from .items import next_job, processed
 
 #: The scheduler id of the worker
 STALE_OWNER = "stale-owner"
@@ -113,15 +114,7 @@ async def _stall(
             "release_schedules": await _outcome(
                 store.release_schedules(
                     STALE_OWNER,
-                    [
-                        ScheduleResult(
-                            schedule_id=schedule.id,
-                            task_id=schedule.task_id,
-                            trigger=schedule.trigger,
-                            last_fire_time=schedule.next_fire_time,
-                            next_fire_time=schedule.next_fire_time + timedelta(days=1),
-                        )
-                    ],
+                    [processed(schedule, schedule.next_fire_time + timedelta(days=1))],
                 )
             ),
             "release_job": await _outcome(
@@ -135,13 +128,7 @@ async def _stall(
             ),
             "add_job": await _outcome(
                 store.add_job(
-                    Job(
-                        task_id=schedule.task_id,
-                        executor="async",
-                        schedule_id=schedule.id,
-                        scheduled_fire_time=schedule.next_fire_time,
-                        result_expiration_time=timedelta(minutes=5),
-                    )
+                    next_job(schedule, result_expiration_time=timedelta(minutes=5))
                 )
             ),
         }

@@ -73,13 +73,24 @@ def proxy_in_front_of(uri: str, faults: FaultPlan | None = None) -> FaultyProxy:
     host): the proxy only stands in for a single loopback server.
 
     :param faults: what the proxy is to answer or change itself (see
-        :class:`~tests.faults.FaultPlan`)
+        :class:`~tests.support.faults.FaultPlan`)
     """
     port = loopback_port(uri)
     if port is None:
         pytest.skip("the proxy stands in for a single server on 127.0.0.1 only")
 
     return FaultyProxy(LOOPBACK, port, faults)
+
+
+@contextmanager
+def proxied(uri: str) -> Iterator[tuple[FaultyProxy, str]]:
+    """
+    Run a proxy in front of the server ``uri`` names; yield it and the URI through it.
+
+    The URI has the :data:`FAST_FAILURE` options.
+    """
+    with proxy_in_front_of(uri) as proxy:
+        yield proxy, proxy.uri_for(uri, **FAST_FAILURE)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -35,11 +34,12 @@ from pymongo import AsyncMongoClient, MongoClient
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo.__main__ import main
-from apscheduler_mongo._tools.cli import build_parser, run_command
 from apscheduler_mongo._marshalling import uuid_to_bson
+from apscheduler_mongo._tools.cli import build_parser, run_command
 from apscheduler_mongo._tools.status import _when, format_table
 
-from .servers import mongoeco_process, needs_mongoeco
+from .support.fake_servers import free_port
+from .support.servers import mongoeco_process, needs_mongoeco
 
 LEASE = timedelta(minutes=1)
 PASSWORD = "pW-cli-probe-7Hq"
@@ -228,15 +228,6 @@ def row(output: str, first_cell: str) -> list[str]:
     raise AssertionError(f"no row {first_cell!r} in:\n{output}")
 
 
-def free_port() -> int:
-    """Return a loopback port that nothing listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-
-    return port
-
-
 class TestDemo:
     """``python -m apscheduler_mongo demo`` runs schedules and reports them."""
 
@@ -354,16 +345,16 @@ class TestStatus:
         assert (result["job_id"], result["outcome"]) == (seeded.kept_result, "success")
         assert status["finished_jobs"] == 2
 
-    def test_no_results(
-        self, cli: Cli, seeded: Seeded, capsys: pytest.CaptureFixture[str]
-    ) -> None:
+    @pytest.mark.usefixtures("seeded")
+    def test_no_results(self, cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
         assert cli("status", "--limit", "0") == 0
         assert "Recent results (0 newest of 2 finished jobs)\n(none)" in (
             capsys.readouterr().out
         )
 
+    @pytest.mark.usefixtures("seeded")
     def test_schedules_it_cannot_read(
-        self, cli: Cli, seeded: Seeded, capsys: pytest.CaptureFixture[str]
+        self, cli: Cli, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """With the wrong serializer, schedules are listed as unreadable, and why."""
         assert cli("status", "--serializer", "json") == 0
@@ -396,8 +387,9 @@ class TestStatus:
         assert "holds no store" in capsys.readouterr().err
         assert cli.documents("schedules", {}) == []
 
+    @pytest.mark.usefixtures("seeded")
     def test_damaged_documents(
-        self, cli: Cli, seeded: Seeded, capsys: pytest.CaptureFixture[str]
+        self, cli: Cli, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """Hand-edited or set-aside documents are shown as far as they can be read."""
         finished, running = uuid.uuid4(), uuid.uuid4()
@@ -471,8 +463,9 @@ def test_times_say_how_far(offset: timedelta, shown: str) -> None:
 class TestPauseResume:
     """``pause`` and ``resume`` act as AsyncScheduler's methods, for every process."""
 
+    @pytest.mark.usefixtures("seeded")
     def test_pause_then_resume(
-        self, cli: Cli, seeded: Seeded, capsys: pytest.CaptureFixture[str]
+        self, cli: Cli, capsys: pytest.CaptureFixture[str]
     ) -> None:
         assert cli("pause", "nightly") == 0
         assert capsys.readouterr().out == "paused schedule 'nightly'\n"
@@ -490,8 +483,9 @@ class TestPauseResume:
         assert cli("resume", "nightly") == 0
         assert capsys.readouterr().out == "schedule 'nightly' is not paused\n"
 
+    @pytest.mark.usefixtures("seeded")
     def test_resume_where_it_left_off(
-        self, cli: Cli, seeded: Seeded, capsys: pytest.CaptureFixture[str]
+        self, cli: Cli, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """Without --now the missed fire time stays; with --now it is skipped."""
         (before,) = cli.documents("schedules", {"_id": "hourly-sync"})
@@ -509,16 +503,18 @@ class TestPauseResume:
         assert started - timedelta(seconds=1) <= next_fire_time  # shown in seconds
         assert next_fire_time <= started + timedelta(minutes=5)
 
+    @pytest.mark.usefixtures("seeded")
     def test_unknown_schedule(
-        self, cli: Cli, seeded: Seeded, capsys: pytest.CaptureFixture[str]
+        self, cli: Cli, capsys: pytest.CaptureFixture[str]
     ) -> None:
         for command in ("pause", "resume", "remove"):
             assert cli(command, "nope") == 1
             err = capsys.readouterr().err
             assert err == f"error: no schedule 'nope' in database {cli.database!r}\n"
 
+    @pytest.mark.usefixtures("seeded")
     def test_quarantined_schedule_stays_quarantined(
-        self, cli: Cli, seeded: Seeded, capsys: pytest.CaptureFixture[str]
+        self, cli: Cli, capsys: pytest.CaptureFixture[str]
     ) -> None:
         assert cli("pause", "broken") == 1
         assert "is quarantined" in capsys.readouterr().err
@@ -526,8 +522,9 @@ class TestPauseResume:
         assert document["quarantine"]["reason"] == QUARANTINE_REASON
         assert document["paused"] is False
 
+    @pytest.mark.usefixtures("seeded")
     def test_unreadable_schedule(
-        self, cli: Cli, seeded: Seeded, capsys: pytest.CaptureFixture[str]
+        self, cli: Cli, capsys: pytest.CaptureFixture[str]
     ) -> None:
         assert cli("pause", "nightly", "--serializer", "cbor") == 1
         assert "cannot be read here" in capsys.readouterr().err
@@ -563,9 +560,8 @@ class TestPauseResume:
 class TestRemove:
     """``remove`` deletes a schedule, quarantined or not."""
 
-    def test_remove(
-        self, cli: Cli, seeded: Seeded, capsys: pytest.CaptureFixture[str]
-    ) -> None:
+    @pytest.mark.usefixtures("seeded")
+    def test_remove(self, cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
         assert cli("remove", "broken") == 0
         assert cli("remove", "nightly") == 0
         assert capsys.readouterr().out == (

@@ -1,19 +1,21 @@
 """
 Worker processes for the multi-process event broker and scheduler tests.
 
-Each function here runs in a separate process (multiprocessing's "spawn" context),
-starts its own broker (or scheduler) on the given URI and reports through a queue.
+Each process (multiprocessing's "spawn" context) runs :func:`reporting_worker` with
+one of the coroutine functions here, which starts its own broker (or scheduler) on the
+given URI; the report comes back through a queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import time
 import traceback
-from collections.abc import Coroutine, Iterable
-from contextlib import AsyncExitStack
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
@@ -36,6 +38,8 @@ from pymongo import AsyncMongoClient, errors, monitoring
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 
+#: The multiprocessing context of the workers, and of what they share with the test
+SPAWN = multiprocessing.get_context("spawn")
 #: How long a worker waits for the others at the barrier, or for the stop signal
 SYNC_TIMEOUT = 60.0
 #: The warning logged when a store or broker operation is retried
@@ -70,33 +74,28 @@ class RetryCounter(logging.Handler):
         }
 
 
-class _FailedCommands(monitoring.CommandListener):
+class _FailureCount:
+    """A monitoring listener that counts failures, and ignores the rest."""
+
     def __init__(self) -> None:
         self.count = 0
 
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
+    def started(self, _event: Any) -> None:
         pass
 
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+    def succeeded(self, _event: Any) -> None:
         pass
 
+
+class _FailedCommands(_FailureCount, monitoring.CommandListener):
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         error = getattr(errors, str(event.failure.get("errtype")), None)
         if isinstance(error, type) and issubclass(error, errors.ConnectionFailure):
             self.count += 1  # a network error, not an error reply from the server
 
 
-class _FailedHeartbeats(monitoring.ServerHeartbeatListener):
-    def __init__(self) -> None:
-        self.count = 0
-
-    def started(self, event: monitoring.ServerHeartbeatStartedEvent) -> None:
-        pass
-
-    def succeeded(self, event: monitoring.ServerHeartbeatSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.ServerHeartbeatFailedEvent) -> None:
+class _FailedHeartbeats(_FailureCount, monitoring.ServerHeartbeatListener):
+    def failed(self, _event: monitoring.ServerHeartbeatFailedEvent) -> None:
         self.count += 1
 
 
@@ -127,12 +126,25 @@ def counting_logger(name: str) -> tuple[logging.Logger, RetryCounter]:
     return logger, counter
 
 
+def _polling_broker(
+    uri: str, database: str, retry_settings: RetrySettings
+) -> MongoDBEventBroker:
+    """Return a broker that polls often: it takes no change streams for granted."""
+    return MongoDBEventBroker(
+        uri,
+        database=database,
+        mode="polling",
+        poll_interval=0.05,
+        retry_settings=retry_settings,
+    )
+
+
 def _task_id(event: SchedulerEvent) -> str:
     assert isinstance(event, TaskAdded)
     return event.task_id
 
 
-async def _exchange(
+async def exchange_events(
     uri: str,
     database: str,
     name: str,
@@ -142,6 +154,11 @@ async def _exchange(
     pace: float,
     retry_settings: RetrySettings,
 ) -> dict[str, Any]:
+    """
+    Subscribe, publish ``count`` events, and listen until ``expected`` arrived.
+
+    Reports the task ids received, in order of delivery.
+    """
     logger, counter = counting_logger(name)
     network = NetworkFailures()
     received: list[str] = []
@@ -156,13 +173,7 @@ async def _exchange(
             all_received.set()
 
     async with AsyncExitStack() as exit_stack:
-        broker = MongoDBEventBroker(
-            uri,
-            database=database,
-            mode="polling",
-            poll_interval=0.05,
-            retry_settings=retry_settings,
-        )
+        broker = _polling_broker(uri, database, retry_settings)
         await broker.start(exit_stack, logger)
         broker.subscribe(on_event, {TaskAdded})
         # Everyone is subscribed before anyone publishes
@@ -190,6 +201,28 @@ async def _exchange(
     }
 
 
+#: The work of a worker process: given a URI, a database and its name (and what else
+#: it needs), it returns its report
+Work = Callable[..., Coroutine[Any, Any, dict[str, Any]]]
+
+
+def reporting_worker(
+    results: Queue[Any], work: Work, uri: str, database: str, name: str, *args: Any
+) -> None:
+    """
+    Run ``work(uri, database, name, *args)``: the target of a worker process.
+
+    Puts its report, or the traceback of its crash, on ``results``.
+    """
+    try:
+        report = asyncio.run(work(uri, database, name, *args))
+    except BaseException:
+        results.put({"worker": name, "crash": traceback.format_exc()})
+        raise
+
+    results.put(report)
+
+
 def join_or_kill(processes: Iterable[BaseProcess]) -> None:
     """Wait for worker processes to end (30 s each at most); kill any that hang."""
     for process in processes:
@@ -198,40 +231,44 @@ def join_or_kill(processes: Iterable[BaseProcess]) -> None:
             process.kill()
 
 
-def _run_and_report(
-    results: Queue[Any], name: str, work: Coroutine[Any, Any, dict[str, Any]]
-) -> None:
-    """Run ``work``; put its report, or the traceback of its crash, on ``results``."""
-    try:
-        report = asyncio.run(work)
-    except BaseException:
-        results.put({"worker": name, "crash": traceback.format_exc()})
-        raise
+class Workers:
+    """Worker processes that run :func:`reporting_worker`, reporting on one queue."""
 
-    results.put(report)
+    def __init__(self) -> None:
+        self.results: Queue[Any] = SPAWN.Queue()
+        self.processes: list[BaseProcess] = []
 
+    def spawn(self, work: Work, *args: Any) -> None:
+        """Add a worker running ``work`` with these arguments (URI, database, name)."""
+        self.processes.append(
+            SPAWN.Process(target=reporting_worker, args=(self.results, work, *args))
+        )
 
-def exchange_worker(
-    uri: str,
-    database: str,
-    name: str,
-    barrier: Barrier,
-    count: int,
-    expected: int,
-    pace: float,
-    retry_settings: RetrySettings,
-    results: Queue[Any],
-) -> None:
-    """
-    Subscribe, publish ``count`` events, and listen until ``expected`` arrived.
+    @contextmanager
+    def running(self, stop: Event | None = None) -> Iterator[None]:
+        """
+        Start the workers; on the way out, set ``stop`` (if any) and join them.
 
-    Reports the task ids received, in order of delivery.
-    """
-    _run_and_report(
-        results,
-        name,
-        _exchange(uri, database, name, barrier, count, expected, pace, retry_settings),
-    )
+        Any that hangs is killed.
+        """
+        for process in self.processes:
+            process.start()
+
+        try:
+            yield
+        finally:
+            if stop is not None:
+                stop.set()
+
+            join_or_kill(self.processes)
+
+    def reports(self, timeout: float) -> list[dict[str, Any]]:
+        """Take each worker's report (``timeout`` seconds each); assert none crashed."""
+        reports = [self.results.get(timeout=timeout) for _ in self.processes]
+        for report in reports:
+            assert "crash" not in report, report["crash"]
+
+        return reports
 
 
 # Scheduler workers
@@ -269,17 +306,10 @@ def _store_and_broker(
 ) -> tuple[MongoDBDataStore, MongoDBEventBroker]:
     """Return a scheduler's store and (fast polling) broker on ``database``."""
     store = MongoDBDataStore(uri, database=database, retry_settings=retry_settings)
-    broker = MongoDBEventBroker(
-        uri,
-        database=database,
-        mode="polling",
-        poll_interval=0.05,
-        retry_settings=retry_settings,
-    )
-    return store, broker
+    return store, _polling_broker(uri, database, retry_settings)
 
 
-async def _schedule(
+async def run_scheduler(
     uri: str,
     database: str,
     name: str,
@@ -287,6 +317,7 @@ async def _schedule(
     stop: Event,
     retry_settings: RetrySettings,
 ) -> dict[str, Any]:
+    """Run a scheduler with the MongoDB store and broker until ``stop`` is set."""
     logger, counter = counting_logger(name)
     network = NetworkFailures()
     store, broker = _store_and_broker(uri, database, retry_settings)
@@ -314,21 +345,6 @@ async def _schedule(
         **counter.report(),
         **network.report(),
     }
-
-
-def scheduler_worker(
-    uri: str,
-    database: str,
-    name: str,
-    barrier: Barrier,
-    stop: Event,
-    retry_settings: RetrySettings,
-    results: Queue[Any],
-) -> None:
-    """Run a scheduler with the MongoDB store and broker until ``stop`` is set."""
-    _run_and_report(
-        results, name, _schedule(uri, database, name, barrier, stop, retry_settings)
-    )
 
 
 class JobJournal:
@@ -368,7 +384,7 @@ class JobJournal:
 CLEANUP_INTERVAL = timedelta(seconds=1)
 
 
-async def _supervise(
+async def run_supervised_scheduler(
     uri: str,
     database: str,
     name: str,
@@ -377,7 +393,8 @@ async def _supervise(
     retry_settings: RetrySettings,
 ) -> dict[str, Any]:
     """
-    Run a scheduler as a supervisor would: restart it whenever it stops on an error.
+    Run a scheduler as a supervisor would, until ``stop`` is set: restart it whenever
+    it stops on an error.
 
     The same store and broker objects serve every run. Reports each crash (the
     exception carried by ``SchedulerStopped``) and each failed start.
@@ -462,18 +479,3 @@ class CrashLogs(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info:
             self.messages.append(record.getMessage())
-
-
-def supervised_scheduler_worker(
-    uri: str,
-    database: str,
-    name: str,
-    ready: Event,
-    stop: Event,
-    retry_settings: RetrySettings,
-    results: Queue[Any],
-) -> None:
-    """Run a scheduler, restarted after each failure, until ``stop`` is set."""
-    _run_and_report(
-        results, name, _supervise(uri, database, name, ready, stop, retry_settings)
-    )

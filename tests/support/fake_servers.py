@@ -4,13 +4,15 @@ Loopback TCP servers that are not the MongoDB a store or broker expects.
 :class:`FakeServer` listens on a free port of 127.0.0.1 in the running event loop and
 hands every connection to a handler. The handlers here play an old MongoDB (just
 enough of the wire protocol to answer the handshake), a web server, a server that
-hangs up at once, and one that answers with noise.
+hangs up at once, and one that answers with noise; :func:`free_port` finds a port
+where no server listens at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -29,6 +31,15 @@ OP_MSG = 2013
 _HEADER = struct.Struct("<iiii")  # length, request id, response to, opcode
 _HELLO_COMMANDS = {"hello", "ismaster", "isMaster"}
 _COMMAND_NOT_FOUND = 59
+
+
+def free_port() -> int:
+    """Return a loopback port that nothing listens on (right now)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+
+    return port
 
 
 class FakeServer:

@@ -1,8 +1,8 @@
 """
 What only a real server shows, injected at the wire in front of the stand-in.
 
-A :class:`FaultPlan` given to :class:`~tests.proxy.FaultyProxy` sees every command
-(OP_MSG) on its way to the server and every reply on its way back. It can
+A :class:`FaultPlan` given to :class:`~tests.support.proxy.FaultyProxy` sees every
+command (OP_MSG) on its way to the server and every reply on its way back. It can
 
 * answer chosen commands itself with a chosen error (code, code name, labels), as a
   mongos with an unreachable shard or a stepping-down primary would, without the

@@ -1,12 +1,16 @@
 """
-Malformed documents of every kind never stop the scheduler (guarantee 8).
+Bad data never stops the scheduler (guarantee 8).
 
-Each case takes a document that the store (or the event broker) wrote itself, damages
-one field in one way, and runs every read path of its collection next to a healthy
-neighbour of the same kind. No exception escapes (except the clear errors APScheduler's
-contract asks for), a warning names the damaged document, the document stays in the
-database (possibly set aside, never deleted unannounced), and the neighbour is still
-served in the same call.
+Values of the wrong type (as hand edits write them) are set aside or ignored;
+documents the serializer cannot read, or that lack fields, are skipped, set aside or
+finished with a result saying why; arguments too large to store fail clearly.
+
+The cases under "Every damage" take a document that the store (or the event broker)
+wrote itself, damage one field in one way, and run every read path of its collection
+next to a healthy neighbour of the same kind. No exception escapes (except the clear
+errors APScheduler's contract asks for), a warning names the damaged document, the
+document stays in the database (possibly set aside, never deleted unannounced), and
+the neighbour is still served in the same call.
 """
 
 from __future__ import annotations
@@ -42,11 +46,16 @@ from apscheduler.abc import EventBroker
 from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.serializers.json import JSONSerializer
 from apscheduler.serializers.pickle import PickleSerializer
+from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from bson import Binary, ObjectId
+from pymongo.errors import DocumentTooLarge
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo._marshalling import MalformedDocumentError
+
+from .support.logs import logged
+from .support.tiers import WIRE_ONLY
 
 pytestmark = [
     pytest.mark.anyio,
@@ -57,6 +66,8 @@ pytestmark = [
 ]
 
 LEASE = timedelta(minutes=1)
+#: What a pickle looks like in its first bytes, and then not
+NOT_A_PICKLE = b"\x80\x05 this is not a pickle"
 #: Random bytes where serializer output belongs
 GARBAGE = random.Random(8).randbytes(48)
 #: Well-formed pickles of the wrong kind: not a trigger, not a tuple
@@ -169,6 +180,337 @@ class Read(Enum):
     UNSEEN = "unseen"
 
 
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return logged(caplog, logging.WARNING)
+
+
+async def add_task(store: MongoDBDataStore, task_id: str = "task") -> None:
+    await store.add_task(Task(id=task_id, func="math:floor", job_executor="async"))
+
+
+async def add_schedule(
+    store: MongoDBDataStore, schedule_id: str, next_fire_time: datetime
+) -> Schedule:
+    schedule = Schedule(
+        id=schedule_id,
+        task_id="task",
+        trigger=DateTrigger(next_fire_time),
+        job_executor="async",
+        next_fire_time=next_fire_time,
+    )
+    await store.add_schedule(schedule, ConflictPolicy.exception)
+    return schedule
+
+
+async def add_job(store: MongoDBDataStore, task_id: str = "task") -> Job:
+    job = Job(
+        task_id=task_id,
+        executor="async",
+        result_expiration_time=timedelta(minutes=5),
+    )
+    await store.add_job(job)
+    return job
+
+
+# Values of the wrong type
+
+
+class TestWrongTypes:
+    """Values edited by hand (mongosh writes numbers as doubles) are set aside."""
+
+    @pytest.mark.parametrize(
+        "value", [pytest.param(1.5e15, id="double"), pytest.param("soon", id="string")]
+    )
+    async def test_next_fire_time(self, store: MongoDBDataStore, value: Any) -> None:
+        now = datetime.now(timezone.utc)
+        await add_schedule(store, "broken", now + timedelta(days=1))
+        await add_schedule(store, "good", now + timedelta(days=2))
+        await store._schedules.update_one(
+            {"_id": "broken"}, {"$set": {"next_fire_time": value}}
+        )
+
+        next_time = await store.get_next_schedule_run_time()
+        [good] = await store.get_schedules({"good"})
+        assert next_time == good.next_fire_time
+        broken = await store._schedules.find_one({"_id": "broken"})
+        assert broken is not None
+        if isinstance(value, float):
+            # A double sorts among the integers, so it was met and set aside; a
+            # string sorts after every number and is never the earliest
+            assert "quarantine" in broken
+
+    @pytest.mark.parametrize(
+        "value", [pytest.param(2.0, id="double"), pytest.param("2", id="string")]
+    )
+    async def test_max_running_jobs(self, store: MongoDBDataStore, value: Any) -> None:
+        await add_task(store, "bad")
+        await add_task(store, "good")
+        await store._tasks.update_one(
+            {"_id": "bad"}, {"$set": {"max_running_jobs": value}}
+        )
+        await store.add_job(Job(task_id="bad", executor="async"))
+        await store.add_job(Job(task_id="good", executor="async"))
+
+        acquired = await store.acquire_jobs("me", timedelta(minutes=1), 10)
+        assert [job.task_id for job in acquired] == ["good"]
+        assert [job.task_id for job in await store.get_jobs()] == ["bad", "good"]
+
+
+@WIRE_ONLY
+class TestOversized:
+    """Arguments beyond MongoDB's 16 MB document limit fail clearly, writing nothing."""
+
+    BIG = b"x" * (17 * 1024 * 1024)
+    #: APScheduler types its ``args`` converter loosely; pass them untyped
+    ARGS: Any = (BIG,)
+
+    async def test_add_job(self, store: MongoDBDataStore) -> None:
+        await store.add_task(Task(id="task", func="builtins:len", job_executor="async"))
+        with pytest.raises(DocumentTooLarge, match="too large"):
+            await store.add_job(Job(task_id="task", executor="async", args=self.ARGS))
+
+        assert await store.get_jobs() == []
+
+    @pytest.mark.parametrize(
+        "policy", [ConflictPolicy.exception, ConflictPolicy.replace]
+    )
+    async def test_add_schedule(
+        self, store: MongoDBDataStore, policy: ConflictPolicy
+    ) -> None:
+        trigger = DateTrigger(datetime.now(timezone.utc) + timedelta(days=1))
+        schedule = Schedule(
+            id="big",
+            task_id="task",
+            trigger=trigger,
+            job_executor="async",
+            args=self.ARGS,
+        )
+        with pytest.raises(DocumentTooLarge, match="too large"):
+            await store.add_schedule(schedule, policy)
+
+        assert await store.get_schedules() == []
+
+
+# Corrupted documents
+
+
+class TestCorruptedSchedules:
+    """An unreadable schedule is skipped and set aside, never deleted."""
+
+    async def test_get_schedules_skips_it(
+        self,
+        store: MongoDBDataStore,
+        database: Any,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        now = datetime.now(timezone.utc)
+        await add_task(store)
+        await add_schedule(store, "good", now + timedelta(hours=1))
+        await add_schedule(store, "bad", now + timedelta(hours=1))
+        collection = database["schedules"]
+        await collection.update_one({"_id": "bad"}, {"$set": {"trigger": NOT_A_PICKLE}})
+
+        with anyio.fail_after(10):
+            schedules = await store.get_schedules()
+
+        assert [schedule.id for schedule in schedules] == ["good"]
+        assert any("'bad'" in message for message in warnings_of(caplog))
+        assert await collection.count_documents({"_id": "bad"}) == 1
+
+    async def test_acquire_schedules_quarantines_it(
+        self,
+        store: MongoDBDataStore,
+        database: Any,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        past = datetime.now(timezone.utc) - timedelta(minutes=1)
+        await add_task(store)
+        await add_schedule(store, "good", past)
+        await add_schedule(store, "bad", past)
+        collection = database["schedules"]
+        await collection.update_one({"_id": "bad"}, {"$set": {"trigger": NOT_A_PICKLE}})
+
+        with anyio.fail_after(10):
+            acquired = await store.acquire_schedules("scheduler-1", LEASE, 10)
+
+        assert [schedule.id for schedule in acquired] == ["good"]
+        assert any("'bad'" in message for message in warnings_of(caplog))
+        document = await collection.find_one({"_id": "bad"})
+        assert document is not None
+        assert document["trigger"] == NOT_A_PICKLE
+        assert document["quarantine"]["reason"]
+        assert document["acquired_by"] is None
+
+        with anyio.fail_after(10):
+            again = await store.acquire_schedules("scheduler-1", LEASE, 10)
+            other = await store.acquire_schedules("scheduler-2", LEASE, 10)
+
+        assert "bad" not in [schedule.id for schedule in again]
+        assert other == []
+        assert await collection.count_documents({"_id": "bad"}) == 1
+
+    async def test_next_run_time_ignores_quarantined(
+        self, store: MongoDBDataStore, database: Any
+    ) -> None:
+        now = datetime.now(timezone.utc)
+        await add_task(store)
+        bad = await add_schedule(store, "bad", now - timedelta(minutes=1))
+        later = await add_schedule(store, "later", now + timedelta(hours=1))
+        collection = database["schedules"]
+        await collection.update_one({"_id": "bad"}, {"$set": {"trigger": NOT_A_PICKLE}})
+
+        with anyio.fail_after(10):
+            assert await store.get_next_schedule_run_time() == bad.next_fire_time
+            assert await store.acquire_schedules("scheduler-1", LEASE, 10) == []
+            assert await store.get_next_schedule_run_time() == later.next_fire_time
+
+        assert await collection.count_documents({"quarantine": {"$exists": True}}) == 1
+
+
+async def assert_finished(
+    store: MongoDBDataStore,
+    jobs: Any,
+    job: Job,
+    outcome: JobOutcome,
+    *,
+    documents: int,
+) -> JobResult:
+    """
+    Assert that ``job`` was finished with ``outcome`` instead of being handed out.
+
+    No other scheduler gets it, its document stays (one of ``documents`` in ``jobs``)
+    and its result is handed out; return the result.
+    """
+    document = await jobs.find_one({"_id": Binary.from_uuid(job.id)})
+    assert document is not None
+    assert document["state"] == "finished"
+    assert document["result"]["outcome"] == outcome.name
+
+    with anyio.fail_after(10):
+        assert await store.acquire_jobs("scheduler-2", LEASE) == []
+
+    assert await jobs.count_documents({}) == documents
+    with anyio.fail_after(10):
+        result = await store.get_job_result(job.id)
+
+    assert result is not None
+    assert result.outcome is outcome
+    return result
+
+
+class TestCorruptedJobs:
+    """An unusable job is finished with a result instead of being handed out."""
+
+    @pytest.mark.parametrize(
+        "damage",
+        [
+            pytest.param({"$set": {"args": NOT_A_PICKLE}}, id="garbage-args"),
+            pytest.param({"$set": {"kwargs": NOT_A_PICKLE}}, id="garbage-kwargs"),
+            pytest.param({"$unset": {"executor": ""}}, id="no-executor"),
+            pytest.param({"$unset": {"task_id": ""}}, id="no-task-id"),
+            pytest.param({"$set": {"created_at": "yesterday"}}, id="bad-created-at"),
+        ],
+    )
+    async def test_unreadable_job(
+        self,
+        store: MongoDBDataStore,
+        database: Any,
+        caplog: pytest.LogCaptureFixture,
+        damage: dict[str, Any],
+    ) -> None:
+        await add_task(store)
+        first = await add_job(store)
+        bad = await add_job(store)
+        last = await add_job(store)
+        collection = database["jobs"]
+        bad_id = Binary.from_uuid(bad.id)
+        assert (await collection.update_one({"_id": bad_id}, damage)).matched_count
+
+        with anyio.fail_after(10):
+            acquired = await store.acquire_jobs("scheduler-1", LEASE)
+
+        assert {job.id for job in acquired} == {first.id, last.id}
+        assert any("Cannot read job" in message for message in warnings_of(caplog))
+        outcome = JobOutcome.deserialization_failed
+        await assert_finished(store, collection, bad, outcome, documents=3)
+
+    async def test_unreadable_job_is_named_in_the_log(
+        self,
+        store: MongoDBDataStore,
+        database: Any,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        await add_task(store)
+        bad = await add_job(store)
+        collection = database["jobs"]
+        await collection.update_one(
+            {"_id": Binary.from_uuid(bad.id)}, {"$set": {"args": NOT_A_PICKLE}}
+        )
+
+        with anyio.fail_after(10):
+            assert await store.acquire_jobs("scheduler-1", LEASE) == []
+
+        assert any(str(bad.id) in message for message in warnings_of(caplog))
+
+    async def test_unknown_task(
+        self,
+        store: MongoDBDataStore,
+        database: Any,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        await add_task(store)
+        good = await add_job(store)
+        orphan = await add_job(store, task_id="no-such-task")
+
+        with anyio.fail_after(10):
+            acquired = await store.acquire_jobs("scheduler-1", LEASE)
+
+        assert [job.id for job in acquired] == [good.id]
+        assert any(
+            str(orphan.id) in message and "no-such-task" in message
+            for message in warnings_of(caplog)
+        )
+        collection = database["jobs"]
+        result = await assert_finished(
+            store, collection, orphan, JobOutcome.error, documents=2
+        )
+        assert isinstance(result.exception, TaskLookupError)
+
+
+class TestCorruptedTasks:
+    """A task document missing required fields is skipped, never deleted."""
+
+    @pytest.mark.parametrize(
+        "damage",
+        [
+            pytest.param({"$unset": {"job_executor": ""}}, id="no-job-executor"),
+            pytest.param(
+                {"$set": {"misfire_grace_time": "soon"}}, id="bad-misfire-grace-time"
+            ),
+        ],
+    )
+    async def test_get_tasks_skips_it(
+        self,
+        store: MongoDBDataStore,
+        database: Any,
+        caplog: pytest.LogCaptureFixture,
+        damage: dict[str, Any],
+    ) -> None:
+        await add_task(store, "bad")
+        await add_task(store, "good")
+        collection = database["tasks"]
+        await collection.update_one({"_id": "bad"}, damage)
+
+        with anyio.fail_after(10):
+            tasks = await store.get_tasks()
+
+        assert [task.id for task in tasks] == ["good"]
+        assert any("'bad'" in message for message in warnings_of(caplog))
+        assert await collection.count_documents({"_id": "bad"}) == 1
+
+
+# Every damage to every kind of document
+
 # Tasks
 
 #: Unreadable task documents: get_tasks skips them, get_task raises
@@ -194,12 +536,11 @@ class TestTasks:
     async def test_read_paths(
         self,
         store: MongoDBDataStore,
-        client: Any,
-        database_name: str,
+        database: Any,
         caplog: pytest.LogCaptureFixture,
         changes: dict[str, Any],
     ) -> None:
-        tasks = client[database_name]["tasks"]
+        tasks = database["tasks"]
         for task_id in ("bad", "good"):
             await store.add_task(
                 Task(
@@ -236,7 +577,7 @@ class TestTasks:
         assert await tasks.count_documents({"_id": bad_id}) == 1
         if bad_id == "bad":
             # Its job waits for the task to be mended
-            jobs = client[database_name]["jobs"]
+            jobs = database["jobs"]
             assert await jobs.count_documents({"task_id": "bad", "state": "queued"})
 
 
@@ -327,13 +668,12 @@ class TestSchedules:
         self,
         store: MongoDBDataStore,
         local_broker: EventBroker,
-        client: Any,
-        database_name: str,
+        database: Any,
         caplog: pytest.LogCaptureFixture,
         changes: dict[str, Any],
         reads_as: Read,
     ) -> None:
-        schedules = client[database_name]["schedules"]
+        schedules = database["schedules"]
         removed: list[Event] = []
         announced = anyio.Event()
 
@@ -472,13 +812,12 @@ class TestJobs:
     async def test_read_paths(
         self,
         store: MongoDBDataStore,
-        client: Any,
-        database_name: str,
+        database: Any,
         caplog: pytest.LogCaptureFixture,
         changes: dict[str, Any],
         reads_as: Read,
     ) -> None:
-        jobs = client[database_name]["jobs"]
+        jobs = database["jobs"]
         await store.add_task(
             Task(id="task", func="math:floor", job_executor="async", max_running_jobs=5)
         )
@@ -571,11 +910,10 @@ class TestJobResults:
     async def test_get_job_result(
         self,
         store: MongoDBDataStore,
-        client: Any,
-        database_name: str,
+        database: Any,
         changes: dict[str, Any],
     ) -> None:
-        jobs = client[database_name]["jobs"]
+        jobs = database["jobs"]
         await store.add_task(Task(id="task", func="math:floor", job_executor="async"))
         for _ in range(2):
             await store.add_job(
@@ -609,20 +947,13 @@ class TestJobResults:
     async def test_fire_time_record_of_a_malformed_schedule_id(
         self,
         store: MongoDBDataStore,
-        client: Any,
-        database_name: str,
+        database: Any,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         """Cleanup names a fire time record it cannot judge, and keeps it."""
-        jobs = client[database_name]["jobs"]
-        await store.add_task(Task(id="task", func="math:floor", job_executor="async"))
-        await store.add_job(
-            Job(
-                task_id="task",
-                executor="async",
-                result_expiration_time=timedelta(minutes=5),
-            )
-        )
+        jobs = database["jobs"]
+        await add_task(store)
+        await add_job(store)
         [job] = await store.acquire_jobs("me", LEASE, 10)
         await store.release_job("me", job, success(job))
         # What a finished schedule job looks like an hour later, result fetched

@@ -1,0 +1,25 @@
+"""Stores as the tests start them beside the one under test."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from apscheduler_mongo import MongoDBDataStore
+
+
+@asynccontextmanager
+async def another_store(
+    client: Any, first: MongoDBDataStore, logger: logging.Logger
+) -> AsyncIterator[MongoDBDataStore]:
+    """
+    Start a second store on ``client``: another scheduler's view of ``first``'s data.
+
+    It uses ``first``'s database and event broker; ``first`` must have started.
+    """
+    async with AsyncExitStack() as exit_stack:
+        other = MongoDBDataStore(client, database=first.database)
+        await other.start(exit_stack, first._event_broker, logger)
+        yield other
