@@ -14,10 +14,12 @@ from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.serializers.cbor import CBORSerializer
 from apscheduler.serializers.json import JSONSerializer
 from apscheduler.serializers.pickle import PickleSerializer
+from pymongo import AsyncMongoClient
 
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._clock import ServerClock
 
+from .support.commands import CommandLog
 from .support.faults import FaultPlan
 from .support.proxy import FAST_FAILURE, FAULT_RETRIES, FaultyProxy, proxy_in_front_of
 from .support.runs import RecordingSchedules
@@ -184,6 +186,30 @@ async def local_events(logger: logging.Logger) -> AsyncIterator[LocalEventBroker
         broker = LocalEventBroker()
         await broker.start(exit_stack, logger)
         yield broker
+
+
+@pytest.fixture
+def command_log() -> CommandLog:
+    """The commands the ``logged_client`` sends."""
+    return CommandLog()
+
+
+@pytest.fixture
+async def logged_client(
+    wire_uri: str, command_log: CommandLog, database_name: str
+) -> AsyncIterator[AsyncMongoClient[Any]]:
+    """A client of the wire tier's server recording its commands in ``command_log``."""
+    client: AsyncMongoClient[Any] = AsyncMongoClient(
+        wire_uri,
+        event_listeners=[command_log],
+        tz_aware=True,
+        serverSelectionTimeoutMS=5000,
+    )
+    try:
+        yield client
+    finally:
+        await client.drop_database(database_name)
+        await client.close()
 
 
 @pytest.fixture

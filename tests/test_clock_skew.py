@@ -15,8 +15,8 @@ import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 from anyio import from_thread, to_thread
 from apscheduler import (
-    CoalescePolicy,
     ConflictPolicy,
     Job,
     RetrySettings,
@@ -39,11 +38,13 @@ from apscheduler_mongo._adapters import adapter_for
 from apscheduler_mongo._marshalling import from_micros
 from apscheduler_mongo._tools.status import Reader, gather_status, render_text
 
-from .clock_workers import scheduler_worker
-from .faults import FaultPlan
-from .proxy import FAST_FAILURE, proxy_in_front_of
+from .support.clock_workers import scheduler_worker
+from .support.faults import FaultPlan
+from .support.proxy import FAST_FAILURE, proxy_in_front_of
+from .support.runs import add_recording_schedules
+from .support.tiers import WIRE_ONLY
 
-pytestmark = [pytest.mark.anyio, pytest.mark.wire]
+pytestmark = [pytest.mark.anyio, *WIRE_ONLY]
 LEASE = timedelta(minutes=1)
 
 #: Where Debian's faketime package puts libfaketime
@@ -68,11 +69,6 @@ TIMEOUT = 120
 
 def libfaketime() -> Path | None:
     return next((path for path in LIBFAKETIME if path.exists()), None)
-
-
-@pytest.fixture
-def tier() -> str:
-    return "wire"
 
 
 @contextmanager
@@ -142,26 +138,36 @@ def run_skewed_schedulers(
 
 
 async def add_schedules(store: MongoDBDataStore, uri: str, database: str) -> datetime:
-    await store.add_task(
-        Task(id="record", func="tests.clock_workers:record_run", job_executor="async")
-    )
     first = datetime.now(timezone.utc) + START_DELAY
     first = first.replace(microsecond=0)
-    for schedule_id in SCHEDULES:
-        trigger = IntervalTrigger(seconds=INTERVAL.total_seconds(), start_time=first)
-        options: dict[str, Any] = {"args": (uri, database), "misfire_grace_time": None}
-        schedule = Schedule(
-            id=schedule_id,
-            task_id="record",
-            trigger=trigger,
-            coalesce=CoalescePolicy.all,
-            job_executor="async",
-            **options,
-        )
-        schedule.next_fire_time = trigger.next()
-        await store.add_schedule(schedule, ConflictPolicy.exception)
-
+    await add_recording_schedules(
+        store,
+        "tests.support.clock_workers:record_run",
+        (uri, database),
+        SCHEDULES,
+        IntervalTrigger(seconds=INTERVAL.total_seconds(), start_time=first),
+    )
     return first
+
+
+@asynccontextmanager
+async def store_behind_a_clock(
+    wire_uri: str, database_name: str, logger: logging.Logger, server_ahead: float
+) -> AsyncIterator[MongoDBDataStore]:
+    """
+    Yield a started store whose server's clock is ``server_ahead`` seconds ahead of
+    this host's (a proxy shifts the time in the server's replies).
+    """
+    plan = FaultPlan()
+    plan.shift_clock(server_ahead)
+    with proxy_in_front_of(wire_uri, plan) as proxy:
+        async with AsyncExitStack() as exit_stack:
+            events = LocalEventBroker()
+            await events.start(exit_stack, logger)
+            uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
+            store = MongoDBDataStore(uri, database=database_name)
+            await store.start(exit_stack, events, logger)
+            yield store
 
 
 @pytest.mark.slow
@@ -256,30 +262,22 @@ class TestServerClockAhead:
         logger: logging.Logger,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        plan = FaultPlan()
-        plan.shift_clock(20)
-        with proxy_in_front_of(wire_uri, plan) as proxy:
-            uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
-            async with AsyncExitStack() as exit_stack:
-                events = LocalEventBroker()
-                await events.start(exit_stack, logger)
-                store = MongoDBDataStore(uri, database=database_name)
-                await store.start(exit_stack, events, logger)
-                await store.add_task(
-                    Task(id="t", func="builtins:len", job_executor="async")
-                )
-                # Due in 10 s by this host's clock: already by the server's
-                soon = datetime.now(timezone.utc) + timedelta(seconds=10)
-                trigger = IntervalTrigger(minutes=1, start_time=soon)
-                schedule = Schedule(
-                    id="s", task_id="t", trigger=trigger, job_executor="async"
-                )
-                schedule.next_fire_time = soon
-                await store.add_schedule(schedule, ConflictPolicy.exception)
-                wake = await store.get_next_schedule_run_time()
-                [taken] = await store.acquire_schedules("me", LEASE, 10)
-                await store.add_job(Job(task_id="t", executor="async"))
-                [job] = await store.acquire_jobs("me", LEASE, 10)
+        async with store_behind_a_clock(wire_uri, database_name, logger, 20) as store:
+            await store.add_task(
+                Task(id="t", func="builtins:len", job_executor="async")
+            )
+            # Due in 10 s by this host's clock: already by the server's
+            soon = datetime.now(timezone.utc) + timedelta(seconds=10)
+            trigger = IntervalTrigger(minutes=1, start_time=soon)
+            schedule = Schedule(
+                id="s", task_id="t", trigger=trigger, job_executor="async"
+            )
+            schedule.next_fire_time = soon
+            await store.add_schedule(schedule, ConflictPolicy.exception)
+            wake = await store.get_next_schedule_run_time()
+            [taken] = await store.acquire_schedules("me", LEASE, 10)
+            await store.add_job(Job(task_id="t", executor="async"))
+            [job] = await store.acquire_jobs("me", LEASE, 10)
 
         assert taken.id == "s"
         # It can be taken now (by the server's clock): the scheduler need not wait
@@ -293,22 +291,10 @@ class TestServerClockAhead:
     async def test_status_says_so(
         self, wire_uri: str, database_name: str, logger: logging.Logger
     ) -> None:
-        plan = FaultPlan()
-        plan.shift_clock(-7.5)
-        with proxy_in_front_of(wire_uri, plan) as proxy:
-            uri = proxy.uri_for(wire_uri, **FAST_FAILURE)
-            async with AsyncExitStack() as exit_stack:
-                events = LocalEventBroker()
-                await events.start(exit_stack, logger)
-                store = MongoDBDataStore(uri, database=database_name)
-                await store.start(exit_stack, events, logger)
-                reader = Reader(
-                    adapter_for(store._adapter.client),
-                    database_name,
-                    RetrySettings(),
-                    logger,
-                )
-                status = await gather_status(store, reader, 0)
+        async with store_behind_a_clock(wire_uri, database_name, logger, -7.5) as store:
+            client = adapter_for(store._adapter.client)
+            reader = Reader(client, database_name, RetrySettings(), logger)
+            status = await gather_status(store, reader, 0)
 
         assert status.host_offset == pytest.approx(-7.5, abs=0.1)
         assert "this host's is 7.5 s ahead of it" in render_text(status)

@@ -6,7 +6,7 @@ cleanup goes through any amount of history in bounded batches.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -22,51 +22,18 @@ from apscheduler import (
     Task,
 )
 from apscheduler.triggers.interval import IntervalTrigger
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import AsyncMongoClient
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo import _cleanup as cleanup
 from apscheduler_mongo._layout import FINISHED, fire_key
 from apscheduler_mongo._marshalling import job_to_document, to_micros
 
-from .index_rules import Query, queries_of, served
+from .support.commands import Command, CommandLog
+from .support.index_rules import Query, queries_of, served
+from .support.tiers import WIRE_ONLY
 
 pytestmark = pytest.mark.anyio
-
-
-class Recorder(monitoring.CommandListener):
-    """Keep every command a client sends."""
-
-    def __init__(self) -> None:
-        self.commands: list[tuple[str, dict[str, Any]]] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.commands.append((event.command_name, dict(event.command)))
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-async def recording_client(
-    wire_uri: str, recorder: Recorder, database_name: str
-) -> AsyncIterator[AsyncMongoClient[Any]]:
-    client: AsyncMongoClient[Any] = AsyncMongoClient(
-        wire_uri, event_listeners=[recorder], tz_aware=True
-    )
-    try:
-        yield client
-    finally:
-        await client.drop_database(database_name)
-        await client.close()
 
 
 async def index_keys(
@@ -81,7 +48,7 @@ async def index_keys(
 
 
 def unserved(
-    commands: list[tuple[str, dict[str, Any]]],
+    commands: list[Command],
     keys: dict[str, list[list[tuple[str, Any]]]],
     database: str,
 ) -> list[Query]:
@@ -102,23 +69,19 @@ def unserved(
     ]
 
 
-@pytest.mark.wire
+@WIRE_ONLY
 @pytest.mark.slow
 class TestIndexCoverage:
     """
     Every query of two busy schedulers (claims and their re-reads, releases, lease
     extensions, reaping, wake-ups, results, cleanup, the broker's polls) is served
-    by an index, by the prefix and sort rules of ``tests/index_rules.py``.
+    by an index, by the prefix and sort rules of ``tests/support/index_rules.py``.
     """
-
-    @pytest.fixture
-    def tier(self) -> str:
-        return "wire"
 
     async def test_busy_schedulers(
         self,
-        recording_client: AsyncMongoClient[Any],
-        recorder: Recorder,
+        logged_client: AsyncMongoClient[Any],
+        command_log: CommandLog,
         database_name: str,
         logger: logging.Logger,
         figures: Any,
@@ -126,9 +89,9 @@ class TestIndexCoverage:
         async with AsyncExitStack() as exit_stack:
             schedulers = []
             for n in range(2):
-                store = MongoDBDataStore(recording_client, database=database_name)
+                store = MongoDBDataStore(logged_client, database=database_name)
                 broker = MongoDBEventBroker(
-                    recording_client,
+                    logged_client,
                     database=database_name,
                     mode="polling",
                     poll_interval=0.05,
@@ -178,17 +141,17 @@ class TestIndexCoverage:
 
                 await anyio.sleep(2.5)  # leases extended, cleanups, wake-ups
 
-        keys = await index_keys(recording_client, database_name)
-        missing = unserved(recorder.commands, keys, database_name)
+        keys = await index_keys(logged_client, database_name)
+        missing = unserved(command_log.commands, keys, database_name)
         queries = sum(
             len(queries_of(name, command))
-            for name, command in recorder.commands
+            for name, command in command_log.commands
             if command.get("$db") == database_name
         )
         assert queries > 200  # the workload did run
         assert not missing, "\n".join(map(str, missing))
         figures(
-            f"{queries} queries from {len(recorder.commands)} commands, all indexed"
+            f"{queries} queries from {len(command_log.commands)} commands, all indexed"
         )
 
 
@@ -247,38 +210,34 @@ class TestCleanupInBatches:
         assert await store.get_schedules() == []
 
 
-@pytest.mark.wire
+@WIRE_ONLY
 class TestBatchesOnTheWire:
     """No cleanup command names more documents than a batch holds."""
-
-    @pytest.fixture
-    def tier(self) -> str:
-        return "wire"
 
     @pytest.mark.usefixtures("small_batches")
     async def test_bounded_commands(
         self,
-        recording_client: AsyncMongoClient[Any],
-        recorder: Recorder,
+        logged_client: AsyncMongoClient[Any],
+        command_log: CommandLog,
         database_name: str,
         logger: logging.Logger,
     ) -> None:
         long_ago = datetime.now(timezone.utc) - cleanup.FIRE_TIME_RETENTION * 2
-        await recording_client[database_name]["jobs"].insert_many(
+        await logged_client[database_name]["jobs"].insert_many(
             [fire_record("gone", n, long_ago) for n in range(10)]
         )
         async with AsyncExitStack() as exit_stack:
-            events = MongoDBEventBroker(recording_client, database=database_name)
+            events = MongoDBEventBroker(logged_client, database=database_name)
             await events.start(exit_stack, logger)
-            store = MongoDBDataStore(recording_client, database=database_name)
+            store = MongoDBDataStore(logged_client, database=database_name)
             await store.start(exit_stack, events, logger)
-            recorder.commands.clear()
+            command_log.commands.clear()
             await store.cleanup()
 
-        assert await recording_client[database_name]["jobs"].count_documents({}) == 0
+        assert await logged_client[database_name]["jobs"].count_documents({}) == 0
         named = [
             len(statement["q"]["_id"]["$in"])
-            for name, command in recorder.commands
+            for name, command in command_log.commands
             if name == "delete"
             for statement in command["deletes"]
             if "$in" in (statement["q"].get("_id") or {})

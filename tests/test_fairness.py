@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from apscheduler import Job, JobOutcome, JobResult, Task
+from apscheduler import Job, JobOutcome, JobResult
 
 from apscheduler_mongo import MongoDBDataStore
+
+from .support.items import add_task
 
 pytestmark = pytest.mark.anyio
 
@@ -27,15 +29,8 @@ class TestHeadOfLine:
     it runs all it may; the places go to the next jobs, in queue order."""
 
     async def test_other_tasks_fill_the_places(self, store: MongoDBDataStore) -> None:
-        await store.add_task(
-            Task(
-                id="capped",
-                func="builtins:len",
-                job_executor="async",
-                max_running_jobs=1,
-            )
-        )
-        await store.add_task(Task(id="free", func="builtins:len", job_executor="async"))
+        await add_task(store, max_running_jobs=1, task_id="capped")
+        await add_task(store, task_id="free")
         capped = await add_jobs(store, "capped", 100)
         free = await add_jobs(store, "free", 20)
 
@@ -48,15 +43,8 @@ class TestHeadOfLine:
     async def test_limit_still_holds_across_claims(
         self, store: MongoDBDataStore
     ) -> None:
-        await store.add_task(
-            Task(
-                id="capped",
-                func="builtins:len",
-                job_executor="async",
-                max_running_jobs=2,
-            )
-        )
-        await store.add_task(Task(id="free", func="builtins:len", job_executor="async"))
+        await add_task(store, max_running_jobs=2, task_id="capped")
+        await add_task(store, task_id="free")
         await add_jobs(store, "capped", 30)
         await add_jobs(store, "free", 5)
 

@@ -39,6 +39,7 @@ from apscheduler_mongo._planner import (
     ClaimContext,
     ClaimPlan,
     Slots,
+    holdings_of,
     plan_claims,
     task_cap,
     tasks_of,
@@ -60,8 +61,34 @@ def queued(task_id: str = "task", **options: Any) -> Document:
 
 
 def holder(task_id: str = "task", **fields: Any) -> Document:
-    """Return what a claim reads of a job holding a slot (or running without one)."""
+    """Return a running job holding a slot (or running without one)."""
     return {"_id": uuid_to_bson(uuid4()), "task_id": task_id, **fields}
+
+
+def summaries(holders: list[Document]) -> list[Document]:
+    """
+    Return what a claim reads of ``holders``: per task, a count and each running
+    job's id and slot key (the ``$group`` of ``RUNNING_JOBS``).
+    """
+    by_task: dict[str, Document] = {}
+    for job in holders:
+        summary = by_task.setdefault(
+            job["task_id"], {"_id": job["task_id"], "running": 0, "jobs": []}
+        )
+        summary["running"] += 1
+        summary["jobs"].append(
+            {
+                "_id": job["_id"],
+                **({"slot_key": job["slot_key"]} if "slot_key" in job else {}),
+            }
+        )
+
+    return list(by_task.values())
+
+
+def slots_left(holders: list[Document]) -> Slots:
+    """Return the slots a claim may take while ``holders`` run."""
+    return Slots(holdings_of(summaries(holders), LOGGER))
 
 
 def context() -> ClaimContext:
@@ -76,8 +103,7 @@ def plan(
     holders: list[Document] | None = None,
 ) -> ClaimPlan:
     """Plan the claim of ``documents``, with the slots ``holders`` leave free."""
-    slots = Slots.left(caps, holders or [], LOGGER)
-    return plan_claims(documents, caps, slots, context())
+    return plan_claims(documents, caps, slots_left(holders or []), context())
 
 
 def slot_keys(claimed: ClaimPlan) -> list[str | None]:
@@ -104,6 +130,8 @@ class TestUncappedTasks:
         assert list(claimed.jobs) == ids
         assert [document["_id"] for document, _ in claimed.chosen if document] == ids
         assert claimed.finished == {}
+        assert claimed.were_queued == set(ids)
+        assert claimed.at_cap == set()
         lease = {
             "state": ACQUIRED,
             "acquired_by": "me",
@@ -139,6 +167,7 @@ class TestCappedTasks:
         assert list(claimed.jobs) == [document["_id"] for document in documents[:2]]
         assert slot_keys(claimed) == [slot_key("task", 0), slot_key("task", 2)]
         assert len(claimed.chosen) == 2
+        assert claimed.at_cap == {"task"}
 
     def test_running_jobs_without_a_slot_count(self) -> None:
         documents = [queued() for _ in range(2)]
@@ -150,7 +179,7 @@ class TestCappedTasks:
     def test_nothing_free_nothing_claimed(self) -> None:
         claimed = plan([queued()], {"task": 1}, [holder(), holder()])
 
-        assert claimed == ClaimPlan()
+        assert claimed == ClaimPlan(at_cap={"task"})
 
     def test_other_tasks_are_not_held_back(self) -> None:
         full, free = queued("full"), queued("free")
@@ -160,16 +189,17 @@ class TestCappedTasks:
         assert slot_keys(claimed) == [None]
 
     def test_slots_left(self) -> None:
-        held = [holder(slot_key=slot_key("task", 0)), holder("other")]
-        slots = Slots.left({"task": 3, "uncapped": None}, held, LOGGER)
+        slots = slots_left([holder(slot_key=slot_key("task", 0)), holder("other")])
 
-        assert slots.capped("task")
-        assert not slots.capped("uncapped")
-        assert [slots.take("task") for _ in range(3)] == [1, 2, None]
+        assert [slots.take("task", 3) for _ in range(3)] == [1, 2, None]
+        # One job of "other" runs without a slot: it fills a cap of 1, not of 2
+        assert slots.take("other", 1) is None
+        assert slots_left([holder("other")]).take("other", 2) == 0
+        assert slots.take("idle", 1) == 0
 
-    @pytest.mark.parametrize("key", ["garbage", "x/task", "/task"])
+    @pytest.mark.parametrize("key", ["garbage", "x/task", "/task", 7, ["task", 0]])
     def test_malformed_slot_keys_are_named_and_counted(
-        self, key: str, caplog: pytest.LogCaptureFixture
+        self, key: object, caplog: pytest.LogCaptureFixture
     ) -> None:
         documents = [queued() for _ in range(2)]
         malformed = holder(slot_key=key)
@@ -297,7 +327,7 @@ class TestTaskCap:
         cap = task_cap({**task(), "max_running_jobs": 0}, LOGGER)
         claimed = plan([queued("t")], {"t": cap})
 
-        assert claimed == ClaimPlan()
+        assert claimed == ClaimPlan(at_cap={"t"})
 
 
 class TestTasksOf:

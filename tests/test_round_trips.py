@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -12,70 +12,30 @@ import pytest
 from apscheduler import ConflictPolicy, Job, JobOutcome, JobResult, Schedule, Task
 from apscheduler.abc import EventBroker
 from apscheduler.triggers.interval import IntervalTrigger
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import AsyncMongoClient
 
 from apscheduler_mongo import MongoDBDataStore
 
-from .support.items import processed, scheduled_job
+from .support.commands import CommandLog
+from .support.items import add_task, processed, scheduled_job
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wire]
 
 LEASE = timedelta(minutes=1)
 
 
-class Commands(monitoring.CommandListener):
-    """Record the names of the commands a client sends while recording."""
-
-    def __init__(self) -> None:
-        self.names: list[str] | None = None
-
-    @contextmanager
-    def recording(self) -> Iterator[list[str]]:
-        names: list[str] = []
-        self.names = names
-        try:
-            yield names
-        finally:
-            self.names = None
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if self.names is not None:
-            self.names.append(
-                f"{event.command_name} {event.command.get(event.command_name)}"
-            )
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-
-@pytest.fixture
-def commands() -> Commands:
-    return Commands()
-
-
 @pytest.fixture
 async def counted_store(
-    wire_uri: str,
+    logged_client: AsyncMongoClient[Any],
     database_name: str,
-    commands: Commands,
     local_broker: EventBroker,
     logger: logging.Logger,
 ) -> AsyncIterator[MongoDBDataStore]:
-    client: AsyncMongoClient[Any] = AsyncMongoClient(
-        wire_uri, event_listeners=[commands], serverSelectionTimeoutMS=5000
-    )
-    try:
-        async with AsyncExitStack() as exit_stack:
-            await local_broker.start(exit_stack, logger)
-            store = MongoDBDataStore(client, database=database_name)
-            await store.start(exit_stack, local_broker, logger)
-            yield store
-    finally:
-        await client.drop_database(database_name)
-        await client.close()
+    async with AsyncExitStack() as exit_stack:
+        await local_broker.start(exit_stack, logger)
+        store = MongoDBDataStore(logged_client, database=database_name)
+        await store.start(exit_stack, local_broker, logger)
+        yield store
 
 
 async def add_schedule(store: MongoDBDataStore, next_fire_time: datetime) -> None:
@@ -92,15 +52,11 @@ class TestJobLifecycle:
 
     @pytest.mark.parametrize("cap", [None, 5], ids=["uncapped", "capped"])
     async def test_single_job(
-        self, counted_store: MongoDBDataStore, commands: Commands, cap: int | None
+        self, counted_store: MongoDBDataStore, command_log: CommandLog, cap: int | None
     ) -> None:
         store = counted_store
-        await store.add_task(
-            Task(
-                id="t", func="builtins:len", job_executor="async", max_running_jobs=cap
-            )
-        )
-        with commands.recording() as sent:
+        await add_task(store, cap, "t")
+        with command_log.recording() as sent:
             job = Job(task_id="t", executor="async")
             await store.add_job(job)
             [acquired] = await store.acquire_jobs("me", LEASE, 10)
@@ -120,21 +76,17 @@ class TestJobLifecycle:
 
     @pytest.mark.parametrize("cap", [None, 5], ids=["uncapped", "capped"])
     async def test_what_a_scheduler_sends(
-        self, counted_store: MongoDBDataStore, commands: Commands, cap: int | None
+        self, counted_store: MongoDBDataStore, command_log: CommandLog, cap: int | None
     ) -> None:
         # The scheduler asks for each acquired job's task before running it: the
         # claim just read it, so that costs nothing
         store = counted_store
-        await store.add_task(
-            Task(
-                id="t", func="builtins:len", job_executor="async", max_running_jobs=cap
-            )
-        )
+        await add_task(store, cap, "t")
         jobs = [Job(task_id="t", executor="async") for _ in range(3)]
         for job in jobs:
             await store.add_job(job)
 
-        with commands.recording() as sent:
+        with command_log.recording() as sent:
             acquired = await store.acquire_jobs("me", LEASE, 10)
             tasks = [await store.get_task(job.task_id) for job in acquired]
             for job in acquired:
@@ -154,14 +106,14 @@ class TestGetTask:
     """A task and the count of its running jobs come in one round trip."""
 
     async def test_one_command(
-        self, counted_store: MongoDBDataStore, commands: Commands
+        self, counted_store: MongoDBDataStore, command_log: CommandLog
     ) -> None:
         store = counted_store
         await store.add_task(Task(id="t", func="builtins:len", job_executor="async"))
         await store.add_job(Job(task_id="t", executor="async"))
         await store.acquire_jobs("me", LEASE, 10)
         store._claimed_tasks.forget()  # as after any other call of the store
-        with commands.recording() as sent:
+        with command_log.recording() as sent:
             task = await store.get_task("t")
 
         assert task.running_jobs == 1
@@ -172,11 +124,11 @@ class TestScheduleFiring:
     """A schedule firing: find, claim, one insert per job, release; no re-reads."""
 
     async def test_firing(
-        self, counted_store: MongoDBDataStore, commands: Commands
+        self, counted_store: MongoDBDataStore, command_log: CommandLog
     ) -> None:
         store = counted_store
         await add_schedule(store, datetime.now(timezone.utc) - timedelta(seconds=1))
-        with commands.recording() as sent:
+        with command_log.recording() as sent:
             [taken] = await store.acquire_schedules("me", LEASE, 10)
             assert taken.next_fire_time is not None
             await store.add_job(scheduled_job("s", taken.next_fire_time, "t"))
@@ -191,14 +143,14 @@ class TestScheduleFiring:
         ], sent
 
     async def test_job_after_lease_lapsed_checks_the_schedule(
-        self, counted_store: MongoDBDataStore, commands: Commands
+        self, counted_store: MongoDBDataStore, command_log: CommandLog
     ) -> None:
         # Without the lease, add_job reads the schedule (a stalled owner must not
         # add a job for a fire time the schedule has moved past)
         store = counted_store
         fire_time = datetime.now(timezone.utc)
         await add_schedule(store, fire_time)
-        with commands.recording() as sent:
+        with command_log.recording() as sent:
             await store.add_job(scheduled_job("s", fire_time, "t"))
 
         assert [name.split()[0] for name in sent] == ["find", "insert"], sent

@@ -33,7 +33,7 @@ from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.triggers.interval import IntervalTrigger
 from bson import json_util
 from pymongo import AsyncMongoClient
-from tests.servers import mongoeco_server
+from tests.support.servers import mongoeco_server
 
 from apscheduler_mongo import MongoDBDataStore
 

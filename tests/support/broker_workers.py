@@ -35,6 +35,7 @@ from apscheduler import (
 )
 from apscheduler import Event as SchedulerEvent
 from pymongo import AsyncMongoClient, errors, monitoring
+from pymongo.asynchronous.collection import AsyncCollection
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 
@@ -276,15 +277,39 @@ class Workers:
 _runs_clients: dict[str, AsyncMongoClient[Any]] = {}
 
 
-async def record_run(uri: str, database: str) -> None:
-    """Record this job's schedule, fire time and process in the ``runs`` collection."""
-    job = current_job.get()
+def runs_collection(uri: str, database: str) -> AsyncCollection[Any]:
+    """Return the ``runs`` collection at ``uri``, through one client per process."""
     client = _runs_clients.get(uri)
     if client is None:
         client = _runs_clients[uri] = AsyncMongoClient(uri, tz_aware=True)
 
+    return client[database]["runs"]
+
+
+async def close_runs_clients() -> None:
+    """Close the clients :func:`runs_collection` opened."""
+    while _runs_clients:
+        _, client = _runs_clients.popitem()
+        await client.close()
+
+
+async def run_until(scheduler: AsyncScheduler, stop: Event, at_most: float) -> bool:
+    """
+    Let a started scheduler run until ``stop`` is set (``at_most`` seconds),
+    then stop it; return whether it had stopped early (crashed) meanwhile.
+    """
+    await asyncio.to_thread(stop.wait, at_most)
+    stopped_early = scheduler.state is not RunState.started
+    await scheduler.stop()
+    await scheduler.wait_until_stopped()
+    return stopped_early
+
+
+async def record_run(uri: str, database: str) -> None:
+    """Record this job's schedule, fire time and process in the ``runs`` collection."""
+    job = current_job.get()
     assert job.scheduled_fire_time is not None
-    await client[database]["runs"].insert_one(
+    await runs_collection(uri, database).insert_one(
         {
             "schedule_id": job.schedule_id,
             "fire_time": job.scheduled_fire_time.isoformat(),
@@ -293,12 +318,6 @@ async def record_run(uri: str, database: str) -> None:
             "ran_at": datetime.now(timezone.utc).isoformat(),
         }
     )
-
-
-async def _close_runs_clients() -> None:
-    while _runs_clients:
-        _, client = _runs_clients.popitem()
-        await client.close()
 
 
 def _store_and_broker(
@@ -330,12 +349,9 @@ async def run_scheduler(
             journal.watch(scheduler)
             await asyncio.to_thread(barrier.wait, SYNC_TIMEOUT)
             await scheduler.start_in_background()
-            await asyncio.to_thread(stop.wait, SYNC_TIMEOUT)
-            stopped_early = scheduler.state is not RunState.started
-            await scheduler.stop()
-            await scheduler.wait_until_stopped()
+            stopped_early = await run_until(scheduler, stop, SYNC_TIMEOUT)
     finally:
-        await _close_runs_clients()
+        await close_runs_clients()
 
     return {
         "worker": name,
@@ -448,7 +464,7 @@ async def run_supervised_scheduler(
             if not stop.is_set():
                 await asyncio.sleep(0.5)  # a supervisor's restart delay
     finally:
-        await _close_runs_clients()
+        await close_runs_clients()
 
     return {
         "worker": name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from copy import deepcopy
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -26,6 +27,33 @@ INTERVAL = timedelta(seconds=0.5)
 START_DELAY = timedelta(seconds=2)
 #: Each schedule must have run at least this many times
 MIN_RUNS = 8
+
+
+async def add_recording_schedules(
+    store: MongoDBDataStore,
+    func: str,
+    args: tuple[Any, ...],
+    schedule_ids: Sequence[str],
+    trigger: IntervalTrigger,
+) -> None:
+    """
+    Add task ``record`` running ``func`` and a schedule of ``trigger`` for each of
+    ``schedule_ids``, passing ``args``; every fire time runs, however late.
+    """
+    await store.add_task(Task(id="record", func=func, job_executor="async"))
+    for schedule_id in schedule_ids:
+        # Passed as Any: APScheduler's converters confuse mypy about these types
+        options: dict[str, Any] = {"args": args, "misfire_grace_time": None}
+        schedule = Schedule(
+            id=schedule_id,
+            task_id="record",
+            trigger=deepcopy(trigger),
+            coalesce=CoalescePolicy.all,
+            job_executor="async",
+            **options,
+        )
+        schedule.next_fire_time = schedule.trigger.next()
+        await store.add_schedule(schedule, ConflictPolicy.exception)
 
 
 @attrs.frozen
@@ -44,35 +72,15 @@ class RecordingSchedules:
         cls, store: MongoDBDataStore, uri: str, database: Any
     ) -> RecordingSchedules:
         """Add the recording task and the interval schedules to ``store``."""
-        await store.add_task(
-            Task(
-                id="record",
-                func="tests.support.broker_workers:record_run",
-                job_executor="async",
-            )
-        )
         now = datetime.now(timezone.utc) + START_DELAY
         start = now.replace(microsecond=now.microsecond // 1000 * 1000)
-        for schedule_id in SCHEDULES:
-            trigger = IntervalTrigger(
-                seconds=INTERVAL.total_seconds(), start_time=start
-            )
-            # Passed as Any: APScheduler's converters confuse mypy about these types
-            options: dict[str, Any] = {
-                "args": (uri, database.name),
-                "misfire_grace_time": None,  # every fire time runs, however late
-            }
-            schedule = Schedule(
-                id=schedule_id,
-                task_id="record",
-                trigger=trigger,
-                coalesce=CoalescePolicy.all,
-                job_executor="async",
-                **options,
-            )
-            schedule.next_fire_time = trigger.next()
-            await store.add_schedule(schedule, ConflictPolicy.exception)
-
+        await add_recording_schedules(
+            store,
+            "tests.support.broker_workers:record_run",
+            (uri, database.name),
+            SCHEDULES,
+            IntervalTrigger(seconds=INTERVAL.total_seconds(), start_time=start),
+        )
         return cls(uri, database, start)
 
     async def checked_runs(

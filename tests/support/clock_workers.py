@@ -17,22 +17,17 @@ from typing import Any
 
 from apscheduler import AsyncScheduler, current_job
 from bson import ObjectId
-from pymongo import AsyncMongoClient
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 
-_clients: dict[str, AsyncMongoClient[Any]] = {}
+from .broker_workers import close_runs_clients, run_until, runs_collection
 
 
 async def record_run(uri: str, database: str) -> None:
     """Record the job's schedule and fire time, stamped with the server's clock."""
     job = current_job.get()
-    client = _clients.get(uri)
-    if client is None:
-        client = _clients[uri] = AsyncMongoClient(uri, tz_aware=True)
-
     assert job.scheduled_fire_time is not None
-    await client[database]["runs"].update_one(
+    await runs_collection(uri, database).update_one(
         {"_id": ObjectId()},
         {
             "$setOnInsert": {
@@ -75,14 +70,9 @@ async def _schedule(
         ) as scheduler:
             await scheduler.start_in_background()
             ready.set()
-            await asyncio.to_thread(stop.wait, 120)
-            stopped_early = scheduler.state.name != "started"
-            await scheduler.stop()
-            await scheduler.wait_until_stopped()
+            stopped_early = await run_until(scheduler, stop, 120)
     finally:
-        while _clients:
-            _, client = _clients.popitem()
-            await client.close()
+        await close_runs_clients()
 
     return {
         "worker": name,
