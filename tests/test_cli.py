@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta, timezone
@@ -680,8 +682,13 @@ class TestErrors:
         address = f"127.0.0.1:{free_port()}"
         uri = f"mongodb://user:{PASSWORD}@{address}/"
         started = time.monotonic()
-        assert main(["pause", "x", "--uri", uri, "--timeout", "1"]) == 3
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            assert main(["pause", "x", "--uri", uri, "--timeout", "1"]) == 3
+            gc.collect()  # an unclosed client warns when it is collected
+
         assert time.monotonic() - started < 8
+        assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
         err = capsys.readouterr().err
         assert err.startswith(f"error: no answer from MongoDB at {address} within 1 s")
         assert "the change may or may not have been made" in err

@@ -37,6 +37,9 @@ _COMMAND_NOT_FOUND = 59
 #: How long closing a client we created may take (it ends the client's sessions on
 #: the server, which waits for server selection when the server is away)
 CLOSE_TIMEOUT = 5.0
+#: How much of it goes to letting abandoned calls end before the client is closed
+#: under them (with the server away, they would wait for server selection)
+ABANDONED_CALLS_WAIT = 1.0
 
 
 def redact(text: str) -> str:
@@ -149,12 +152,16 @@ async def close_client(adapter: Adapter, logger: Logger | None = None) -> None:
     Close a client we created, even when the stopping task was cancelled.
 
     It first lets the calls that cancelled callers left running end (see
-    :func:`~._adapters.insulated`). Closing gives up after :data:`CLOSE_TIMEOUT`
+    :func:`~._adapters.insulated`), for at most :data:`ABANDONED_CALLS_WAIT`
+    seconds: with the server away they would wait for server selection, and the
+    client must be closed all the same. Closing gives up after :data:`CLOSE_TIMEOUT`
     seconds, with a warning: with the server unreachable, pymongo would wait for it,
     and a scheduler must be able to stop.
     """
     with anyio.move_on_after(CLOSE_TIMEOUT, shield=True) as scope:
-        await abandoned_calls_ended()
+        with anyio.move_on_after(ABANDONED_CALLS_WAIT):
+            await abandoned_calls_ended()
+
         await adapter.close()
 
     if scope.cancelled_caught and logger is not None:

@@ -272,7 +272,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
 
         For the task of a job this store's latest claim just handed out (what the
         scheduler asks before running the job), the answer comes from what the claim
-        read, without a round trip (see :class:`~._job_claims.ClaimedTasks`);
+        read, without a round trip (see ``_job_claims.ClaimedTasks``);
         otherwise the task and the count of its running jobs are read in one.
         """
         if (task := self._claimed_tasks.recall(task_id)) is not None:

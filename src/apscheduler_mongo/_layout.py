@@ -49,7 +49,7 @@ BY_ID = [("_id", ASCENDING)]
 
 #: The indexes of each collection, and (below) which queries each serves. Every query
 #: on a hot path is served by one whose prefix is its equality fields and whose
-#: order gives its sort (tests/test_index_coverage.py checks the commands sent)
+#: order gives its sort (tests/test_cost.py checks the commands sent)
 SCHEDULE_INDEXES = [
     # Due schedules in the order they are handed out; finished ones (null)
     IndexModel([("next_fire_time", ASCENDING), ("_id", ASCENDING)], name="due"),
