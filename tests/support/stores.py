@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-from apscheduler_mongo import MongoDBDataStore
+from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 
 
 @asynccontextmanager
@@ -23,3 +23,20 @@ async def another_store(
         other = MongoDBDataStore(client, database=first.database)
         await other.start(exit_stack, first._event_broker, logger)
         yield other
+
+
+@asynccontextmanager
+async def announcing_store(
+    uri: str, database: str, logger: logging.Logger
+) -> AsyncIterator[MongoDBDataStore]:
+    """
+    Start a store whose changes are announced through a :class:`MongoDBEventBroker`
+    on ``database``: what a scheduler in another process learns of at once (one with
+    nothing to do sleeps until an event wakes it).
+    """
+    async with AsyncExitStack() as exit_stack:
+        broker = MongoDBEventBroker(uri, database=database, mode="polling")
+        await broker.start(exit_stack, logger)
+        store = MongoDBDataStore(uri, database=database)
+        await store.start(exit_stack, broker, logger)
+        yield store
