@@ -38,7 +38,7 @@ from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo.__main__ import main
 from apscheduler_mongo._marshalling import uuid_to_bson
 from apscheduler_mongo._tools.cli import build_parser, run_command
-from apscheduler_mongo._tools.status import _when, format_table
+from apscheduler_mongo._tools.status import format_table, when
 
 from .support.fake_servers import free_port
 from .support.servers import mongoeco_process, needs_mongoeco
@@ -456,9 +456,9 @@ def test_format_table() -> None:
 )
 def test_times_say_how_far(offset: timedelta, shown: str) -> None:
     now = datetime(2026, 11, 25, 12, tzinfo=timezone.utc)
-    assert _when(now + offset, now).endswith(f" {shown}")
-    assert _when(None, now) == "-"
-    lapsed = _when(now - timedelta(seconds=5), now, lease=True)
+    assert when(now + offset, now).endswith(f" {shown}")
+    assert when(None, now) == "-"
+    lapsed = when(now - timedelta(seconds=5), now, lease=True)
     assert lapsed == "2026-11-25 11:59:55+00:00 (lapsed 5 s ago)"
 
 

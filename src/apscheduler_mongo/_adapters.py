@@ -285,6 +285,10 @@ class Collection:
     async def count_documents(self, query: Mapping[str, Any]) -> int:
         return int(await insulated(self.raw.count_documents(query)))
 
+    async def estimated_document_count(self) -> int:
+        """Return the number of documents from the collection's metadata (no scan)."""
+        return int(await insulated(self.raw.estimated_document_count()))
+
     async def distinct(self, key: str, query: Mapping[str, Any]) -> list[Any]:
         return list(await insulated(self.raw.distinct(key, query)))
 

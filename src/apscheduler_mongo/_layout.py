@@ -43,8 +43,9 @@ STATES = [QUEUED, ACQUIRED, FINISHED]
 QUEUE_ORDER = [("created_at", ASCENDING), ("_id", ASCENDING)]
 #: The order in which due schedules are handed out
 DUE_ORDER = [("next_fire_time", ASCENDING), ("_id", ASCENDING)]
-#: The newest finished jobs first; those without a finish time (set aside) last
-NEWEST_FIRST = [("finished_time", DESCENDING), ("_id", ASCENDING)]
+#: The newest finished jobs first; those without a finish time (set aside) last.
+#: The reverse of the ``finished`` index's order, so that the index serves it
+NEWEST_FIRST = [("finished_time", DESCENDING), ("_id", DESCENDING)]
 BY_ID = [("_id", ASCENDING)]
 
 #: The indexes of each collection, and (below) which queries each serves. Every query

@@ -6,12 +6,12 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
-from apscheduler import AsyncScheduler, RetrySettings, Schedule, ScheduleLookupError
+from apscheduler import AsyncScheduler, RetrySettings, ScheduleLookupError
 from apscheduler.abc import EventBroker, Serializer
 from apscheduler.eventbrokers.local import LocalEventBroker
 from pymongo.errors import PyMongoError
@@ -21,8 +21,9 @@ from .._adapters import adapter_for
 from .._client import open_client, redact, server_errors, validate_client_or_uri
 from .._datastore import MongoDBDataStore
 from .._eventbroker import MongoDBEventBroker
-from .._layout import ACQUIRED, FINISHED
 from .._names import validate_database_name
+from . import actions
+from .actions import NotFoundError
 from .status import Reader, format_table, gather_status, render_json, render_text
 
 if TYPE_CHECKING:
@@ -57,10 +58,6 @@ class _HelpFormatter(argparse.HelpFormatter):
             return "".join(indent + line for line in text.splitlines(keepends=True))
 
         return super()._fill_text(text, width, indent)
-
-
-class NotFoundError(LookupError):
-    """Raised when a command names a schedule or a store that it cannot act on."""
 
 
 def _positive_seconds(text: str) -> float:
@@ -232,6 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
         "before and after.",
         announcing,
     )
+    dashboard = add(
+        "dashboard",
+        "serve the live web dashboard",
+        "Serve the web dashboard of the store (the 'dashboard' extra): tasks, "
+        "schedules, jobs and results, updated live through the event broker. It "
+        "has no login: it listens on 127.0.0.1 unless --host says otherwise. "
+        "--timeout applies to each request.",
+        announcing,
+    )
+    dashboard.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default: %(default)s, this host only)",
+    )
+    dashboard.add_argument(
+        "--port", type=int, default=8765, help="the port (default: %(default)s)"
+    )
+    dashboard.add_argument(
+        "--actions",
+        action="store_true",
+        help="allow pausing, resuming and removing schedules and purging",
+    )
     return parser
 
 
@@ -325,39 +344,6 @@ async def _opened(scheduler: AsyncScheduler, reader: Reader) -> AsyncIterator[No
         yield
 
 
-async def _schedule(
-    scheduler: AsyncScheduler, reader: Reader, schedule_id: str
-) -> Schedule:
-    """
-    Return the schedule to pause or resume.
-
-    :raises NotFoundError: if it does not exist, is quarantined, or cannot be read
-    """
-    documents = await reader.find("schedules", {"_id": schedule_id}, {"quarantine": 1})
-    if not documents:
-        raise NotFoundError(
-            f"no schedule {schedule_id!r} in database {reader.database_name!r}"
-        )
-
-    if quarantine := documents[0].get("quarantine"):
-        reason = quarantine.get("reason") if isinstance(quarantine, Mapping) else None
-        raise NotFoundError(
-            f"schedule {schedule_id!r} is quarantined ({reason}); pausing or "
-            f"resuming it would lift the quarantine: remove it, or add it again "
-            f"from your application"
-        )
-
-    schedules = await scheduler.data_store.get_schedules({schedule_id})
-    if not schedules:
-        raise NotFoundError(
-            f"schedule {schedule_id!r} cannot be read here (see the warning); is "
-            f"--serializer right, and can this Python import what its trigger and "
-            f"arguments use?"
-        )
-
-    return schedules[0]
-
-
 def _say(line: str) -> None:
     sys.stdout.write(f"{line}\n")
 
@@ -373,68 +359,29 @@ async def _status(
 async def _pause(
     args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
 ) -> int:
-    schedule = await _schedule(scheduler, reader, args.schedule_id)
-    if schedule.paused:
-        _say(f"schedule {schedule.id!r} is already paused")
-    else:
-        await scheduler.pause_schedule(schedule.id)
-        _say(f"paused schedule {schedule.id!r}")
-
+    _say(await actions.pause(scheduler, reader, args.schedule_id))
     return EXIT_OK
 
 
 async def _resume(
     args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
 ) -> int:
-    schedule = await _schedule(scheduler, reader, args.schedule_id)
-    if not schedule.paused:
-        _say(f"schedule {schedule.id!r} is not paused")
-        return EXIT_OK
-
-    await scheduler.unpause_schedule(
-        schedule.id, resume_from="now" if args.now else None
-    )
-    resumed = await scheduler.get_schedule(schedule.id)
-    next_time = resumed.next_fire_time
-    when = next_time.isoformat(sep=" ", timespec="seconds") if next_time else "none"
-    _say(f"resumed schedule {schedule.id!r}; next fire time: {when}")
+    _say(await actions.resume(scheduler, reader, args.schedule_id, now=args.now))
     return EXIT_OK
 
 
 async def _remove(
     args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
 ) -> int:
-    schedule_id = args.schedule_id
-    if not await reader.find("schedules", {"_id": schedule_id}, {"_id": 1}):
-        raise NotFoundError(
-            f"no schedule {schedule_id!r} in database {reader.database_name!r}"
-        )
-
-    await scheduler.remove_schedule(schedule_id)
-    _say(f"removed schedule {schedule_id!r}")
+    _say(await actions.remove(scheduler, reader, args.schedule_id))
     return EXIT_OK
-
-
-async def _purge_counts(reader: Reader) -> list[int]:
-    return [
-        await reader.count("jobs", {"state": FINISHED, "result": {"$exists": True}}),
-        await reader.count("jobs", {"state": ACQUIRED}),
-        await reader.count("jobs", {}),
-        await reader.count("schedules", {}),
-    ]
 
 
 async def _purge(
     _args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
 ) -> int:
-    before = await _purge_counts(reader)
-    await scheduler.cleanup()
-    after = await _purge_counts(reader)
-    names = ["stored results", "running jobs", "job documents", "schedules"]
-    rows = [
-        [name, str(old), str(new)]
-        for name, old, new in zip(names, before, after, strict=True)
-    ]
+    purged = await actions.purge(scheduler, reader)
+    rows = [[name, str(old), str(new)] for name, old, new in purged.counts]
     _say("ran the store's cleanup")
     _say(format_table(["", "BEFORE", "AFTER"], rows, right=(1, 2)))
     return EXIT_OK
@@ -523,6 +470,50 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ran > 0 else 1
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..dashboard import Dashboard
+    except ImportError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+
+    try:
+        app = Dashboard(
+            args.uri,
+            database=args.database,
+            serializer=_serializer(args.serializer),
+            events_collection=args.events_collection,
+            actions=args.actions,
+            timeout=args.timeout,
+        )
+    except (TypeError, ValueError) as exc:
+        return _fail(EXIT_USAGE, str(exc))
+
+    loopback = args.host in ("127.0.0.1", "::1", "localhost")
+    where = f"[{args.host}]" if ":" in args.host else args.host
+    sys.stderr.write(
+        f"Dashboard of database {args.database!r} on http://{where}:{args.port}/ "
+        f"(actions {'on' if args.actions else 'off'}). It has no login: "
+        + (
+            "it listens on this host only.\n"
+            if loopback
+            else "anyone who can reach this address can see the store"
+            + (" and change it" if args.actions else "")
+            + "; put it behind an authenticating proxy.\n"
+        )
+    )
+    sys.stderr.flush()
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=3,
+    )
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)
@@ -536,5 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate_client_or_uri(args.uri)
     except (TypeError, ValueError) as exc:
         return _fail(EXIT_USAGE, str(exc).replace("client_or_uri", "--uri"))
+
+    if args.command == "dashboard":
+        return _dashboard(args)
 
     return anyio.run(_run_on_uri, args)

@@ -11,13 +11,13 @@ from typing import Any
 
 import attrs
 from apscheduler import RetrySettings, Schedule
-from apscheduler.abc import DataStore
+from apscheduler.abc import DataStore, Serializer
 
 from .. import _layout as layout
 from .._adapters import Adapter, Collection
 from .._clock import ServerClock, timed_hello
 from .._layout import ACQUIRED, FINISHED, QUEUED, Document
-from .._marshalling import MalformedDocumentError, describe_id, get_datetime
+from .._marshalling import MalformedDocumentError, describe_id, explain, get_datetime
 from .._retry import retrying
 
 
@@ -57,6 +57,15 @@ class Reader:
 
         return documents
 
+    async def aggregate(
+        self, collection: str, pipeline: Sequence[Mapping[str, Any]]
+    ) -> list[Document]:
+        async for attempt in retrying(self.retry_settings, self.logger):
+            with attempt:
+                documents = await self._collection(collection).aggregate(pipeline)
+
+        return documents
+
     async def server_clock(self) -> ServerClock:
         """Return the server's clock, estimated from one round trip."""
         clock = ServerClock()
@@ -65,6 +74,13 @@ class Reader:
                 await timed_hello(self.adapter, self.database_name, clock)
 
         return clock
+
+    async def estimated_count(self, collection: str) -> int:
+        async for attempt in retrying(self.retry_settings, self.logger):
+            with attempt:
+                count = await self._collection(collection).estimated_document_count()
+
+        return count
 
     async def count(self, collection: str, query: Mapping[str, Any]) -> int:
         async for attempt in retrying(self.retry_settings, self.logger):
@@ -95,6 +111,8 @@ class ScheduleRow:
     acquired_by: str | None = None
     acquired_until: datetime | None = None
     quarantine: str | None = None
+    #: The repr of the positional and keyword arguments (shortened), if readable
+    arguments: str | None = None
 
 
 @attrs.frozen
@@ -115,6 +133,22 @@ class ResultRow:
     outcome: str | None
     finished_at: datetime | None
     expires_at: datetime | None
+    #: The error the job raised, as text, if a result with one is stored
+    error: str | None = None
+
+
+#: How long a shown repr may be
+REPR_LIMIT = 200
+
+
+@attrs.frozen
+class Page:
+    """Which schedules to show: those after a schedule id, so many at most."""
+
+    #: Show the schedules whose (string) ids sort after this one
+    after: str | None = None
+    #: At most this many (``None``: all); running jobs are capped alike
+    size: int | None = None
 
 
 @attrs.frozen
@@ -133,6 +167,13 @@ class StoreStatus:
     running_jobs: list[RunningJobRow]
     finished_jobs: int
     results: list[ResultRow]
+    #: How many schedules there are in all (an estimate from the server's metadata
+    #: when only a page is shown)
+    schedule_count: int = 0
+    #: The id to show the next page after, if there are more schedules
+    next_page: str | None = None
+    #: How many jobs are running in all (more than shown when capped)
+    running_count: int = 0
 
 
 def _text(value: object) -> str | None:
@@ -145,6 +186,16 @@ def _time_field(document: Mapping[str, Any], key: str) -> datetime | None:
         return get_datetime(document, key)
     except MalformedDocumentError:
         return None
+
+
+def shorten(text: str, limit: int = REPR_LIMIT) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _arguments(schedule: Schedule) -> str:
+    parts = [repr(arg) for arg in schedule.args]
+    parts += [f"{key}={value!r}" for key, value in schedule.kwargs.items()]
+    return shorten(", ".join(parts))
 
 
 def _schedule_row(
@@ -181,16 +232,34 @@ def _schedule_row(
         acquired_by=schedule.acquired_by,
         acquired_until=schedule.acquired_until,
         quarantine=reason,
+        arguments=_arguments(schedule),
     )
 
 
-def _result_row(document: Mapping[str, Any]) -> ResultRow:
+def _error_text(result: Mapping[str, Any], serializer: Serializer | None) -> str | None:
+    """Return the stored exception of a result as text, or why it cannot be read."""
+    exception = result.get("exception")
+    if exception is None or serializer is None:
+        return None
+
+    try:
+        error = serializer.deserialize(exception)
+    except Exception as exc:
+        return f"(cannot be read here: {explain(exc)})"
+
+    return shorten(explain(error) if isinstance(error, BaseException) else repr(error))
+
+
+def _result_row(
+    document: Mapping[str, Any], serializer: Serializer | None = None
+) -> ResultRow:
     result = document.get("result")
-    outcome = finished_at = expires_at = None
+    outcome = finished_at = expires_at = error = None
     if isinstance(result, Mapping):
         outcome = _text(result.get("outcome"))
         finished_at = _time_field(result, "finished_at")
         expires_at = _time_field(result, "expires_at")
+        error = _error_text(result, serializer)
 
     quarantine = document.get("quarantine")
     if isinstance(quarantine, Mapping):
@@ -203,22 +272,31 @@ def _result_row(document: Mapping[str, Any]) -> ResultRow:
         outcome=outcome,
         finished_at=finished_at or _time_field(document, "finished_time"),
         expires_at=expires_at,
+        error=error,
     )
 
 
 async def gather_status(
-    data_store: DataStore, reader: Reader, limit: int
+    data_store: DataStore,
+    reader: Reader,
+    limit: int,
+    *,
+    page: Page = Page(),
+    serializer: Serializer | None = None,
 ) -> StoreStatus:
     """
-    Read what the status command shows.
+    Read what the status command (and the dashboard) shows.
 
     Tasks and schedules come from the store's API; a schedule that it cannot read
     here is described from its stored fields. Jobs are read directly, without their
     arguments: the API hands out every queued job with its arguments, which this
     process may be unable to deserialize. Quarantines and results are not shown by
-    the API at all.
+    the API at all. Every query is served by an index, and the number of commands
+    does not grow with the number of documents.
 
     :param limit: how many of the newest finished jobs to show
+    :param page: which schedules to show (and how many running jobs at most)
+    :param serializer: to read the errors of stored results (not shown without)
     """
     tasks = [
         TaskRow(
@@ -230,28 +308,89 @@ async def gather_status(
         )
         for task in await data_store.get_tasks()
     ]
-    readable = {schedule.id: schedule for schedule in await data_store.get_schedules()}
-    schedule_documents = await reader.find(
-        "schedules",
-        {},
-        {"trigger": 0, "args": 0, "kwargs": 0, "metadata": 0},
-        sort=[("_id", 1)],
+    schedules, next_page, schedule_count = await _schedule_page(
+        data_store, reader, page
     )
-    schedules = [
+    running = await _running_jobs(reader, page.size)
+    running_count = len(running)
+    if page.size is not None and running_count >= page.size:
+        running_count = await reader.count("jobs", {"state": ACQUIRED})
+
+    results = await _recent_results(reader, limit, serializer)
+    clock = await reader.server_clock()
+    return StoreStatus(
+        database=reader.database_name,
+        hosts=reader.adapter.hosts(),
+        taken_at=clock.now_datetime(),
+        host_offset=clock.measured_offset(),
+        tasks=tasks,
+        schedules=schedules,
+        queued_jobs=await _queued_counts(reader),
+        running_jobs=running,
+        finished_jobs=await reader.count("jobs", {"state": FINISHED}),
+        results=results,
+        schedule_count=schedule_count,
+        next_page=next_page,
+        running_count=running_count,
+    )
+
+
+async def _schedule_page(
+    data_store: DataStore, reader: Reader, page: Page
+) -> tuple[list[ScheduleRow], str | None, int]:
+    """Return the page's schedules, the id to show the next page after, the count."""
+    documents = await reader.find(
+        "schedules",
+        {} if page.after is None else {"_id": {"$gt": page.after}},
+        {"trigger": 0, "args": 0, "kwargs": 0, "metadata": 0},
+        sort=layout.BY_ID,
+        limit=0 if page.size is None else page.size + 1,
+    )
+    next_page = None
+    if page.size is not None and len(documents) > page.size:
+        del documents[page.size :]
+        last = documents[-1]["_id"]
+        next_page = last if isinstance(last, str) else None
+
+    # An id that is no string (hand-made, maybe not even hashable): unread
+    ids = {key for document in documents if isinstance(key := document["_id"], str)}
+    wanted = None if page.size is None else ids
+    readable = {}
+    if ids:
+        schedules = await data_store.get_schedules(wanted)
+        readable = {schedule.id: schedule for schedule in schedules}
+
+    rows = [
         _schedule_row(
             document,
-            # An id that is no string (hand-made, maybe not even hashable): unread
             readable.get(key) if isinstance(key := document["_id"], str) else None,
         )
-        for document in schedule_documents
+        for document in documents
     ]
-    queued = Counter(
-        str(document.get("task_id"))
-        for document in await reader.find(
-            "jobs", {"state": QUEUED}, {"task_id": 1, "_id": 0}
-        )
+    if page.size is None and page.after is None:
+        return rows, None, len(rows)
+
+    return rows, next_page, await reader.estimated_count("schedules")
+
+
+async def _queued_counts(reader: Reader) -> dict[str, int]:
+    """Count the queued jobs of each task (on the server, in one command)."""
+    groups = await reader.aggregate(
+        "jobs",
+        [
+            {"$match": {"state": QUEUED}},
+            {"$group": {"_id": "$task_id", "count": {"$sum": 1}}},
+        ],
     )
-    running = [
+    counts = Counter[str]()
+    for group in groups:
+        counts[str(group["_id"])] += int(group["count"])
+
+    return dict(sorted(counts.items()))
+
+
+async def _running_jobs(reader: Reader, cap: int | None) -> list[RunningJobRow]:
+    return [
         RunningJobRow(
             id=describe_id(document["_id"]),
             task_id=_text(document.get("task_id")),
@@ -264,42 +403,36 @@ async def gather_status(
             {"state": ACQUIRED},
             {"task_id": 1, "schedule_id": 1, "acquired_by": 1, "acquired_until": 1},
             sort=layout.QUEUE_ORDER,
+            limit=cap or 0,
         )
     ]
-    results: list[ResultRow] = []
-    if limit:
-        finished = await reader.find(
-            "jobs",
-            {"state": FINISHED},
-            {
-                "task_id": 1,
-                "schedule_id": 1,
-                "finished_time": 1,
-                "quarantine": 1,
-                "result.outcome": 1,
-                "result.finished_at": 1,
-                "result.finished_at_offset": 1,
-                "result.expires_at": 1,
-                "result.expires_at_offset": 1,
-            },
-            sort=layout.NEWEST_FIRST,
-            limit=limit,
-        )
-        results = [_result_row(document) for document in finished]
 
-    clock = await reader.server_clock()
-    return StoreStatus(
-        database=reader.database_name,
-        hosts=reader.adapter.hosts(),
-        taken_at=clock.now_datetime(),
-        host_offset=clock.measured_offset(),
-        tasks=tasks,
-        schedules=schedules,
-        queued_jobs=dict(sorted(queued.items())),
-        running_jobs=running,
-        finished_jobs=await reader.count("jobs", {"state": FINISHED}),
-        results=results,
+
+async def _recent_results(
+    reader: Reader, limit: int, serializer: Serializer | None
+) -> list[ResultRow]:
+    if not limit:
+        return []
+
+    finished = await reader.find(
+        "jobs",
+        {"state": FINISHED},
+        {
+            "task_id": 1,
+            "schedule_id": 1,
+            "finished_time": 1,
+            "quarantine": 1,
+            "result.outcome": 1,
+            "result.exception": 1,
+            "result.finished_at": 1,
+            "result.finished_at_offset": 1,
+            "result.expires_at": 1,
+            "result.expires_at_offset": 1,
+        },
+        sort=layout.NEWEST_FIRST,
+        limit=limit,
     )
+    return [_result_row(document, serializer) for document in finished]
 
 
 # Printing
@@ -344,7 +477,7 @@ def _span(seconds: float) -> str:
     return f"{seconds / 86400:.0f} d"
 
 
-def _when(value: datetime | None, now: datetime, *, lease: bool = False) -> str:
+def when(value: datetime | None, now: datetime, *, lease: bool = False) -> str:
     """Show a time with how far it is from ``now`` ("in 25 s", "3 min ago")."""
     if value is None:
         return "-"
@@ -357,18 +490,18 @@ def _when(value: datetime | None, now: datetime, *, lease: bool = False) -> str:
     return f"{shown} ({'lapsed ' if lease else ''}{_span(seconds)} ago)"
 
 
-def _or_dash(value: object) -> str:
+def or_dash(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def _problem(row: ScheduleRow) -> str:
+def problem(row: ScheduleRow) -> str:
     if row.quarantine is not None:
         return f"quarantined: {row.quarantine}"
 
     return "" if row.readable else "cannot be read here (see the warnings)"
 
 
-def _paused(row: ScheduleRow) -> str:
+def paused(row: ScheduleRow) -> str:
     return "?" if row.paused is None else ("yes" if row.paused else "no")
 
 
@@ -377,18 +510,18 @@ def _schedule_rows(status: StoreStatus, problems: bool) -> list[list[str]]:
     return [
         [
             row.id,
-            _or_dash(row.task_id),
-            _when(row.next_fire_time, now),
-            _paused(row),
-            _or_dash(row.acquired_by),
-            _when(row.acquired_until, now, lease=True),
-            *([_problem(row)] if problems else []),
+            or_dash(row.task_id),
+            when(row.next_fire_time, now),
+            paused(row),
+            or_dash(row.acquired_by),
+            when(row.acquired_until, now, lease=True),
+            *([problem(row)] if problems else []),
         ]
         for row in status.schedules
     ]
 
 
-def _clock_note(offset: float | None) -> str:
+def clock_note(offset: float | None) -> str:
     """Say whose clock the times are on, and how far this host's is off."""
     if offset is None:
         return "(by this host's clock)"
@@ -403,7 +536,7 @@ def _clock_note(offset: float | None) -> str:
 def render_text(status: StoreStatus) -> str:
     """Return the status as aligned plain-text tables, one section each."""
     now = status.taken_at
-    problems = any(_problem(row) for row in status.schedules)
+    problems = any(problem(row) for row in status.schedules)
     schedule_rows = _schedule_rows(status, problems)
     sections = [
         (
@@ -412,9 +545,9 @@ def render_text(status: StoreStatus) -> str:
             [
                 [
                     task.id,
-                    _or_dash(task.func),
+                    or_dash(task.func),
                     task.executor,
-                    _or_dash(task.max_running_jobs),
+                    or_dash(task.max_running_jobs),
                     str(task.running_jobs),
                 ]
                 for task in status.tasks
@@ -440,10 +573,10 @@ def render_text(status: StoreStatus) -> str:
             [
                 [
                     job.id,
-                    _or_dash(job.task_id),
-                    _or_dash(job.schedule_id),
-                    _or_dash(job.acquired_by),
-                    _when(job.acquired_until, now, lease=True),
+                    or_dash(job.task_id),
+                    or_dash(job.schedule_id),
+                    or_dash(job.acquired_by),
+                    when(job.acquired_until, now, lease=True),
                 ]
                 for job in status.running_jobs
             ],
@@ -456,11 +589,11 @@ def render_text(status: StoreStatus) -> str:
             [
                 [
                     result.job_id,
-                    _or_dash(result.task_id),
-                    _or_dash(result.schedule_id),
-                    _or_dash(result.outcome),
-                    _when(result.finished_at, now),
-                    _when(result.expires_at, now),
+                    or_dash(result.task_id),
+                    or_dash(result.schedule_id),
+                    or_dash(result.outcome),
+                    when(result.finished_at, now),
+                    when(result.expires_at, now),
                 ]
                 for result in status.results
             ],
@@ -470,7 +603,7 @@ def render_text(status: StoreStatus) -> str:
     lines = [
         f"Store in database {status.database!r} at {', '.join(status.hosts)}, "
         f"as of {status.taken_at.isoformat(sep=' ', timespec='seconds')} "
-        f"{_clock_note(status.host_offset)}"
+        f"{clock_note(status.host_offset)}"
     ]
     for title, headers, rows, right in sections:
         lines += ["", title]
