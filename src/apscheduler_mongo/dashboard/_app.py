@@ -1,0 +1,467 @@
+"""The dashboard: an ASGI application over a store, live through its event broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from urllib.parse import parse_qs, quote
+
+import anyio
+import attrs
+import jinja2
+from apscheduler import AsyncScheduler, RetrySettings, ScheduleLookupError
+from apscheduler.abc import Serializer
+from apscheduler.serializers.pickle import PickleSerializer
+from attrs.validators import ge, instance_of
+from pymongo.errors import PyMongoError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Message, Receive, Scope, Send
+from tenacity import stop_after_delay, wait_exponential
+
+from .._client import open_client, redact, validate_client_or_uri
+from .._datastore import MongoDBDataStore
+from .._eventbroker import MongoDBEventBroker
+from .._names import validate_database_name
+from .._tools import actions
+from .._tools.status import (
+    Page,
+    Reader,
+    StoreStatus,
+    clock_note,
+    gather_status,
+    or_dash,
+    paused,
+    problem,
+    when,
+)
+from . import _csrf
+
+#: Seconds between comments that keep an idle event stream open through proxies
+KEEP_ALIVE = 15.0
+#: Seconds to gather a burst of events into one notice to the page
+COALESCE = 0.25
+#: The largest action form accepted (bytes)
+MAX_FORM = 16 * 1024
+#: What every response says to the browser: only this site's own assets, no framing
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' "
+        b"data:; connect-src 'self'; form-action 'self'; base-uri 'none'; "
+        b"frame-ancestors 'self'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+]
+_ACTIONS = frozenset({"pause", "resume", "remove", "purge"})
+
+_templates = jinja2.Environment(
+    loader=jinja2.PackageLoader("apscheduler_mongo.dashboard", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
+_templates.globals.update(
+    when=when, or_dash=or_dash, paused=paused, problem=problem, clock_note=clock_note
+)
+
+
+@attrs.frozen
+class _Connection:
+    """The dashboard's scheduler (never started: its API only) and reader."""
+
+    scheduler: AsyncScheduler
+    reader: Reader
+
+
+def _source_options(
+    source: object, database: str | None, serializer: Serializer | None
+) -> tuple[object, str, Serializer]:
+    """Return the client or URI, database and serializer to read ``source`` with."""
+    if isinstance(source, MongoDBDataStore):
+        return (
+            source.client_or_uri,
+            database or source.database,
+            serializer or source.serializer,
+        )
+
+    validate_client_or_uri(source)
+    return source, database or "apscheduler", serializer or PickleSerializer()
+
+
+def _as_bytes(value: bytes | str | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+@attrs.define(eq=False)
+class Dashboard:
+    """
+    A live web dashboard of a :class:`~apscheduler_mongo.MongoDBDataStore`: an ASGI
+    application (Starlette) to mount in a web app, or to serve alone.
+
+    It shows tasks, schedules (a page at a time), queued and running jobs and
+    recent results, and updates the page whenever any process's scheduler announces
+    a change on the :class:`~apscheduler_mongo.MongoDBEventBroker`. It has no login
+    of its own: mount it behind the host application's authentication.
+
+    It opens its own store and broker on the database (a scheduler that is never
+    started) when the host application's lifespan enters ``async with dashboard``,
+    or else at the first request, on asyncio; it closes them when the lifespan ends
+    or at :meth:`aclose`. Served alone (``uvicorn`` on the dashboard itself), it
+    handles the lifespan by itself.
+
+    :param source: the store to show (its client or URI, database and serializer
+        are used), or a MongoDB URI or client
+    :param database: the store's database (default: the store's, or
+        ``apscheduler``)
+    :param serializer: the store's serializer (default: the store's, or pickle),
+        to read schedules' arguments and results' errors
+    :param events_collection: the collection of the schedulers' event broker
+    :param actions: allow pausing, resuming and removing schedules and purging
+        (POST only, with CSRF protection); off by default
+    :param csrf_secret: the key that signs CSRF tokens; give the same one to every
+        process serving the dashboard behind one address (default: random, for
+        this process only)
+    :param page_size: how many schedules (and running jobs) a page shows
+    :param results: how many of the newest results to show
+    :param timeout: seconds a request may take before it fails (retrying
+        temporary failures until then)
+    """
+
+    source: object
+    database: str | None = attrs.field(default=None, kw_only=True)
+    serializer: Serializer | None = attrs.field(default=None, kw_only=True)
+    events_collection: str = attrs.field(
+        default="events", kw_only=True, validator=instance_of(str)
+    )
+    actions: bool = attrs.field(
+        default=False, kw_only=True, validator=instance_of(bool)
+    )
+    csrf_secret: bytes | None = attrs.field(
+        default=None, kw_only=True, converter=_as_bytes
+    )
+    page_size: int = attrs.field(default=100, kw_only=True, validator=[ge(1)])
+    results: int = attrs.field(default=20, kw_only=True, validator=[ge(0)])
+    timeout: float = attrs.field(default=10.0, kw_only=True, validator=[ge(0.1)])
+    _client_or_uri: object = attrs.field(init=False)
+    _database: str = attrs.field(init=False)
+    _serializer: Serializer = attrs.field(init=False)
+    _secret: bytes = attrs.field(init=False)
+    _app: Starlette = attrs.field(init=False)
+    _logger: logging.Logger = attrs.field(
+        init=False, factory=lambda: logging.getLogger("apscheduler_mongo.dashboard")
+    )
+    _started: asyncio.Future[_Connection] | None = attrs.field(init=False, default=None)
+    _holder: asyncio.Task[None] | None = attrs.field(init=False, default=None)
+    _stop: asyncio.Event | None = attrs.field(init=False, default=None)
+    _streams: set[asyncio.Event] = attrs.field(init=False, factory=set)
+    _closing: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._client_or_uri, database, self._serializer = _source_options(
+            self.source, self.database, self.serializer
+        )
+        self._database = validate_database_name(database)
+        self._secret = self.csrf_secret or secrets.token_bytes(32)
+        self._app = Starlette(
+            routes=[
+                Route("/", self._page, methods=["GET"]),
+                Route("/panels", self._panels, methods=["GET"]),
+                Route("/events", self._events, methods=["GET"]),
+                Route("/actions/{name}", self._action, methods=["POST"]),
+                Mount(
+                    "/static",
+                    app=StaticFiles(
+                        packages=[("apscheduler_mongo.dashboard", "static")]
+                    ),
+                ),
+            ],
+            lifespan=self._lifespan,
+        )
+
+    def __repr__(self) -> str:
+        return f"Dashboard(database={self._database!r}, actions={self.actions})"
+
+    # ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def send_secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+
+            await send(message)
+
+        await self._app(scope, receive, send_secured)
+
+    @asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        async with self:
+            yield
+
+    # The store and broker
+
+    async def __aenter__(self) -> Dashboard:
+        await self._connection()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the dashboard's store and broker, and end its event streams."""
+        self._closing = True
+        for stream in self._streams:
+            stream.set()
+
+        if self._stop is not None and self._holder is not None:
+            self._stop.set()
+            await asyncio.shield(self._holder)
+
+        self._started = self._holder = self._stop = None
+        self._closing = False
+
+    async def _connection(self) -> _Connection:
+        """Return the open store and broker, opening them if they are not."""
+        started = self._started
+        if started is None or (started.done() and started.exception() is not None):
+            loop = asyncio.get_running_loop()
+            started = self._started = loop.create_future()
+            self._stop = asyncio.Event()
+            self._holder = loop.create_task(self._hold(started, self._stop))
+
+        return await asyncio.shield(started)
+
+    def _retry_settings(self) -> RetrySettings:
+        return RetrySettings(
+            stop=stop_after_delay(self.timeout),
+            wait=wait_exponential(multiplier=0.25, max=2),
+        )
+
+    async def _hold(
+        self, started: asyncio.Future[_Connection], stop: asyncio.Event
+    ) -> None:
+        """Open the store and broker, keep them open until ``stop``, close them."""
+        settings = self._retry_settings()
+        try:
+            async with AsyncExitStack() as exit_stack:
+                adapter = await open_client(
+                    self._client_or_uri, exit_stack, self._logger
+                )
+                store = MongoDBDataStore(
+                    adapter.client,
+                    database=self._database,
+                    serializer=self._serializer,
+                    retry_settings=settings,
+                )
+                broker = MongoDBEventBroker(
+                    adapter.client,
+                    database=self._database,
+                    collection=self.events_collection,
+                    retry_settings=settings,
+                )
+                scheduler = AsyncScheduler(store, broker, logger=self._logger)
+                await exit_stack.enter_async_context(scheduler)
+                reader = Reader(adapter, self._database, settings, self._logger)
+                started.set_result(_Connection(scheduler, reader))
+                await stop.wait()
+        except Exception as exc:
+            if started.done():
+                raise
+
+            started.set_exception(exc)
+
+    # Pages
+
+    def _base(self, request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/") + "/"
+
+    async def _status(self, request: Request) -> StoreStatus:
+        connection = await self._connection()
+        page = Page(request.query_params.get("after") or None, self.page_size)
+        with anyio.fail_after(self.timeout):
+            return await gather_status(
+                connection.scheduler.data_store,
+                connection.reader,
+                self.results,
+                page=page,
+                serializer=self._serializer,
+            )
+
+    async def _render(self, request: Request, template: str, nonce: str) -> Response:
+        try:
+            status = await self._status(request)
+        except (TimeoutError, PyMongoError, RuntimeError) as exc:
+            reason = "no answer in time" if isinstance(exc, TimeoutError) else exc
+            return PlainTextResponse(
+                redact(f"The store cannot be read now: {reason}"), status_code=503
+            )
+
+        after = request.query_params.get("after")
+        body = _templates.get_template(template).render(
+            status=status,
+            base=self._base(request),
+            query=f"?after={quote(after)}" if after else "",
+            token=_csrf.token_for(self._secret, nonce),
+            actions=self.actions,
+            said=request.query_params.get("said", ""),
+        )
+        return HTMLResponse(body, headers={"cache-control": "no-store"})
+
+    async def _page(self, request: Request) -> Response:
+        nonce = request.cookies.get(_csrf.COOKIE) or _csrf.new_nonce()
+        response = await self._render(request, "page.html", nonce)
+        if request.cookies.get(_csrf.COOKIE) != nonce:
+            response.set_cookie(
+                _csrf.COOKIE,
+                nonce,
+                path=self._base(request),
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
+            )
+
+        return response
+
+    async def _panels(self, request: Request) -> Response:
+        return await self._render(
+            request, "panels.html", request.cookies.get(_csrf.COOKIE, "")
+        )
+
+    # Live updates
+
+    async def _events(self, _request: Request) -> Response:
+        connection = await self._connection()
+        changed = asyncio.Event()
+        subscription = connection.scheduler.event_broker.subscribe(
+            lambda _event: changed.set(), is_async=False
+        )
+        self._streams.add(changed)
+
+        async def notices() -> AsyncIterator[str]:
+            try:
+                yield "retry: 2000\n\n"
+                while not self._closing:
+                    with anyio.move_on_after(KEEP_ALIVE) as idle:
+                        await changed.wait()
+
+                    if idle.cancelled_caught:
+                        yield ": still here\n\n"
+                        continue
+
+                    await anyio.sleep(COALESCE)  # one notice for a burst of events
+                    changed.clear()
+                    if not self._closing:
+                        yield "event: change\ndata: {}\n\n"
+            finally:
+                subscription.unsubscribe()
+                self._streams.discard(changed)
+
+        return StreamingResponse(
+            notices(),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
+
+    # Actions
+
+    async def _action(self, request: Request) -> Response:
+        if not self.actions:
+            return self._reply(
+                request, 403, "actions are off (the host application can turn them on)"
+            )
+
+        form = await _read_form(request)
+        if form is None:
+            return self._reply(request, 413, "the form is too large")
+
+        origin = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        refusal = _csrf.refusal(
+            self._secret,
+            request.cookies.get(_csrf.COOKIE),
+            form.get(_csrf.FIELD),
+            request.headers,
+            origin,
+        )
+        if refusal is not None:
+            return self._reply(request, 403, f"refused: {refusal}")
+
+        name = request.path_params["name"]
+        if name not in _ACTIONS:
+            return self._reply(request, 404, f"no action {name!r}")
+
+        return await self._act(request, name, form)
+
+    async def _act(self, request: Request, name: str, form: dict[str, str]) -> Response:
+        connection = await self._connection()
+        scheduler, reader = connection.scheduler, connection.reader
+        schedule_id = form.get("schedule_id", "")
+        changes: dict[str, Callable[[], Awaitable[str]]] = {
+            "pause": lambda: actions.pause(scheduler, reader, schedule_id),
+            "resume": lambda: actions.resume(
+                scheduler, reader, schedule_id, now=form.get("from") == "now"
+            ),
+            "remove": lambda: actions.remove(scheduler, reader, schedule_id),
+            "purge": lambda: _purge(scheduler, reader),
+        }
+        try:
+            with anyio.fail_after(self.timeout):
+                message = await changes[name]()
+        except TimeoutError:
+            return self._reply(
+                request,
+                504,
+                "no answer from MongoDB in time (the change may or may not have "
+                "been made)",
+            )
+        except (actions.NotFoundError, ScheduleLookupError) as exc:
+            return self._reply(request, 404, str(exc))
+        except (PyMongoError, RuntimeError) as exc:
+            return self._reply(request, 503, redact(str(exc)))
+
+        return self._reply(request, 200, message)
+
+    def _reply(self, request: Request, status: int, message: str) -> Response:
+        """Answer the page's script in JSON, a plain form with a redirect."""
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"message": message}, status_code=status)
+
+        if status != 200:
+            return PlainTextResponse(message, status_code=status)
+
+        return RedirectResponse(
+            f"{self._base(request)}?said={quote(message)}", status_code=303
+        )
+
+
+async def _purge(scheduler: AsyncScheduler, reader: Reader) -> str:
+    purged = await actions.purge(scheduler, reader)
+    return f"ran the store's cleanup: {purged.summary()}"
+
+
+async def _read_form(request: Request) -> dict[str, str] | None:
+    """Return an urlencoded form's fields (the first value of each), or ``None``."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            return None
+
+    fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return {key: values[0] for key, values in fields.items()}

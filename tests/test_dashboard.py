@@ -1,0 +1,678 @@
+"""
+The web dashboard: its panels, paging, actions and their CSRF protection, escaping,
+the commands a page costs, live updates, and the page in a real browser.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+from apscheduler import ConflictPolicy, Job, JobOutcome, JobResult, Schedule
+from apscheduler.triggers.interval import IntervalTrigger
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount
+
+from apscheduler_mongo import MongoDBDataStore
+from apscheduler_mongo.dashboard import Dashboard
+
+from .support.commands import CommandLog
+from .support.fake_servers import free_port
+from .support.index_rules import queries_of, served
+from .support.items import add_task, due_schedule
+from .support.stores import announcing_store
+from .support.tiers import WIRE_ONLY
+
+pytestmark = pytest.mark.anyio
+HOSTILE = "<script>alert('x')</script>"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _token(page: str) -> str:
+    match = re.search(r'name="csrf_token" value="([0-9a-f]+)"', page)
+    assert match, "the page has no action form"
+    return match.group(1)
+
+
+@asynccontextmanager
+async def browsing(dashboard: Dashboard) -> AsyncIterator[httpx.AsyncClient]:
+    """Open the dashboard and an HTTP client of it (in process, over ASGI)."""
+    async with dashboard:
+        transport = httpx.ASGITransport(app=dashboard)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://dashboard.test"
+        ) as http:
+            yield http
+
+
+async def _add_schedules(store: MongoDBDataStore, *ids: str, **options: Any) -> None:
+    """Add schedules of ``task`` firing hourly, the first fire time a second ago."""
+    for schedule_id in ids:
+        due = due_schedule(schedule_id)
+        schedule = Schedule(
+            id=due.id,
+            task_id=due.task_id,
+            trigger=IntervalTrigger(hours=1),
+            job_executor="async",
+            **options,
+        )
+        schedule.next_fire_time = due.next_fire_time
+        await store.add_schedule(schedule, ConflictPolicy.exception)
+
+
+class TestPanels:
+    async def test_every_panel(
+        self, store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        await add_task(store, max_running_jobs=3)
+        await _add_schedules(store, "nightly", args=(42,), kwargs={"to": "ops"})
+        running = Job(task_id="task", executor="async")
+        await store.add_job(running)
+        failed = Job(
+            task_id="task", executor="async", result_expiration_time=timedelta(hours=1)
+        )
+        await store.add_job(failed)
+        claimed = await store.acquire_jobs("worker-1", timedelta(minutes=5), 2)
+        assert [job.id for job in claimed] == [running.id, failed.id]
+        finishing = claimed[1]
+        await store.release_job(
+            "worker-1",
+            finishing,
+            JobResult.from_job(
+                finishing, JobOutcome.error, exception=ValueError("disk <full>")
+            ),
+        )
+        await store.add_job(Job(task_id="task", executor="async"))
+
+        async with browsing(Dashboard(client, database=database_name)) as http:
+            reply = await http.get("/")
+
+        page = reply.text
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/html")
+        # Tasks, with running count and cap; queued jobs per task
+        assert re.search(
+            r'data-task="task">.*<td class="n">1</td><td class="n">3</td>'
+            r'<td class="n">1</td>',
+            page,
+        )
+        # Schedules, with their arguments' repr (escaped)
+        assert 'data-schedule="nightly"' in page
+        assert "42, to=&#39;ops&#39;" in page
+        # Running jobs, with owner and lease
+        assert f'data-job="{running.id}"' in page
+        assert "worker-1" in page
+        # Results with outcome and error, escaped
+        assert f'data-result="{finishing.id}"' in page
+        assert "ValueError: disk &lt;full&gt;" in page
+        # No action is offered: they are off by default
+        assert "<form" not in page
+
+    async def test_unreadable_schedule_shown_as_such(
+        self, store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        await add_task(store)
+        await _add_schedules(store, "broken")
+        await client[database_name]["schedules"].update_one(
+            {"_id": "broken"}, {"$set": {"trigger": b"not a trigger"}}
+        )
+        async with browsing(Dashboard(client, database=database_name)) as http:
+            page = (await http.get("/")).text
+
+        assert 'data-schedule="broken"' in page
+        assert "cannot be read here" in page
+
+    async def test_everything_escaped(
+        self, store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        await add_task(store, task_id=HOSTILE)
+        schedule = due_schedule(HOSTILE, task_id=HOSTILE)
+        # Passed as Any: APScheduler's converters confuse mypy about these types
+        arguments: dict[str, Any] = {"args": (HOSTILE,)}
+        schedule = Schedule(
+            id=HOSTILE,
+            task_id=HOSTILE,
+            trigger=schedule.trigger,
+            job_executor="async",
+            **arguments,
+        )
+        await store.add_schedule(schedule, ConflictPolicy.exception)
+        await store.add_job(Job(task_id=HOSTILE, executor="async"))
+        dashboard = Dashboard(client, database=database_name, actions=True)
+        async with browsing(dashboard) as http:
+            page = (await http.get("/")).text
+            panels = (await http.get("/panels")).text
+
+        for body in (page, panels):
+            assert "<script>alert" not in body
+            assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in body
+
+        # The only scripts are the dashboard's own file
+        assert re.findall(r"<script[^>]*>", page) == [
+            '<script src="/static/dashboard.js" defer>'
+        ]
+
+    async def test_headers_and_no_secrets(
+        self, client: Any, database_name: str
+    ) -> None:
+        dashboard = Dashboard(client, database=database_name)
+        async with browsing(dashboard) as http:
+            reply = await http.get("/")
+            script = await http.get("/static/dashboard.js")
+
+        assert "default-src 'self'" in reply.headers["content-security-policy"]
+        assert reply.headers["x-content-type-options"] == "nosniff"
+        assert script.status_code == 200
+        assert "EventSource" in script.text
+        assert "mongodb://" not in reply.text
+        assert "mongodb://" not in repr(dashboard)
+        cookie = reply.headers["set-cookie"].lower()
+        assert "httponly" in cookie
+        assert "samesite=strict" in cookie
+
+    async def test_paging(
+        self, store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        await add_task(store)
+        ids = [f"s-{n}" for n in range(7)]
+        await _add_schedules(store, *ids)
+        seen: list[str] = []
+        dashboard = Dashboard(client, database=database_name, page_size=3)
+        async with browsing(dashboard) as http:
+            url = "/"
+            for _ in range(4):
+                page = (await http.get(url)).text
+                seen += re.findall(r'<tr data-schedule="([^"]+)"', page)
+                more = re.search(r'href="(/\?after=[^"]+)" data-page', page)
+                if more is None:
+                    break
+
+                url = more.group(1)
+
+        assert seen == ids
+        assert '<span class="count">7</span>' in page
+
+
+class TestActions:
+    async def test_read_only_by_default(
+        self, store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        await add_task(store)
+        await _add_schedules(store, "s")
+        async with browsing(Dashboard(client, database=database_name)) as http:
+            await http.get("/")
+            reply = await http.post("/actions/pause", data={"schedule_id": "s"})
+
+        assert reply.status_code == 403
+        assert "actions are off" in reply.text
+        assert not (await store.get_schedules({"s"}))[0].paused
+
+    async def test_pause_resume_remove_purge(
+        self, store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        await add_task(store)
+        await _add_schedules(store, "s", "t")
+        dashboard = Dashboard(client, database=database_name, actions=True)
+        json = {"accept": "application/json"}
+        async with browsing(dashboard) as http:
+            token = _token((await http.get("/")).text)
+            form = {"csrf_token": token, "schedule_id": "s"}
+            paused = await http.post("/actions/pause", data=form, headers=json)
+            assert paused.json() == {"message": "paused schedule 's'"}
+            assert (await store.get_schedules({"s"}))[0].paused
+            assert 'class="resume"' in (await http.get("/panels")).text
+
+            resumed = await http.post("/actions/resume", data=form, headers=json)
+            assert resumed.json()["message"].startswith("resumed schedule 's'")
+            assert not (await store.get_schedules({"s"}))[0].paused
+
+            # A plain form (no script): redirected back to the page, which says it
+            removed = await http.post("/actions/remove", data=form)
+            assert removed.status_code == 303
+            assert removed.headers["location"].startswith("/?said=removed")
+            assert [s.id for s in await store.get_schedules()] == ["t"]
+
+            purged = await http.post(
+                "/actions/purge", data={"csrf_token": token}, headers=json
+            )
+            assert purged.json()["message"].startswith("ran the store's cleanup")
+
+            missing = await http.post("/actions/pause", data=form, headers=json)
+            assert missing.status_code == 404
+            assert "no schedule 's'" in missing.json()["message"]
+
+    @pytest.mark.parametrize(
+        "forgery",
+        ["wrong token", "no token", "no cookie", "other origin", "cross-site fetch"],
+    )
+    async def test_csrf_refused(
+        self,
+        store: MongoDBDataStore,
+        client: Any,
+        database_name: str,
+        forgery: str,
+    ) -> None:
+        await add_task(store)
+        await _add_schedules(store, "s")
+        dashboard = Dashboard(client, database=database_name, actions=True)
+        async with browsing(dashboard) as http:
+            token = _token((await http.get("/")).text)
+            form = {"csrf_token": token, "schedule_id": "s"}
+            headers: dict[str, str] = {}
+            if forgery == "wrong token":
+                form["csrf_token"] = "0" * 64
+            elif forgery == "no token":
+                del form["csrf_token"]
+            elif forgery == "no cookie":
+                http.cookies.clear()
+            elif forgery == "other origin":
+                headers["origin"] = "https://evil.test"
+            else:
+                headers["sec-fetch-site"] = "cross-site"
+
+            reply = await http.post("/actions/pause", data=form, headers=headers)
+
+        assert reply.status_code == 403
+        assert reply.text.startswith("refused: ")
+        assert not (await store.get_schedules({"s"}))[0].paused
+
+    async def test_token_from_another_dashboard_refused(
+        self, store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        """Tokens are signed with the dashboard's secret; a shared one works too."""
+        await add_task(store)
+        await _add_schedules(store, "s")
+        first = Dashboard(client, database=database_name, actions=True)
+        second = Dashboard(client, database=database_name, actions=True)
+        shared = [
+            Dashboard(client, database=database_name, actions=True, csrf_secret="k")
+            for _ in range(2)
+        ]
+        for issuer, checker, accepted in [
+            (first, second, False),
+            (shared[0], shared[1], True),
+        ]:
+            async with browsing(issuer) as http:
+                token = _token((await http.get("/")).text)
+                cookies = http.cookies
+
+            async with browsing(checker) as http:
+                http.cookies = cookies
+                reply = await http.post(
+                    "/actions/pause", data={"csrf_token": token, "schedule_id": "s"}
+                )
+
+            assert (reply.status_code == 303) is accepted, reply.text
+
+
+class TestMounting:
+    async def test_behind_a_starlette_middleware(
+        self, store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        """The mounting example of the docs: the host app's check guards every path."""
+
+        class OperatorsOnly(BaseHTTPMiddleware):
+            async def dispatch(
+                self, request: Request, call_next: RequestResponseEndpoint
+            ) -> Response:
+                if request.headers.get("authorization") != "Bearer operator":
+                    return PlainTextResponse("login first", status_code=401)
+
+                return await call_next(request)
+
+        await add_task(store)
+        await _add_schedules(store, "s")
+        dashboard = Dashboard(client, database=database_name)
+        app = Starlette(
+            routes=[
+                Mount(
+                    "/scheduler", app=dashboard, middleware=[Middleware(OperatorsOnly)]
+                )
+            ]
+        )
+        async with dashboard:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://app.test"
+            ) as http:
+                for path in ("/scheduler/", "/scheduler/panels", "/scheduler/events"):
+                    assert (await http.get(path)).status_code == 401
+
+                reply = await http.get(
+                    "/scheduler/", headers={"authorization": "Bearer operator"}
+                )
+
+        assert reply.status_code == 200
+        assert 'data-base="/scheduler/"' in reply.text
+        assert 'href="/scheduler/static/dashboard.css"' in reply.text
+        assert "path=/scheduler/" in reply.headers["set-cookie"].lower()
+
+
+#: Commands that are not the page's: the broker's polls of its collection, and the
+#: driver's and the store's handshakes and clock readings
+_NOT_THE_PAGE = frozenset({"hello", "isMaster", "ismaster", "ping", "endSessions"})
+
+
+def _page_commands(log: CommandLog, start: int) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (name, command)
+        for name, command in log.commands[start:]
+        if name not in _NOT_THE_PAGE and command.get(name) != "events"
+    ]
+
+
+@WIRE_ONLY
+class TestCost:
+    async def test_commands_do_not_grow_with_schedules(
+        self,
+        store: MongoDBDataStore,
+        logged_client: Any,
+        command_log: CommandLog,
+        database_name: str,
+        figures: Any,
+    ) -> None:
+        """A page of 1,000 schedules costs the commands of a page of 10, each served
+        by an index (so on a real server, time does not grow with the store)."""
+        await add_task(store)
+        costs: dict[int, tuple[int, float]] = {}
+        added = 0
+        dashboard = Dashboard(logged_client, database=database_name)
+        async with browsing(dashboard) as http:
+            for total in (10, 1000):
+                await _add_schedules(store, *(f"s-{n:04}" for n in range(added, total)))
+                added = total
+                start = len(command_log.commands)
+                started = time.perf_counter()
+                reply = await http.get("/")
+                elapsed = time.perf_counter() - started
+                sent = _page_commands(command_log, start)
+                costs[total] = (len(sent), elapsed)
+                assert reply.status_code == 200
+                assert reply.text.count("<tr data-schedule=") == min(total, 100)
+
+        indexes = {}
+        for name in ("schedules", "jobs", "tasks"):
+            cursor = await logged_client[database_name][name].list_indexes()
+            indexes[name] = [
+                list(index["key"].items()) for index in await cursor.to_list(None)
+            ]
+
+        queries = [
+            query for name, command in sent for query in queries_of(name, command)
+        ]
+        unserved = [
+            query
+            for query in queries
+            if query.filter and not served(query, indexes[query.collection])
+        ]
+        # Without a filter: all tasks (a few), the first page of schedules (a walk
+        # of the _id index, cut at the page's size) and the count from metadata
+        unfiltered = sorted(
+            (query.collection, query.origin, list(query.sort))
+            for query in queries
+            if not query.filter
+        )
+        figures(
+            f"page load: {costs[10][0]} commands with 10 schedules, {costs[1000][0]} "
+            f"with 1,000 ({', '.join(sorted(f'{n} {c.get(n)}' for n, c in sent))}); "
+            f"{costs[1000][1] * 1000:.0f} ms with 1,000 on this stand-in (which uses "
+            f"no index)"
+        )
+        assert costs[1000][0] == costs[10][0]
+        assert not unserved, unserved
+        assert unfiltered == [
+            ("schedules", "count", []),
+            ("schedules", "find", [("_id", 1)]),
+            ("tasks", "find", [("_id", 1)]),
+        ], unfiltered
+        assert ("count", "schedules") in {(n, c.get(n)) for n, c in sent}
+
+
+@asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a loopback port; yield its URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+        )
+    )
+    async with anyio.create_task_group() as group:
+        group.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:  # noqa: ASYNC110 (uvicorn sets a flag)
+                await anyio.sleep(0.02)
+
+        yield f"http://127.0.0.1:{port}/"
+        server.should_exit = True
+
+
+@WIRE_ONLY
+class TestLive:
+    async def test_change_elsewhere_announced(
+        self,
+        wire_uri: str,
+        database_name: str,
+        logger: logging.Logger,
+        figures: Any,
+    ) -> None:
+        """A job added through another store reaches the page's event stream."""
+        dashboard = Dashboard(wire_uri, database=database_name)
+        async with announcing_store(wire_uri, database_name, logger) as other:
+            await add_task(other)
+            async with serving(dashboard) as url, httpx.AsyncClient() as http:
+                async with http.stream("GET", f"{url}events") as stream:
+                    assert stream.headers["content-type"].startswith(
+                        "text/event-stream"
+                    )
+                    lines = stream.aiter_lines()
+                    assert await anext(lines) == "retry: 2000"
+                    started = time.perf_counter()
+                    await other.add_job(Job(task_id="task", executor="async"))
+                    with anyio.fail_after(5):
+                        while await anext(lines) != "event: change":
+                            pass
+
+                    took = time.perf_counter() - started
+
+                page = (await http.get(url)).text
+
+        figures(f"a job added elsewhere was announced to the page in {took:.2f} s")
+        assert '<tr data-queued="task"><td>task</td><td class="n">1</td>' in page
+
+
+@contextmanager
+def dashboard_process(uri: str, database: str, *options: str) -> Iterator[str]:
+    """Run ``apscheduler-mongo dashboard``; yield its URL once it answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "apscheduler_mongo",
+            "dashboard",
+            "--uri",
+            uri,
+            "--database",
+            database,
+            "--port",
+            str(port),
+            *options,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, process.communicate()[1]
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+
+            assert time.monotonic() < deadline, "the dashboard did not answer"
+            time.sleep(0.1)
+
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            _, notice = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:  # pragma: no cover (a hung server)
+            process.kill()
+            process.communicate()
+            raise
+
+    assert process.returncode == 0, notice
+    assert f"on {url}" in notice
+    assert "It has no login: it listens on this host only." in notice
+
+
+@WIRE_ONLY
+class TestCommandLine:
+    def test_serves_alone_on_loopback(self, wire_uri: str, database_name: str) -> None:
+        with dashboard_process(wire_uri, database_name) as url:
+            page = httpx.get(url).text
+            refused = httpx.post(f"{url}actions/purge")
+
+        assert f"database {database_name}" in page
+        assert refused.status_code == 403
+
+
+def _seed(uri: str, database: str, ids: list[str]) -> None:
+    async def seed() -> None:
+        async with announcing_store(
+            uri, database, logging.getLogger(__name__)
+        ) as store:
+            await add_task(store, max_running_jobs=2)
+            await _add_schedules(store, *ids, args=("report",))
+
+    anyio.run(seed)
+
+
+def _add_job_elsewhere(uri: str, database: str) -> None:
+    async def add() -> None:
+        async with announcing_store(
+            uri, database, logging.getLogger(__name__)
+        ) as store:
+            await store.add_job(Job(task_id="task", executor="async"))
+
+    anyio.run(add)
+
+
+@WIRE_ONLY
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Chromium and its driver (Debian packages chromium, "
+    "chromium-driver) for the test in a real browser",
+)
+class TestInABrowser:
+    def test_live_page(self, wire_uri: str, database_name: str, figures: Any) -> None:
+        """The page shows a live store, updates without a reload, and pauses."""
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.wait import WebDriverWait
+
+        ids = ["backup", "daily-report", "hourly-sync"]
+        _seed(wire_uri, database_name, ids)
+        options = webdriver.ChromeOptions()
+        options.binary_location = str(CHROMIUM)
+        for argument in ("--headless=new", "--no-sandbox", "--disable-gpu"):
+            options.add_argument(argument)
+
+        options.add_argument("--window-size=1280,900")
+        with dashboard_process(wire_uri, database_name, "--actions") as url:
+            driver = webdriver.Chrome(
+                service=Service(str(CHROMEDRIVER)), options=options
+            )
+            try:
+                wait = WebDriverWait(driver, 10)
+                started = time.perf_counter()
+                driver.get(url)
+                rows = driver.find_elements(By.CSS_SELECTOR, "tr[data-schedule]")
+                load = time.perf_counter() - started
+                assert [row.get_attribute("data-schedule") for row in rows] == ids
+                wait.until(lambda d: d.find_element(By.ID, "live").text == "live")
+                driver.execute_script("window.sameDocument = 'yes'")
+
+                # Another process adds a job: it appears without a reload
+                assert not driver.find_elements(By.CSS_SELECTOR, "tr[data-queued]")
+                added = time.perf_counter()
+                _add_job_elsewhere(wire_uri, database_name)
+                wait.until(
+                    lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-queued='task']")
+                )
+                appeared = time.perf_counter() - added
+                assert driver.execute_script("return window.sameDocument") == "yes"
+
+                # Pause from the page
+                button = driver.find_element(
+                    By.CSS_SELECTOR, "tr[data-schedule='daily-report'] button.pause"
+                )
+                button.click()
+                wait.until(
+                    lambda d: (
+                        d.find_element(
+                            By.CSS_SELECTOR, "tr[data-schedule='daily-report'] td.state"
+                        ).text
+                        == "yes"
+                    )
+                )
+                assert (
+                    "paused schedule 'daily-report'"
+                    in driver.find_element(By.ID, "said").text
+                )
+                assert driver.execute_script("return window.sameDocument") == "yes"
+                if target := os.environ.get("DASHBOARD_SCREENSHOT"):
+                    driver.save_screenshot(str(Path(target)))
+            finally:
+                driver.quit()
+
+        paused = _paused_in_database(wire_uri, database_name)
+        figures(
+            f"in Chromium: page loaded in {load * 1000:.0f} ms; a job added by "
+            f"another process appeared {appeared:.2f} s later, without a reload"
+        )
+        assert paused == {"backup": False, "daily-report": True, "hourly-sync": False}
+
+
+def _paused_in_database(uri: str, database: str) -> dict[str, bool]:
+    from pymongo import MongoClient
+    from pymongo.collection import Collection
+
+    mongo: MongoClient[dict[str, Any]]
+    with MongoClient(uri, serverSelectionTimeoutMS=5000) as mongo:
+        schedules: Collection[dict[str, Any]] = mongo[database]["schedules"]
+        documents = list(schedules.find({}, {"paused": 1}))
+
+    return {document["_id"]: document.get("paused", False) for document in documents}
