@@ -346,31 +346,40 @@ async def _schedule_page(
         sort=layout.BY_ID,
         limit=0 if page.size is None else page.size + 1,
     )
-    next_page = None
-    if page.size is not None and len(documents) > page.size:
-        del documents[page.size :]
-        last = documents[-1]["_id"]
-        next_page = last if isinstance(last, str) else None
-
-    # An id that is no string (hand-made, maybe not even hashable): unread
-    ids = {key for document in documents if isinstance(key := document["_id"], str)}
-    wanted = None if page.size is None else ids
-    readable = {}
-    if ids:
-        schedules = await data_store.get_schedules(wanted)
-        readable = {schedule.id: schedule for schedule in schedules}
-
+    next_page = _cut_to_page(documents, page.size)
+    readable = await _readable_schedules(data_store, documents, page.size is None)
     rows = [
-        _schedule_row(
-            document,
-            readable.get(key) if isinstance(key := document["_id"], str) else None,
-        )
+        # An id that is no string (hand-made, maybe not even hashable): unread
+        _schedule_row(document, readable.get(key) if isinstance(key, str) else None)
         for document in documents
+        for key in [document["_id"]]
     ]
     if page.size is None and page.after is None:
         return rows, None, len(rows)
 
     return rows, next_page, await reader.estimated_count("schedules")
+
+
+def _cut_to_page(documents: list[Document], size: int | None) -> str | None:
+    """Keep the page's documents; return the id to show the next page after."""
+    if size is None or len(documents) <= size:
+        return None
+
+    del documents[size:]
+    last = documents[-1]["_id"]
+    return last if isinstance(last, str) else None
+
+
+async def _readable_schedules(
+    data_store: DataStore, documents: Sequence[Document], every: bool
+) -> dict[str, Schedule]:
+    """Read the schedules of ``documents`` through the store (all, if ``every``)."""
+    ids = {key for document in documents if isinstance(key := document["_id"], str)}
+    if not ids:
+        return {}
+
+    schedules = await data_store.get_schedules(None if every else ids)
+    return {schedule.id: schedule for schedule in schedules}
 
 
 async def _queued_counts(reader: Reader) -> dict[str, int]:
