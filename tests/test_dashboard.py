@@ -676,3 +676,29 @@ def _paused_in_database(uri: str, database: str) -> dict[str, bool]:
         documents = list(schedules.find({}, {"paused": 1}))
 
     return {document["_id"]: document.get("paused", False) for document in documents}
+
+
+class TestServerAway:
+    async def test_unreachable_server_answers_503(self) -> None:
+        """Without a server, each page says so (no credentials) and a later one
+        tries again."""
+        password = "s3cret-in-uri"
+        uri = (
+            f"mongodb://ops:{password}@127.0.0.1:{free_port()}/"
+            f"?serverSelectionTimeoutMS=100&connectTimeoutMS=100"
+        )
+        dashboard = Dashboard(uri, actions=True, timeout=0.5)
+        transport = httpx.ASGITransport(app=dashboard)
+        try:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://dashboard.test"
+            ) as http:
+                replies = [await http.get("/"), await http.get("/panels")]
+                events = await http.get("/events")
+
+            for reply in [*replies, events]:
+                assert reply.status_code == 503
+                assert reply.text.startswith("The store cannot be read now: ")
+                assert password not in reply.text
+        finally:
+            await dashboard.aclose()

@@ -20,6 +20,14 @@ class NotFoundError(LookupError):
     """Raised when a command names a schedule or a store that it cannot act on."""
 
 
+def innermost(exc: BaseException) -> BaseException:
+    """Return the error inside the exception groups that task groups wrap it in."""
+    while isinstance(inner := getattr(exc, "exceptions", None), tuple) and inner:
+        exc = inner[0]
+
+    return exc
+
+
 async def schedule_to_change(
     scheduler: AsyncScheduler, reader: Reader, schedule_id: str
 ) -> Schedule:

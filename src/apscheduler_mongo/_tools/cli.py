@@ -23,7 +23,7 @@ from .._datastore import MongoDBDataStore
 from .._eventbroker import MongoDBEventBroker
 from .._names import validate_database_name
 from . import actions
-from .actions import NotFoundError
+from .actions import NotFoundError, innermost
 from .status import Reader, format_table, gather_status, render_json, render_text
 
 if TYPE_CHECKING:
@@ -397,14 +397,6 @@ _COMMANDS: dict[str, Command] = {
 }
 
 
-def _innermost(exc: BaseException) -> BaseException:
-    """Return the error inside the exception groups that task groups wrap it in."""
-    while isinstance(inner := getattr(exc, "exceptions", None), tuple) and inner:
-        exc = inner[0]
-
-    return exc
-
-
 async def run_command(args: argparse.Namespace, client: object) -> int:
     """
     Run a store command (any but ``demo``) on ``client``; return the exit status.
@@ -439,7 +431,7 @@ async def run_command(args: argparse.Namespace, client: object) -> int:
             f"{met}{outcome}",
         )
     except Exception as exc:
-        error = _innermost(exc)
+        error = innermost(exc)
         if isinstance(error, (NotFoundError, ScheduleLookupError)):
             return _fail(EXIT_NOT_FOUND, str(error))
 

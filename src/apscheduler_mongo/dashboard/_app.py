@@ -240,7 +240,9 @@ class Dashboard:
     async def _connection(self) -> _Connection:
         """Return the open store and broker, opening them if they are not."""
         started = self._started
-        if started is None or (started.done() and started.exception() is not None):
+        if started is None or (
+            started.done() and (started.cancelled() or started.exception() is not None)
+        ):
             loop = asyncio.get_running_loop()
             started = self._started = loop.create_future()
             self._stop = asyncio.Event()
@@ -285,7 +287,8 @@ class Dashboard:
             if started.done():
                 raise
 
-            started.set_exception(exc)
+            # The error itself, not the groups the scheduler's task groups wrap it in
+            started.set_exception(actions.innermost(exc))
 
     # Pages
 
@@ -307,11 +310,8 @@ class Dashboard:
     async def _render(self, request: Request, template: str, nonce: str) -> Response:
         try:
             status = await self._status(request)
-        except (TimeoutError, PyMongoError, RuntimeError) as exc:
-            reason = "no answer in time" if isinstance(exc, TimeoutError) else exc
-            return PlainTextResponse(
-                redact(f"The store cannot be read now: {reason}"), status_code=503
-            )
+        except _SERVER_TROUBLE as exc:
+            return _unavailable(exc)
 
         after = request.query_params.get("after")
         body = _templates.get_template(template).render(
@@ -347,7 +347,11 @@ class Dashboard:
     # Live updates
 
     async def _events(self, _request: Request) -> Response:
-        connection = await self._connection()
+        try:
+            connection = await self._connection()
+        except _SERVER_TROUBLE as exc:
+            return _unavailable(exc)
+
         changed = asyncio.Event()
         subscription = connection.scheduler.event_broker.subscribe(
             lambda _event: changed.set(), is_async=False
@@ -409,7 +413,11 @@ class Dashboard:
         return await self._act(request, name, form)
 
     async def _act(self, request: Request, name: str, form: dict[str, str]) -> Response:
-        connection = await self._connection()
+        try:
+            connection = await self._connection()
+        except _SERVER_TROUBLE as exc:
+            return self._reply(request, 503, _unavailable_text(exc))
+
         scheduler, reader = connection.scheduler, connection.reader
         schedule_id = form.get("schedule_id", "")
         changes: dict[str, Callable[[], Awaitable[str]]] = {
@@ -448,6 +456,20 @@ class Dashboard:
         return RedirectResponse(
             f"{self._base(request)}?said={quote(message)}", status_code=303
         )
+
+
+#: What makes the store unreadable for now: the server, or no answer in time
+_SERVER_TROUBLE = (TimeoutError, PyMongoError, RuntimeError)
+
+
+def _unavailable_text(exc: BaseException) -> str:
+    """Say that the store cannot be reached now, and why (without credentials)."""
+    reason = "no answer in time" if isinstance(exc, TimeoutError) else exc
+    return redact(f"The store cannot be read now: {reason}")
+
+
+def _unavailable(exc: BaseException) -> PlainTextResponse:
+    return PlainTextResponse(_unavailable_text(exc), status_code=503)
 
 
 async def _purge(scheduler: AsyncScheduler, reader: Reader) -> str:
