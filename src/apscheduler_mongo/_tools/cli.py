@@ -356,24 +356,19 @@ async def _status(
     return EXIT_OK
 
 
-async def _pause(
+async def _change_schedule(
     args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
 ) -> int:
-    _say(await actions.pause(scheduler, reader, args.schedule_id))
-    return EXIT_OK
+    """Pause, resume or remove the schedule ``args`` names; say what was done."""
+    schedule_id = args.schedule_id
+    if args.command == "pause":
+        said = await actions.pause(scheduler, reader, schedule_id)
+    elif args.command == "resume":
+        said = await actions.resume(scheduler, reader, schedule_id, now=args.now)
+    else:
+        said = await actions.remove(scheduler, reader, schedule_id)
 
-
-async def _resume(
-    args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
-) -> int:
-    _say(await actions.resume(scheduler, reader, args.schedule_id, now=args.now))
-    return EXIT_OK
-
-
-async def _remove(
-    args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
-) -> int:
-    _say(await actions.remove(scheduler, reader, args.schedule_id))
+    _say(said)
     return EXIT_OK
 
 
@@ -390,9 +385,9 @@ async def _purge(
 Command = Callable[[argparse.Namespace, AsyncScheduler, Reader], Awaitable[int]]
 _COMMANDS: dict[str, Command] = {
     "status": _status,
-    "pause": _pause,
-    "resume": _resume,
-    "remove": _remove,
+    "pause": _change_schedule,
+    "resume": _change_schedule,
+    "remove": _change_schedule,
     "purge": _purge,
 }
 
