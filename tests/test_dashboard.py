@@ -506,6 +506,29 @@ class TestLive:
         assert '<tr data-queued="task"><td>task</td><td class="n">1</td>' in page
 
 
+class TestClosing:
+    async def test_event_stream_ends_when_the_dashboard_closes(
+        self, client: Any, database_name: str
+    ) -> None:
+        dashboard = Dashboard(client, database=database_name)
+        replies: list[httpx.Response] = []
+        async with browsing(dashboard) as http:
+
+            async def follow() -> None:
+                replies.append(await http.get("/events"))
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(follow)
+                    await anyio.sleep(0.5)  # the stream is open, waiting for events
+                    assert not replies
+                    await dashboard.aclose()
+
+        [reply] = replies
+        assert reply.status_code == 200
+        assert reply.text == "retry: 2000\n\n"
+
+
 @contextmanager
 def dashboard_process(uri: str, database: str, *options: str) -> Iterator[str]:
     """Run ``apscheduler-mongo dashboard``; yield its URL once it answers."""

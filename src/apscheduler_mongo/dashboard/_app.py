@@ -85,6 +85,8 @@ class _Connection:
 
     scheduler: AsyncScheduler
     reader: Reader
+    #: Set when the dashboard closes them
+    closed: asyncio.Event
 
 
 def _source_options(
@@ -168,7 +170,6 @@ class Dashboard:
     _holder: asyncio.Task[None] | None = attrs.field(init=False, default=None)
     _stop: asyncio.Event | None = attrs.field(init=False, default=None)
     _streams: set[asyncio.Event] = attrs.field(init=False, factory=set)
-    _closing: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         self._client_or_uri, database, self._serializer = _source_options(
@@ -226,16 +227,16 @@ class Dashboard:
 
     async def aclose(self) -> None:
         """Close the dashboard's store and broker, and end its event streams."""
-        self._closing = True
+        if self._stop is not None:
+            self._stop.set()  # ends the streams of this store, once they wake
+
         for stream in self._streams:
             stream.set()
 
-        if self._stop is not None and self._holder is not None:
-            self._stop.set()
+        if self._holder is not None:
             await asyncio.shield(self._holder)
 
         self._started = self._holder = self._stop = None
-        self._closing = False
 
     async def _connection(self) -> _Connection:
         """Return the open store and broker, opening them if they are not."""
@@ -281,7 +282,7 @@ class Dashboard:
                 scheduler = AsyncScheduler(store, broker, logger=self._logger)
                 await exit_stack.enter_async_context(scheduler)
                 reader = Reader(adapter, self._database, settings, self._logger)
-                started.set_result(_Connection(scheduler, reader))
+                started.set_result(_Connection(scheduler, reader, stop))
                 await stop.wait()
         except Exception as exc:
             if started.done():
@@ -352,6 +353,7 @@ class Dashboard:
         except _SERVER_TROUBLE as exc:
             return _unavailable(exc)
 
+        closed = connection.closed
         changed = asyncio.Event()
         subscription = connection.scheduler.event_broker.subscribe(
             lambda _event: changed.set(), is_async=False
@@ -361,7 +363,7 @@ class Dashboard:
         async def notices() -> AsyncIterator[str]:
             try:
                 yield "retry: 2000\n\n"
-                while not self._closing:
+                while not closed.is_set():
                     with anyio.move_on_after(KEEP_ALIVE) as idle:
                         await changed.wait()
 
@@ -371,7 +373,7 @@ class Dashboard:
 
                     await anyio.sleep(COALESCE)  # one notice for a burst of events
                     changed.clear()
-                    if not self._closing:
+                    if not closed.is_set():
                         yield "event: change\ndata: {}\n\n"
             finally:
                 subscription.unsubscribe()
