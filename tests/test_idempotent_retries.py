@@ -232,6 +232,41 @@ class TestClaimNeverDelivered:
         )
         assert (await store.get_task("task")).running_jobs == 0
 
+    async def test_job_returns_to_the_queue_after_a_restart(
+        self,
+        client: Any,
+        raw_store: MongoDBDataStore,
+        local_broker: EventBroker,
+        logger: logging.Logger,
+    ) -> None:
+        """A supervisor restarts a crashed scheduler on the same store object: the
+        claim the crash left unconfirmed is still given back."""
+        # Started twice, so not from scratch (which would empty the database)
+        store = MongoDBDataStore(
+            client, database=raw_store.database, retry_settings=raw_store.retry_settings
+        )
+        async with AsyncExitStack() as exit_stack:
+            await local_broker.start(exit_stack, logger)
+            async with AsyncExitStack() as first_run:
+                await store.start(first_run, local_broker, logger)
+                [job] = await add_task_and_jobs(store, 1)
+                outage = Outage(store._jobs, "update_each")
+                store._jobs = outage.as_collection()
+                with pytest.raises(AutoReconnect):
+                    await store.acquire_jobs("me", LEASE, 10)
+
+                store._jobs = outage.end()
+
+            async with AsyncExitStack() as second_run:
+                await store.start(second_run, local_broker, logger)
+                released = Recorder(
+                    local_broker, JobReleased, timeout=IN_PROCESS_TIMEOUT
+                )
+                await store.reap_abandoned_jobs("me")
+                assert await released.settled() == []
+                [again] = await store.acquire_jobs("me", LEASE, 10)
+                assert again.id == job.id
+
     async def test_schedule_is_free_for_others(self, store: MongoDBDataStore) -> None:
         await add_task_and_jobs(store, 0)
         schedule = Schedule(

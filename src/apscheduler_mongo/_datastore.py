@@ -61,7 +61,7 @@ from ._job_claims import (
     running_count,
 )
 from ._layout import ACQUIRED, Document
-from ._leases import Choice, Leases
+from ._leases import Choice, Claim, Leases
 from ._marshalling import (
     MalformedDocumentError,
     describe_id,
@@ -136,6 +136,8 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
     _schedules: Collection = attrs.field(init=False)
     _jobs: Collection = attrs.field(init=False)
     _leases: Leases = attrs.field(init=False)
+    #: Claims never delivered, kept across restarts of this store (see ``Leases``)
+    _unconfirmed_claims: set[Claim] = attrs.field(init=False, factory=set)
     _claimed_tasks: ClaimedTasks = attrs.field(init=False, factory=ClaimedTasks)
     #: The server's clock, which judges leases, due times and expiry
     _clock: ServerClock = attrs.field(init=False, factory=ServerClock)
@@ -168,7 +170,12 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
         self._jobs = adapter.collection(self.database, layout.JOBS)
         self._timekeeper = Timekeeper(adapter, self.database, self._clock, logger)
         self._leases = Leases(
-            self._schedules, self._jobs, self._retry, logger, self._clock
+            self._schedules,
+            self._jobs,
+            self._retry,
+            logger,
+            self._clock,
+            unconfirmed=self._unconfirmed_claims,
         )
         with explaining_unreachable_servers(adapter):
             async for attempt in self._retry():

@@ -41,7 +41,7 @@ Choice = Callable[[], Awaitable[list[tuple[Document | None, Update]]]]
 
 
 @attrs.frozen
-class _Claim:
+class Claim:
     """A claim whose outcome never reached the scheduler that made it."""
 
     jobs: bool
@@ -69,7 +69,10 @@ class Leases:
     #: Lease expiry (the server's clock, microseconds) of the schedules this store
     #: acquired and has not released yet
     _held: dict[str, int] = attrs.field(init=False, factory=dict)
-    _unconfirmed: set[_Claim] = attrs.field(init=False, factory=set)
+    #: The claims whose outcome never reached the scheduler; the store keeps this
+    #: ledger across its restarts (a supervisor restarting a crashed scheduler on
+    #: the same store object), so that what they took is still given back
+    _unconfirmed: set[Claim] = attrs.field(kw_only=True, factory=set)
 
     async def claim(
         self,
@@ -125,7 +128,7 @@ class Leases:
         try:
             yield
         except BaseException:
-            self._unconfirmed.add(_Claim(jobs, owner, token))
+            self._unconfirmed.add(Claim(jobs, owner, token))
             raise
 
     async def give_back(self) -> None:
@@ -147,7 +150,7 @@ class Leases:
                 returned,
             )
 
-    async def _give_back(self, claim: _Claim) -> int:
+    async def _give_back(self, claim: Claim) -> int:
         query = {**claimed_with(claim.token), "acquired_by": claim.owner}
         if claim.jobs:
             result = await self.jobs.update_many(
