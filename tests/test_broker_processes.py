@@ -41,10 +41,11 @@ def exchange(
     when publishing began.
     """
     barrier = SPAWN.Barrier(WORKERS + 1)
+    published = SPAWN.Barrier(WORKERS)
     workers = Workers()
     for n in range(WORKERS):
         name = f"worker{n}"
-        args = (barrier, EVENTS, EVENTS * WORKERS, pace, retry_settings)
+        args = (barrier, published, EVENTS, EVENTS * WORKERS, pace, retry_settings)
         workers.spawn(exchange_events, uri, database, name, *args)
 
     with workers.running():
@@ -64,7 +65,11 @@ def assert_exactly_once_in_order(reports: list[dict[str, Any]]) -> None:
         duplicates = len(received) - len(set(received))
         missing = expected - set(received)
         assert duplicates == 0, f"{report['worker']} got {duplicates} duplicates"
-        assert not missing, f"{report['worker']} missed {len(missing)} events"
+        assert not missing, (
+            f"{report['worker']} missed {len(missing)} events: "
+            f"{sorted(missing)[:3]}...; what each worker saw: "
+            f"{[{k: v for k, v in r.items() if k != 'received'} for r in reports]}"
+        )
         assert len(received) == len(expected)
         for publisher in range(WORKERS):
             numbers = [

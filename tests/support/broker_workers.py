@@ -150,6 +150,7 @@ async def exchange_events(
     database: str,
     name: str,
     barrier: Barrier,
+    published: Barrier,
     count: int,
     expected: int,
     pace: float,
@@ -158,18 +159,22 @@ async def exchange_events(
     """
     Subscribe, publish ``count`` events, and listen until ``expected`` arrived.
 
-    Reports the task ids received, in order of delivery.
+    ``published`` is passed by every worker once it has published: each listens up to
+    ``SYNC_TIMEOUT`` from then (a publisher slowed by the network may finish long
+    after the others). Reports the task ids received, in order of delivery.
     """
     logger, counter = counting_logger(name)
     network = NetworkFailures()
     received: list[str] = []
     distinct: set[str] = set()
     all_received = anyio.Event()
+    last_from: dict[str, tuple[str, float]] = {}
 
     def on_event(event: SchedulerEvent) -> None:
         task_id = _task_id(event)
         received.append(task_id)
         distinct.add(task_id)
+        last_from[task_id.partition(":")[0]] = (task_id, time.time())
         if len(distinct) >= expected:
             all_received.set()
 
@@ -186,6 +191,7 @@ async def exchange_events(
                 await anyio.sleep(pace)
 
         published_until = time.time()
+        await asyncio.to_thread(published.wait, SYNC_TIMEOUT)
         with anyio.move_on_after(SYNC_TIMEOUT):
             await all_received.wait()
 
@@ -195,6 +201,9 @@ async def exchange_events(
     return {
         "worker": name,
         "received": received,
+        # What a failure report shows: the last event from each publisher, and when
+        "last_from": last_from,
+        "stopped_listening": time.time(),
         "published_from": published_from,
         "published_until": published_until,
         **counter.report(),
