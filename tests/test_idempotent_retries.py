@@ -208,9 +208,9 @@ class TestClaimNeverDelivered:
     puts it back, so a job is not reported abandoned without having run.
     """
 
-    async def test_job_returns_to_the_queue(
-        self, store: MongoDBDataStore, local_broker: EventBroker
-    ) -> None:
+    @staticmethod
+    async def claim_lost_in_an_outage(store: MongoDBDataStore) -> Job:
+        """Add a job, and claim it in an outage that outlasts the retries."""
         [job] = await add_task_and_jobs(store, 1)
         outage = Outage(store._jobs, "update_each")
         store._jobs = outage.as_collection()
@@ -218,15 +218,29 @@ class TestClaimNeverDelivered:
             await store.acquire_jobs("me", LEASE, 10)
 
         store._jobs = outage.end()
-        assert await store._jobs.count_documents({"state": "acquired"}) == 1
+        return job
 
-        # The restarted scheduler reaps its abandoned jobs first: this one never
-        # reached it, so it is queued again instead, and then handed out
+    @staticmethod
+    async def given_back(
+        store: MongoDBDataStore, local_broker: EventBroker, job: Job
+    ) -> Job:
+        """
+        Reap as a restarted scheduler does first: the job never reached it, so it
+        is queued again (no release announced), and then handed out; return it.
+        """
         released = Recorder(local_broker, JobReleased, timeout=IN_PROCESS_TIMEOUT)
         await store.reap_abandoned_jobs("me")
         assert await released.settled() == []
         [again] = await store.acquire_jobs("me", LEASE, 10)
         assert again.id == job.id
+        return again
+
+    async def test_job_returns_to_the_queue(
+        self, store: MongoDBDataStore, local_broker: EventBroker
+    ) -> None:
+        job = await self.claim_lost_in_an_outage(store)
+        assert await store._jobs.count_documents({"state": "acquired"}) == 1
+        again = await self.given_back(store, local_broker, job)
         await store.release_job(
             "me", again, JobResult.from_job(again, JobOutcome.success)
         )
@@ -249,23 +263,11 @@ class TestClaimNeverDelivered:
             await local_broker.start(exit_stack, logger)
             async with AsyncExitStack() as first_run:
                 await store.start(first_run, local_broker, logger)
-                [job] = await add_task_and_jobs(store, 1)
-                outage = Outage(store._jobs, "update_each")
-                store._jobs = outage.as_collection()
-                with pytest.raises(AutoReconnect):
-                    await store.acquire_jobs("me", LEASE, 10)
-
-                store._jobs = outage.end()
+                job = await self.claim_lost_in_an_outage(store)
 
             async with AsyncExitStack() as second_run:
                 await store.start(second_run, local_broker, logger)
-                released = Recorder(
-                    local_broker, JobReleased, timeout=IN_PROCESS_TIMEOUT
-                )
-                await store.reap_abandoned_jobs("me")
-                assert await released.settled() == []
-                [again] = await store.acquire_jobs("me", LEASE, 10)
-                assert again.id == job.id
+                await self.given_back(store, local_broker, job)
 
     async def test_schedule_is_free_for_others(self, store: MongoDBDataStore) -> None:
         await add_task_and_jobs(store, 0)
