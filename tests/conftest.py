@@ -28,6 +28,7 @@ from .support.servers import (
     wire_server_uri,
     wire_unavailable_reason,
 )
+from .support.sockets import close_cancelled_connects
 from .support.stores import another_store
 from .support.tier_report import TierReport
 from .support.tiers import TIERS
@@ -47,6 +48,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    close_cancelled_connects()  # pymongo's leak, not ours: see the module
     config.pluginmanager.register(TierReport(describe_wire_server()), "tier_report")
 
 

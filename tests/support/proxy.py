@@ -202,6 +202,10 @@ class FaultyProxy:
         self._lose_count = 0
         self._port = 0
         self._open: set[_Connection] = set()
+        #: Every connection's handler, from the moment it was accepted
+        self._handlers: set[asyncio.Task[None]] = set()
+        #: Every socket of every connection, either side, until it is closed
+        self._transports: set[asyncio.WriteTransport] = set()
         self._refuse_until = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -368,15 +372,49 @@ class FaultyProxy:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._accept, LOOPBACK, 0)
+        server = await asyncio.start_server(self._accepted, LOOPBACK, 0)
         self._port = server.sockets[0].getsockname()[1]
         self._ready.set()
         try:
             await self._stop.wait()
         finally:
             server.close()
-            self._close_all()
+            await self._close_everything()
             await server.wait_closed()
+
+    def _accepted(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        # Called as the connection is accepted: its socket is known from now on,
+        # even if the proxy stops before the handler's first step
+        self._track(client_writer)
+        handler = asyncio.ensure_future(self._accept(client_reader, client_writer))
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
+
+    def _track(self, writer: asyncio.StreamWriter) -> None:
+        # Those already closing need nothing more (which keeps the set small)
+        self._transports = {t for t in self._transports if not t.is_closing()}
+        self._transports.add(writer.transport)
+
+    async def _close_everything(self) -> None:
+        """
+        Close every connection, handled or not yet, before the proxy's loop ends.
+
+        A socket left to the loop's end would only be closed by the garbage
+        collector, with a ``ResourceWarning`` in whichever later test it happens.
+        """
+        self._close_all()
+        for handler in list(self._handlers):
+            handler.cancel()
+
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        for transport in self._transports:
+            transport.abort()
+
+        self._transports.clear()
+        # Aborting closes each socket in a callback of the loop's next iteration
+        await asyncio.sleep(0)
 
     async def _accept(
         self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
@@ -398,6 +436,7 @@ class FaultyProxy:
             _reset(client_writer)
             raise
 
+        self._track(server_writer)
         connection = _Connection(client_writer, server_writer)
         if self._loop.time() < self._refuse_until:  # refusing began meanwhile
             self.refused += 1

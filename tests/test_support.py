@@ -1,0 +1,51 @@
+"""The test tooling's own promises, where a broken one would hide a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from .support.proxy import LOOPBACK
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_cancelled_connect_closes_its_socket() -> None:
+    """The stand-in for PYTHON-5867's fix (see ``support.sockets``) closes the
+    socket whose connect was cancelled, rather than leaving it to the garbage
+    collector."""
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(0)
+    waiting: list[socket.socket] = []
+    try:
+        loop = asyncio.get_running_loop()
+        # A listener whose queue is full drops the next handshake, so that
+        # connect stays pending until it is cancelled
+        for _ in range(8):
+            sock = socket.socket()
+            sock.setblocking(False)
+            waiting.append(sock)
+            connect = asyncio.ensure_future(
+                loop.sock_connect(sock, listener.getsockname())
+            )
+            await asyncio.sleep(0.1)
+            if not connect.done():
+                break
+
+            connect.result()
+        else:
+            pytest.fail("every connect completed: the queue never filled")
+
+        connect.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connect
+
+        assert sock.fileno() == -1
+    finally:
+        for sock in waiting:
+            sock.close()
+
+        listener.close()
