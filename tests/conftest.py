@@ -28,7 +28,7 @@ from .support.servers import (
     wire_server_uri,
     wire_unavailable_reason,
 )
-from .support.sockets import close_cancelled_connects
+from .support.sockets import DRIVER_LEAK_FILTERS, close_cancelled_connects
 from .support.stores import another_store
 from .support.tier_report import TierReport
 from .support.tiers import TIERS
@@ -48,7 +48,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    close_cancelled_connects()  # pymongo's leak, not ours: see the module
+    # pymongo's socket leaks, not ours: see the module
+    close_cancelled_connects()
+    for line in DRIVER_LEAK_FILTERS:
+        config.addinivalue_line("filterwarnings", line)
+
     config.pluginmanager.register(TierReport(describe_wire_server()), "tier_report")
 
 

@@ -387,6 +387,10 @@ class FaultyProxy:
     ) -> None:
         # Called as the connection is accepted: its socket is known from now on,
         # even if the proxy stops before the handler's first step
+        if self._stop is not None and self._stop.is_set():  # accepted as it stops
+            _reset(client_writer)
+            return
+
         self._track(client_writer)
         handler = asyncio.ensure_future(self._accept(client_reader, client_writer))
         self._handlers.add(handler)
