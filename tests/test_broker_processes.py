@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -57,6 +58,26 @@ def exchange(
     return reports, started
 
 
+def publishing_summary(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What each worker's report says of its publishing: where its time went."""
+    keys = ("publishing", "retried_operations", "failed_commands", "failed_heartbeats")
+    return [
+        {
+            "worker": report["worker"],
+            "took": round(report["published_until"] - report["published_from"], 2),
+            **{key: report[key] for key in keys},
+        }
+        for report in reports
+    ]
+
+
+def assert_all_published(reports: list[dict[str, Any]]) -> None:
+    """Assert every worker heard that all had published (none waited in vain)."""
+    assert all(report["others_published"] for report in reports), (
+        f"a publisher did not finish in time: {publishing_summary(reports)}"
+    )
+
+
 def assert_exactly_once_in_order(reports: list[dict[str, Any]]) -> None:
     """Assert each worker received every event once, in publish order per publisher."""
     expected = {f"worker{w}:{n}" for w in range(WORKERS) for n in range(EVENTS)}
@@ -104,6 +125,7 @@ class TestDelivery:
         )
 
         assert len(reports) == WORKERS
+        assert_all_published(reports)
         assert_exactly_once_in_order(reports)
         assert all(not report["errors"] for report in reports)
         await assert_stored_once(client, database_name)
@@ -113,15 +135,28 @@ class TestDeliveryThroughCuts:
     """Connections cut while publishing and polling lose and duplicate no event."""
 
     async def test_exactly_once_in_order(
-        self, client: Any, wire_uri: str, database_name: str
+        self,
+        client: Any,
+        wire_uri: str,
+        database_name: str,
+        figures: Callable[[str], None],
     ) -> None:
         with proxied(wire_uri) as (proxy, uri):
-            with cutting(proxy, every=0.5) as cut_times:
+            with cutting(proxy, every=0.5, jitter=0.5) as cut_times:
                 # Paced publishing (2 s at least), with the proxy cutting meanwhile
+                # (every 0.25 to 0.75 s: see cutting())
                 reports, started = await to_thread.run_sync(
                     exchange, uri, database_name, 0.01, FAULT_RETRIES
                 )
 
+        summary = publishing_summary(reports)
+        figures(
+            "publishing took "
+            + ", ".join(f"{worker['took']} s" for worker in summary)
+            + f"; {sum(len(w['publishing']['slow']) for w in summary)} publishes "
+            "over 1 s"
+        )
+        assert_all_published(reports)
         assert_exactly_once_in_order(reports)
         await assert_stored_once(client, database_name)
         publishing_ended = max(report["published_until"] for report in reports)

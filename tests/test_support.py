@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import time
 import warnings
 
 import pytest
 
-from .support.proxy import LOOPBACK
+from .support.broker_workers import PublishTimes, counting_logger
+from .support.proxy import LOOPBACK, FaultyProxy, cutting
 
 pytestmark = pytest.mark.anyio
 
@@ -78,3 +80,36 @@ def test_only_the_drivers_socket_leaks_go_unreported() -> None:
         assert reported == [client]
     else:
         assert reported == [*leaks, client]
+
+
+def test_a_slow_publish_is_reported_with_its_retries() -> None:
+    """A publisher's report says which publishes were slow and what was retried
+    meanwhile, so a worker late at the barrier says where its time went."""
+    logger, counter = counting_logger("test_support")
+    times = PublishTimes(counter)
+    with times.timed(0):
+        logger.warning("Temporary MongoDB error (attempt 1): before")
+
+    PublishTimes.SLOW, slow = 0.05, PublishTimes.SLOW
+    try:
+        with times.timed(1):
+            logger.warning("Temporary MongoDB error (attempt 1): connection reset")
+            time.sleep(0.1)
+    finally:
+        PublishTimes.SLOW = slow
+
+    report = times.report()
+    assert report["seconds"] >= 0.1
+    [(number, _, seconds, retries)] = report["slow"]
+    assert (number, seconds >= 0.1) == (1, True)
+    assert len(retries) == 1
+    assert retries[0].endswith("connection reset")
+
+
+def test_cutting_jitter_keeps_its_mean() -> None:
+    """A jitter of 1 or more would allow intervals of zero or less: refused."""
+    proxy = FaultyProxy(LOOPBACK, 27017)
+    for jitter in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="jitter"):
+            with cutting(proxy, every=0.5, jitter=jitter):
+                pass  # pragma: no cover

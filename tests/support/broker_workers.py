@@ -12,8 +12,10 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
@@ -57,11 +59,14 @@ class RetryCounter(logging.Handler):
         self.retried_operations = 0
         self.retried_polls = 0
         self.errors: list[str] = []
+        #: The latest retried operations' warnings, with their times
+        self.latest: deque[tuple[float, str]] = deque(maxlen=50)
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if RETRIED_OPERATION in message:
             self.retried_operations += 1
+            self.latest.append((record.created, message))
         elif RETRIED_POLL in message:
             self.retried_polls += 1
         elif record.levelno >= logging.ERROR:
@@ -115,6 +120,39 @@ class NetworkFailures:
             "failed_commands": self._commands.count,
             "failed_heartbeats": self._heartbeats.count,
         }
+
+
+class PublishTimes:
+    """How long each publish took: the slowest ones, and the time spent in all."""
+
+    #: A publish slower than this counts as slow
+    SLOW = 1.0
+
+    def __init__(self, retries: RetryCounter) -> None:
+        self.total = 0.0
+        #: (number, began, seconds, the retries' warnings meanwhile)
+        self.slow: list[tuple[int, float, float, list[str]]] = []
+        self._retries = retries
+
+    @contextmanager
+    def timed(self, number: int) -> Iterator[None]:
+        began = time.time()
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            seconds = time.monotonic() - start
+            self.total += seconds
+            if seconds > self.SLOW:
+                retries = [
+                    f"+{at - began:.2f} s: {message}"
+                    for at, message in self._retries.latest
+                    if at >= began
+                ]
+                self.slow.append((number, began, round(seconds, 2), retries))
+
+    def report(self) -> dict[str, Any]:
+        return {"seconds": round(self.total, 2), "slow": self.slow}
 
 
 def counting_logger(name: str) -> tuple[logging.Logger, RetryCounter]:
@@ -185,15 +223,24 @@ async def exchange_events(
         # Everyone is subscribed before anyone publishes
         await asyncio.to_thread(barrier.wait, SYNC_TIMEOUT)
         published_from = time.time()
+        publishing = PublishTimes(counter)
         for n in range(count):
-            await broker.publish(TaskAdded(task_id=f"{name}:{n}"))
+            with publishing.timed(n):
+                await broker.publish(TaskAdded(task_id=f"{name}:{n}"))
+
             if pace:
                 await anyio.sleep(pace)
 
         published_until = time.time()
-        await asyncio.to_thread(published.wait, SYNC_TIMEOUT)
-        with anyio.move_on_after(SYNC_TIMEOUT):
-            await all_received.wait()
+        try:
+            await asyncio.to_thread(published.wait, SYNC_TIMEOUT)
+        except threading.BrokenBarrierError:
+            # Another publisher took too long: report what this one saw, and say so
+            others_published = False
+        else:
+            others_published = True
+            with anyio.move_on_after(SYNC_TIMEOUT):
+                await all_received.wait()
 
         # Keep listening a little longer: a late duplicate would show up here
         await anyio.sleep(0.5)
@@ -206,6 +253,8 @@ async def exchange_events(
         "stopped_listening": time.time(),
         "published_from": published_from,
         "published_until": published_until,
+        "others_published": others_published,
+        "publishing": publishing.report(),
         **counter.report(),
         **network.report(),
     }

@@ -13,6 +13,7 @@ command after the server has carried it out (:meth:`FaultyProxy.lose_reply_to`).
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import socket
 import struct
@@ -525,19 +526,27 @@ async def _read_at_most(reader: asyncio.StreamReader, size: int) -> bytes:
 
 @contextmanager
 def cutting(
-    proxy: FaultyProxy, every: float, refuse_for: float = 0.0
+    proxy: FaultyProxy, every: float, refuse_for: float = 0.0, jitter: float = 0.0
 ) -> Iterator[list[float]]:
     """
     Cut the proxy's connections every ``every`` seconds, from a thread, until exit.
 
     With ``refuse_for``, each cut also refuses new connections for that long.
+    With ``jitter``, each interval is drawn at random within ``every`` plus or minus
+    that fraction of it (the mean stays ``every``): pymongo works in steps of
+    0.5 s (its shortest heartbeat interval, and server selection's waits), and cuts
+    at a fixed period that is a multiple of it can keep in step with one client's
+    reconnections, cutting each of them, so that it alone falls far behind.
     Yields the list of the cuts' times (``time.time()``), filled in as they happen.
     """
+    if not 0.0 <= jitter < 1.0:
+        raise ValueError(f"jitter must be at least 0 and under 1, not {jitter}")
+
     cut_times: list[float] = []
     done = threading.Event()
 
     def cut_repeatedly() -> None:
-        while not done.wait(every):
+        while not done.wait(every * random.uniform(1.0 - jitter, 1.0 + jitter)):
             if refuse_for:
                 proxy.refuse_for(refuse_for)
             else:
