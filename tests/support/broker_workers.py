@@ -123,13 +123,16 @@ class NetworkFailures:
 
 
 class PublishTimes:
-    """How long each publish took: the slowest ones, and the time spent in all."""
+    """
+    How long each publish took: the slowest ones, and the time spent in all.
 
-    #: A publish slower than this counts as slow
-    SLOW = 1.0
+    :param retries: the worker's retry counter, whose warnings a slow publish lists
+    :param slow: how many seconds make a publish slow
+    """
 
-    def __init__(self, retries: RetryCounter) -> None:
+    def __init__(self, retries: RetryCounter, slow: float = 1.0) -> None:
         self.total = 0.0
+        self._slow = slow
         #: (number, began, seconds, the retries' warnings meanwhile)
         self.slow: list[tuple[int, float, float, list[str]]] = []
         self._retries = retries
@@ -143,7 +146,7 @@ class PublishTimes:
         finally:
             seconds = time.monotonic() - start
             self.total += seconds
-            if seconds > self.SLOW:
+            if seconds > self._slow:
                 retries = [
                     f"+{at - began:.2f} s: {message}"
                     for at, message in self._retries.latest
