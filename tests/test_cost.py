@@ -28,6 +28,7 @@ from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo import _cleanup as cleanup
 from apscheduler_mongo._layout import FINISHED, fire_key
 from apscheduler_mongo._marshalling import job_to_document, to_micros
+from apscheduler_mongo._signing import Codec
 
 from .support.commands import Command, CommandLog
 from .support.index_rules import Query, queries_of, served
@@ -163,7 +164,7 @@ def fire_record(schedule_id: str, n: int, finished: datetime) -> dict[str, Any]:
         schedule_id=schedule_id,
         scheduled_fire_time=finished - timedelta(minutes=n),
     )
-    document = job_to_document(job, pickle_serializer())
+    document = job_to_document(job, Codec(pickle_serializer()))
     for field in ("args", "kwargs"):
         del document[field]
 

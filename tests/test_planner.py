@@ -44,10 +44,11 @@ from apscheduler_mongo._planner import (
     task_cap,
     tasks_of,
 )
+from apscheduler_mongo._signing import Codec
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
 LEASE = timedelta(minutes=1)
-SERIALIZER = PickleSerializer()
+CODEC = Codec(PickleSerializer())
 LOGGER = logging.getLogger("apscheduler_mongo.tests.planner")
 #: The token of the claim being planned
 TOKEN = ObjectId()
@@ -57,7 +58,7 @@ def queued(task_id: str = "task", **options: Any) -> Document:
     """Return the document of a queued job of ``task_id``, as the store wrote it."""
     options.setdefault("result_expiration_time", timedelta(minutes=5))
     job = Job(task_id=task_id, executor="async", **options)
-    return job_to_document(job, SERIALIZER)
+    return job_to_document(job, CODEC)
 
 
 def holder(task_id: str = "task", **fields: Any) -> Document:
@@ -94,7 +95,7 @@ def slots_left(holders: list[Document]) -> Slots:
 def context() -> ClaimContext:
     """Return the context of a claim by ``me``, at NOW, for a lease of LEASE."""
     now = to_micros(NOW)
-    return ClaimContext("me", now, to_micros(NOW + LEASE), TOKEN, SERIALIZER, LOGGER)
+    return ClaimContext("me", now, to_micros(NOW + LEASE), TOKEN, CODEC, LOGGER)
 
 
 def plan(
@@ -282,7 +283,7 @@ def assert_finished(claimed: ClaimPlan, original: Document) -> None:
 def task(**options: Any) -> Document:
     """Return the document of task ``t``, as the store wrote it."""
     return task_to_document(
-        Task(id="t", func="builtins:len", job_executor="async", **options)
+        Task(id="t", func="builtins:len", job_executor="async", **options), CODEC
     )
 
 
@@ -291,7 +292,7 @@ class TestTaskCap:
 
     @pytest.mark.parametrize("cap", [None, 1, 3])
     def test_cap(self, cap: int | None, caplog: pytest.LogCaptureFixture) -> None:
-        assert task_cap(task(max_running_jobs=cap), LOGGER) == cap
+        assert task_cap(task(max_running_jobs=cap), CODEC, LOGGER) == cap
         assert warnings(caplog) == []
 
     @pytest.mark.parametrize(
@@ -308,7 +309,7 @@ class TestTaskCap:
     def test_bad_max_running_jobs(
         self, value: object, caplog: pytest.LogCaptureFixture
     ) -> None:
-        assert task_cap({**task(), "max_running_jobs": value}, LOGGER) == 0
+        assert task_cap({**task(), "max_running_jobs": value}, CODEC, LOGGER) == 0
         [warning] = warnings(caplog)
         assert warning.startswith("Cannot read task 't'") or warning.startswith(
             "Task 't' has an invalid max_running_jobs"
@@ -319,12 +320,12 @@ class TestTaskCap:
         unreadable = task(max_running_jobs=3)
         del unreadable["job_executor"]
 
-        assert task_cap(unreadable, LOGGER) == 0
+        assert task_cap(unreadable, CODEC, LOGGER) == 0
         [warning] = warnings(caplog)
         assert warning.startswith("Cannot read task 't'")
 
     def test_a_job_of_a_bad_task_stays_queued(self) -> None:
-        cap = task_cap({**task(), "max_running_jobs": 0}, LOGGER)
+        cap = task_cap({**task(), "max_running_jobs": 0}, CODEC, LOGGER)
         claimed = plan([queued("t")], {"t": cap})
 
         assert claimed == ClaimPlan(at_cap={"t"})

@@ -9,7 +9,6 @@ from typing import Any
 
 import attrs
 from apscheduler import JobOutcome, JobReleased, JobResult, ScheduleRemoved
-from apscheduler.abc import Serializer
 from bson import ObjectId
 from tenacity import AsyncRetrying
 
@@ -26,6 +25,7 @@ from ._marshalling import (
     released_event,
     result_for_document,
 )
+from ._signing import Codec
 
 #: How long a used fire time is remembered at least (see forget_used_fire_times)
 FIRE_TIME_RETENTION = timedelta(hours=1)
@@ -54,7 +54,7 @@ class Cleanup:
 
     schedules: Collection
     jobs: Collection
-    serializer: Serializer
+    codec: Codec
     retry: Callable[[], AsyncRetrying]
     logger: Logger
     #: The server's clock, which judges leases and expiry
@@ -116,7 +116,7 @@ class Cleanup:
             tokens[document["_id"]] = token = layout.new_token()
             update = finish_update(
                 result,
-                self.serializer,
+                self.codec,
                 self.logger,
                 from_schedule=is_from_schedule(document),
                 token=token,

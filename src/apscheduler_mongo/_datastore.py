@@ -74,6 +74,7 @@ from ._marshalling import (
     put_datetime,
     quarantine_record,
     released_event,
+    released_trigger,
     result_from_document,
     schedule_from_document,
     schedule_to_document,
@@ -81,16 +82,29 @@ from ._marshalling import (
     task_to_document,
     uuid_to_bson,
 )
-from ._options import ConnectionOptions
+from ._names import require_ids
+from ._options import ConnectionOptions, SigningOptions
 from ._planner import ClaimContext, ClaimPlan
 from ._retry import retrying
+from ._signing import (
+    AllowedCallables,
+    Codec,
+    DisallowedCallableError,
+    UnverifiedDataError,
+)
 
 _MICROSECOND = timedelta(microseconds=1)
+
+
+def _to_allowed(value: Iterable[str] | None) -> AllowedCallables | None:
+    return None if value is None else AllowedCallables.of(value)
+
+
 _Item = TypeVar("_Item", Schedule, Job)
 
 
 @attrs.define(eq=False, repr=False)
-class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
+class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore):
     """
     Keep APScheduler's tasks, schedules and jobs in MongoDB, shared by many schedulers.
 
@@ -112,6 +126,16 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
     :param start_from_scratch: drop the store's collections when starting (useful in
         test suites)
     :param retry_settings: how to retry operations after a temporary failure
+    :param signing_key: a key (``bytes`` or ``str``, at least 16 bytes), or a
+        sequence of keys of which the first signs and all verify: everything stored
+        that a scheduler would deserialize or import is signed with it, and nothing
+        that fails the check is deserialized or imported (see :doc:`security`)
+    :param accept_unsigned: while rolling signing out, also accept documents that
+        carry no signature at all (a wrong signature is never accepted)
+    :param allowed_callables: ``"module:qualname"`` or ``"module:*"`` patterns: a
+        task whose callable falls outside is never handed to a scheduler (its jobs
+        finish with an error, its schedules are quarantined), checked before
+        anything is imported
 
     .. note:: The store runs on asyncio only (pymongo's asynchronous API does);
         starting it under Trio raises :exc:`RuntimeError`.
@@ -130,6 +154,9 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
     start_from_scratch: bool = attrs.field(
         default=False, kw_only=True, validator=instance_of(bool)
     )
+    allowed_callables: AllowedCallables | None = attrs.field(
+        default=None, kw_only=True, converter=_to_allowed
+    )
 
     _adapter: Adapter = attrs.field(init=False)
     _tasks: Collection = attrs.field(init=False)
@@ -144,6 +171,16 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
     _timekeeper: Timekeeper = attrs.field(init=False)
     _task_group: TaskGroup = attrs.field(init=False)
     _alarm: JobAlarm = attrs.field(init=False)
+
+    @property
+    def _codec(self) -> Codec:
+        """How this store writes and reads: serializer, signer, allowed callables."""
+        return Codec(
+            self.serializer,
+            self.signing_key,
+            self.accept_unsigned,
+            self.allowed_callables,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -196,6 +233,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
                     )
 
         self._clock.warn_if_off(logger)
+        self._warn_if_unsigned_accepted(logger, "The data store")
         self._task_group = await exit_stack.enter_async_context(
             anyio.create_task_group()
         )
@@ -232,7 +270,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
 
     async def add_task(self, task: Task) -> None:
         self._claimed_tasks.forget(task.id)
-        document = task_to_document(task)
+        document = task_to_document(task, self._codec)
         async for attempt in self._retry():
             with attempt:
                 previous = await self._tasks.find_one_and_replace(
@@ -245,6 +283,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
             await self._event_broker.publish(TaskUpdated(task_id=task.id))
 
     async def remove_task(self, task_id: str) -> None:
+        [task_id] = require_ids([task_id], "task_id")
         self._claimed_tasks.forget(task_id)
         async for attempt in self._retry():
             with attempt:
@@ -282,7 +321,8 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
         read, without a round trip (see ``_job_claims.ClaimedTasks``);
         otherwise the task and the count of its running jobs are read in one.
         """
-        if (task := self._claimed_tasks.recall(task_id)) is not None:
+        [task_id] = require_ids([task_id], "task_id")
+        if (task := self._claimed_tasks.recall(task_id, self._codec)) is not None:
             return task
 
         match = [{"$match": {"_id": task_id}}]
@@ -296,8 +336,10 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
             raise TaskLookupError(task_id)
 
         try:
-            return task_from_document(documents[0], running_count(summaries))
-        except MalformedDocumentError as exc:
+            return task_from_document(
+                documents[0], running_count(summaries), self._codec
+            )
+        except (MalformedDocumentError, UnverifiedDataError) as exc:
             raise MalformedDocumentError(
                 f"cannot read task {task_id!r}: {explain(exc)}"
             ) from exc
@@ -321,46 +363,54 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
             if not isinstance(task_id, str):  # nor hashable, if it is a document
                 raise MalformedDocumentError("_id is not a string")
 
-            return task_from_document(document, running[task_id])
-        except MalformedDocumentError as exc:
+            return task_from_document(document, running[task_id], self._codec)
+        except (
+            MalformedDocumentError,
+            UnverifiedDataError,
+            DisallowedCallableError,
+        ) as exc:
             self._logger.warning("Cannot read task %r: %s", task_id, exc)
             return None
 
     # Schedules
 
     async def get_schedules(self, ids: set[str] | None = None) -> list[Schedule]:
-        query = {} if ids is None else {"_id": {"$in": list(ids)}}
+        query = {} if ids is None else {"_id": {"$in": require_ids(ids, "ids")}}
         async for attempt in self._retry():
             with attempt:
                 documents = await self._schedules.find(query, sort=layout.BY_ID)
 
         return self._read_each("schedule", schedule_from_document, documents)
 
-    def _build_schedule(self, document: Mapping[str, Any]) -> Schedule | None:
-        return self._read("schedule", schedule_from_document, document)
-
     def _read(
         self,
         kind: str,
-        build: Callable[[Mapping[str, Any], Serializer], _Item],
+        build: Callable[[Mapping[str, Any], Codec], _Item],
         document: Mapping[str, Any],
     ) -> _Item | None:
         """Build a schedule or job, or log why it cannot and return ``None``."""
+        return self._read_or_explain(kind, build, document)[0]
+
+    def _read_or_explain(
+        self,
+        kind: str,
+        build: Callable[[Mapping[str, Any], Codec], _Item],
+        document: Mapping[str, Any],
+    ) -> tuple[_Item | None, str]:
+        """Build a schedule or job; or log, and return, why it cannot."""
         try:
-            return build(document, self.serializer)
+            return build(document, self._codec), ""
         except (DeserializationError, MalformedDocumentError) as exc:
+            reason = explain(exc)
             self._logger.warning(
-                "Cannot read %s %s: %s",
-                kind,
-                describe_id(document.get("_id")),
-                explain(exc),
+                "Cannot read %s %s: %s", kind, describe_id(document.get("_id")), reason
             )
-            return None
+            return None, reason
 
     def _read_each(
         self,
         kind: str,
-        build: Callable[[Mapping[str, Any], Serializer], _Item],
+        build: Callable[[Mapping[str, Any], Codec], _Item],
         documents: Iterable[Mapping[str, Any]],
     ) -> list[_Item]:
         """Build what can be built of ``documents``, logging each that cannot."""
@@ -370,7 +420,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
     async def add_schedule(
         self, schedule: Schedule, conflict_policy: ConflictPolicy
     ) -> None:
-        document = schedule_to_document(schedule, self.serializer)
+        document = schedule_to_document(schedule, self._codec)
         document["v"] = document["insert_token"] = token = layout.new_token()
         async for attempt in self._retry():
             with attempt:
@@ -412,7 +462,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
         return True
 
     async def remove_schedules(self, ids: Iterable[str]) -> None:
-        query = {"_id": {"$in": list(ids)}}
+        query = {"_id": {"$in": require_ids(ids, "ids")}}
         async for attempt in self._retry():
             with attempt:
                 removed = await self._schedules.find(query, {"task_id": 1})
@@ -468,16 +518,57 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
                 self._schedules, token, layout.DUE_ORDER, choose
             )
 
+            refused = await self._refused_tasks(documents)
             schedules: list[Schedule] = []
             for document in documents:
-                if (schedule := self._build_schedule(document)) is not None:
+                task_id = document.get("task_id")
+                schedule, reason = None, refused.get(str(task_id), "")
+                if not reason:
+                    schedule, reason = self._read_or_explain(
+                        "schedule", schedule_from_document, document
+                    )
+
+                if schedule is not None:
                     schedules.append(schedule)
                     self._leases.hold(schedule.id, document["acquired_until"])
                 else:
-                    reason = "the schedule could not be deserialized"
                     await self._quarantine(document["_id"], token, reason)
 
         return schedules
+
+    async def _refused_tasks(self, schedules: Sequence[Document]) -> dict[str, str]:
+        """
+        Return why the tasks of claimed schedules are refused, by task id.
+
+        Only with ``allowed_callables`` set (a round trip per claim that took
+        schedules): a schedule of a task this store will not hand out is
+        quarantined rather than left to make jobs that fail. A missing task is not
+        refused here: its jobs fail as APScheduler's stores do.
+        """
+        task_ids = {
+            key for doc in schedules if isinstance(key := doc.get("task_id"), str)
+        }
+        if self.allowed_callables is None or not task_ids:
+            return {}
+
+        query = {"_id": {"$in": sorted(task_ids)}}
+        async for attempt in self._retry():
+            with attempt:
+                tasks = await self._tasks.find(query)
+
+        reasons = {task["_id"]: self._refusal(task) for task in tasks}
+        return {task_id: reason for task_id, reason in reasons.items() if reason}
+
+    def _refusal(self, task: Document) -> str:
+        """Return why this store refuses a task, or ``""`` if it does not."""
+        try:
+            task_from_document(task, 0, self._codec)
+        except (UnverifiedDataError, DisallowedCallableError) as exc:
+            return f"its task is refused: {explain(exc)}"
+        except MalformedDocumentError:
+            pass  # its jobs stay queued, as the claim of jobs says
+
+        return ""
 
     async def _quarantine(
         self, schedule_id: object, token: object, reason: str
@@ -533,7 +624,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
         """Return the fields of a schedule as its release leaves it."""
         changes: Document = {**layout.NO_LEASE, "v": token, "release_token": token}
         try:
-            changes["trigger"] = self.serializer.serialize(result.trigger)
+            trigger = released_trigger(result.schedule_id, result.trigger, self._codec)
         except SerializationError as exc:
             self._logger.exception(
                 "Cannot serialize the trigger of schedule %r; setting it aside",
@@ -543,6 +634,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
             now = self._clock.now_datetime()
             changes["quarantine"] = quarantine_record(reason, now)
         else:
+            changes.update(trigger)
             put_datetime(changes, "last_fire_time", result.last_fire_time)
             put_datetime(changes, "next_fire_time", result.next_fire_time)
 
@@ -612,7 +704,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
     # Jobs
 
     async def add_job(self, job: Job) -> None:
-        document = job_to_document(job, self.serializer)
+        document = job_to_document(job, self._codec)
         document["v"] = document["insert_token"] = token = layout.new_token()
         async for attempt in self._retry():
             with attempt:
@@ -709,7 +801,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
                 now,
                 now + lease_duration // _MICROSECOND,
                 token,
-                self.serializer,
+                self._codec,
                 self._logger,
             )
             read = await plan_job_claim(self._jobs, self._tasks, context, limit)
@@ -774,7 +866,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
         )
         update = finish_update(
             result,
-            self.serializer,
+            self._codec,
             self._logger,
             from_schedule=from_schedule,
             token=token,
@@ -828,7 +920,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
             with attempt:
                 document = await self._jobs.find_one(
                     layout.stored_result(document_id),
-                    {"result": 1, "v": 1, "fire_key": 1},
+                    {"result": 1, "v": 1, "fire_key": 1, layout.MAC_FIELD: 1},
                 )
 
         if document is None:
@@ -856,10 +948,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
 
     def _read_result(self, job_id: UUID, document: Document) -> JobResult:
         try:
-            if not isinstance(document["result"], Mapping):
-                raise MalformedDocumentError("field 'result' is not a document")
-
-            return result_from_document(job_id, document["result"], self.serializer)
+            return result_from_document(job_id, document, self._codec)
         except (DeserializationError, MalformedDocumentError) as exc:
             # The result stays stored: APScheduler's stores raise here too
             raise type(exc)(
@@ -893,7 +982,7 @@ class MongoDBDataStore(ConnectionOptions, BaseExternalDataStore):
         return Cleanup(
             self._schedules,
             self._jobs,
-            self.serializer,
+            self._codec,
             self._retry,
             self._logger,
             self._clock,

@@ -31,10 +31,11 @@ from ._client import (
 )
 from ._events import Delivered
 from ._indexes import ensure_indexes
-from ._layout import RETIRED_EVENT_INDEXES, Document, event_indexes
+from ._layout import EVENTS, RETIRED_EVENT_INDEXES, Document, event_indexes
 from ._names import validate_collection_name
-from ._options import ConnectionOptions
+from ._options import ConnectionOptions, SigningOptions
 from ._retry import Trouble, is_temporary_failure, retrying
+from ._signing import Codec, UnverifiedDataError
 
 Mode = Literal["auto", "change_stream", "polling"]
 
@@ -50,7 +51,7 @@ def _as_seconds(value: float | timedelta) -> float:
 
 
 @attrs.define(eq=False, repr=False)
-class MongoDBEventBroker(ConnectionOptions, BaseExternalEventBroker):
+class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBroker):
     """
     Carry APScheduler's events between processes through a MongoDB collection.
 
@@ -71,6 +72,11 @@ class MongoDBEventBroker(ConnectionOptions, BaseExternalEventBroker):
     :param collection: name of the events collection
     :param serializer: the serializer for event payloads
     :param retry_settings: how to retry after temporary failures
+    :param signing_key: a key, or a sequence of keys of which the first signs and
+        all verify: events are signed when published, and an event read without a
+        valid signature is dropped unread (see :doc:`security`)
+    :param accept_unsigned: while rolling signing out, also deliver events that
+        carry no signature at all
     :param mode: ``"auto"`` (change streams where the server has them, polling
         elsewhere), ``"change_stream"`` or ``"polling"``
     :param poll_interval: seconds (or a timedelta) between polls in polling mode
@@ -113,6 +119,9 @@ class MongoDBEventBroker(ConnectionOptions, BaseExternalEventBroker):
     _publish_lock: anyio.Lock = attrs.field(init=False, factory=anyio.Lock)
     _delivered: Delivered = attrs.field(init=False)
     _active_mode: str = attrs.field(init=False, default="")
+    #: Whether the last event read failed its signature check (one warning each
+    #: episode of such events)
+    _refusing: bool = attrs.field(init=False, default=False)
 
     def __repr__(self) -> str:
         return (
@@ -123,6 +132,11 @@ class MongoDBEventBroker(ConnectionOptions, BaseExternalEventBroker):
     def _retry(self) -> AsyncRetrying:
         """Return the loop that retries this broker's temporary failures."""
         return retrying(self.retry_settings, self._logger, " in the event broker")
+
+    @property
+    def _codec(self) -> Codec:
+        """How this broker signs and checks event documents."""
+        return Codec(self.serializer, self.signing_key, self.accept_unsigned)
 
     @property
     def active_mode(self) -> str:
@@ -159,6 +173,7 @@ class MongoDBEventBroker(ConnectionOptions, BaseExternalEventBroker):
         else:
             task_group.start_soon(self._poll)
 
+        self._warn_if_unsigned_accepted(self._logger, "The event broker")
         self._logger.info("MongoDB event broker started (%s)", self._active_mode)
 
     async def _prepare_collection(self) -> None:
@@ -223,6 +238,7 @@ class MongoDBEventBroker(ConnectionOptions, BaseExternalEventBroker):
             document = events.event_document(
                 self._publisher, self._sequence, type(event).__name__, payload
             )
+            self._codec.sign(EVENTS, document)
             query, update = events.stored_once(document)
             async for attempt in self._retry():
                 with attempt:
@@ -250,7 +266,30 @@ class MongoDBEventBroker(ConnectionOptions, BaseExternalEventBroker):
             self._logger.warning("Ignoring event %s: no payload", document.get("_id"))
             return
 
-        event = self._reconstitute_event(str(document.get("type")), payload)
+        try:
+            self._codec.check(EVENTS, document, "payload")
+        except UnverifiedDataError as exc:
+            if not self._refusing:
+                self._logger.warning(
+                    "Dropping event %s, and those after it until one passes the "
+                    "check: %s",
+                    document.get("_id"),
+                    exc,
+                )
+            self._refusing = True
+            return
+
+        self._refusing = False
+        kind = document.get("type")
+        if not isinstance(kind, str) or not events.is_event_type(kind):
+            self._logger.warning(
+                "Ignoring event %s: %r is no APScheduler event type",
+                document.get("_id"),
+                kind,
+            )
+            return
+
+        event = self._reconstitute_event(kind, payload)
         if event is None:
             self._logger.warning(
                 "Ignoring event %s: it cannot be read", document.get("_id")

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import attrs
+from apscheduler import _events as apscheduler_events
 from bson import ObjectId
 
 from ._layout import Document
@@ -27,6 +28,12 @@ STREAM_PIPELINE = [{"$match": {"operationType": {"$in": ["insert", "invalidate"]
 
 def aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def is_event_type(name: str) -> bool:
+    """Tell whether ``name`` names one of APScheduler's event classes."""
+    cls = getattr(apscheduler_events, name, None)
+    return isinstance(cls, type) and issubclass(cls, apscheduler_events.Event)
 
 
 def event_document(publisher: str, seq: int, kind: str, payload: bytes) -> Document:

@@ -29,6 +29,7 @@ from ._layout import Document
 from ._marshalling import MalformedDocumentError, task_from_document, uuid_from_bson
 from ._marshalling import uuid_to_bson as bson_id
 from ._planner import (
+    Cap,
     ClaimContext,
     ClaimPlan,
     Holding,
@@ -38,6 +39,7 @@ from ._planner import (
     task_cap,
     tasks_of,
 )
+from ._signing import Codec, DisallowedCallableError, UnverifiedDataError
 
 #: How many rounds a claim reads at most, when capped tasks keep jobs from it
 MAX_ROUNDS = 4
@@ -81,14 +83,14 @@ async def plan_job_claim(
     read = ClaimRead(ClaimPlan(), {}, holdings_of(summaries, context.logger))
     read.next_waiting = waiting[0] if waiting else None
     slots = Slots(read.holdings)
-    caps: dict[str, int | None] = {}
+    caps: dict[str, Cap] = {}
     passed_over: list[Any] = []
     asked = limit
     for _ in range(MAX_ROUNDS):
         read.tasks.update(tasks_of(documents))
         for task_id, task in read.tasks.items():
             if task_id not in caps:
-                caps[task_id] = task_cap(task, context.logger)
+                caps[task_id] = task_cap(task, context.codec, context.logger)
 
         at_cap = set(read.plan.at_cap)
         read.plan.extend(plan_claims(documents, caps, slots, context))
@@ -143,7 +145,7 @@ class ClaimedTasks:
                 running = read.holdings.get(task_id, Holding()).running + newly[task_id]
                 self._memories[task_id] = _Memory(task, running, count, until)
 
-    def recall(self, task_id: str) -> Task | None:
+    def recall(self, task_id: str, codec: Codec) -> Task | None:
         """Return the task as the claim read it, or ``None`` if it is not known."""
         memory = self._memories.get(task_id)
         if memory is None or time.monotonic() > memory.until:
@@ -155,8 +157,8 @@ class ClaimedTasks:
             del self._memories[task_id]
 
         try:
-            return task_from_document(memory.task, memory.running)
-        except MalformedDocumentError:
+            return task_from_document(memory.task, memory.running, codec)
+        except (MalformedDocumentError, UnverifiedDataError, DisallowedCallableError):
             return None  # the store reads it again, and says what is wrong
 
     def forget(self, task_id: str | None = None) -> None:

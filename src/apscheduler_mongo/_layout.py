@@ -32,6 +32,21 @@ SCHEDULES = "schedules"
 JOBS = "jobs"
 EVENTS = "events"
 
+#: Where a document keeps its signatures (see :mod:`._signing`): one per part
+MAC_FIELD = "mac"
+#: The signed parts of each kind of document, and the fields each part covers: what
+#: a process would deserialize or import, with what binds it to its task. A part is
+#: signed whenever any of its fields is written
+SIGNED_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
+    TASKS: {"task": ("func", "job_executor")},
+    SCHEDULES: {"call": ("task_id", "args", "kwargs"), "trigger": ("trigger",)},
+    JOBS: {
+        "call": ("task_id", "args", "kwargs"),
+        "result": ("result.outcome", "result.return_value", "result.exception"),
+    },
+    EVENTS: {"payload": ("type", "payload")},
+}
+
 #: The states of a job document (its ``state`` field)
 QUEUED = "queued"
 ACQUIRED = "acquired"
@@ -180,7 +195,15 @@ def lease(owner: str, until: int, token: ObjectId) -> Document:
 NO_LEASE: Document = {"acquired_by": None, "acquired_until": None}
 #: The lease fields a finished job loses, with its arguments and slot
 FINISHED_DROPS: Document = dict.fromkeys(
-    ["args", "kwargs", "acquired_by", "acquired_until", "slot_key"], ""
+    [
+        "args",
+        "kwargs",
+        f"{MAC_FIELD}.call",
+        "acquired_by",
+        "acquired_until",
+        "slot_key",
+    ],
+    "",
 )
 
 

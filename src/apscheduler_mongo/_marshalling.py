@@ -28,7 +28,17 @@ from apscheduler import (
 from apscheduler.abc import Serializer
 from bson import Binary, ObjectId
 
-from ._layout import FINISHED, FINISHED_DROPS, QUEUED, Document, fire_key
+from ._layout import (
+    FINISHED,
+    FINISHED_DROPS,
+    JOBS,
+    QUEUED,
+    SCHEDULES,
+    TASKS,
+    Document,
+    fire_key,
+)
+from ._signing import Codec
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
@@ -111,8 +121,14 @@ def quarantine_record(reason: str, at: datetime) -> dict[str, Any]:
 # Tasks
 
 
-def task_to_document(task: Task) -> dict[str, Any]:
-    return {
+def task_to_document(task: Task, codec: Codec) -> dict[str, Any]:
+    """
+    Return the stored form of ``task``, signed.
+
+    :raises DisallowedCallableError: if its callable is not allowed
+    """
+    codec.check_callable(task.func)
+    document: dict[str, Any] = {
         "_id": task.id,
         "func": task.func,
         "job_executor": task.job_executor,
@@ -120,9 +136,22 @@ def task_to_document(task: Task) -> dict[str, Any]:
         "misfire_grace_time": duration_to_micros(task.misfire_grace_time),
         "metadata": task.metadata,
     }
+    codec.sign(TASKS, document)
+    return document
 
 
-def task_from_document(document: Mapping[str, Any], running_jobs: int) -> Task:
+def task_from_document(
+    document: Mapping[str, Any], running_jobs: int, codec: Codec
+) -> Task:
+    """
+    Build a task from its stored form, once its signature and callable are checked.
+
+    :raises UnverifiedDataError: if its signature is missing or wrong
+    :raises DisallowedCallableError: if its callable is not allowed
+    :raises MalformedDocumentError: if a field is missing or of the wrong type
+    """
+    codec.check(TASKS, document, "task")
+    codec.check_callable(document.get("func"))
     try:
         fields: dict[str, Any] = {
             "id": document["_id"],
@@ -143,8 +172,9 @@ def task_from_document(document: Mapping[str, Any], running_jobs: int) -> Task:
 # Schedules
 
 
-def schedule_to_document(schedule: Schedule, serializer: Serializer) -> dict[str, Any]:
-    """Return the stored form of ``schedule`` (without a lease)."""
+def schedule_to_document(schedule: Schedule, codec: Codec) -> dict[str, Any]:
+    """Return the stored form of ``schedule`` (without a lease), signed."""
+    serializer = codec.serializer
     document: dict[str, Any] = {
         "_id": schedule.id,
         "task_id": schedule.task_id,
@@ -165,19 +195,41 @@ def schedule_to_document(schedule: Schedule, serializer: Serializer) -> dict[str
     }
     put_datetime(document, "next_fire_time", schedule.next_fire_time)
     put_datetime(document, "last_fire_time", schedule.last_fire_time)
+    codec.sign(SCHEDULES, document)
     return document
 
 
-def schedule_from_document(
-    document: Mapping[str, Any], serializer: Serializer
-) -> Schedule:
+def released_trigger(schedule_id: str, trigger: object, codec: Codec) -> Document:
     """
-    Build a schedule from its stored form.
+    Return the ``$set`` fields that store a schedule's trigger as its release
+    leaves it, signed.
 
+    :raises SerializationError: if the trigger cannot be serialized
+    """
+    changes: Document = {"trigger": codec.serializer.serialize(trigger)}
+    return {
+        **changes,
+        **codec.signed_changes(SCHEDULES, schedule_id, "trigger", changes),
+    }
+
+
+def schedule_from_document(document: Mapping[str, Any], codec: Codec) -> Schedule:
+    """
+    Build a schedule from its stored form, once its signatures are checked.
+
+    :raises UnverifiedDataError: if a signature is missing or wrong
     :raises DeserializationError: if the serializer cannot read the trigger or the
         arguments
     :raises MalformedDocumentError: if a field is missing or of the wrong type
     """
+    # A wrong type in a field the server's queries test would make the scheduler
+    # and the viewers disagree on the schedule's state
+    if not isinstance(document.get("paused", False), bool):
+        raise MalformedDocumentError("field 'paused' is not a boolean")
+
+    codec.check(SCHEDULES, document, "call")
+    codec.check(SCHEDULES, document, "trigger")
+    serializer = codec.serializer
     try:
         trigger = serializer.deserialize(document["trigger"])
         args = serializer.deserialize(document["args"])
@@ -217,9 +269,9 @@ def schedule_from_document(
 # Jobs
 
 
-def job_to_document(job: Job, serializer: Serializer) -> dict[str, Any]:
+def job_to_document(job: Job, codec: Codec) -> dict[str, Any]:
     """
-    Return the stored form of a newly added ``job``.
+    Return the stored form of a newly added ``job``, signed.
 
     A job created by a schedule carries ``fire_time``, its un-jittered fire time in
     microseconds, and ``fire_key``, unique per schedule and fire time.
@@ -228,8 +280,8 @@ def job_to_document(job: Job, serializer: Serializer) -> dict[str, Any]:
         "_id": uuid_to_bson(job.id),
         "state": QUEUED,
         "task_id": job.task_id,
-        "args": serializer.serialize(job.args),
-        "kwargs": serializer.serialize(job.kwargs),
+        "args": codec.serializer.serialize(job.args),
+        "kwargs": codec.serializer.serialize(job.kwargs),
         "schedule_id": job.schedule_id,
         "executor": job.executor,
         "jitter": duration_to_micros(job.jitter),
@@ -244,19 +296,22 @@ def job_to_document(job: Job, serializer: Serializer) -> dict[str, Any]:
         document["fire_time"] = to_micros(original)
         document["fire_key"] = fire_key(job.schedule_id, document["fire_time"])
 
+    codec.sign(JOBS, document, "call")
     return document
 
 
-def job_from_document(document: Mapping[str, Any], serializer: Serializer) -> Job:
+def job_from_document(document: Mapping[str, Any], codec: Codec) -> Job:
     """
-    Build a job from its stored form.
+    Build a job from its stored form, once its signature is checked.
 
+    :raises UnverifiedDataError: if its signature is missing or wrong
     :raises DeserializationError: if the serializer cannot read the arguments
     :raises MalformedDocumentError: if a field is missing or of the wrong type
     """
+    codec.check(JOBS, document, "call")
     try:
-        args = serializer.deserialize(document["args"])
-        kwargs = serializer.deserialize(document["kwargs"])
+        args = codec.serializer.deserialize(document["args"])
+        kwargs = codec.serializer.deserialize(document["kwargs"])
         acquired_until = document.get("acquired_until")
         fields: dict[str, Any] = {
             "id": uuid_from_bson(document["_id"]),
@@ -311,8 +366,23 @@ def result_to_document(result: JobResult, serializer: Serializer) -> dict[str, A
 
 
 def result_from_document(
-    job_id: UUID, document: Mapping[str, Any], serializer: Serializer
+    job_id: UUID, job_document: Mapping[str, Any], codec: Codec
 ) -> JobResult:
+    """
+    Build a job's result from the finished job's document, once its signature is
+    checked.
+
+    :raises UnverifiedDataError: if its signature is missing or wrong
+    :raises DeserializationError: if the serializer cannot read the return value or
+        the exception
+    :raises MalformedDocumentError: if a field is missing or of the wrong type
+    """
+    document = job_document.get("result")
+    if not isinstance(document, Mapping):
+        raise MalformedDocumentError("field 'result' is not a document")
+
+    codec.check(JOBS, job_document, "result")
+    serializer = codec.serializer
     exception = document.get("exception")
     return_value = document.get("return_value")
     try:
@@ -342,7 +412,7 @@ def result_from_document(
 
 def finish_update(
     result: JobResult,
-    serializer: Serializer,
+    codec: Codec,
     logger: Logger,
     *,
     from_schedule: bool,
@@ -368,15 +438,19 @@ def finish_update(
     keep = result.expires_at > result.finished_at
     if keep:
         try:
-            changes["result"] = result_to_document(result, serializer)
+            changes["result"] = result_to_document(result, codec.serializer)
         except SerializationError:
             logger.exception(
                 "Cannot serialize the result of job %s; keeping its outcome only",
                 result.job_id,
             )
             changes["result"] = result_to_document(
-                attrs.evolve(result, exception=None, return_value=None), serializer
+                attrs.evolve(result, exception=None, return_value=None),
+                codec.serializer,
             )
+
+        document_id = uuid_to_bson(result.job_id)
+        changes.update(codec.signed_changes(JOBS, document_id, "result", changes))
 
     if not from_schedule:
         changes["purge_at"] = result.expires_at if keep else result.finished_at

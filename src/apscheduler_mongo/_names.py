@@ -1,6 +1,8 @@
-"""Validation of database and collection names."""
+"""Validation of database and collection names, and of the ids the API takes."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 _DATABASE_FORBIDDEN = frozenset('/\\. "$*<>:|?\x00')
 _DATABASE_MAX_BYTES = 63
@@ -67,3 +69,22 @@ def validate_collection_name(name: object, database: str) -> str:
 def database_validator(_instance: object, _attribute: object, value: object) -> None:
     """Attrs validator running :func:`validate_database_name`."""
     validate_database_name(value)
+
+
+def require_ids(values: Iterable[object], what: str) -> list[str]:
+    """
+    Return ids given to the store's API, checked to be strings.
+
+    A query built from a value of another type could match other documents than
+    the caller meant (``remove_task({"$ne": None})`` would delete some task).
+
+    :raises TypeError: if one is not a string
+    """
+    ids: list[str] = []
+    for value in values:
+        if not isinstance(value, str):
+            raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+
+        ids.append(value)
+
+    return ids

@@ -21,7 +21,6 @@ from apscheduler import (
     JobResult,
     TaskLookupError,
 )
-from apscheduler.abc import Serializer
 from bson import ObjectId
 
 from ._adapters import Update
@@ -49,6 +48,7 @@ from ._marshalling import (
     task_from_document,
     uuid_from_bson,
 )
+from ._signing import Codec, DisallowedCallableError, UnverifiedDataError
 
 
 @attrs.frozen
@@ -60,8 +60,19 @@ class ClaimContext:
     now: int
     acquired_until: int
     token: ObjectId
-    serializer: Serializer
+    codec: Codec
     logger: Logger
+
+
+@attrs.frozen
+class Refused:
+    """A task this store will not hand out: its jobs finish with ``error``."""
+
+    error: Exception
+
+
+#: What a claim knows of a task: its ``max_running_jobs``, or that it is refused
+Cap = int | None | Refused
 
 
 @attrs.define
@@ -101,11 +112,19 @@ def tasks_of(documents: Sequence[Document]) -> dict[str, Document]:
     return tasks
 
 
-def task_cap(task: Mapping[str, Any], logger: Logger) -> int | None:
-    """Return a task's ``max_running_jobs``; 0 (run nothing) if the task is bad."""
+def task_cap(task: Mapping[str, Any], codec: Codec, logger: Logger) -> Cap:
+    """
+    Return a task's ``max_running_jobs``; 0 (run nothing) if the task is bad; or
+    :class:`Refused` if its signature or its callable is refused.
+    """
     try:
         # The scheduler reads the task of each job it gets: it must be readable
-        task_from_document(task, 0)
+        task_from_document(task, 0, codec)
+    except (UnverifiedDataError, DisallowedCallableError) as exc:
+        logger.warning(
+            "Refusing task %r: %s; its jobs finish with this error", task["_id"], exc
+        )
+        return Refused(exc)
     except MalformedDocumentError as exc:
         logger.warning(
             "Cannot read task %r: %s; its jobs stay queued", task["_id"], exc
@@ -194,7 +213,7 @@ class Slots:
 
 def plan_claims(
     documents: Sequence[Document],
-    caps: Mapping[str, int | None],
+    caps: Mapping[str, Cap],
     slots: Slots,
     context: ClaimContext,
 ) -> ClaimPlan:
@@ -233,12 +252,21 @@ def plan_claims(
 
 
 def _read(
-    document: Document, caps: Mapping[str, int | None], context: ClaimContext
+    document: Document, caps: Mapping[str, Cap], context: ClaimContext
 ) -> tuple[Job | None, JobResult | None]:
-    """Read a candidate: the job to claim, or the result to finish it with."""
+    """
+    Read a candidate: the job to claim, or the result to finish it with.
+
+    The job of a refused task is finished before its arguments are read.
+    """
     now = from_micros(context.now)
+    task_id = document.get("task_id")
+    if isinstance(task_id, str) and isinstance(cap := caps.get(task_id), Refused):
+        outcome = JobOutcome.error
+        return None, result_for_document(document, outcome, now, cap.error)
+
     try:
-        job = job_from_document(document, context.serializer)
+        job = job_from_document(document, context.codec)
     except (DeserializationError, MalformedDocumentError) as exc:
         context.logger.warning(
             "Cannot read job %s: %s", describe_id(document.get("_id")), explain(exc)
@@ -250,7 +278,7 @@ def _read(
 
 
 def _cannot_run(
-    job: Job, caps: Mapping[str, int | None], now: datetime, logger: Logger
+    job: Job, caps: Mapping[str, Cap], now: datetime, logger: Logger
 ) -> JobResult | None:
     """Return the result of a job that cannot run, or ``None`` if it can."""
     if job.task_id not in caps:
@@ -279,7 +307,7 @@ def _finish(
 ) -> None:
     update = finish_update(
         result,
-        context.serializer,
+        context.codec,
         context.logger,
         from_schedule=is_from_schedule(document),
         token=context.token,
@@ -293,7 +321,7 @@ def _take(
     document: Document,
     query: Document,
     job: Job,
-    caps: Mapping[str, int | None],
+    caps: Mapping[str, Cap],
     slots: Slots,
     context: ClaimContext,
 ) -> None:
@@ -302,6 +330,7 @@ def _take(
         **lease(context.owner, context.acquired_until, context.token),
     }
     cap = caps[job.task_id]
+    assert not isinstance(cap, Refused)  # its jobs were finished by _read
     if cap is not None and "slot_key" not in document:
         slot = slots.take(job.task_id, cap)
         if slot is None:
