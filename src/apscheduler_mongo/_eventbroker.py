@@ -14,7 +14,6 @@ import attrs
 from apscheduler._events import Event
 from apscheduler.abc import Serializer
 from apscheduler.eventbrokers.base import BaseExternalEventBroker
-from apscheduler.serializers.json import JSONSerializer
 from attrs.validators import ge, in_, instance_of
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 from tenacity import AsyncRetrying
@@ -36,6 +35,7 @@ from ._names import validate_collection_name
 from ._options import ConnectionOptions, SigningOptions
 from ._retry import Trouble, is_temporary_failure, retrying
 from ._signing import Codec, UnverifiedDataError
+from .serializers import SafeJSONSerializer
 
 Mode = Literal["auto", "change_stream", "polling"]
 
@@ -70,7 +70,8 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
         or Motor ``AsyncIOMotorClient`` (never closed by the broker)
     :param database: the database holding the events collection
     :param collection: name of the events collection
-    :param serializer: the serializer for event payloads
+    :param serializer: the serializer for event payloads (by default one that
+        rebuilds no object a payload names: events carry plain data)
     :param retry_settings: how to retry after temporary failures
     :param signing_key: a key, or a sequence of keys of which the first signs and
         all verify: events are signed when published, and an event read without a
@@ -91,7 +92,7 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
         default="events", kw_only=True, validator=_validate_collection
     )
     serializer: Serializer = attrs.field(
-        factory=JSONSerializer,
+        factory=SafeJSONSerializer,
         kw_only=True,
         validator=instance_of(Serializer),  # type: ignore[type-abstract]
     )
