@@ -339,10 +339,12 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             return task_from_document(
                 documents[0], running_count(summaries), self._codec
             )
-        except (MalformedDocumentError, UnverifiedDataError) as exc:
-            raise MalformedDocumentError(
-                f"cannot read task {task_id!r}: {explain(exc)}"
-            ) from exc
+        except (
+            MalformedDocumentError,
+            UnverifiedDataError,
+            DisallowedCallableError,
+        ) as exc:
+            raise type(exc)(f"cannot read task {task_id!r}: {explain(exc)}") from exc
 
     async def get_tasks(self) -> list[Task]:
         async for attempt in self._retry():
