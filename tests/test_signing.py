@@ -8,23 +8,29 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from anyio import create_memory_object_stream, fail_after
 from apscheduler import (
     ConflictPolicy,
+    DeserializationError,
+    Event,
     Job,
     JobOutcome,
     JobResult,
     Schedule,
     Task,
+    TaskAdded,
     TaskLookupError,
 )
 from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.serializers.pickle import PickleSerializer
 from apscheduler.triggers.interval import IntervalTrigger
-from bson import Binary
+from bson import Binary, ObjectId
 
 from apscheduler_mongo import (
     DisallowedCallableError,
     MongoDBDataStore,
+    MongoDBEventBroker,
+    SyncMongoDBDataStore,
     UnverifiedDataError,
 )
 from apscheduler_mongo._marshalling import (
@@ -383,3 +389,77 @@ class TestBadInput:
         assert await signed_store.acquire_jobs("me", LEASE, 10) == []
         result = await signed_store.get_job_result(job.id)
         assert result is not None and isinstance(result.exception, TaskLookupError)
+
+
+class TestBroker:
+    """Events are signed when published; one that fails the check is dropped."""
+
+    async def test_signed_events_pass_forged_ones_are_dropped_once(
+        self, client: Any, database_name: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        async with AsyncExitStack() as exit_stack:
+            brokers = []
+            for name in ("receiver", "publisher"):
+                logger = logging.getLogger(f"apscheduler_mongo.tests.{name}")
+                broker = MongoDBEventBroker(
+                    client,
+                    database=database_name,
+                    signing_key=[NEW_KEY, OLD_KEY],
+                    poll_interval=0.02,
+                )
+                await broker.start(exit_stack, logger)
+                brokers.append(broker)
+
+            receiver, publisher = brokers
+            send, receive = create_memory_object_stream[Event](10)
+            exit_stack.enter_context(send)
+            exit_stack.enter_context(receive)
+            receiver.subscribe(send.send, {TaskAdded})
+            events = client[database_name]["events"]
+            now = datetime.now(timezone.utc)
+            forged = [
+                {
+                    "_id": ObjectId(),
+                    "publisher": "attacker",
+                    "seq": seq,
+                    "type": "TaskAdded",
+                    "payload": b'{"task_id": "forged"}',
+                    "at": now,
+                }
+                for seq in (1, 2)
+            ]
+            await events.insert_many(forged)
+            await publisher.publish(TaskAdded(task_id="signed"))
+            with fail_after(3):
+                received = await receive.receive()
+
+            assert isinstance(received, TaskAdded)
+            assert received.task_id == "signed"
+            stored = await events.find_one({"publisher": {"$ne": "attacker"}})
+            assert set(stored["mac"]) == {"payload"}
+
+        # Two forged events, one warning by each broker
+        dropped = [r.name for r in caplog.records if "Dropping event" in r.message]
+        assert sorted(dropped) == [
+            "apscheduler_mongo.tests.publisher",
+            "apscheduler_mongo.tests.receiver",
+        ]
+
+    async def test_default_serializer_imports_nothing(self) -> None:
+        broker = MongoDBEventBroker("mongodb://127.0.0.1:1/")
+        with pytest.raises(DeserializationError):
+            broker.serializer.deserialize(b'{"_apscheduler_json": ["os:system", "x"]}')
+
+
+class TestSyncStore:
+    """The threaded store takes the same options and signs alike."""
+
+    def test_signing_key_passes_through(self) -> None:
+        store = SyncMongoDBDataStore(
+            "mongodb://127.0.0.1:1/",
+            signing_key=NEW_KEY,
+            allowed_callables=["myapp:*"],
+        )
+        assert store.store.signing_key is not None
+        assert store.store.allowed_callables == AllowedCallables(("myapp:*",))
+        assert NEW_KEY not in repr(store)
