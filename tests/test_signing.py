@@ -33,6 +33,7 @@ from apscheduler_mongo import (
     SyncMongoDBDataStore,
     UnverifiedDataError,
 )
+from apscheduler_mongo._adapters import adapter_for
 from apscheduler_mongo._marshalling import (
     job_from_document,
     job_to_document,
@@ -48,6 +49,7 @@ from apscheduler_mongo._signing import (
     keys_from_environment,
     split_keys,
 )
+from apscheduler_mongo._tools.signing import SignReport, StoreSigner
 
 pytestmark = pytest.mark.anyio
 
@@ -463,3 +465,105 @@ class TestSyncStore:
         assert store.store.signing_key is not None
         assert store.store.allowed_callables == AllowedCallables(("myapp:*",))
         assert NEW_KEY not in repr(store)
+
+
+async def _sign_stored(client: Any, database_name: str, **options: Any) -> SignReport:
+    adapter = adapter_for(client)
+    kinds = ("tasks", "schedules", "jobs")
+    collections = {kind: adapter.collection(database_name, kind) for kind in kinds}
+    return await StoreSigner(collections, **options).run()
+
+
+class TestSignCommand:
+    """Signing a stored store: unsigned parts signed, rotation, tampering refused."""
+
+    async def _fill(self, store: MongoDBDataStore) -> Job:
+        await store.add_task(Task(id="t", func="builtins:len", job_executor="a"))
+        await store.add_task(Task(id="u", func="os:system", job_executor="a"))
+        await store.add_schedule(schedule("s", 1), ConflictPolicy.exception)
+        done = Job(task_id="t", executor="async", result_expiration_time=KEEP)
+        await store.add_job(done)
+        [claimed] = await store.acquire_jobs("me", LEASE, 10)
+        result = JobResult.from_job(claimed, JobOutcome.success, return_value=3)
+        await store.release_job("me", claimed, result)
+        await store.add_job(Job(task_id="t", executor="async", args=ARGS))
+        return done
+
+    async def test_signs_what_an_unsigned_store_wrote(
+        self, store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        done = await self._fill(store)
+        report = await _sign_stored(
+            client,
+            database_name,
+            signer=Signer(NEW_KEY),
+            allowed=AllowedCallables.of(["builtins:*"]),
+        )
+        # tasks t; schedule call and trigger; 2 jobs' calls... the finished job's
+        # call was dropped with its arguments; its result
+        assert report.signed == 5, report
+        assert report.refused == [
+            ("tasks", "'u'", "task", "its callable 'os:system' is not allowed")
+        ]
+        again = await _sign_stored(
+            client,
+            database_name,
+            signer=Signer(NEW_KEY),
+            allowed=AllowedCallables.of(["builtins:*"]),
+        )
+        assert again.signed == 0 and again.already == 5, again
+
+        signed = MongoDBDataStore(client, database=database_name, signing_key=NEW_KEY)
+        async with AsyncExitStack() as exit_stack:
+            logger = logging.getLogger("apscheduler_mongo.tests")
+            broker = LocalEventBroker()
+            await broker.start(exit_stack, logger)
+            await signed.start(exit_stack, broker, logger)
+            assert (await signed.get_task("t")).func == "builtins:len"
+            [read] = await signed.get_schedules()
+            assert read.args == (1,)
+            [job] = await signed.acquire_jobs("me", LEASE, 10)
+            assert job.args == (2,)
+            result = await signed.get_job_result(done.id)
+            assert result is not None and result.return_value == 3
+            with pytest.raises(UnverifiedDataError):
+                await signed.get_task("u")
+
+    async def test_rotation_and_tampering(
+        self, signed_store: MongoDBDataStore, client: Any, database: Any
+    ) -> None:
+        await signed_store.add_task(Task(id="t", func="builtins:len", job_executor="a"))
+        await signed_store.add_schedule(schedule("s", 1), ConflictPolicy.exception)
+        await signed_store.add_schedule(schedule("x", 1), ConflictPolicy.exception)
+        await database["schedules"].update_one(
+            {"_id": "x"}, {"$set": {"args": SERIALIZER.serialize((2,))}}
+        )
+        rotated = Signer([OLD_KEY, NEW_KEY])  # OLD_KEY now signs
+        report = await _sign_stored(client, database.name, signer=rotated)
+        assert report.re_signed == 4, report  # t; s call, s trigger; x trigger
+        assert report.refused == [
+            (
+                "schedules",
+                "'x'",
+                "call",
+                "its signature is wrong: changed without the key?",
+            )
+        ]
+        document = await database["schedules"].find_one({"_id": "s"})
+        assert Signer(OLD_KEY).verify(
+            "schedules",
+            "s",
+            "trigger",
+            [document["trigger"]],
+            document["mac"]["trigger"],
+        )
+
+    async def test_dry_run_writes_nothing(
+        self, store: MongoDBDataStore, client: Any, database: Any
+    ) -> None:
+        await self._fill(store)
+        report = await _sign_stored(
+            client, database.name, signer=Signer(NEW_KEY), dry_run=True
+        )
+        assert report.signed == 6
+        assert await database["tasks"].count_documents({"mac": {"$exists": True}}) == 0

@@ -36,15 +36,16 @@ EVENTS = "events"
 MAC_FIELD = "mac"
 #: The signed parts of each kind of document, and the fields each part covers: what
 #: a process would deserialize or import, with what binds it to its task. A part is
-#: signed whenever any of its fields is written
+#: signed whenever any of its fields is written; a document holds the part while it
+#: holds the part's first field (a finished job drops its arguments)
 SIGNED_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
-    TASKS: {"task": ("func", "job_executor")},
-    SCHEDULES: {"call": ("task_id", "args", "kwargs"), "trigger": ("trigger",)},
+    TASKS: {"task": ("job_executor", "func")},
+    SCHEDULES: {"call": ("args", "kwargs", "task_id"), "trigger": ("trigger",)},
     JOBS: {
-        "call": ("task_id", "args", "kwargs"),
+        "call": ("args", "kwargs", "task_id"),
         "result": ("result.outcome", "result.return_value", "result.exception"),
     },
-    EVENTS: {"payload": ("type", "payload")},
+    EVENTS: {"payload": ("payload", "type")},
 }
 
 #: The states of a job document (its ``state`` field)
@@ -494,3 +495,21 @@ def running_jobs_of(task_id: str) -> list[Document]:
 
 #: Where a claim's read puts each job's task document (removed before use)
 TASK_FIELD = "_task"
+
+
+# Signatures (see _signing.py, and _tools/signing.py, which signs stored documents)
+
+
+def after_id(document_id: object) -> Document:
+    """Match the documents whose ``_id`` sorts after ``document_id`` (paging)."""
+    return {"_id": {"$gt": document_id}}
+
+
+def unchanged_fields(document_id: object, values: Mapping[str, Any]) -> Document:
+    """Match a document as long as the fields in ``values`` still hold them."""
+    return {"_id": document_id, **values}
+
+
+def signature_update(part: str, signature: bytes) -> Document:
+    """Return the update that stores the signature of one part of a document."""
+    return {"$set": {f"{MAC_FIELD}.{part}": signature}}

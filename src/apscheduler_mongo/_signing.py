@@ -132,13 +132,24 @@ class Signer:
         signature: bytes,
     ) -> bool:
         """Tell whether ``signature`` is that of the part by any of the keys."""
+        return self.signer_of(collection, document_id, part, values, signature) >= 0
+
+    def signer_of(
+        self,
+        collection: str,
+        document_id: object,
+        part: str,
+        values: list[Any],
+        signature: bytes,
+    ) -> int:
+        """Return the index of the key that made ``signature``; -1 if none did."""
         message = _message(collection, document_id, part, values)
-        return any(
-            hmac.compare_digest(
-                hmac.new(key, message, hashlib.sha256).digest(), signature
-            )
-            for key in self.keys
-        )
+        for index, key in enumerate(self.keys):
+            expected = hmac.new(key, message, hashlib.sha256).digest()
+            if hmac.compare_digest(expected, signature):
+                return index
+
+        return -1
 
 
 def _canonical(value: object) -> object:
