@@ -10,10 +10,12 @@ contacted.
 Measured: server commands per job lifecycle and per schedule firing (exact, from
 pymongo's command monitoring), jobs per second drained by 1, 2 and 4 worker
 processes (with duplicate ownerships counted), schedules per second, the cost of
-acquiring jobs with many finished and leased jobs present, and the event broker's
-latency (ours only). The tables go to standard output and to ``DIR/results.md``, the
-raw figures to ``DIR/results.json``, a chart of jobs per second against workers to
-``DIR/throughput.png`` (if matplotlib is installed). Progress goes to standard error.
+acquiring jobs with many finished and leased jobs present, the event broker's
+latency (ours only) and the client CPU that signing adds per job (ours only, against
+APScheduler's memory store as the floor). The tables go to standard output and to
+``DIR/results.md``, the raw figures to ``DIR/results.json``, a chart of jobs per
+second against workers to ``DIR/throughput.png`` (if matplotlib is installed).
+Progress goes to standard error.
 
 Times depend on the machine and, with mongoeco, mostly measure that pure-Python
 server; the command counts do not.
@@ -40,16 +42,26 @@ from _history import history_sizes, measure_history
 from _rates import acquisition_rounds, measure_acquisition, measure_schedules
 from _report import evaluate_targets, markdown, plot_throughput, write_json
 
-SECTIONS = ("counts", "schedules", "acquisition", "history", "drain", "latency")
+SECTIONS = (
+    "counts",
+    "schedules",
+    "acquisition",
+    "history",
+    "drain",
+    "latency",
+    "signing",
+)
 FULL = {
     "jobs": 5000,
     "schedules": 1000,
     "latency_events": 300,
+    "signing_jobs": 300,
 }
 QUICK = {
     "jobs": 500,
     "schedules": 200,
     "latency_events": 100,
+    "signing_jobs": 100,
 }
 #: Finished + leased jobs for the acquisition section: 10x a 5,000-job queue on a
 #: real server; building that many on mongoeco takes hours (each insert there
@@ -123,6 +135,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--latency-events", type=int, help="events per broker latency run (300)"
+    )
+    parser.add_argument(
+        "--signing-jobs",
+        type=int,
+        help="jobs per signing run (default 300; a few hundred at most on mongoeco)",
     )
     args = parser.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(SECTIONS)
@@ -250,6 +267,29 @@ async def _latency(uri: str, args: argparse.Namespace) -> Any:
     return await broker_latency.measure(uri, events=args.latency_events)
 
 
+async def _signing(uri: str, args: argparse.Namespace) -> Any:
+    from signing import measure_signing
+
+    progress(f"client CPU of signing: {args.signing_jobs} jobs per run")
+    return await measure_signing(uri, args.signing_jobs)
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    """Render the results, with the signing section before the targets and notes."""
+    text = markdown(results)
+    if not results.get("signing"):
+        return text
+
+    from signing import markdown_lines
+
+    section = "\n".join(markdown_lines(results["signing"])) + "\n\n"
+    for heading in ("## Targets", "## Notes"):
+        if (at := text.find(f"\n{heading}")) >= 0:
+            return text[: at + 1] + section + text[at + 1 :]
+
+    return text + section
+
+
 _RUNNERS = {
     "counts": _counts,
     "schedules": _schedules,
@@ -257,6 +297,7 @@ _RUNNERS = {
     "history": _history,
     "drain": _drain,
     "latency": _latency,
+    "signing": _signing,
 }
 
 
@@ -295,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
                 "acquisition queued": args.acq_queued,
                 "acquisition finished + leased": args.acq_extra,
                 "latency events": args.latency_events,
+                "signing jobs": args.signing_jobs,
             },
         }
         results.update(asyncio.run(run(uri, args)))
@@ -303,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     results["targets"] = evaluate_targets(results)
     results["notes"] = list(NOTES)
     args.out.mkdir(parents=True, exist_ok=True)
-    text = markdown(results)
+    text = _markdown(results)
     sys.stdout.write(text)
     (args.out / "results.md").write_text(text)
     write_json(results, args.out / "results.json")

@@ -1,0 +1,310 @@
+"""
+Measure the client CPU that signing stored data adds per job.
+
+Usage: ``python benchmarks/signing.py [--jobs N] [--repeats R]`` (server:
+``MONGODB_URI`` if set, otherwise a mongoeco wire server started on 127.0.0.1 for
+the run, as ``bench.py`` does). ``bench.py`` runs the same as its "signing" section.
+
+Each run is a fresh process (multiprocessing's "spawn" context) that uses
+APScheduler as an application would: an ``AsyncScheduler`` with a
+``LocalEventBroker`` and the data store, one task (a no-op coroutine function of
+this module, ``max_running_jobs=None``), ``add_job`` N times, then the scheduler
+started until N ``JobReleased`` events have arrived. The process's own CPU time
+(``getrusage(RUSAGE_SELF)``, user + system, all threads) is taken around each of
+the two phases; the server's CPU is not counted. Stores compared: APScheduler's
+``MemoryDataStore`` (the floor), ours without a key, ours with a signing key, ours
+with a key and ``allowed_callables``; each on a fresh database, ``repeats`` times
+(interleaved), the median reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import queue
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from multiprocessing.queues import Queue
+from typing import Any, Literal
+
+import anyio
+from apscheduler import AsyncScheduler, Event, JobOutcome, JobReleased
+from apscheduler.abc import DataStore
+from apscheduler.datastores.memory import MemoryDataStore
+from apscheduler.eventbrokers.local import LocalEventBroker
+
+from _common import server_uri
+from _report import fmt, table
+from _seed import drop_database
+from apscheduler_mongo import MongoDBDataStore
+
+Variant = Literal["memory", "unsigned", "signed", "signed_allowed"]
+VARIANTS: tuple[Variant, ...] = ("memory", "unsigned", "signed", "signed_allowed")
+VARIANT_NAMES: dict[Variant, str] = {
+    "memory": "(a) MemoryDataStore (floor)",
+    "unsigned": "(b) ours, no key",
+    "signed": "(c) ours, signing_key",
+    "signed_allowed": "(d) ours, signing_key + allowed_callables",
+}
+JOBS = 300  # mongoeco scans its collections: keep it to a few hundred
+REPEATS = 3
+SIGNING_KEY = "x" * 32
+TASK_ID = "noop"
+#: The task's callable as the scheduler stores it (this module runs as ``signing``)
+TASK_REF = "signing:noop"
+TIMEOUT = 600.0  # seconds a run may take
+
+
+async def noop() -> None:
+    """The job: nothing, so that what is measured is the scheduler and the store."""
+
+
+def _cpu() -> float:
+    """Return this process's CPU time so far (user + system, all threads), in s."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _store(variant: Variant, uri: str, database: str) -> DataStore:
+    if variant == "memory":
+        return MemoryDataStore()
+
+    options: dict[str, Any] = {}
+    if variant in ("signed", "signed_allowed"):
+        options["signing_key"] = SIGNING_KEY
+    if variant == "signed_allowed":
+        options["allowed_callables"] = [TASK_REF]
+
+    return MongoDBDataStore(uri, database=database, start_from_scratch=True, **options)
+
+
+async def _run(variant: Variant, uri: str, database: str, jobs: int) -> dict[str, Any]:
+    """Add ``jobs`` jobs, run them all, and return the CPU time of each phase."""
+    if variant != "memory":
+        await drop_database(uri, database)
+
+    released = 0
+    failed: list[str] = []
+    run_end = 0.0
+    all_released = anyio.Event()
+
+    def on_released(event: Event) -> None:
+        nonlocal released, run_end
+        assert isinstance(event, JobReleased)
+        released += 1
+        if event.outcome is not JobOutcome.success:
+            failed.append(f"{event.outcome.name}: {event.exception_type}")
+        if released == jobs:
+            run_end = _cpu()
+            all_released.set()
+
+    scheduler = AsyncScheduler(
+        _store(variant, uri, database),
+        LocalEventBroker(),
+        logger=logging.getLogger(f"bench.signing.{variant}"),
+    )
+    async with scheduler:
+        await scheduler.configure_task(TASK_ID, func=noop, max_running_jobs=None)
+        task = next(t for t in await scheduler.get_tasks() if t.id == TASK_ID)
+        if task.func != TASK_REF:
+            raise RuntimeError(f"the task's callable is {task.func!r}, not {TASK_REF}")
+
+        scheduler.subscribe(on_released, {JobReleased})
+        add_start = _cpu()
+        wall_start = time.perf_counter()
+        for _ in range(jobs):
+            await scheduler.add_job(TASK_ID)
+
+        add_end = run_start = _cpu()
+        wall_added = time.perf_counter()
+        await scheduler.start_in_background()
+        with anyio.fail_after(TIMEOUT):
+            await all_released.wait()
+
+        wall_end = time.perf_counter()
+        left = len(await scheduler.get_jobs())
+
+    if variant != "memory":
+        await drop_database(uri, database)
+    if failed or left:
+        raise RuntimeError(
+            f"{variant}: {len(failed)} jobs failed ({failed[:3]}), {left} jobs left"
+        )
+
+    return {
+        "variant": variant,
+        "jobs": jobs,
+        "add_cpu": add_end - add_start,
+        "run_cpu": run_end - run_start,
+        "add_wall": wall_added - wall_start,
+        "run_wall": wall_end - wall_added,
+    }
+
+
+def run_variant(
+    variant: Variant, uri: str, database: str, jobs: int, results: Queue[Any]
+) -> None:
+    """Run one variant in this (fresh) process and put its figures on ``results``."""
+    results.put(asyncio.run(_run(variant, uri, database, jobs)))
+
+
+def _in_fresh_process(
+    variant: Variant, uri: str, database: str, jobs: int
+) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    results: Queue[Any] = context.Queue()
+    process = context.Process(
+        target=run_variant, args=(variant, uri, database, jobs, results)
+    )
+    process.start()
+    deadline = time.monotonic() + TIMEOUT + 60
+    try:
+        while True:
+            try:
+                report: dict[str, Any] = results.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if process.exitcode is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the {variant} run failed (exit code {process.exitcode})"
+                    ) from None
+    finally:
+        process.join(30)
+        if process.exitcode is None:
+            process.kill()
+
+    return report
+
+
+def _median_row(variant: Variant, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    jobs: int = runs[0]["jobs"]
+
+    def per_job_ms(values: list[float]) -> float:
+        return statistics.median(values) / jobs * 1000
+
+    return {
+        "variant": variant,
+        "add_ms": per_job_ms([run["add_cpu"] for run in runs]),
+        "run_ms": per_job_ms([run["run_cpu"] for run in runs]),
+        "total_ms": per_job_ms([run["add_cpu"] + run["run_cpu"] for run in runs]),
+        "runs": list(runs),
+    }
+
+
+async def measure_signing(
+    uri: str, jobs: int = JOBS, repeats: int = REPEATS
+) -> dict[str, Any]:
+    """
+    Measure each variant ``repeats`` times, each run in a fresh process.
+
+    :return: per variant the median client CPU per job (ms) for adding, running and
+        both, with every run's figures; and "added by signing", signed minus
+        unsigned (ms and percent of unsigned)
+    """
+    runs: dict[Variant, list[dict[str, Any]]] = {variant: [] for variant in VARIANTS}
+    for repeat in range(repeats):
+        for variant in VARIANTS:
+            progress(f"signing: {variant}, {jobs} jobs, run {repeat + 1}/{repeats}")
+            database = f"apscheduler_bench_signing_{variant}_{repeat}"
+            runs[variant].append(
+                await asyncio.to_thread(_in_fresh_process, variant, uri, database, jobs)
+            )
+
+    rows = [_median_row(variant, runs[variant]) for variant in VARIANTS]
+    by_variant = {row["variant"]: row for row in rows}
+    signed, unsigned = by_variant["signed"], by_variant["unsigned"]
+    added = {
+        key: {
+            "ms": signed[key] - unsigned[key],
+            "percent": (signed[key] - unsigned[key]) / unsigned[key] * 100,
+        }
+        for key in ("add_ms", "run_ms", "total_ms")
+    }
+    return {"jobs": jobs, "repeats": repeats, "rows": rows, "added_by_signing": added}
+
+
+def _spread(runs: Sequence[dict[str, Any]]) -> str:
+    """Give each run's total CPU per job (ms), lowest first."""
+    totals = sorted(
+        (run["add_cpu"] + run["run_cpu"]) / run["jobs"] * 1000 for run in runs
+    )
+    return " / ".join(f"{total:.3f}" for total in totals)
+
+
+def markdown_lines(result: dict[str, Any]) -> list[str]:
+    """Render :func:`measure_signing`'s result as a Markdown section."""
+    lines = [
+        "## Client CPU added by signing",
+        "",
+        f"{result['jobs']} jobs added with add_job, then run by an AsyncScheduler "
+        f"(LocalEventBroker, a no-op async task, max_running_jobs=None) until all "
+        f"were released; each run in a fresh process, the client process's CPU "
+        f"time (getrusage RUSAGE_SELF, user + sys) per job, median of "
+        f"{result['repeats']} runs (total: of each run's add + run). The server's "
+        f"CPU is not included.",
+        "",
+    ]
+    rows: list[list[str]] = [
+        [
+            VARIANT_NAMES[row["variant"]],
+            fmt(row["add_ms"], 3),
+            fmt(row["run_ms"], 3),
+            fmt(row["total_ms"], 3),
+            _spread(row["runs"]),
+        ]
+        for row in result["rows"]
+    ]
+    added = result["added_by_signing"]
+    rows.append(
+        [
+            "added by signing, (c) - (b)",
+            *(
+                f"{added[key]['ms']:+.3f} ({added[key]['percent']:+.1f} %)"
+                for key in ("add_ms", "run_ms", "total_ms")
+            ),
+            "",
+        ]
+    )
+    lines += table(
+        ["store", "add ms/job", "run ms/job", "total ms/job", "total, each run"],
+        rows,
+    )
+    return lines
+
+
+def progress(message: str) -> None:
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.strip().split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=JOBS, help=f"jobs per run (default {JOBS})"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=REPEATS,
+        help=f"runs per store, the median reported (default {REPEATS})",
+    )
+    args = parser.parse_args(argv)
+    with server_uri() as uri:
+        result = asyncio.run(measure_signing(uri, args.jobs, args.repeats))
+
+    sys.stdout.write("\n".join(markdown_lines(result)) + "\n")
+
+
+if __name__ == "__main__":
+    # Run as the module ``signing``, not ``__main__``: the task's callable is then
+    # ``signing:noop`` here and in the child processes, which import it by that name
+    import signing
+
+    signing.main()
