@@ -1,15 +1,15 @@
 """
 Bad data never stops the scheduler (guarantee 8).
 
-Values of the wrong type (as hand edits write them) are set aside or ignored;
-documents the serializer cannot read, or that lack fields, are skipped, set aside or
+Values of the wrong type (as hand edits write them) are quarantined or ignored;
+documents the serializer cannot read, or that lack fields, are skipped, quarantined or
 finished with a result saying why; arguments too large to store fail clearly.
 
 The cases under "Every damage" take a document that the store (or the event broker)
 wrote itself, damage one field in one way, and run every read path of its collection
 next to a healthy neighbour of the same kind. No exception escapes (except the clear
 errors APScheduler's contract asks for), a warning names the damaged document, the
-document stays in the database (possibly set aside, never deleted unannounced), and
+document stays in the database (possibly quarantined, never deleted unannounced), and
 the neighbour is still served in the same call.
 """
 
@@ -157,7 +157,7 @@ def success(job: Job) -> JobResult:
 class Read(Enum):
     """How a damaged document reads."""
 
-    #: not at all: it is skipped with a warning (and set aside if it was claimed)
+    #: not at all: it is skipped with a warning (and quarantined if it was claimed)
     UNREADABLE = "unreadable"
     #: as a valid item (the damage is harmless, or not the store's to judge)
     VALID = "valid"
@@ -170,8 +170,8 @@ class Read(Enum):
     DISCARDED = "discarded"
     #: as a job of an unknown task: finished with TaskLookupError
     ORPHAN = "orphan"
-    #: as a job that is set aside: no result can name it (its id is no UUID)
-    SET_ASIDE = "set aside"
+    #: as a job that is quarantined: no result can name it (its id is no UUID)
+    QUARANTINED = "quarantined"
     #: as a job in no known state: left alone, reported by cleanup
     STRAY = "stray"
     #: as a job held by someone else: left alone, reported when met
@@ -216,7 +216,7 @@ async def add_job(store: MongoDBDataStore, task_id: str = "task") -> Job:
 
 
 class TestWrongTypes:
-    """Values edited by hand (mongosh writes numbers as doubles) are set aside."""
+    """Values edited by hand (mongosh writes numbers as doubles) are quarantined."""
 
     @pytest.mark.parametrize(
         "value", [pytest.param(1.5e15, id="double"), pytest.param("soon", id="string")]
@@ -235,7 +235,7 @@ class TestWrongTypes:
         broken = await store._schedules.find_one({"_id": "broken"})
         assert broken is not None
         if isinstance(value, float):
-            # A double sorts among the integers, so it was met and set aside; a
+            # A double sorts among the integers, so it was met and quarantined; a
             # string sorts after every number and is never the earliest
             assert "quarantine" in broken
 
@@ -295,7 +295,7 @@ class TestOversized:
 
 
 class TestCorruptedSchedules:
-    """An unreadable schedule is skipped and set aside, never deleted."""
+    """An unreadable schedule is skipped and quarantined, never deleted."""
 
     async def test_get_schedules_skips_it(
         self,
@@ -661,7 +661,7 @@ def interval_schedule(schedule_id: str, next_fire_time: datetime) -> Schedule:
 
 
 class TestSchedules:
-    """An unreadable schedule is skipped, named and set aside; others are served."""
+    """An unreadable schedule is skipped, named and quarantined; others are served."""
 
     @pytest.mark.parametrize(("changes", "reads_as"), SCHEDULE_DAMAGE)
     async def test_read_paths(
@@ -740,7 +740,7 @@ class TestSchedules:
         if "quarantine" in document:
             assert document["quarantine"]["reason"]
 
-        # Setting aside changes the lease and records why; the data stays as it was
+        # Quarantining changes the lease and records why; the data stays as it was
         kept = {"quarantine", "acquired_by", "acquired_until", "v"}
         assert damaged(document, dict.fromkeys(kept, MISSING)) == damaged(
             original, dict.fromkeys(kept, MISSING)
@@ -775,11 +775,11 @@ JOB_DAMAGE = [
         id="jobs-result_expiration_time-string",
     ),
     pytest.param({"state": 1}, Read.STRAY, id="jobs-state-int"),
-    pytest.param({"_id": "job-1"}, Read.SET_ASIDE, id="jobs-_id-string"),
+    pytest.param({"_id": "job-1"}, Read.QUARANTINED, id="jobs-_id-string"),
     pytest.param(
         # Not subtype 3 (legacy UUIDs): mongoeco cannot find documents by those
         {"_id": Binary(bytes(16), 0)},
-        Read.SET_ASIDE,
+        Read.QUARANTINED,
         id="jobs-_id-binary",
     ),
     pytest.param(
@@ -789,7 +789,7 @@ JOB_DAMAGE = [
             "acquired_by": "ghost",
             "acquired_until": 0,
         },
-        Read.SET_ASIDE,
+        Read.QUARANTINED,
         id="jobs-_id-doc-lease-lapsed",
     ),
     pytest.param(
@@ -806,7 +806,7 @@ JOB_DAMAGE = [
 
 
 class TestJobs:
-    """A job that cannot run is finished (or set aside) and named; others run."""
+    """A job that cannot run is finished (or quarantined) and named; others run."""
 
     @pytest.mark.parametrize(("changes", "reads_as"), JOB_DAMAGE)
     async def test_read_paths(
@@ -881,7 +881,7 @@ class TestJobs:
 
         # Nothing can name these, so nothing deletes them
         assert await jobs.count_documents({"_id": bad_id}) == 1
-        if reads_as is Read.SET_ASIDE:
+        if reads_as is Read.QUARANTINED:
             assert document["state"] == "finished"
             assert document["quarantine"]["reason"]
         elif reads_as is Read.STRAY:

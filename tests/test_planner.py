@@ -248,7 +248,7 @@ class TestJobsThatCannotRun:
         assert_finished(claimed, unreadable)
         assert any("Cannot read job" in message for message in warnings(caplog))
 
-    def test_id_no_uuid_is_set_aside(self, caplog: pytest.LogCaptureFixture) -> None:
+    def test_id_no_uuid_is_quarantined(self, caplog: pytest.LogCaptureFixture) -> None:
         stray = {**queued(), "_id": "job-1"}
         claimed = plan([stray], {"task": None})
 
@@ -261,7 +261,7 @@ class TestJobsThatCannotRun:
         assert update.change["$set"]["quarantine"]["reason"]
         assert "result" not in update.change["$set"]
         assert warnings(caplog) == [
-            "Setting job 'job-1' aside: its id is no UUID, so no result can name it"
+            "Quarantining job 'job-1': its id is no UUID, so no result can name it"
         ]
 
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import attrs
 from apscheduler import JobOutcome, JobReleased, JobResult, ScheduleRemoved
-from bson import ObjectId
 from tenacity import AsyncRetrying
 
 from . import _layout as layout
 from ._adapters import Collection, Update
 from ._clock import ServerClock
-from ._layout import ACQUIRED, Document
+from ._layout import Document
+from ._leases import landed
 from ._marshalling import (
     MalformedDocumentError,
     describe_id,
@@ -102,7 +102,7 @@ class Cleanup:
         now = self.clock.now_datetime()
         updates: list[Update] = []
         results: dict[Any, JobResult] = {}
-        tokens: dict[Any, ObjectId] = {}
+        tags: dict[Any, layout.Tag] = {}
         finishing: dict[Any, Document] = {}
         for document in documents:
             try:
@@ -113,20 +113,20 @@ class Cleanup:
                 )
                 continue
 
-            tokens[document["_id"]] = token = layout.new_token()
+            tags[document["_id"]] = tag = layout.Tag(layout.RELEASE_TOKEN)
             update = finish_update(
                 result,
                 self.codec,
                 self.logger,
                 from_schedule=is_from_schedule(document),
-                token=token,
+                tag=tag,
             )
-            query = {**layout.unchanged(document), "state": ACQUIRED}
+            query = layout.unchanged_acquired(document)
             updates.append(Update(query, update))
             results[document["_id"]] = result
             finishing[document["_id"]] = document
 
-        applied = await self._applied(updates, tokens) if updates else set()
+        applied = await self._applied(updates, tags) if updates else set()
         return [
             released_event(results[key], doc.get("acquired_by", ""), doc)
             for key, doc in finishing.items()
@@ -134,24 +134,18 @@ class Cleanup:
         ]
 
     async def _applied(
-        self, updates: Sequence[Update], tokens: Mapping[Any, ObjectId]
+        self, updates: Sequence[Update], tags: Mapping[Any, layout.Tag]
     ) -> set[Any]:
         """Send finishing updates; return the ids of the jobs they finished."""
         async for attempt in self.retry():
             with attempt:
                 matched = await self.jobs.update_each(updates)
                 if matched == len(updates) and attempt.retry_state.attempt_number == 1:
-                    return set(tokens)
+                    return set(tags)
 
-                written = await self.jobs.find(
-                    {"_id": {"$in": list(tokens)}}, {"release_token": 1}
-                )
+                applied = await landed(self.jobs, tags)
 
-        return {
-            doc["_id"]
-            for doc in written
-            if doc.get("release_token") == tokens[doc["_id"]]
-        }
+        return applied
 
     async def remove_finished_schedules(self) -> list[ScheduleRemoved]:
         """
@@ -166,7 +160,7 @@ class Cleanup:
                 with attempt:
                     batch = await self.schedules.find(
                         layout.finished_schedules(after),
-                        {"task_id": 1, "v": 1},
+                        layout.FINISHED_SCHEDULE_FIELDS,
                         sort=layout.BY_ID,
                         limit=BATCH,
                     )
@@ -231,7 +225,7 @@ class Cleanup:
                 with attempt:
                     batch = await self.jobs.find(
                         layout.used_fire_times(cutoff, after),
-                        {"schedule_id": 1, "fire_time": 1, "finished_time": 1},
+                        layout.USED_FIRE_TIME_FIELDS,
                         sort=layout.FINISH_ORDER,
                         limit=BATCH,
                     )
@@ -266,7 +260,7 @@ class Cleanup:
         next_times = {
             doc["_id"]: doc.get("next_fire_time")
             for doc in await self.schedules.find(
-                {"_id": {"$in": schedule_ids}}, {"next_fire_time": 1}
+                layout.by_ids(schedule_ids), layout.NEXT_FIRE_TIME_ONLY
             )
         }
         return [
@@ -279,7 +273,7 @@ class Cleanup:
         """Name the jobs in no known state: no query of the store ever meets them."""
         async for attempt in self.retry():
             with attempt:
-                strays = await self.jobs.find(layout.STRAY_JOBS, {"state": 1})
+                strays = await self.jobs.find(layout.STRAY_JOBS, layout.STATE_ONLY)
 
         for document in strays:
             self.logger.warning(

@@ -61,7 +61,7 @@ from ._job_claims import (
     running_count,
 )
 from ._layout import ACQUIRED, Document
-from ._leases import Choice, Claim, Leases
+from ._leases import Choice, Claim, Leases, landed
 from ._marshalling import (
     MalformedDocumentError,
     describe_id,
@@ -69,6 +69,7 @@ from ._marshalling import (
     finish_update,
     from_micros,
     get_datetime,
+    is_from_schedule,
     job_from_document,
     job_to_document,
     put_datetime,
@@ -274,7 +275,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         async for attempt in self._retry():
             with attempt:
                 previous = await self._tasks.find_one_and_replace(
-                    {"_id": task.id}, document
+                    layout.by_id(task.id), document
                 )
 
         if previous is None:
@@ -287,7 +288,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         self._claimed_tasks.forget(task_id)
         async for attempt in self._retry():
             with attempt:
-                result = await self._tasks.delete_one({"_id": task_id})
+                result = await self._tasks.delete_one(layout.by_id(task_id))
                 # A retry after a lost reply finds nothing left to delete: ours
                 deleted = bool(result.deleted_count) or (
                     attempt.retry_state.attempt_number > 1
@@ -303,7 +304,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         async for attempt in self._retry():
             with attempt:
                 holders = await self._jobs.find(
-                    layout.jobs_of(task_ids, ACQUIRED), {"task_id": True, "_id": False}
+                    layout.jobs_of(task_ids, ACQUIRED), layout.RUNNING_TASK_IDS
                 )
 
         counts: dict[str, int] = dict.fromkeys(task_ids, 0)
@@ -325,11 +326,11 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         if (task := self._claimed_tasks.recall(task_id, self._codec)) is not None:
             return task
 
-        match = [{"$match": {"_id": task_id}}]
         async for attempt in self._retry():
             with attempt:
                 documents, summaries = await self._tasks.aggregate_with(
-                    match, (self._jobs, layout.running_jobs_of(task_id))
+                    layout.task_pipeline(task_id),
+                    (self._jobs, layout.running_jobs_of(task_id)),
                 )
 
         if not documents:
@@ -377,7 +378,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     # Schedules
 
     async def get_schedules(self, ids: set[str] | None = None) -> list[Schedule]:
-        query = {} if ids is None else {"_id": {"$in": require_ids(ids, "ids")}}
+        query = {} if ids is None else layout.by_ids(require_ids(ids, "ids"))
         async for attempt in self._retry():
             with attempt:
                 documents = await self._schedules.find(query, sort=layout.BY_ID)
@@ -423,10 +424,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         self, schedule: Schedule, conflict_policy: ConflictPolicy
     ) -> None:
         document = schedule_to_document(schedule, self._codec)
-        document["v"] = document["insert_token"] = token = layout.new_token()
+        document.update((tag := layout.Tag(layout.INSERT_TOKEN)).fields())
         async for attempt in self._retry():
             with attempt:
-                added = await self._insert_schedule(document, token, conflict_policy)
+                added = await self._insert_schedule(document, tag, conflict_policy)
 
         if added is not None:
             event_class = ScheduleAdded if added else ScheduleUpdated
@@ -439,21 +440,19 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             )
 
     async def _insert_schedule(
-        self, document: Document, token: object, conflict_policy: ConflictPolicy
+        self, document: Document, tag: layout.Tag, conflict_policy: ConflictPolicy
     ) -> bool | None:
         """Return True if added, False if replaced, None if left alone."""
+        query = layout.by_id(document["_id"])
         if conflict_policy is ConflictPolicy.replace:
-            query = {"_id": document["_id"]}
             previous = await self._schedules.find_one_and_replace(query, document)
-            return previous is None or previous.get("insert_token") == token
+            return previous is None or tag.on(previous)
 
         try:
             await self._schedules.insert_one(document)
         except DuplicateKeyError:
-            existing = await self._schedules.find_one(
-                {"_id": document["_id"]}, {"insert_token": 1}
-            )
-            if existing is not None and existing.get("insert_token") == token:
+            existing = await self._schedules.find_one(query, tag.projection())
+            if tag.on(existing):
                 return True  # our own insert, retried after a lost reply
 
             if conflict_policy is ConflictPolicy.exception:
@@ -464,10 +463,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         return True
 
     async def remove_schedules(self, ids: Iterable[str]) -> None:
-        query = {"_id": {"$in": require_ids(ids, "ids")}}
+        query = layout.by_ids(require_ids(ids, "ids"))
         async for attempt in self._retry():
             with attempt:
-                removed = await self._schedules.find(query, {"task_id": 1})
+                removed = await self._schedules.find(query, layout.TASK_ID_ONLY)
                 await self._schedules.delete_many(query)
 
         await self._publish_all(
@@ -553,7 +552,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         if self.allowed_callables is None or not task_ids:
             return {}
 
-        query = {"_id": {"$in": sorted(task_ids)}}
+        query = layout.by_ids(sorted(task_ids))
         async for attempt in self._retry():
             with attempt:
                 tasks = await self._tasks.find(query)
@@ -575,11 +574,8 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     async def _quarantine(
         self, schedule_id: object, token: object, reason: str
     ) -> None:
-        """Set a schedule aside so that no scheduler picks it up again."""
-        query: Document = {"_id": schedule_id}
-        if token is not None:
-            query["v"] = token
-
+        """Quarantine a schedule, so that no scheduler picks it up again."""
+        query = layout.quarantined_schedule(schedule_id, token)
         record = quarantine_record(reason, self._clock.now_datetime())
         update = layout.quarantine_update(record)
         async for attempt in self._retry():
@@ -590,13 +586,13 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         self, scheduler_id: str, results: Sequence[ScheduleResult]
     ) -> None:
         updates: list[Update] = []
-        tokens: dict[str, object] = {}
+        tags: dict[str, layout.Tag] = {}
         events: dict[str, ScheduleUpdated] = {}
         for result in results:
             self._leases.let_go(result.schedule_id)
-            tokens[result.schedule_id] = token = layout.new_token()
-            changes = self._released_schedule(result, token)
-            if "quarantine" not in changes:
+            tags[result.schedule_id] = tag = layout.Tag(layout.RELEASE_TOKEN)
+            changes = self._released_schedule(result, tag)
+            if layout.QUARANTINE not in changes:
                 events[result.schedule_id] = ScheduleUpdated(
                     schedule_id=result.schedule_id,
                     task_id=result.task_id,
@@ -612,7 +608,11 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
         if matched != len(updates):
             # Some leases were lost (or a retry found its own work done): see which
-            for schedule_id in await self._not_written(self._schedules, tokens):
+            async for attempt in self._retry():
+                with attempt:
+                    released = await landed(self._schedules, tags)
+
+            for schedule_id in set(tags) - released:
                 self._logger.warning(
                     "Not releasing schedule %r: scheduler %r no longer holds its lease",
                     schedule_id,
@@ -622,42 +622,25 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
         await self._publish_all(events.values())
 
-    def _released_schedule(self, result: ScheduleResult, token: object) -> Document:
+    def _released_schedule(self, result: ScheduleResult, tag: layout.Tag) -> Document:
         """Return the fields of a schedule as its release leaves it."""
-        changes: Document = {**layout.NO_LEASE, "v": token, "release_token": token}
+        changes: Document = {**layout.NO_LEASE, **tag.fields()}
         try:
             trigger = released_trigger(result.schedule_id, result.trigger, self._codec)
         except SerializationError as exc:
             self._logger.exception(
-                "Cannot serialize the trigger of schedule %r; setting it aside",
+                "Cannot serialize the trigger of schedule %r; quarantining it",
                 result.schedule_id,
             )
             reason = f"the trigger could not be serialized: {exc}"
             now = self._clock.now_datetime()
-            changes["quarantine"] = quarantine_record(reason, now)
+            changes[layout.QUARANTINE] = quarantine_record(reason, now)
         else:
             changes.update(trigger)
             put_datetime(changes, "last_fire_time", result.last_fire_time)
             put_datetime(changes, "next_fire_time", result.next_fire_time)
 
         return changes
-
-    async def _not_written(
-        self, collection: Collection, tokens: Mapping[Any, object]
-    ) -> set[Any]:
-        """Return the documents (by id) that no release with its token changed."""
-        async for attempt in self._retry():
-            with attempt:
-                documents = await collection.find(
-                    {"_id": {"$in": list(tokens)}}, {"release_token": 1}
-                )
-
-        written = {
-            doc["_id"]
-            for doc in documents
-            if doc.get("release_token") == tokens[doc["_id"]]
-        }
-        return set(tokens) - written
 
     async def get_next_schedule_run_time(self) -> datetime | None:
         # A free schedule can be taken at its next fire time, a leased one when its
@@ -692,7 +675,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 return _time_to_take(document, field)
             except (MalformedDocumentError, TypeError, OverflowError) as exc:
                 self._logger.warning(
-                    "Setting schedule %r aside: %s", document["_id"], exc
+                    "Quarantining schedule %r: %s", document["_id"], exc
                 )
                 await self._quarantine(document["_id"], None, f"malformed: {exc}")
 
@@ -707,10 +690,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
     async def add_job(self, job: Job) -> None:
         document = job_to_document(job, self._codec)
-        document["v"] = document["insert_token"] = token = layout.new_token()
+        document.update((tag := layout.Tag(layout.INSERT_TOKEN)).fields())
         async for attempt in self._retry():
             with attempt:
-                added = await self._insert_job(job, document, token)
+                added = await self._insert_job(job, document, tag)
 
         if added:
             event = JobAdded(
@@ -718,7 +701,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             )
             await self._event_broker.publish(event)
 
-    async def _insert_job(self, job: Job, document: Document, token: object) -> bool:
+    async def _insert_job(self, job: Job, document: Document, tag: layout.Tag) -> bool:
         if (
             "fire_time" in document
             and not self._leases.holds(job.schedule_id)
@@ -739,9 +722,9 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             await self._jobs.insert_one(document)
         except DuplicateKeyError as exc:
             existing = await self._jobs.find_one(
-                {"_id": document["_id"]}, {"insert_token": 1}
+                layout.by_id(document["_id"]), tag.projection()
             )
-            if existing is not None and existing.get("insert_token") == token:
+            if tag.on(existing):
                 return True  # our own insert, retried after a lost reply
 
             if layout.duplicated_key(exc) == "fire_key":
@@ -769,7 +752,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         the read (a round trip per job) is skipped.
         """
         schedule = await self._schedules.find_one(
-            {"_id": schedule_id}, {"next_fire_time": 1}
+            layout.by_id(schedule_id), layout.NEXT_FIRE_TIME_ONLY
         )
         if schedule is None:
             return True  # if it was just removed, the fire time record still holds
@@ -862,7 +845,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
     async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
         self._claimed_tasks.forget(job.task_id)
-        token = layout.new_token()
+        tag = layout.Tag(layout.RELEASE_TOKEN)
         from_schedule = (
             job.schedule_id is not None and job.original_scheduled_time is not None
         )
@@ -871,7 +854,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             self._codec,
             self._logger,
             from_schedule=from_schedule,
-            token=token,
+            tag=tag,
         )
         query = layout.acquired_job(scheduler_id, uuid_to_bson(job.id))
         async for attempt in self._retry():
@@ -881,9 +864,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 )
                 if not written and attempt.retry_state.attempt_number > 1:
                     # A retry after a lost reply finds the document finished by us
-                    written = await self._written_by(
-                        query["_id"], "release_token", token
-                    )
+                    written = await self._written_by(query["_id"], tag)
 
         if not written:
             self._logger.warning(
@@ -904,25 +885,26 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             )
         )
 
-    async def _written_by(self, document_id: object, field: str, token: object) -> bool:
+    async def _written_by(self, document_id: object, tag: layout.Tag) -> bool:
         """
-        Tell whether a write that carried ``token`` in ``field`` was applied.
+        Tell whether a tagged write to a job was applied.
 
         Used when a retried write matches nothing: either the lost attempt was
         applied, or someone else changed the document first. A document that is gone
         was finished and purged, most likely by our attempt (anyone else needed our
         lease to lapse first).
         """
-        document = await self._jobs.find_one({"_id": document_id}, {field: 1})
-        return document is None or document.get(field) == token
+        document = await self._jobs.find_one(
+            layout.by_id(document_id), tag.projection()
+        )
+        return document is None or tag.on(document)
 
     async def get_job_result(self, job_id: UUID) -> JobResult | None:
         document_id = uuid_to_bson(job_id)
         async for attempt in self._retry():
             with attempt:
                 document = await self._jobs.find_one(
-                    layout.stored_result(document_id),
-                    {"result": 1, "v": 1, "fire_key": 1, layout.MAC_FIELD: 1},
+                    layout.stored_result(document_id), layout.RESULT_FIELDS
                 )
 
         if document is None:
@@ -932,19 +914,16 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         if result.expires_at <= self._clock.now_datetime():
             return None
 
-        token = layout.new_token()
-        changes: Document = {"v": token, "take_token": token}
-        if "fire_key" not in document:
-            changes["purge_at"] = self._clock.now_datetime()
-
+        tag = layout.Tag(layout.TAKE_TOKEN)
+        purge_at = None if is_from_schedule(document) else self._clock.now_datetime()
         # Only one caller gets the result: the write re-checks the version
         query = layout.unchanged(document)
-        update = {"$set": changes, **layout.DROP_RESULT}
+        update = layout.taken_result(tag.fields(), purge_at)
         async for attempt in self._retry():
             with attempt:
                 taken = bool((await self._jobs.update_one(query, update)).matched_count)
                 if not taken and attempt.retry_state.attempt_number > 1:
-                    taken = await self._written_by(document_id, "take_token", token)
+                    taken = await self._written_by(document_id, tag)
 
         return result if taken else None
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import attrs
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.errors import DuplicateKeyError
@@ -32,6 +33,9 @@ SCHEDULES = "schedules"
 JOBS = "jobs"
 EVENTS = "events"
 
+#: Where a quarantined schedule or job records why, and since when: such a document
+#: is never handed out again, and never deleted unannounced
+QUARANTINE = "quarantine"
 #: Where a document keeps its signatures (see :mod:`._signing`): one per part
 MAC_FIELD = "mac"
 #: The signed parts of each kind of document, and the fields each part covers: what
@@ -59,7 +63,7 @@ STATES = [QUEUED, ACQUIRED, FINISHED]
 QUEUE_ORDER = [("created_at", ASCENDING), ("_id", ASCENDING)]
 #: The order in which due schedules are handed out
 DUE_ORDER = [("next_fire_time", ASCENDING), ("_id", ASCENDING)]
-#: The newest finished jobs first; those without a finish time (set aside) last.
+#: The newest finished jobs first; those without a finish time (quarantined) last.
 #: The reverse of the ``finished`` index's order, so that the index serves it
 NEWEST_FIRST = [("finished_time", DESCENDING), ("_id", DESCENDING)]
 BY_ID = [("_id", ASCENDING)]
@@ -187,6 +191,58 @@ def new_token() -> ObjectId:
     return ObjectId()
 
 
+# Writes a retry can recognise: each carries a fresh token, in ``v`` and in a field
+# of its own; a retried write that finds nothing to do reads that field back to tell
+# whether its lost attempt landed
+
+#: The token of the insert that created a document
+INSERT_TOKEN = "insert_token"
+#: The token of the release that finished a job or let a schedule go
+RELEASE_TOKEN = "release_token"
+#: The token of the read that took a job's result
+TAKE_TOKEN = "take_token"
+
+
+@attrs.frozen
+class Tag:
+    """A write tagged with ``token`` in ``field``, to be recognised after a retry."""
+
+    field: str
+    token: ObjectId = attrs.field(factory=new_token)
+
+    def fields(self) -> Document:
+        """Return the fields the write sets (``v`` too: every write replaces it)."""
+        return {"v": self.token, self.field: self.token}
+
+    def projection(self) -> Document:
+        return {self.field: 1}
+
+    def on(self, document: Mapping[str, Any] | None) -> bool:
+        """Tell whether ``document`` (as read back) carries this write's token."""
+        return document is not None and document.get(self.field) == self.token
+
+
+def by_id(document_id: object) -> Document:
+    return {"_id": document_id}
+
+
+def by_ids(ids: Iterable[Any]) -> Document:
+    return {"_id": {"$in": list(ids)}}
+
+
+#: Projections of the fields some reads need
+TASK_ID_ONLY: Document = {"task_id": 1}
+STATE_ONLY: Document = {"state": 1}
+NEXT_FIRE_TIME_ONLY: Document = {"next_fire_time": 1}
+#: What counting the running jobs of tasks reads of each
+RUNNING_TASK_IDS: Document = {"task_id": True, "_id": False}
+
+
+def task_pipeline(task_id: str) -> list[Document]:
+    """Return the pipeline that reads one task (beside its running count)."""
+    return [{"$match": {"_id": task_id}}]
+
+
 def lease(owner: str, until: int, token: ObjectId) -> Document:
     """Return the fields of a lease held by ``owner`` until ``until``."""
     return {"acquired_by": owner, "acquired_until": until, "v": token}
@@ -233,6 +289,12 @@ def extension(until: int) -> Document:
     return {"$set": {"acquired_until": until, "v": new_token()}}
 
 
+def unconfirmed_claim(token: ObjectId, owner: str, jobs: bool) -> Document:
+    """Match what a claim that never reached its scheduler still holds."""
+    query = {**claimed_with(token), "acquired_by": owner}
+    return {**query, "state": ACQUIRED} if jobs else query
+
+
 def given_back_job() -> Document:
     """Return the update that puts a job taken by an undelivered claim back."""
     return {
@@ -248,7 +310,7 @@ def given_back_schedule() -> Document:
 # Schedules
 
 #: Match the schedules that can fire: not finished, paused or quarantined
-ACTIVE: Document = {"paused": {"$ne": True}, "quarantine": {"$exists": False}}
+ACTIVE: Document = {"paused": {"$ne": True}, QUARANTINE: {"$exists": False}}
 
 
 def due_schedules(owner: str, now: int) -> Document:
@@ -292,9 +354,18 @@ def released_schedule(owner: str, schedule_id: str) -> Document:
     return {"_id": schedule_id, "acquired_by": owner}
 
 
+def quarantined_schedule(schedule_id: object, token: object | None) -> Document:
+    """Match a schedule to quarantine: as a claim with ``token`` took it, if given."""
+    query = by_id(schedule_id)
+    if token is not None:
+        query["v"] = token
+
+    return query
+
+
 def quarantine_update(record: Document) -> Document:
     """Return the update that sets a schedule aside for good, with ``record``."""
-    return {"$set": {"quarantine": record, "v": new_token(), **NO_LEASE}}
+    return {"$set": {QUARANTINE: record, "v": new_token(), **NO_LEASE}}
 
 
 # Jobs
@@ -327,6 +398,11 @@ def live_jobs(ids: Iterable[Any] | None = None) -> Document:
     return query
 
 
+def unchanged_acquired(document: Document) -> Document:
+    """Match an acquired job as long as nobody wrote to it since it was read."""
+    return {**unchanged(document), "state": ACQUIRED}
+
+
 def acquired_job(owner: str, job_id: object) -> Document:
     """Match a job as its owner may still finish it."""
     return {"_id": job_id, "state": ACQUIRED, "acquired_by": owner}
@@ -348,6 +424,11 @@ def lapsed_jobs(now: int) -> Document:
     return {"state": ACQUIRED, **lapsed(now)}
 
 
+#: What reading a stored result takes of its job document
+RESULT_FIELDS: Document = {"result": 1, "v": 1, "fire_key": 1, MAC_FIELD: 1}
+#: What cleanup reads of the finished schedules it removes, and of used fire times
+FINISHED_SCHEDULE_FIELDS: Document = {"task_id": 1, "v": 1}
+USED_FIRE_TIME_FIELDS: Document = {"schedule_id": 1, "fire_time": 1, "finished_time": 1}
 #: What a reaping or status read leaves out of a job document
 WITHOUT_ARGUMENTS: Document = {"args": 0, "kwargs": 0}
 #: Match the jobs in no state the store knows
@@ -376,6 +457,21 @@ def expired_results(now: int) -> Document:
 
 #: The update that drops a finished job's stored result
 DROP_RESULT: Document = {"$unset": {"result": ""}}
+
+
+def taken_result(tagged: Document, purge_at: datetime | None) -> Document:
+    """
+    Return the update that hands out a stored result once, and drops it.
+
+    :param tagged: the fields that tag the write (see :class:`Tag`)
+    :param purge_at: when the record may go (``None`` for a job of a schedule,
+        whose record of the fire time stays until cleanup forgets it)
+    """
+    changes = dict(tagged)
+    if purge_at is not None:
+        changes["purge_at"] = purge_at
+
+    return {"$set": changes, **DROP_RESULT}
 
 
 def used_fire_times(cutoff: int, after: tuple[int, Any] | None) -> Document:
@@ -408,7 +504,7 @@ def forgettable(ids: Sequence[Any]) -> Document:
     return {"_id": {"$in": list(ids)}, "state": FINISHED, "result": {"$exists": False}}
 
 
-def set_aside_update(record: Document) -> Document:
+def quarantined_job_update(record: Document) -> Document:
     """
     Return the update that takes a job document out of the queue for good.
 
@@ -417,7 +513,7 @@ def set_aside_update(record: Document) -> Document:
     records why.
     """
     return {
-        "$set": {"state": FINISHED, "quarantine": record, "v": new_token()},
+        "$set": {"state": FINISHED, QUARANTINE: record, "v": new_token()},
         "$unset": {"acquired_by": "", "acquired_until": "", "slot_key": ""},
     }
 

@@ -13,10 +13,11 @@ race, or a retry after a lost reply) the claim asks what carries its own new tok
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from logging import Logger
+from typing import Any
 
 import attrs
 from bson import ObjectId
@@ -25,19 +26,38 @@ from tenacity import AsyncRetrying
 from ._adapters import Collection, Update
 from ._clock import ServerClock
 from ._layout import (
-    ACQUIRED,
     Document,
+    Tag,
+    by_ids,
     claimed_with,
     extension,
     given_back_job,
     given_back_schedule,
     held_by,
+    unconfirmed_claim,
 )
 
 #: Chooses what a claim attempt takes: the candidates as they will be once claimed
 #: (``None`` for one the claim writes to without holding it), each with the
 #: conditional update that claims it
 Choice = Callable[[], Awaitable[list[tuple[Document | None, Update]]]]
+
+
+async def landed(collection: Collection, tags: Mapping[Any, Tag]) -> set[Any]:
+    """
+    Return the documents (by id) that carry the token of their tagged write.
+
+    Asked when a batch of tagged writes matched fewer documents than it named, or
+    after a retry: a lost race, or a lost reply whose write was applied.
+    """
+    documents = await collection.find(by_ids(tags), {"_id": 1, **_fields(tags)})
+    return {doc["_id"] for doc in documents if tags[doc["_id"]].on(doc)}
+
+
+def _fields(tags: Mapping[Any, Tag]) -> Document:
+    return {
+        key: value for tag in tags.values() for key, value in tag.projection().items()
+    }
 
 
 @attrs.frozen
@@ -151,11 +171,9 @@ class Leases:
             )
 
     async def _give_back(self, claim: Claim) -> int:
-        query = {**claimed_with(claim.token), "acquired_by": claim.owner}
+        query = unconfirmed_claim(claim.token, claim.owner, claim.jobs)
         if claim.jobs:
-            result = await self.jobs.update_many(
-                {**query, "state": ACQUIRED}, given_back_job()
-            )
+            result = await self.jobs.update_many(query, given_back_job())
         else:
             result = await self.schedules.update_many(query, given_back_schedule())
 

@@ -26,7 +26,7 @@ from apscheduler import (
     Task,
 )
 from apscheduler.abc import Serializer
-from bson import Binary, ObjectId
+from bson import Binary
 
 from ._layout import (
     FINISHED,
@@ -36,6 +36,7 @@ from ._layout import (
     SCHEDULES,
     TASKS,
     Document,
+    Tag,
     fire_key,
 )
 from ._signing import Codec
@@ -114,7 +115,7 @@ def uuid_from_bson(value: object) -> UUID:
 
 
 def quarantine_record(reason: str, at: datetime) -> dict[str, Any]:
-    """Return what a set-aside document carries: why, and since when."""
+    """Return what a quarantined document carries: why, and since when."""
     return {"reason": reason, "at": at}
 
 
@@ -416,7 +417,7 @@ def finish_update(
     logger: Logger,
     *,
     from_schedule: bool,
-    token: ObjectId,
+    tag: Tag,
 ) -> Document:
     """
     Return the update that turns an acquired job document into a finished one.
@@ -425,14 +426,13 @@ def finish_update(
     than ``finished_at``). ``purge_at`` lets the TTL index delete the document once
     the result expires; a job created by a schedule gets none, because its document
     also records that its fire time was used, until the store's cleanup sees the
-    schedule past that time. ``release_token`` (``token``) lets a retry tell whether
-    the write was applied. A result that cannot be serialized is kept without its
+    schedule past that time. ``tag`` lets a retry tell whether the write was
+    applied. A result that cannot be serialized is kept without its
     return value or exception, and the error logged.
     """
     changes: Document = {
         "state": FINISHED,
-        "v": token,
-        "release_token": token,
+        **tag.fields(),
         "finished_time": to_micros(result.finished_at),
     }
     keep = result.expires_at > result.finished_at

@@ -26,11 +26,13 @@ from bson import ObjectId
 from ._adapters import Update
 from ._layout import (
     ACQUIRED,
+    RELEASE_TOKEN,
     TASK_FIELD,
     Document,
+    Tag,
     free_jobs,
     lease,
-    set_aside_update,
+    quarantined_job_update,
     slot_key,
     slot_number,
     unchanged,
@@ -80,7 +82,7 @@ class ClaimPlan:
     """What one claim attempt decided for its candidate job documents."""
 
     #: Each candidate to write, as it will be once the write is applied (``None``
-    #: for one set aside, which the claim does not hold), with its update
+    #: for one quarantined, which the claim does not hold), with its update
     chosen: list[tuple[Document | None, Update]] = attrs.field(factory=list)
     #: The jobs to hand to the scheduler, by document id
     jobs: dict[Any, Job] = attrs.field(factory=dict)
@@ -234,11 +236,11 @@ def plan_claims(
             uuid_from_bson(document["_id"])
         except MalformedDocumentError as exc:
             context.logger.warning(
-                "Setting job %r aside: its id is no UUID, so no result can name it",
+                "Quarantining job %r: its id is no UUID, so no result can name it",
                 document["_id"],
             )
             record = quarantine_record(str(exc), from_micros(context.now))
-            update = set_aside_update(record)
+            update = quarantined_job_update(record)
             plan.chosen.append((None, Update(query, update)))
             continue
 
@@ -310,7 +312,7 @@ def _finish(
         context.codec,
         context.logger,
         from_schedule=is_from_schedule(document),
-        token=context.token,
+        tag=Tag(RELEASE_TOKEN, context.token),
     )
     plan.chosen.append((document, Update(query, update)))
     plan.finished[document["_id"]] = result
