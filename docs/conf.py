@@ -74,6 +74,7 @@ _external_modules = sorted(
         "attr",
         "attrs",
         "bson",
+        "cbor2",
         "mongomock",
         "mongomock_motor",
         "motor",
