@@ -267,6 +267,7 @@ class TestUUIDs:
                 id="legacy-subtype-3",
             ),
             pytest.param(Binary(b"\x00" * 16, 0), id="generic-subtype-0"),
+            pytest.param(Binary(b"odd", 4), id="subtype-4-too-short"),
             pytest.param(b"\x00" * 16, id="bytes"),
             pytest.param("12345678-1234-5678-1234-567812345678", id="string"),
             pytest.param(42, id="int"),

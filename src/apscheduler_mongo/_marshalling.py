@@ -109,7 +109,10 @@ def uuid_from_bson(value: object) -> UUID:
         return value
 
     if isinstance(value, Binary) and value.subtype == 4:
-        return value.as_uuid()
+        try:
+            return value.as_uuid()
+        except ValueError as exc:  # not 16 bytes long
+            raise MalformedDocumentError(f"{value!r} is not a UUID: {exc}") from exc
 
     raise MalformedDocumentError(f"{value!r} is not a UUID")
 
