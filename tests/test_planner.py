@@ -36,19 +36,28 @@ from apscheduler_mongo._marshalling import (
     uuid_to_bson,
 )
 from apscheduler_mongo._planner import (
+    Cap,
     ClaimContext,
     ClaimPlan,
+    Refused,
     Slots,
     holdings_of,
     plan_claims,
     task_cap,
     tasks_of,
 )
-from apscheduler_mongo._signing import Codec
+from apscheduler_mongo._signing import (
+    AllowedCallables,
+    Codec,
+    DisallowedCallableError,
+    Signer,
+    UnverifiedDataError,
+)
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
 LEASE = timedelta(minutes=1)
-CODEC = Codec(PickleSerializer())
+SERIALIZER = PickleSerializer()
+CODEC = Codec(SERIALIZER)
 LOGGER = logging.getLogger("apscheduler_mongo.tests.planner")
 #: The token of the claim being planned
 TOKEN = ObjectId()
@@ -100,7 +109,7 @@ def context() -> ClaimContext:
 
 def plan(
     documents: list[Document],
-    caps: dict[str, int | None],
+    caps: dict[str, Cap],
     holders: list[Document] | None = None,
 ) -> ClaimPlan:
     """Plan the claim of ``documents``, with the slots ``holders`` leave free."""
@@ -227,6 +236,30 @@ class TestJobsThatCannotRun:
         assert isinstance(result.exception, TaskLookupError)
         assert_finished(claimed, orphan)
         assert any("no-such-task" in message for message in warnings(caplog))
+
+    def test_refused_task(self) -> None:
+        """A job of a refused task finishes with the refusal; its args stay unread."""
+        refusal = DisallowedCallableError("the callable 'os:system' is not allowed")
+        job = {**queued("evil"), "args": b"not a pickle: never read"}
+        claimed = plan([job], {"evil": Refused(refusal)})
+
+        assert claimed.jobs == {}
+        result = claimed.finished[job["_id"]]
+        assert result.outcome is JobOutcome.error
+        assert result.exception is refusal
+        assert_finished(claimed, job)
+
+    def test_refused_task_cap(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A task outside the allowed callables, or unsigned, is refused."""
+        allowed = Codec(SERIALIZER, allowed=AllowedCallables.of(["myapp:*"]))
+        cap = task_cap(task(), allowed, LOGGER)
+        assert isinstance(cap, Refused)
+        assert isinstance(cap.error, DisallowedCallableError)
+        signed = Codec(SERIALIZER, Signer("k" * 32))
+        cap = task_cap(task(), signed, LOGGER)
+        assert isinstance(cap, Refused)
+        assert isinstance(cap.error, UnverifiedDataError)
+        assert len(warnings(caplog)) == 2
 
     def test_start_deadline_passed(self) -> None:
         late = queued(start_deadline=NOW - timedelta(seconds=1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from apscheduler import (
     Job,
     JobOutcome,
     JobResult,
+    RetrySettings,
     Schedule,
     Task,
     TaskAdded,
@@ -42,6 +44,7 @@ from apscheduler_mongo._marshalling import (
     task_from_document,
     task_to_document,
 )
+from apscheduler_mongo._retry import retrying
 from apscheduler_mongo._signing import (
     AllowedCallables,
     Codec,
@@ -471,7 +474,8 @@ async def _sign_stored(client: Any, database_name: str, **options: Any) -> SignR
     adapter = adapter_for(client)
     kinds = ("tasks", "schedules", "jobs")
     collections = {kind: adapter.collection(database_name, kind) for kind in kinds}
-    return await StoreSigner(collections, **options).run()
+    retry = partial(retrying, RetrySettings(), logging.getLogger("tests"))
+    return await StoreSigner(collections, retry=retry, **options).run()
 
 
 class TestSignCommand:

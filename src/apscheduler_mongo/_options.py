@@ -33,7 +33,8 @@ class ConnectionOptions:
     )
 
 
-def _to_signer(value: object) -> Signer | None:
+def to_signer(value: object) -> Signer | None:
+    """Return the signer of one key or several (or ``None`` for no key)."""
     if value is None or isinstance(value, Signer):
         return value
 
@@ -50,7 +51,7 @@ class SigningOptions:
     """
 
     signing_key: Signer | None = attrs.field(
-        default=None, kw_only=True, converter=_to_signer
+        default=None, kw_only=True, converter=to_signer
     )
     accept_unsigned: bool = attrs.field(
         default=False, kw_only=True, validator=instance_of(bool)

@@ -11,10 +11,11 @@ and reported, never re-signed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+from tenacity import AsyncRetrying
 
 from .. import _layout as layout
 from .._adapters import Collection, Update
@@ -47,6 +48,8 @@ class StoreSigner:
 
     collections: Mapping[str, Collection]
     signer: Signer
+    #: Makes the loop that retries temporary failures
+    retry: Callable[[], AsyncRetrying]
     allowed: AllowedCallables | None = None
     dry_run: bool = False
     report: SignReport = attrs.field(factory=SignReport)
@@ -64,9 +67,12 @@ class StoreSigner:
         after: Any = None
         while True:
             query = {} if after is None else layout.after_id(after)
-            batch = await collection.find(
-                query, projection, sort=layout.BY_ID, limit=BATCH
-            )
+            async for attempt in self.retry():
+                with attempt:
+                    batch = await collection.find(
+                        query, projection, sort=layout.BY_ID, limit=BATCH
+                    )
+
             if not batch:
                 return
 
@@ -77,7 +83,12 @@ class StoreSigner:
                 if (update := self._update(kind, document, part)) is not None
             ]
             if updates and not self.dry_run:
-                matched = await collection.update_each(updates)
+                # Each update sets a signature over the values it re-checks: a
+                # retry applies it once
+                async for attempt in self.retry():
+                    with attempt:
+                        matched = await collection.update_each(updates)
+
                 self.report.changed += len(updates) - matched
 
             after = batch[-1]["_id"]
