@@ -5,7 +5,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
+import pickle
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +18,7 @@ import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -30,17 +35,28 @@ from apscheduler import (
     Task,
 )
 from apscheduler.eventbrokers.local import LocalEventBroker
+from apscheduler.serializers.pickle import PickleSerializer
 from apscheduler.triggers.interval import IntervalTrigger
+from bson import Binary
 from mongomock_motor import AsyncMongoMockClient
 from pymongo import AsyncMongoClient, MongoClient
+from pymongo.collection import Collection
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 from apscheduler_mongo.__main__ import main
-from apscheduler_mongo._marshalling import uuid_to_bson
+from apscheduler_mongo._marshalling import to_micros, uuid_to_bson
+from apscheduler_mongo._signing import Codec, Signer
 from apscheduler_mongo._tools.cli import build_parser, run_command
 from apscheduler_mongo._tools.status import format_table, when
 
 from .support.fake_servers import free_port
+from .support.hostile import (
+    HUGE_INTEGER,
+    exec_gadget,
+    popen_gadget,
+    protocol_0_gadget,
+    system_gadget,
+)
 from .support.servers import mongoeco_process, needs_mongoeco
 
 LEASE = timedelta(minutes=1)
@@ -200,6 +216,31 @@ class Cli:
         found: list[Any] = anyio.run(find)
         return found
 
+    def update(self, collection: str, query: dict[str, Any], fields: Any) -> None:
+        """Set ``fields`` in the one document ``query`` matches, behind the API."""
+
+        async def update() -> None:
+            async with raw_database(self.target, self.database) as raw:
+                changed = await raw[collection].update_one(query, {"$set": fields})
+                assert changed.matched_count == 1
+
+        anyio.run(update)
+
+    def insert(self, collection: str, *documents: dict[str, Any]) -> None:
+        async def insert() -> None:
+            async with raw_database(self.target, self.database) as raw:
+                await raw[collection].insert_many(documents)
+
+        anyio.run(insert)
+
+    def collection_names(self) -> list[str]:
+        async def names() -> list[str]:
+            async with raw_database(self.target, self.database) as raw:
+                return list(await raw.list_collection_names())
+
+        found: list[str] = anyio.run(names)
+        return found
+
 
 @pytest.fixture(params=CLI_TIERS)
 def cli(request: pytest.FixtureRequest) -> Iterator[Cli]:
@@ -218,6 +259,16 @@ def cli(request: pytest.FixtureRequest) -> Iterator[Cli]:
 @pytest.fixture
 def seeded(cli: Cli) -> Seeded:
     return cli.seed()
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    """A file that stored code creates if anything runs it."""
+    return tmp_path / "ran"
+
+
+def job_query(job_id: str) -> dict[str, Any]:
+    return {"_id": uuid_to_bson(uuid.UUID(job_id))}
 
 
 def row(output: str, first_cell: str) -> list[str]:
@@ -270,6 +321,36 @@ class TestDemo:
 
         assert exc_info.value.code == 0
         assert "MONGODB_URI" in capsys.readouterr().out
+
+    @pytest.mark.wire
+    def test_refuses_a_store(
+        self,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+        wire_uri: str,
+    ) -> None:
+        """The demo empties its database: one that holds a store needs --overwrite."""
+        database = f"apscheduler_mongo_test_{uuid.uuid4().hex[:12]}"
+        argv = ["demo", "--database", database, "--seconds", "1.6"]
+        monkeypatch.setenv("MONGODB_URI", wire_uri)
+        mongo: MongoClient[Any]
+        with MongoClient(wire_uri) as mongo:
+            try:
+                anyio.run(seed, wire_uri, database)
+                assert main(argv) == 2
+                assert capsys.readouterr().err == (
+                    f"error: database {database!r} holds a store (its tasks, "
+                    f"schedules, jobs are not empty), which the demo would empty: "
+                    f"choose another --database, or pass --overwrite to empty it\n"
+                )
+                schedules: Collection[Any] = mongo[database]["schedules"]
+                assert schedules.count_documents({}) == 4
+
+                assert main([*argv, "--overwrite"]) == 0
+                assert "success: job from schedule" in capsys.readouterr().out
+                assert schedules.count_documents({"_id": "nightly"}) == 0
+            finally:
+                mongo.drop_database(database)
 
 
 class TestStatus:
@@ -355,20 +436,47 @@ class TestStatus:
         )
 
     @pytest.mark.usefixtures("seeded")
-    def test_schedules_it_cannot_read(
+    def test_triggers_and_arguments(
         self, cli: Cli, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """With the wrong serializer, schedules are listed as unreadable, and why."""
-        assert cli("status", "--serializer", "json") == 0
+        """Shown as text (shortened in tables), read without the store's serializer."""
+        cli.update("schedules", {"_id": "nightly"}, {"args": pickle.dumps(("a", 1))})
+        assert cli("status") == 0
         captured = capsys.readouterr()
+        assert captured.err == ""
         nightly = row(captured.out, "nightly")
-        assert nightly[1] == "report"
-        assert nightly[2].endswith("(in 8 h)")
-        assert nightly[3:] == ["no", "-", "-", "cannot be read here (see the warnings)"]
-        leased = row(captured.out, "every-5-min")
-        assert leased[4] == "worker-a"
-        assert leased[5].endswith(" s)")
-        assert "warning: Cannot read schedule 'nightly'" in captured.err
+        assert nightly[3:6] == ["no", "-", "-"]
+        trigger = "apscheduler.triggers.interval.IntervalTrigger(version=1, ..."
+        assert nightly[6:8] == [trigger, "'a', 1"]
+        assert cli("status", "--json") == 0
+        (schedule,) = [
+            schedule
+            for schedule in json.loads(capsys.readouterr().out)["schedules"]
+            if schedule["id"] == "nightly"
+        ]
+        assert schedule["readable"] is True
+        assert schedule["arguments"] == "'a', 1"
+        assert schedule["trigger"].startswith(
+            "apscheduler.triggers.interval.IntervalTrigger(version=1, "
+            "interval=[0, 0, 0, 5, 0, 0], start_time=datetime("
+        )
+
+    @pytest.mark.usefixtures("seeded")
+    def test_undecodable_trigger(
+        self, cli: Cli, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cli.update("schedules", {"_id": "nightly"}, {"trigger": b"not a trigger"})
+        assert cli("status") == 0
+        nightly = row(capsys.readouterr().out, "nightly")
+        assert nightly[6].startswith("(unreadable: JSONDecodeError: ")
+        assert nightly[-1] == "its trigger or arguments cannot be decoded"
+
+    def test_serializer_not_an_option(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Nothing is deserialized: ``status`` takes no serializer."""
+        with pytest.raises(SystemExit):
+            main(["status", "--serializer", "json"])
+
+        assert "unrecognized arguments: --serializer" in capsys.readouterr().err
 
     def test_empty_store(self, cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
         async def create() -> None:
@@ -426,10 +534,131 @@ class TestStatus:
         anyio.run(damage)
         assert cli("status", "--limit", "10") == 0
         output = capsys.readouterr().out
-        assert row(output, "'not-a-uuid'")[3] == "set aside: its id is no UUID"
+        assert row(output, "'not-a-uuid'")[3] == "quarantined: its id is no UUID"
         assert "Recent results (4 newest of 4 finished jobs)" in output
         assert row(output, str(finished))[3:] == ["success", "-", "-"]
         assert row(output, str(running))[1:] == ["report", "-", "worker-d", "-"]
+
+
+class TestUntrustedData:
+    """
+    The database is untrusted input: ``status`` runs no code stored in it, shows
+    what it holds as the schedulers read it, and one value it cannot show spoils
+    only its own cell.
+    """
+
+    def test_gadgets_shown_as_text(
+        self,
+        cli: Cli,
+        seeded: Seeded,
+        marker: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        cli.update(
+            "schedules",
+            {"_id": "nightly"},
+            {"args": system_gadget(marker), "kwargs": exec_gadget(marker)},
+        )
+        cli.update(
+            "schedules", {"_id": "hourly-sync"}, {"trigger": popen_gadget(marker)}
+        )
+        cli.update(
+            "jobs",
+            job_query(seeded.kept_result),
+            {"result.outcome": "error", "result.exception": protocol_0_gadget(marker)},
+        )
+        system = f"{os.system.__module__}.system('touch {marker}')"
+        assert cli("status") == 0
+        output = capsys.readouterr().out
+        shown = f"*{system}, **builtins.exec("[:57]
+        assert row(output, "nightly")[7] == f"{shown}..."
+        assert row(output, "hourly-sync")[6].startswith("subprocess.Popen(['touch', ")
+        assert row(output, seeded.kept_result)[6].startswith("os.system('touch ")
+
+        assert cli("status", "--json") == 0
+        status = json.loads(capsys.readouterr().out)
+        schedules = {schedule["id"]: schedule for schedule in status["schedules"]}
+        assert schedules["nightly"]["arguments"].startswith(
+            f'*{system}, **builtins.exec("open('
+        )
+        assert schedules["hourly-sync"]["trigger"] == (
+            f"subprocess.Popen(['touch', '{marker}'])"
+        )
+        results = {result["job_id"]: result for result in status["results"]}
+        assert results[seeded.kept_result]["error"] == f"os.system('touch {marker}')"
+        assert not marker.exists()
+
+    @pytest.mark.usefixtures("seeded")
+    def test_paused_and_quarantined_as_the_schedulers_read_them(
+        self, cli: Cli, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """
+        ``paused`` other than true (a string left by a hand edit) does not pause a
+        schedule; a ``quarantine`` field, whatever it holds, sets it aside.
+        """
+        cli.update("schedules", {"_id": "nightly"}, {"paused": "true"})
+        cli.update("schedules", {"_id": "every-5-min"}, {"quarantine": None})
+        assert cli("status") == 0
+        output = capsys.readouterr().out
+        note = "wrong type 'str': 'true', taken as not paused"
+        assert row(output, "nightly")[3] == f"? ({note})"
+        assert row(output, "every-5-min")[-1] == "quarantined: no reason recorded"
+
+        assert cli("status", "--json") == 0
+        status = json.loads(capsys.readouterr().out)
+        schedules = {schedule["id"]: schedule for schedule in status["schedules"]}
+        assert (
+            schedules["nightly"]["paused"],
+            schedules["nightly"]["paused_note"],
+        ) == (
+            None,
+            note,
+        )
+        assert schedules["every-5-min"]["quarantine"] == "no reason recorded"
+
+        # Pausing it would lift the quarantine: refused, as for any quarantine
+        assert cli("pause", "every-5-min") == 1
+        err = capsys.readouterr().err
+        assert "is quarantined (no reason recorded)" in err
+        (document,) = cli.documents("schedules", {"_id": "every-5-min"})
+        assert document["quarantine"] is None
+
+        # The store refuses to read the hand-edited one: the actions leave it alone
+        assert cli("pause", "nightly") == 1
+        assert "schedule 'nightly' cannot be read here" in capsys.readouterr().err
+        (document,) = cli.documents("schedules", {"_id": "nightly"})
+        assert document["paused"] == "true"
+
+    @pytest.mark.usefixtures("seeded")
+    def test_one_value_that_cannot_be_shown(
+        self, cli: Cli, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An integer too long for repr, a UUID of three bytes, odd ids and names."""
+        cli.update(
+            "schedules", {"_id": "nightly"}, {"args": pickle.dumps((1, HUGE_INTEGER))}
+        )
+        finished = to_micros(datetime.now(timezone.utc))
+        cli.insert(
+            "jobs",
+            {"_id": Binary(b"odd", 4), "state": "finished", "finished_time": finished},
+        )
+        cli.insert(
+            "tasks", {"_id": 7, "func": {"not": "a name"}, "max_running_jobs": "2"}
+        )
+        assert cli("status") == 0
+        captured = capsys.readouterr()
+        cannot = "(cannot be shown: ValueError: Exceeds the limit"
+        assert row(captured.out, "nightly")[7].startswith(f"1, {cannot}")
+        assert row(captured.out, "Binary(b'odd', 4)")[1:4] == ["-", "-", "-"]
+        assert row(captured.out, "7") == ["7", "{'not': 'a name'}", "-", "'2'", "0"]
+        assert row(captured.out, "report")[1] == "myapp.jobs:send_report"
+        assert captured.err == ""
+
+        assert cli("status", "--json") == 0
+        status = json.loads(capsys.readouterr().out)
+        (nightly,) = [s for s in status["schedules"] if s["id"] == "nightly"]
+        assert nightly["arguments"].startswith(f"1, {cannot}")
+        assert "Binary(b'odd', 4)" in [result["job_id"] for result in status["results"]]
 
 
 def test_format_table() -> None:
@@ -630,12 +859,43 @@ class TestErrors:
             pytest.param(f"mongodb://u:{PASSWORD}@host:99999/", id="port"),
         ],
     )
-    def test_bad_uri(self, uri: str, capsys: pytest.CaptureFixture[str]) -> None:
-        assert main(["pause", "x", "--uri", uri]) == 2
+    def test_bad_uri(
+        self,
+        uri: str,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setenv("MONGODB_URI", uri)
+        assert main(["pause", "x"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --uri ")
         assert PASSWORD not in err
         assert err.count("\n") == 1
+
+    @pytest.mark.parametrize("command", [["status"], ["demo"], ["dashboard"]])
+    def test_password_on_the_command_line(
+        self,
+        command: list[str],
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Other users of the host can read it (``ps``): it is warned about."""
+        uri = f"mongodb://ops:{PASSWORD}@host:99999/"  # refused before connecting
+        assert main([*command, "--uri", uri]) == 2
+        warning, error = capsys.readouterr().err.splitlines()
+        assert warning == (
+            "warning: the URI given with --uri carries a password, which other users "
+            "of this host can read in the process list; set the MONGODB_URI "
+            "environment variable instead"
+        )
+        assert error.startswith("error: --uri is not a valid MongoDB URI")
+        assert PASSWORD not in error
+
+        # Not for a URI without a password, nor for one from the environment
+        assert main([*command, "--uri", "mongodb://ops@host:99999/"]) == 2
+        monkeypatch.setenv("MONGODB_URI", uri)
+        assert main(command) == 2
+        assert "warning" not in capsys.readouterr().err
 
     def test_bad_database_name(
         self, cli: Cli, capsys: pytest.CaptureFixture[str]
@@ -645,28 +905,76 @@ class TestErrors:
         assert "forbidden characters" in capsys.readouterr().err
 
     @pytest.mark.parametrize(
-        ("option", "message"),
+        ("argv", "message"),
         [
-            pytest.param(["--limit", "-1"], "must not be negative", id="limit"),
-            pytest.param(["--timeout", "0"], "must be more than 0", id="timeout"),
-            pytest.param(["--serializer", "yaml"], "invalid choice", id="serializer"),
+            pytest.param(
+                ["status", "--limit", "-1"],
+                "argument --limit: must not be negative, not -1",
+                id="negative limit",
+            ),
+            pytest.param(
+                ["status", "--limit", str(2**64)],
+                f"argument --limit: must be at most {2**63 - 1}, not {2**64}",
+                id="limit beyond 64 bits",
+            ),
+            pytest.param(
+                ["status", "--limit", "ten"],
+                "argument --limit: must be a whole number, not 'ten'",
+                id="limit no number",
+            ),
+            pytest.param(
+                ["status", "--timeout", "0"], "must be more than 0", id="timeout"
+            ),
+            pytest.param(
+                ["pause", "x", "--serializer", "yaml"],
+                "invalid choice",
+                id="serializer",
+            ),
+            pytest.param(
+                ["dashboard", "--port", "99999"],
+                "argument --port: must be from 1 to 65535, not 99999",
+                id="port",
+            ),
+            pytest.param(
+                ["dashboard", "--port", "0"],
+                "argument --port: must be from 1 to 65535, not 0",
+                id="port 0",
+            ),
+            pytest.param(
+                ["demo", "--seconds", "-1"], "must be more than 0", id="seconds"
+            ),
         ],
     )
     def test_bad_option(
-        self, option: list[str], message: str, capsys: pytest.CaptureFixture[str]
+        self, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
     ) -> None:
         with pytest.raises(SystemExit) as exc_info:
-            main(["status", *option])
+            main(argv)
 
         assert exc_info.value.code == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err
+        assert "Traceback" not in err
 
-    def test_unreachable_server(self, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_bad_root_path(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("MONGODB_URI", "mongodb://127.0.0.1:1/")
+        assert main(["dashboard", "--root-path", "ops scheduler"]) == 2
+        assert capsys.readouterr().err == (
+            "error: root_path must be empty or a path such as '/ops/scheduler', not "
+            "'ops scheduler'\n"
+        )
+
+    def test_unreachable_server(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """The driver's short selection timeout ends the retries within --timeout."""
         address = f"127.0.0.1:{free_port()}"
         uri = f"mongodb://user:{PASSWORD}@{address}/?serverSelectionTimeoutMS=200"
+        monkeypatch.setenv("MONGODB_URI", uri)
         started = time.monotonic()
-        assert main(["status", "--uri", uri, "--timeout", "2"]) == 3
+        assert main(["status", "--timeout", "2"]) == 3
         assert time.monotonic() - started < 10
         err = capsys.readouterr().err
         assert PASSWORD not in err
@@ -677,14 +985,16 @@ class TestErrors:
         assert error.startswith("error: ")
         assert address in error
 
-    def test_deadline(self, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_deadline(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """Without a short selection timeout, --timeout cuts the wait short."""
         address = f"127.0.0.1:{free_port()}"
-        uri = f"mongodb://user:{PASSWORD}@{address}/"
+        monkeypatch.setenv("MONGODB_URI", f"mongodb://user:{PASSWORD}@{address}/")
         started = time.monotonic()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
-            assert main(["pause", "x", "--uri", uri, "--timeout", "1"]) == 3
+            assert main(["pause", "x", "--timeout", "1"]) == 3
             gc.collect()  # an unclosed client warns when it is collected
 
         assert time.monotonic() - started < 8
@@ -697,13 +1007,16 @@ class TestErrors:
 
     @pytest.mark.wire
     @needs_mongoeco
-    def test_authentication_failure(self, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_authentication_failure(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         with mongoeco_process(auth=("ops", "right-password")) as port:
             uri = (
                 f"mongodb://ops:{PASSWORD}@127.0.0.1:{port}/?directConnection=true"
                 f"&authMechanism=SCRAM-SHA-256"
             )
-            assert main(["status", "--uri", uri, "--timeout", "10"]) == 3
+            monkeypatch.setenv("MONGODB_URI", uri)
+            assert main(["status", "--timeout", "10"]) == 3
 
         err = capsys.readouterr().err
         assert "error: Authentication failed" in err
@@ -720,6 +1033,7 @@ class TestErrors:
             assert exc_info.value.code == 0
             output = capsys.readouterr().out
             assert "exit statuses:" in output
+            assert "130  interrupted" in output
             assert "MONGODB_URI" in output
 
         with pytest.raises(SystemExit):
@@ -728,6 +1042,37 @@ class TestErrors:
         output = capsys.readouterr().out
         for command in ("demo", "status", "pause", "resume", "remove", "purge"):
             assert re.search(rf"^    {command} ", output, re.MULTILINE)
+
+    @pytest.mark.parametrize(
+        ("argv", "said"),
+        [
+            pytest.param(["status"], "error: interrupted\n", id="status"),
+            pytest.param(
+                ["pause", "x"],
+                "error: interrupted (the change may or may not have been made)\n",
+                id="pause",
+            ),
+        ],
+    )
+    def test_interrupted(self, argv: list[str], said: str) -> None:
+        """Ctrl-C: one line, exit status 130, and no traceback."""
+        # A server that never answers: the command waits for it
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            silent.settimeout(60)
+            uri = f"mongodb://127.0.0.1:{silent.getsockname()[1]}/"
+            process = subprocess.Popen(
+                [sys.executable, "-m", "apscheduler_mongo", *argv, "--timeout", "60"],
+                env={**os.environ, "MONGODB_URI": uri},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            connection, _ = silent.accept()  # the command is waiting for an answer
+            with connection:
+                process.send_signal(signal.SIGINT)
+                out, err = process.communicate(timeout=30)
+
+        assert (process.returncode, out, err) == (130, "", said)
 
     def test_module_exit_status(self) -> None:
         """``python -m apscheduler_mongo`` exits with the command's status."""
@@ -741,3 +1086,58 @@ class TestErrors:
         )
         assert process.returncode == 2
         assert process.stderr.startswith("error: no MongoDB URI")
+
+
+SIGNING_KEY = "cli-test-signing-key-0123456789"
+
+
+@pytest.mark.usefixtures("seeded")
+class TestSigning:
+    """``sign`` signs a store in place; changes keep a signed store signed."""
+
+    def test_sign_signs_every_schedule(
+        self, cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        monkeypatch.delenv("APSCHEDULER_MONGO_SIGNING_KEY", raising=False)
+        assert cli("sign") == 2  # no key
+        key_file = tmp_path / "key"
+        key_file.write_text(SIGNING_KEY + "\n")
+        assert cli("sign", "--key-file", str(key_file), "--dry-run") == 0
+        assert not cli.documents("tasks", {"mac": {"$exists": True}})
+        assert cli("sign", "--key-file", str(key_file)) == 0
+        signed = cli.documents("schedules", {"mac.call": {"$exists": True}})
+        assert len(signed) == len(cli.documents("schedules", {}))
+        # Signing again finds nothing to do
+        assert cli("sign", "--key-file", str(key_file)) == 0
+
+    def test_a_wrong_signature_is_reported_not_signed(
+        self, cli: Cli, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("APSCHEDULER_MONGO_SIGNING_KEY", SIGNING_KEY)
+        cli("sign")
+        cli.update(
+            "tasks",
+            {"_id": cli.documents("tasks", {})[0]["_id"]},
+            {"func": "os:system"},
+        )
+        assert cli("sign") == 1
+
+    def test_pause_keeps_a_signed_schedule_signed(
+        self, cli: Cli, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("APSCHEDULER_MONGO_SIGNING_KEY", SIGNING_KEY)
+        cli("sign")
+        assert cli("pause", "nightly") == 0
+        [document] = cli.documents("schedules", {"_id": "nightly"})
+        assert document["paused"] is True
+        codec = Codec(PickleSerializer(), Signer(SIGNING_KEY))
+        codec.check("schedules", document, "call")
+        codec.check("schedules", document, "trigger")
+
+    def test_pause_refuses_an_unsigned_schedule_with_a_key(
+        self, cli: Cli, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With a key, a change reads the schedule only once its signature checks."""
+        monkeypatch.setenv("APSCHEDULER_MONGO_SIGNING_KEY", SIGNING_KEY)
+        assert cli("pause", "nightly") == 1
+        assert cli("pause", "nightly", "--accept-unsigned") == 0

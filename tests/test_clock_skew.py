@@ -300,7 +300,7 @@ class TestServerClockAhead:
         async with store_behind_a_clock(wire_uri, database_name, logger, -7.5) as store:
             client = adapter_for(store._adapter.client)
             reader = Reader(client, database_name, RetrySettings(), logger)
-            status = await gather_status(store, reader, 0)
+            status = await gather_status(reader, 0)
 
         assert status.host_offset == pytest.approx(-7.5, abs=0.1)
         assert "this host's is 7.5 s ahead of it" in render_text(status)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -15,7 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ import pytest
 import uvicorn
 from apscheduler import ConflictPolicy, Job, JobOutcome, JobResult, Schedule
 from apscheduler.triggers.interval import IntervalTrigger
+from bson import Binary
+from pymongo import MongoClient
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -33,10 +36,17 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount
 
 from apscheduler_mongo import MongoDBDataStore
-from apscheduler_mongo.dashboard import Dashboard
+from apscheduler_mongo._marshalling import to_micros, uuid_to_bson
+from apscheduler_mongo.dashboard import Dashboard, _csrf
 
 from .support.commands import CommandLog
 from .support.fake_servers import free_port
+from .support.hostile import (
+    HUGE_INTEGER,
+    exec_gadget,
+    popen_gadget,
+    system_gadget,
+)
 from .support.index_rules import queries_of, served
 from .support.items import add_task, due_schedule
 from .support.stores import announcing_store
@@ -44,6 +54,7 @@ from .support.tiers import WIRE_ONLY
 
 pytestmark = pytest.mark.anyio
 HOSTILE = "<script>alert('x')</script>"
+SECRET = b"a csrf secret for the tests"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
@@ -140,7 +151,8 @@ class TestPanels:
             page = (await http.get("/")).text
 
         assert 'data-schedule="broken"' in page
-        assert "cannot be read here" in page
+        assert "(unreadable: JSONDecodeError: " in page
+        assert "its trigger or arguments cannot be decoded" in page
 
     async def test_everything_escaped(
         self, store: MongoDBDataStore, client: Any, database_name: str
@@ -211,6 +223,146 @@ class TestPanels:
 
         assert seen == ids
         assert '<span class="count">7</span>' in page
+
+
+class TestUntrustedData:
+    """
+    The database is untrusted input: the page runs no code stored in it, shows what
+    it holds as the schedulers read it, and one value it cannot show spoils only its
+    own cell.
+    """
+
+    async def test_gadgets_shown_as_text(
+        self, store: MongoDBDataStore, client: Any, database: Any, tmp_path: Path
+    ) -> None:
+        marker = tmp_path / "ran"
+        await add_task(store)
+        await _add_schedules(store, "s")
+        job = Job(
+            task_id="task", executor="async", result_expiration_time=timedelta(hours=1)
+        )
+        await store.add_job(job)
+        (claimed,) = await store.acquire_jobs("worker-1", timedelta(minutes=5), 1)
+        failure = JobResult.from_job(claimed, JobOutcome.error, exception=OSError())
+        await store.release_job("worker-1", claimed, failure)
+        await database["schedules"].update_one(
+            {"_id": "s"},
+            {"$set": {"args": system_gadget(marker), "trigger": popen_gadget(marker)}},
+        )
+        await database["jobs"].update_one(
+            {"_id": uuid_to_bson(job.id)},
+            {"$set": {"result.exception": exec_gadget(marker)}},
+        )
+        dashboard = Dashboard(client, database=database.name, actions=True)
+        async with browsing(dashboard) as http:
+            reply = await http.get("/")
+
+        page = reply.text
+        assert reply.status_code == 200
+        system = f"{os.system.__module__}.system(&#39;touch {marker}&#39;)"
+        assert f'<td class="args">*{system}</td>' in page
+        assert f"subprocess.Popen([&#39;touch&#39;, &#39;{marker}&#39;])" in page
+        assert f'<td class="error">builtins.exec(&#34;open(&#39;{marker}' in page
+        assert not marker.exists()
+
+    async def test_paused_and_quarantined_as_the_schedulers_read_them(
+        self, store: MongoDBDataStore, client: Any, database: Any
+    ) -> None:
+        """
+        ``paused`` other than true (a string left by a hand edit) does not pause a
+        schedule; a ``quarantine`` field, whatever it holds, sets it aside.
+        """
+        await add_task(store)
+        await _add_schedules(store, "hand-edited", "set-aside")
+        schedules = database["schedules"]
+        await schedules.update_one({"_id": "hand-edited"}, {"$set": {"paused": "true"}})
+        await schedules.update_one({"_id": "set-aside"}, {"$set": {"quarantine": None}})
+        dashboard = Dashboard(client, database=database.name, actions=True)
+        async with browsing(dashboard) as http:
+            page = (await http.get("/")).text
+
+        edited = _row(page, "hand-edited")
+        assert '<tr data-schedule="hand-edited" class=" problem">' in edited
+        assert (
+            '<td class="state">? (wrong type &#39;str&#39;: &#39;true&#39;, taken as '
+            "not paused)</td>" in edited
+        )
+        assert 'class="pause"' in edited
+        set_aside = _row(page, "set-aside")
+        assert "<td>quarantined: no reason recorded</td>" in set_aside
+        assert 'class="pause"' not in set_aside
+        assert 'class="resume"' not in set_aside
+        assert 'class="remove"' in set_aside
+
+    async def test_one_value_that_cannot_be_shown(
+        self, store: MongoDBDataStore, client: Any, database: Any
+    ) -> None:
+        """An integer too long for repr, a UUID of three bytes, odd ids and names."""
+        await add_task(store)
+        await _add_schedules(store, "huge", "fine", args=("ok",))
+        await database["schedules"].update_one(
+            {"_id": "huge"}, {"$set": {"args": pickle.dumps((1, HUGE_INTEGER))}}
+        )
+        await database["jobs"].insert_one(
+            {
+                "_id": Binary(b"odd", 4),
+                "state": "finished",
+                "finished_time": to_micros(datetime.now(timezone.utc)),
+            }
+        )
+        await database["tasks"].insert_one({"_id": 7, "func": {"not": "a name"}})
+        async with browsing(Dashboard(client, database=database.name)) as http:
+            reply = await http.get("/")
+
+        page = reply.text
+        assert reply.status_code == 200
+        assert (
+            '<td class="args">1, (cannot be shown: ValueError: Exceeds the limit'
+            in _row(page, "huge")
+        )
+        assert '<td class="args">&#39;ok&#39;</td>' in _row(page, "fine")
+        assert 'data-result="Binary(b&#39;odd&#39;, 4)"' in page
+        assert (
+            '<tr data-task="7"><td>7</td><td>{&#39;not&#39;: &#39;a name&#39;}' in page
+        )
+
+
+class TestNoStore:
+    """A mistyped database name: the page says so, and nothing is created."""
+
+    async def test_page_says_so_and_writes_nothing(
+        self, client: Any, database: Any
+    ) -> None:
+        dashboard = Dashboard(
+            client, database=database.name, actions=True, csrf_secret=SECRET
+        )
+        async with browsing(dashboard) as http:
+            page = await http.get("/")
+            panels = await http.get("/panels")
+            nonce = page.cookies[_csrf.COOKIE]  # the page has no form: no token
+            form = {"csrf_token": _csrf.token_for(SECRET, nonce), "schedule_id": "s"}
+            paused = await http.post(
+                "/actions/pause", data=form, headers={"accept": "application/json"}
+            )
+            purged = await http.post(
+                "/actions/purge", data=form, headers={"accept": "application/json"}
+            )
+
+        assert page.status_code == 404
+        assert f"Database {database.name} holds no store" in page.text
+        assert page.headers["content-type"].startswith("text/html")
+        assert panels.status_code == 404
+        for reply in (paused, purged):
+            assert reply.status_code == 404
+            assert "holds no store" in reply.json()["message"]
+
+        assert await database.list_collection_names() == []
+
+
+def _row(page: str, schedule_id: str) -> str:
+    """Return the HTML of a schedule's row."""
+    start = page.index(f'<tr data-schedule="{schedule_id}"')
+    return page[start : page.index("</tr>", start)]
 
 
 class TestActions:
@@ -366,6 +518,84 @@ class TestMounting:
         assert 'data-base="/scheduler/"' in reply.text
         assert 'href="/scheduler/static/dashboard.css"' in reply.text
         assert "path=/scheduler/" in reply.headers["set-cookie"].lower()
+
+
+class TestRootPath:
+    """Behind a proxy that serves it under a prefix, every URL the page uses has it."""
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            pytest.param("/", id="prefix stripped by the proxy"),
+            pytest.param("/ops/scheduler/", id="prefix passed on"),
+        ],
+    )
+    async def test_urls_carry_the_prefix(
+        self, store: MongoDBDataStore, client: Any, database_name: str, path: str
+    ) -> None:
+        await add_task(store)
+        await _add_schedules(store, "s", "t")
+        dashboard = Dashboard(
+            client,
+            database=database_name,
+            actions=True,
+            page_size=1,
+            root_path="/ops/scheduler/",
+        )
+        async with browsing(dashboard) as http:
+            reply = await http.get(path)
+            page = reply.text
+            form = {"csrf_token": _token(page), "schedule_id": "s"}
+            # What the browser sends to the prefix, as the proxy passes it on
+            cookie = f"{_csrf.COOKIE}={reply.cookies[_csrf.COOKIE]}"
+            http.cookies.clear()
+            paused = await http.post(
+                f"{path}actions/pause", data=form, headers={"cookie": cookie}
+            )
+            assets = [
+                await http.get(f"{path}static/dashboard.{x}") for x in ("js", "css")
+            ]
+            script = assets[0].text
+
+        assert reply.status_code == 200
+        # The stylesheet, the script, the event stream (the script opens it under
+        # the base), the forms, the paging links, the cookie
+        assert '<link rel="stylesheet" href="/ops/scheduler/static/dashboard.css">' in (
+            page
+        )
+        assert '<script src="/ops/scheduler/static/dashboard.js" defer>' in page
+        assert '<body data-base="/ops/scheduler/" ' in page
+        assert 'new EventSource(base + "events")' in script
+        assert 'fetch(base + "panels" + query' in script
+        assert 'action="/ops/scheduler/actions/pause"' in page
+        assert 'action="/ops/scheduler/actions/purge"' in page
+        assert 'href="/ops/scheduler/?after=s" data-page' in page
+        assert "path=/ops/scheduler/" in reply.headers["set-cookie"].lower()
+        assert [asset.status_code for asset in assets] == [200, 200]
+        assert paused.status_code == 303
+        assert paused.headers["location"].startswith("/ops/scheduler/?said=paused")
+
+    async def test_mounting_application_sets_it(
+        self, client: Any, store: MongoDBDataStore, database_name: str
+    ) -> None:
+        """A ``root_path`` in the request (from a mount) takes precedence."""
+        await add_task(store)
+        dashboard = Dashboard(client, database=database_name, root_path="/elsewhere")
+        app = Starlette(routes=[Mount("/scheduler", app=dashboard)])
+        async with dashboard:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://app.test"
+            ) as http:
+                page = (await http.get("/scheduler/")).text
+
+        assert 'data-base="/scheduler/"' in page
+        assert "elsewhere" not in page
+
+    @pytest.mark.parametrize("root_path", ["ops", "/ops scheduler", "/a;b", "/<x>"])
+    def test_bad_root_path(self, root_path: str) -> None:
+        with pytest.raises(ValueError, match="root_path must be empty or a path"):
+            Dashboard("mongodb://localhost/", root_path=root_path)
 
 
 #: Commands that are not the page's: the broker's polls of its collection, and the
@@ -556,7 +786,7 @@ def dashboard_process(uri: str, database: str, *options: str) -> Iterator[str]:
         while True:
             assert process.poll() is None, process.communicate()[1]
             try:
-                if httpx.get(url, timeout=5).status_code == 200:
+                if httpx.get(url, timeout=5).status_code < 500:
                     break
             except httpx.TransportError:
                 pass
@@ -582,12 +812,19 @@ def dashboard_process(uri: str, database: str, *options: str) -> Iterator[str]:
 @WIRE_ONLY
 class TestCommandLine:
     def test_serves_alone_on_loopback(self, wire_uri: str, database_name: str) -> None:
-        with dashboard_process(wire_uri, database_name) as url:
-            page = httpx.get(url).text
+        """On a database without a store (a mistyped name): it says so, creates none."""
+        options = ("--root-path", "/ops/scheduler")
+        with dashboard_process(wire_uri, database_name, *options) as url:
+            page = httpx.get(url)
             refused = httpx.post(f"{url}actions/purge")
 
-        assert f"database {database_name}" in page
+        assert page.status_code == 404
+        assert f"Database {database_name} holds no store" in page.text
+        assert 'href="/ops/scheduler/static/dashboard.css"' in page.text
         assert refused.status_code == 403
+        mongo: MongoClient[Any]
+        with MongoClient(wire_uri) as mongo:
+            assert mongo[database_name].list_collection_names() == []
 
 
 def _seed(uri: str, database: str, ids: list[str]) -> None:

@@ -2,22 +2,72 @@
 The changes an operator makes to a store: pause, resume and remove a schedule, purge.
 
 The command line and the dashboard both make them through here, on a scheduler
-(never started) whose event broker announces each change to the schedulers.
+(never started) whose event broker announces each change to the schedulers. Unlike
+looking at a store, changing it goes through the store's API, which deserializes
+the schedule it changes with the store's serializer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from logging import Logger
 
 import attrs
-from apscheduler import AsyncScheduler, Schedule
+from apscheduler import AsyncScheduler, RetrySettings, Schedule
+from apscheduler.abc import Serializer
 
+from .. import _layout as layout
+from .._datastore import MongoDBDataStore
+from .._eventbroker import MongoDBEventBroker
 from .._layout import ACQUIRED, FINISHED
-from .status import Reader
+from .._signing import Signer
+from .status import NotFoundError, Reader, quarantine_reason
 
 
-class NotFoundError(LookupError):
-    """Raised when a command names a schedule or a store that it cannot act on."""
+def action_scheduler(
+    client: object,
+    database: str,
+    serializer: Serializer,
+    events_collection: str,
+    retry_settings: RetrySettings,
+    logger: Logger,
+    *,
+    signing_key: Signer | None = None,
+    accept_unsigned: bool = False,
+) -> AsyncScheduler:
+    """
+    Return a scheduler (never started processing) on the store, to make changes.
+
+    It announces each change through a :class:`MongoDBEventBroker` on the same
+    database, so that schedulers in other processes see it at once (one whose
+    schedules are all paused sleeps until an event wakes it). The broker polls,
+    and seldom: it only publishes (a change stream needs privileges).
+
+    Start it (``async with``) only on a database that holds a store (see
+    :func:`.status.require_store`): starting the store creates its collections.
+    A store whose schedulers sign needs the key here too: a change rewrites the
+    schedule, which must stay signed (and is checked before it is read).
+
+    :raises ValueError: if an option has a bad value
+    """
+    store = MongoDBDataStore(
+        client,
+        database=database,
+        serializer=serializer,
+        retry_settings=retry_settings,
+        signing_key=signing_key,
+        accept_unsigned=accept_unsigned,
+    )
+    broker = MongoDBEventBroker(
+        client,
+        database=database,
+        collection=events_collection,
+        retry_settings=retry_settings,
+        mode="polling",
+        poll_interval=3600,
+        signing_key=signing_key,
+        accept_unsigned=accept_unsigned,
+    )
+    return AsyncScheduler(store, broker, logger=logger)
 
 
 def innermost(exc: BaseException) -> BaseException:
@@ -36,14 +86,15 @@ async def schedule_to_change(
 
     :raises NotFoundError: if it does not exist, is quarantined, or cannot be read
     """
-    documents = await reader.find("schedules", {"_id": schedule_id}, {"quarantine": 1})
+    documents = await reader.find(
+        layout.SCHEDULES, {"_id": schedule_id}, {layout.QUARANTINE: 1}
+    )
     if not documents:
         raise NotFoundError(
             f"no schedule {schedule_id!r} in database {reader.database_name!r}"
         )
 
-    if quarantine := documents[0].get("quarantine"):
-        reason = quarantine.get("reason") if isinstance(quarantine, Mapping) else None
+    if (reason := quarantine_reason(documents[0])) is not None:
         raise NotFoundError(
             f"schedule {schedule_id!r} is quarantined ({reason}); pausing or "
             f"resuming it would lift the quarantine: remove it, or add it again "
@@ -64,7 +115,9 @@ async def schedule_to_change(
 async def pause(scheduler: AsyncScheduler, reader: Reader, schedule_id: str) -> str:
     """Pause a schedule; return what was done."""
     schedule = await schedule_to_change(scheduler, reader, schedule_id)
-    if schedule.paused:
+    # As the schedulers' queries have it: only true pauses ("true" from a hand edit
+    # does not)
+    if schedule.paused is True:
         return f"schedule {schedule.id!r} is already paused"
 
     await scheduler.pause_schedule(schedule.id)
@@ -80,7 +133,7 @@ async def resume(
     :param now: resume from now, skipping the fire times it missed while paused
     """
     schedule = await schedule_to_change(scheduler, reader, schedule_id)
-    if not schedule.paused:
+    if schedule.paused is not True:
         return f"schedule {schedule.id!r} is not paused"
 
     await scheduler.unpause_schedule(schedule.id, resume_from="now" if now else None)

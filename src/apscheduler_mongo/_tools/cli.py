@@ -6,25 +6,35 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
 from apscheduler import AsyncScheduler, RetrySettings, ScheduleLookupError
-from apscheduler.abc import EventBroker, Serializer
-from apscheduler.eventbrokers.local import LocalEventBroker
+from apscheduler.abc import Serializer
 from pymongo.errors import PyMongoError
 from tenacity import stop_after_delay, wait_exponential
 
+from .. import _layout as layout
 from .._adapters import adapter_for
 from .._client import open_client, redact, server_errors, validate_client_or_uri
-from .._datastore import MongoDBDataStore
-from .._eventbroker import MongoDBEventBroker
 from .._names import validate_database_name
+from .._retry import retrying
+from .._signing import AllowedCallables, Signer, keys_from_environment
 from . import actions
-from .actions import NotFoundError, innermost
-from .status import Reader, format_table, gather_status, render_json, render_text
+from .actions import innermost
+from .signing import StoreSigner
+from .status import (
+    NotFoundError,
+    Reader,
+    format_table,
+    gather_status,
+    render_json,
+    render_text,
+    require_store,
+)
 
 if TYPE_CHECKING:
     #: What add_subparsers() returns
@@ -34,20 +44,28 @@ EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_SERVER = 3
+EXIT_INTERRUPTED = 130
 
 _EPILOG = """\
 exit statuses:
-  0  success
-  1  not found: no such schedule (or it is quarantined, or cannot be read
-     here), or the database holds no store
-  2  usage or configuration error: a bad option, a missing or malformed URI,
-     a bad database name
-  3  the server could not be reached within --timeout, or it refused or
-     failed a request (authentication, permissions, an incompatible server)
+  0    success
+  1    not found: no such schedule (or it is quarantined, or cannot be read
+       here), or the database holds no store; for sign, parts left unsigned
+  2    usage or configuration error: a bad option, a missing or malformed URI,
+       a bad database name, a demo database that holds a store
+  3    the server could not be reached within --timeout, or it refused or
+       failed a request (authentication, permissions, an incompatible server)
+  130  interrupted (Ctrl-C); a change may or may not have been made
 
 environment:
-  MONGODB_URI  the default of --uri
+  MONGODB_URI  the default of --uri; put a URI with a password here rather
+               than in --uri, which other users of this host can see
+  APSCHEDULER_MONGO_SIGNING_KEY
+               the store's signing key(s), separated by commas, the first one
+               signing (the default of --key-file)
 """
+#: The largest number MongoDB takes as a limit (a signed 64-bit integer)
+_MAX_LIMIT = 2**63 - 1
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -68,10 +86,30 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number, not {text!r}"
+        ) from None
+
+
 def _count(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+
+    if value > _MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {_MAX_LIMIT}, not {text}")
+
+    return value
+
+
+def _port(text: str) -> int:
+    value = _whole_number(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 65535, not {text}")
 
     return value
 
@@ -82,8 +120,8 @@ def _add_connection(
     """Add ``--uri`` and ``--database`` (defaulting to ``database``) to ``parser``."""
     parser.add_argument(
         "--uri",
-        default=os.environ.get("MONGODB_URI"),
-        help="MongoDB URI (default: the MONGODB_URI environment variable)",
+        help="MongoDB URI (default: the MONGODB_URI environment variable, the place "
+        "for a URI with a password: a command line is visible to other users)",
     )
     parser.add_argument(
         "--database",
@@ -97,12 +135,6 @@ def _store_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     _add_connection(options, "apscheduler", "database of the store")
     options.add_argument(
-        "--serializer",
-        choices=("pickle", "cbor", "json"),
-        default="pickle",
-        help="the serializer the store was configured with (default: %(default)s)",
-    )
-    options.add_argument(
         "--timeout",
         type=_positive_seconds,
         default=30.0,
@@ -113,9 +145,34 @@ def _store_options() -> argparse.ArgumentParser:
     return options
 
 
-def _announcing_options() -> argparse.ArgumentParser:
-    """Return the options of the commands that announce their changes."""
+def _key_options(options: argparse.ArgumentParser) -> None:
+    """Add ``--key-file`` to ``options`` (the keys never come on the command line)."""
+    options.add_argument(
+        "--key-file",
+        metavar="PATH",
+        help="a file holding the store's signing key(s), separated by commas or "
+        "lines, the first one signing (default: the APSCHEDULER_MONGO_SIGNING_KEY "
+        "environment variable; never give a key itself on the command line)",
+    )
+
+
+def _changing_options() -> argparse.ArgumentParser:
+    """Return the options of the commands that change the store through its API."""
     options = argparse.ArgumentParser(add_help=False)
+    _key_options(options)
+    options.add_argument(
+        "--accept-unsigned",
+        action="store_true",
+        help="as the store's accept_unsigned: while signing is being rolled out, "
+        "also read documents that carry no signature",
+    )
+    options.add_argument(
+        "--serializer",
+        choices=("pickle", "cbor", "json"),
+        default="pickle",
+        help="the serializer the store was configured with, to read the schedule "
+        "to change (default: %(default)s)",
+    )
     options.add_argument(
         "--events-collection",
         default="events",
@@ -134,15 +191,24 @@ def _add_demo(commands: _Commands) -> None:
             "Start an AsyncScheduler on MongoDBDataStore, run two interval schedules "
             "for a few seconds and print what ran and when. Uses --uri or "
             "MONGODB_URI; without either, an in-process mongomock-motor database. "
-            "The demo database is emptied first."
+            "The demo database is emptied first; one that holds a store is refused "
+            "unless --overwrite is given."
         ),
+        epilog=_EPILOG,
+        formatter_class=_HelpFormatter,
     )
     _add_connection(demo, "apscheduler_demo", "database to use; it is emptied first")
     demo.add_argument(
         "--seconds",
-        type=float,
+        type=_positive_seconds,
         default=5.0,
         help="how long to run the schedules (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="empty the database even if it holds a store (its tasks, schedules "
+        "and jobs are lost)",
     )
 
 
@@ -157,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(commands)
-    store, announcing = _store_options(), _announcing_options()
+    store, changing = _store_options(), _changing_options()
 
     def add(
         name: str, summary: str, description: str, *parents: argparse.ArgumentParser
@@ -176,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         "show tasks, schedules, jobs and recent results",
         "Show the store's tasks (with their running jobs), schedules (next fire "
         "time, paused, lease owner and expiry, quarantine), queued jobs per task, "
-        "running jobs (owner and lease expiry) and the newest finished jobs. Reads "
-        "only; schedules this process cannot deserialize are listed as such.",
+        "running jobs (owner and lease expiry) and the newest finished jobs, with "
+        "triggers, arguments and errors as text. Reads only, and deserializes "
+        "nothing: no code stored in the database runs here.",
     )
     status.add_argument(
         "--limit",
@@ -193,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pause a schedule",
         "Pause a schedule, as AsyncScheduler.pause_schedule() does: no scheduler "
         "starts jobs for it until it is resumed. Announced through the event broker.",
-        announcing,
+        changing,
     )
     pause.add_argument("schedule_id", metavar="SCHEDULE_ID", help="the schedule's id")
     resume = add(
@@ -203,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "wake the schedulers through the event broker. By default the schedule "
         "resumes where it left off: fire times missed while paused are handled by "
         "its coalescing and misfire grace time settings.",
-        announcing,
+        changing,
     )
     resume.add_argument("schedule_id", metavar="SCHEDULE_ID", help="the schedule's id")
     resume.add_argument(
@@ -216,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "remove a schedule",
         "Remove a schedule (also one that is quarantined or cannot be read). Its "
         "queued jobs stay queued.",
-        announcing,
+        changing,
     )
     remove.add_argument("schedule_id", metavar="SCHEDULE_ID", help="the schedule's id")
     add(
@@ -227,7 +294,33 @@ def build_parser() -> argparse.ArgumentParser:
         "(outcome: abandoned), remove finished schedules that have no jobs left, and "
         "forget fire times that their schedules have moved past. Prints the counts "
         "before and after.",
-        announcing,
+        changing,
+    )
+    sign = add(
+        "sign",
+        "sign the documents the store holds",
+        "Sign every task, schedule and job part that carries no signature (rolling "
+        "signing out), and sign again those signed with another of the keys than "
+        "the first (after a rotation). Nothing is deserialized: parts are signed as "
+        "stored. This vouches for what the database holds now: run it only on a "
+        "database you trust as it stands. A wrong signature is left alone and "
+        "reported (exit status 1). Needs the key: --key-file or "
+        "APSCHEDULER_MONGO_SIGNING_KEY.",
+    )
+    _key_options(sign)
+    sign.add_argument(
+        "--allow",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="an allowed callable ('module:qualname' or 'module:*'), as the "
+        "store's allowed_callables; repeat it for more. Tasks outside are left "
+        "unsigned and reported",
+    )
+    sign.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="count what would be signed, and write nothing",
     )
     dashboard = add(
         "dashboard",
@@ -235,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Serve the web dashboard of the store (the 'dashboard' extra): tasks, "
         "schedules, jobs and results, updated live through the event broker. It "
         "has no login: it listens on 127.0.0.1 unless --host says otherwise. "
-        "--timeout applies to each request.",
-        announcing,
+        "--timeout applies to each request. Showing the store deserializes "
+        "nothing and writes nothing; --serializer is for the actions.",
+        changing,
     )
     dashboard.add_argument(
         "--host",
@@ -244,7 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the address to listen on (default: %(default)s, this host only)",
     )
     dashboard.add_argument(
-        "--port", type=int, default=8765, help="the port (default: %(default)s)"
+        "--port",
+        type=_port,
+        default=8765,
+        help="the port, from 1 to 65535 (default: %(default)s)",
+    )
+    dashboard.add_argument(
+        "--root-path",
+        default="",
+        metavar="PATH",
+        help="the path prefix under which a reverse proxy serves the dashboard "
+        "(/ops/scheduler), put before every URL the page uses",
     )
     dashboard.add_argument(
         "--actions",
@@ -259,6 +363,10 @@ def _fail(status: int, message: str) -> int:
     line = " ".join(redact(message).split())
     sys.stderr.write(f"error: {line}\n")
     return status
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
 
 
 def _not_a_retry(record: logging.LogRecord) -> bool:
@@ -293,67 +401,80 @@ def _serializer(name: str) -> Serializer:
     return PickleSerializer()
 
 
-def _scheduler(
-    args: argparse.Namespace,
-    client: object,
-    settings: RetrySettings,
-    logger: logging.Logger,
-) -> AsyncScheduler:
-    """
-    Return a scheduler (never started) on the store, for its API.
+def _has_password(uri: str) -> bool:
+    """Tell whether a MongoDB URI carries a password (``user:password@``)."""
+    authority = uri.partition("://")[2].partition("/")[0].partition("?")[0]
+    userinfo = authority.rpartition("@")[0]
+    return bool(userinfo.partition(":")[2])
 
-    Commands that change something announce it through a :class:`MongoDBEventBroker`
-    on the same database, so that schedulers in other processes see it at once (one
-    whose schedules are all paused sleeps until an event wakes it); ``status`` uses a
-    local broker, which writes nothing.
 
-    :raises ValueError: if an option has a bad value
+def _uri(args: argparse.Namespace) -> str | None:
     """
-    store = MongoDBDataStore(
-        client,
-        database=validate_database_name(args.database),
-        serializer=_serializer(args.serializer),
-        retry_settings=settings,
-    )
-    broker: EventBroker = LocalEventBroker()
-    if args.command != "status":
-        # Polling, and seldom: it only publishes (a change stream needs privileges)
-        broker = MongoDBEventBroker(
-            client,
-            database=args.database,
-            collection=args.events_collection,
-            retry_settings=settings,
-            mode="polling",
-            poll_interval=3600,
+    Return the URI to use: ``--uri``, else ``MONGODB_URI``.
+
+    A password given in ``--uri`` is on the command line, which other users of this
+    host can read (``ps``): that is warned about, without showing the password.
+    """
+    if args.uri is None:
+        return os.environ.get("MONGODB_URI") or None
+
+    if _has_password(args.uri):
+        _warn(
+            "the URI given with --uri carries a password, which other users of "
+            "this host can read in the process list; set the MONGODB_URI "
+            "environment variable instead"
         )
 
-    return AsyncScheduler(store, broker, logger=logger)
-
-
-@asynccontextmanager
-async def _opened(scheduler: AsyncScheduler, reader: Reader) -> AsyncIterator[None]:
-    """Start the scheduler's store and broker, if the database holds a store."""
-    names = set(await reader.collection_names())
-    if not names & {"schedules", "jobs"}:
-        raise NotFoundError(
-            f"database {reader.database_name!r} holds no store (it has no "
-            f"'schedules' or 'jobs' collection); is --database right?"
-        )
-
-    async with scheduler:
-        yield
+    return str(args.uri)
 
 
 def _say(line: str) -> None:
     sys.stdout.write(f"{line}\n")
 
 
-async def _status(
-    args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
-) -> int:
-    status = await gather_status(scheduler.data_store, reader, args.limit)
+async def _status(args: argparse.Namespace, reader: Reader) -> int:
+    status = await gather_status(reader, args.limit)
     sys.stdout.write(render_json(status) if args.json else render_text(status))
     return EXIT_OK
+
+
+def _signer(args: argparse.Namespace) -> Signer | None:
+    """
+    Return the signer of the keys in ``--key-file`` or the environment, if any.
+
+    :raises OSError: if the key file cannot be read
+    :raises ValueError: if a key is too short
+    """
+    keys = keys_from_environment(args.key_file)
+    return None if keys is None else Signer(keys)
+
+
+async def _sign(
+    args: argparse.Namespace,
+    reader: Reader,
+    signer: Signer,
+    allowed: AllowedCallables | None,
+) -> int:
+    """Sign the store's documents; say what was signed and what was left."""
+    await require_store(reader)
+    kinds = (layout.TASKS, layout.SCHEDULES, layout.JOBS)
+    collections = {
+        kind: reader.adapter.collection(reader.database_name, kind) for kind in kinds
+    }
+    retry = partial(retrying, reader.retry_settings, reader.logger)
+    signing = StoreSigner(collections, signer, retry, allowed, args.dry_run)
+    report = await signing.run()
+    would = "would sign" if args.dry_run else "signed"
+    _say(
+        f"{would} {report.signed} part(s) that carried no signature, and "
+        f"{report.re_signed} signed with another key than the first; "
+        f"{report.already} already signed; {report.changed} changed meanwhile "
+        f"(run again)"
+    )
+    for kind, document_id, part, reason in report.refused:
+        _say(f"left unsigned: {kind} {document_id} ({part}): {reason}")
+
+    return EXIT_NOT_FOUND if report.refused else EXIT_OK
 
 
 async def _change_schedule(
@@ -382,9 +503,8 @@ async def _purge(
     return EXIT_OK
 
 
-Command = Callable[[argparse.Namespace, AsyncScheduler, Reader], Awaitable[int]]
-_COMMANDS: dict[str, Command] = {
-    "status": _status,
+Change = Callable[[argparse.Namespace, AsyncScheduler, Reader], Awaitable[int]]
+_CHANGES: dict[str, Change] = {
     "pause": _change_schedule,
     "resume": _change_schedule,
     "remove": _change_schedule,
@@ -392,10 +512,21 @@ _COMMANDS: dict[str, Command] = {
 }
 
 
+async def _change(
+    args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
+) -> int:
+    """Make a change through the store's API, if the database holds a store."""
+    await require_store(reader)  # starting the store would create one
+    async with scheduler:
+        return await _CHANGES[args.command](args, scheduler, reader)
+
+
 async def run_command(args: argparse.Namespace, client: object) -> int:
     """
     Run a store command (any but ``demo``) on ``client``; return the exit status.
 
+    ``status`` only reads; the commands that change the store do it through its
+    API, on a scheduler (never started) that announces the change to the others.
     This is the seam for tests, which pass a mongomock-motor client.
     """
     logger = _stderr_logger()
@@ -403,18 +534,50 @@ async def run_command(args: argparse.Namespace, client: object) -> int:
         stop=stop_after_delay(args.timeout),
         wait=wait_exponential(multiplier=0.25, max=2),
     )
+    changes = args.command in _CHANGES
     try:
-        scheduler = _scheduler(args, client, settings, logger)
-    except (TypeError, ValueError) as exc:
+        database = validate_database_name(args.database)
+        signer = _signer(args) if changes or args.command == "sign" else None
+        scheduler = (
+            actions.action_scheduler(
+                client,
+                database,
+                _serializer(args.serializer),
+                args.events_collection,
+                settings,
+                logger,
+                signing_key=signer,
+                accept_unsigned=args.accept_unsigned,
+            )
+            if changes
+            else None
+        )
+        allowed = (
+            AllowedCallables.of(args.allow)
+            if args.command == "sign" and args.allow
+            else None
+        )
+    except (TypeError, ValueError, OSError) as exc:
         return _fail(EXIT_USAGE, str(exc))
 
     adapter = adapter_for(client)
-    reader = Reader(adapter, args.database, settings, logger)
-    changes = args.command != "status"
+    reader = Reader(adapter, database, settings, logger)
     try:
         with anyio.fail_after(args.timeout):
-            async with _opened(scheduler, reader):
-                return await _COMMANDS[args.command](args, scheduler, reader)
+            if args.command == "sign":
+                if signer is None:
+                    return _fail(
+                        EXIT_USAGE,
+                        "no signing key: pass --key-file, or set "
+                        "APSCHEDULER_MONGO_SIGNING_KEY",
+                    )
+
+                return await _sign(args, reader, signer, allowed)
+
+            if scheduler is None:
+                return await _status(args, reader)
+
+            return await _change(args, scheduler, reader)
     except TimeoutError:
         hosts = ", ".join(adapter.hosts())
         errors = server_errors(adapter)  # each names its server
@@ -436,28 +599,30 @@ async def run_command(args: argparse.Namespace, client: object) -> int:
         raise
 
 
-async def _run_on_uri(args: argparse.Namespace) -> int:
+async def _run_on_uri(args: argparse.Namespace, uri: str) -> int:
     async with AsyncExitStack() as exit_stack:
         try:
-            adapter = await open_client(args.uri, exit_stack)
+            adapter = await open_client(uri, exit_stack)
         except PyMongoError as exc:
             return _fail(EXIT_SERVER, str(exc))
 
         return await run_command(args, adapter.client)
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace, uri: str | None) -> int:
     from .demo import run_demo
 
     try:
-        ran = anyio.run(run_demo, args.uri, args.database, args.seconds)
+        ran = anyio.run(run_demo, uri, args.database, args.seconds, args.overwrite)
     except (TypeError, ValueError, RuntimeError) as exc:
         return _fail(EXIT_USAGE, str(exc))
+    except PyMongoError as exc:
+        return _fail(EXIT_SERVER, str(exc))
 
     return 0 if ran > 0 else 1
 
 
-def _dashboard(args: argparse.Namespace) -> int:
+def _dashboard(args: argparse.Namespace, uri: str) -> int:
     try:
         import uvicorn
 
@@ -467,21 +632,25 @@ def _dashboard(args: argparse.Namespace) -> int:
 
     try:
         app = Dashboard(
-            args.uri,
+            uri,
             database=args.database,
             serializer=_serializer(args.serializer),
+            signing_key=_signer(args),
+            accept_unsigned=args.accept_unsigned,
             events_collection=args.events_collection,
             actions=args.actions,
             timeout=args.timeout,
+            root_path=args.root_path,
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OSError) as exc:
         return _fail(EXIT_USAGE, str(exc))
 
     loopback = args.host in ("127.0.0.1", "::1", "localhost")
     where = f"[{args.host}]" if ":" in args.host else args.host
+    under = f" (its URLs under {app.root_path}/)" if app.root_path else ""
     sys.stderr.write(
-        f"Dashboard of database {args.database!r} on http://{where}:{args.port}/ "
-        f"(actions {'on' if args.actions else 'off'}). It has no login: "
+        f"Dashboard of database {args.database!r} on http://{where}:{args.port}/"
+        f"{under} (actions {'on' if args.actions else 'off'}). It has no login: "
         + (
             "it listens on this host only.\n"
             if loopback
@@ -501,21 +670,36 @@ def _dashboard(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status."""
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
+def _run(args: argparse.Namespace) -> int:
+    uri = _uri(args)
+    if uri is not None:
+        try:
+            validate_client_or_uri(uri)
+        except (TypeError, ValueError) as exc:
+            return _fail(EXIT_USAGE, str(exc).replace("client_or_uri", "--uri"))
 
-    if not args.uri:
+    if args.command == "demo":
+        return _demo(args, uri)
+
+    if uri is None:
         return _fail(EXIT_USAGE, "no MongoDB URI: pass --uri, or set MONGODB_URI")
 
-    try:
-        validate_client_or_uri(args.uri)
-    except (TypeError, ValueError) as exc:
-        return _fail(EXIT_USAGE, str(exc).replace("client_or_uri", "--uri"))
-
     if args.command == "dashboard":
-        return _dashboard(args)
+        return _dashboard(args, uri)
 
-    return anyio.run(_run_on_uri, args)
+    code: int = anyio.run(_run_on_uri, args, uri)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    command = None
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        return _run(args)
+    except KeyboardInterrupt:
+        outcome = " (the change may or may not have been made)"
+        return _fail(
+            EXIT_INTERRUPTED, f"interrupted{outcome if command in _CHANGES else ''}"
+        )

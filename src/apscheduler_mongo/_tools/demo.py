@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import sys
+from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 
 import anyio
 from apscheduler import AsyncScheduler, Event, JobReleased
 from apscheduler.triggers.interval import IntervalTrigger
 
+from .. import _layout as layout
+from .._adapters import Adapter, adapter_for
+from .._client import open_client
 from .._datastore import MongoDBDataStore
 from .._eventbroker import MongoDBEventBroker
+from .._names import validate_database_name
 
 _started = datetime.now(timezone.utc)
 
@@ -26,25 +31,66 @@ def greet(name: str) -> str:
     return f"hello, {name}"
 
 
-async def run_demo(uri: str | None, database: str, seconds: float) -> int:
-    """Run the demo for ``seconds``; return the number of jobs that ran."""
-    client_or_uri: object = uri
-    if uri is None:
-        try:
-            from mongomock_motor import AsyncMongoMockClient
-        except ImportError:
-            sys.stderr.write(
-                "No MONGODB_URI given and mongomock-motor is not installed: install "
-                "the demo extra (pip install 'apscheduler-mongo[mongomock]') or pass "
-                "--uri\n"
-            )
-            return -1
+class DatabaseInUseError(ValueError):
+    """Raised when the demo's database holds a store that the demo would empty."""
 
-        client_or_uri = AsyncMongoMockClient()
-        _say("no MongoDB URI given: using an in-process mongomock-motor database")
 
-    store = MongoDBDataStore(client_or_uri, database=database, start_from_scratch=True)
-    broker = MongoDBEventBroker(client_or_uri, database=database)
+async def _refuse_a_store(adapter: Adapter, database: str) -> None:
+    """
+    Refuse a database whose tasks, schedules or jobs are not empty (reading only).
+
+    :raises DatabaseInUseError: if it holds any
+    """
+    held = [
+        name
+        for name in (layout.TASKS, layout.SCHEDULES, layout.JOBS)
+        if await adapter.collection(database, name).find({}, {"_id": 1}, limit=1)
+    ]
+    if held:
+        raise DatabaseInUseError(
+            f"database {database!r} holds a store (its {', '.join(held)} are not "
+            f"empty), which the demo would empty: choose another --database, or "
+            f"pass --overwrite to empty it"
+        )
+
+
+async def run_demo(
+    uri: str | None, database: str, seconds: float, overwrite: bool = False
+) -> int:
+    """
+    Run the demo for ``seconds``; return the number of jobs that ran.
+
+    :param overwrite: empty the database even if it holds a store
+    :raises DatabaseInUseError: if the database holds a store and ``overwrite`` is
+        false
+    """
+    database = validate_database_name(database)
+    async with AsyncExitStack() as exit_stack:
+        if uri is None:
+            try:
+                from mongomock_motor import AsyncMongoMockClient
+            except ImportError:
+                sys.stderr.write(
+                    "No MONGODB_URI given and mongomock-motor is not installed: "
+                    "install the demo extra (pip install 'apscheduler-mongo"
+                    "[mongomock]') or pass --uri\n"
+                )
+                return -1
+
+            adapter = adapter_for(AsyncMongoMockClient())
+            _say("no MongoDB URI given: using an in-process mongomock-motor database")
+        else:
+            adapter = await open_client(uri, exit_stack)
+
+        if not overwrite:
+            await _refuse_a_store(adapter, database)
+
+        return await _run(adapter.client, database, seconds)
+
+
+async def _run(client: object, database: str, seconds: float) -> int:
+    store = MongoDBDataStore(client, database=database, start_from_scratch=True)
+    broker = MongoDBEventBroker(client, database=database)
     _say(f"store: {store!r}")
     _say(f"event broker: {broker!r}")
     ran = 0

@@ -1,4 +1,9 @@
-"""What ``apscheduler-mongo status`` reports: gathering it, and printing it."""
+"""What ``apscheduler-mongo status`` reports: gathering it, and printing it.
+
+Everything shown is read from the documents as stored and rendered by
+:mod:`.._viewing`: nothing stored is deserialized, imported or called, so looking at
+a store runs no code from it (the database is untrusted input).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,27 @@ from logging import Logger
 from typing import Any
 
 import attrs
-from apscheduler import RetrySettings, Schedule
-from apscheduler.abc import DataStore, Serializer
+from apscheduler import RetrySettings
 
 from .. import _layout as layout
 from .._adapters import Adapter, Collection
 from .._clock import ServerClock, timed_hello
 from .._layout import ACQUIRED, FINISHED, QUEUED, Document
-from .._marshalling import MalformedDocumentError, describe_id, explain, get_datetime
+from .._marshalling import MalformedDocumentError, describe_id, get_datetime
 from .._retry import retrying
+from .._viewing import (
+    describe,
+    describe_arguments,
+    describe_error,
+    shorten,
+    shown,
+    stored_text,
+    unreadable,
+)
+
+
+class NotFoundError(LookupError):
+    """Raised when a command names a schedule or a store that it cannot act on."""
 
 
 @attrs.define
@@ -94,8 +111,9 @@ class Reader:
 class TaskRow:
     id: str
     func: str | None
-    executor: str
-    max_running_jobs: int | None
+    executor: str | None
+    #: An integer, or the stored value shown as text when it is none
+    max_running_jobs: int | str | None
     running_jobs: int
 
 
@@ -103,16 +121,21 @@ class TaskRow:
 class ScheduleRow:
     id: str
     task_id: str | None
-    #: ``False`` when this process cannot read the schedule (the other fields then
-    #: come from the document as stored)
+    #: ``False`` when its stored trigger or arguments cannot be decoded for showing
     readable: bool
     next_fire_time: datetime | None = None
+    #: ``None`` when the stored value is no boolean (see ``paused_note``)
     paused: bool | None = None
     acquired_by: str | None = None
     acquired_until: datetime | None = None
+    #: Why the schedule is quarantined, if it is
     quarantine: str | None = None
-    #: The repr of the positional and keyword arguments (shortened), if readable
+    #: The positional and keyword arguments, as text (shortened)
     arguments: str | None = None
+    #: The trigger, as text (shortened)
+    trigger: str | None = None
+    #: What ``paused`` holds when it is no boolean, and how schedulers take it
+    paused_note: str | None = None
 
 
 @attrs.frozen
@@ -137,8 +160,50 @@ class ResultRow:
     error: str | None = None
 
 
-#: How long a shown repr may be
-REPR_LIMIT = 200
+#: How long a shown trigger, argument list or error may be
+REPR_LIMIT = 400
+
+#: The fields read of each kind of document (never the ``metadata``)
+TASK_FIELDS = dict.fromkeys(["func", "job_executor", "max_running_jobs"], 1)
+SCHEDULE_FIELDS = dict.fromkeys(
+    [
+        "task_id",
+        "trigger",
+        "args",
+        "kwargs",
+        "paused",
+        "next_fire_time",
+        "next_fire_time_offset",
+        "acquired_by",
+        "acquired_until",
+        "acquired_until_offset",
+        layout.QUARANTINE,
+    ],
+    1,
+)
+RUNNING_JOB_FIELDS = dict.fromkeys(
+    ["task_id", "schedule_id", "acquired_by", "acquired_until"], 1
+)
+RESULT_FIELDS = dict.fromkeys(
+    [
+        "task_id",
+        "schedule_id",
+        "finished_time",
+        layout.QUARANTINE,
+        "result.outcome",
+        "result.exception",
+        "result.finished_at",
+        "result.finished_at_offset",
+        "result.expires_at",
+        "result.expires_at_offset",
+    ],
+    1,
+)
+#: The queued and running jobs of each task, counted on the server in one command
+JOB_COUNTS: list[Document] = [
+    {"$match": {"state": {"$in": [QUEUED, ACQUIRED]}}},
+    {"$group": {"_id": {"task": "$task_id", "state": "$state"}, "count": {"$sum": 1}}},
+]
 
 
 @attrs.frozen
@@ -176,10 +241,6 @@ class StoreStatus:
     running_count: int = 0
 
 
-def _text(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
 def _time_field(document: Mapping[str, Any], key: str) -> datetime | None:
     """Return a stored time, or ``None`` if it is missing or bad."""
     try:
@@ -188,87 +249,100 @@ def _time_field(document: Mapping[str, Any], key: str) -> datetime | None:
         return None
 
 
-def shorten(text: str, limit: int = REPR_LIMIT) -> str:
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+def _job_id(value: object) -> str:
+    """Return a job's id as users know it (its UUID), whatever is stored there."""
+    # describe_id shows what is no UUID (a binary of the wrong length, say) as is
+    return describe_id(value)
 
 
-def _arguments(schedule: Schedule) -> str:
-    parts = [repr(arg) for arg in schedule.args]
-    parts += [f"{key}={value!r}" for key, value in schedule.kwargs.items()]
-    return shorten(", ".join(parts))
+def _task_key(value: object) -> str:
+    """Return the key that a task's jobs are counted under: its id, as text."""
+    return stored_text(value) or "-"
 
 
-def _schedule_row(
-    document: Mapping[str, Any], schedule: Schedule | None
-) -> ScheduleRow:
-    """Describe a schedule as the store reads it, or from its stored fields."""
-    quarantine = document.get("quarantine")
-    reason = None
-    if quarantine is not None:
-        reason = str(
-            quarantine.get("reason") if isinstance(quarantine, Mapping) else ""
-        )
-        reason = reason or "no reason recorded"
+def quarantine_reason(document: Mapping[str, Any]) -> str | None:
+    """
+    Return why a document is quarantined, or ``None`` if it is not.
 
-    if schedule is None:
-        paused = document.get("paused", False)
-        return ScheduleRow(
-            id=str(document["_id"]),
-            task_id=_text(document.get("task_id")),
-            readable=False,
-            next_fire_time=_time_field(document, "next_fire_time"),
-            paused=paused if isinstance(paused, bool) else None,
-            acquired_by=_text(document.get("acquired_by")),
-            acquired_until=_time_field(document, "acquired_until"),
-            quarantine=reason,
-        )
+    As the scheduler's queries have it (:data:`~.._layout.ACTIVE`), a document that
+    has a ``quarantine`` field is quarantined, whatever the field holds.
+    """
+    if layout.QUARANTINE not in document:
+        return None
 
-    return ScheduleRow(
-        id=schedule.id,
-        task_id=schedule.task_id,
-        readable=True,
-        next_fire_time=schedule.next_fire_time,
-        paused=schedule.paused,
-        acquired_by=schedule.acquired_by,
-        acquired_until=schedule.acquired_until,
-        quarantine=reason,
-        arguments=_arguments(schedule),
+    record = document[layout.QUARANTINE]
+    reason = record.get("reason") if isinstance(record, Mapping) else None
+    return stored_text(reason, REPR_LIMIT) or "no reason recorded"
+
+
+def _paused(document: Mapping[str, Any]) -> tuple[bool | None, str | None]:
+    """
+    Return whether a schedule is paused and, if its ``paused`` is no boolean, what
+    it holds: the scheduler's queries (``paused: {$ne: true}``) then take the
+    schedule as not paused, and so it is not shown as paused.
+    """
+    value = document.get("paused", False)
+    if isinstance(value, bool):
+        return value, None
+
+    return None, (
+        f"wrong type {type(value).__name__!r}: {shown(value, 40)}, taken as not paused"
     )
 
 
-def _error_text(result: Mapping[str, Any], serializer: Serializer | None) -> str | None:
-    """Return the stored exception of a result as text, or why it cannot be read."""
-    exception = result.get("exception")
-    if exception is None or serializer is None:
-        return None
+def _schedule_row(document: Mapping[str, Any]) -> ScheduleRow:
+    """Describe a schedule from its stored fields, running nothing stored."""
+    trigger = describe(document.get("trigger"), REPR_LIMIT)
+    arguments = describe_arguments(
+        document.get("args"), document.get("kwargs"), REPR_LIMIT
+    )
+    paused, note = _paused(document)
+    return ScheduleRow(
+        id=stored_text(document.get("_id")) or "-",
+        task_id=stored_text(document.get("task_id")),
+        readable=not (unreadable(trigger) or unreadable(arguments)),
+        next_fire_time=_time_field(document, "next_fire_time"),
+        paused=paused,
+        acquired_by=stored_text(document.get("acquired_by")),
+        acquired_until=_time_field(document, "acquired_until"),
+        quarantine=quarantine_reason(document),
+        arguments=arguments,
+        trigger=trigger,
+        paused_note=note,
+    )
 
-    try:
-        error = serializer.deserialize(exception)
-    except Exception as exc:
-        return f"(cannot be read here: {explain(exc)})"
 
-    return shorten(explain(error) if isinstance(error, BaseException) else repr(error))
+def _task_row(document: Mapping[str, Any], running: Mapping[str, int]) -> TaskRow:
+    cap = document.get("max_running_jobs")
+    if not (cap is None or (isinstance(cap, int) and not isinstance(cap, bool))):
+        cap = shown(cap, 40)
+
+    return TaskRow(
+        id=_task_key(document.get("_id")),
+        func=stored_text(document.get("func")),
+        executor=stored_text(document.get("job_executor")),
+        max_running_jobs=cap,
+        running_jobs=running.get(_task_key(document.get("_id")), 0),
+    )
 
 
-def _result_row(
-    document: Mapping[str, Any], serializer: Serializer | None = None
-) -> ResultRow:
+def _result_row(document: Mapping[str, Any]) -> ResultRow:
     result = document.get("result")
     outcome = finished_at = expires_at = error = None
     if isinstance(result, Mapping):
-        outcome = _text(result.get("outcome"))
+        outcome = stored_text(result.get("outcome"))
         finished_at = _time_field(result, "finished_at")
         expires_at = _time_field(result, "expires_at")
-        error = _error_text(result, serializer)
+        if result.get("exception") is not None:
+            error = describe_error(result["exception"], REPR_LIMIT)
 
-    quarantine = document.get("quarantine")
-    if isinstance(quarantine, Mapping):
-        outcome = f"set aside: {quarantine.get('reason')}"
+    if (reason := quarantine_reason(document)) is not None:
+        outcome = f"quarantined: {reason}"
 
     return ResultRow(
-        job_id=describe_id(document["_id"]),
-        task_id=_text(document.get("task_id")),
-        schedule_id=_text(document.get("schedule_id")),
+        job_id=_job_id(document.get("_id")),
+        task_id=stored_text(document.get("task_id")),
+        schedule_id=stored_text(document.get("schedule_id")),
         outcome=outcome,
         finished_at=finished_at or _time_field(document, "finished_time"),
         expires_at=expires_at,
@@ -276,47 +350,51 @@ def _result_row(
     )
 
 
+async def require_store(reader: Reader) -> None:
+    """
+    Check that the reader's database holds a store, without creating anything.
+
+    :raises NotFoundError: if it has neither a ``schedules`` nor a ``jobs``
+        collection (a mistyped database name, say)
+    """
+    names = set(await reader.collection_names())
+    if not names & {layout.SCHEDULES, layout.JOBS}:
+        raise NotFoundError(
+            f"database {reader.database_name!r} holds no store (it has no "
+            f"'schedules' or 'jobs' collection); is --database right?"
+        )
+
+
 async def gather_status(
-    data_store: DataStore,
-    reader: Reader,
-    limit: int,
-    *,
-    page: Page = Page(),
-    serializer: Serializer | None = None,
+    reader: Reader, limit: int, *, page: Page = Page()
 ) -> StoreStatus:
     """
     Read what the status command (and the dashboard) shows.
 
-    Tasks and schedules come from the store's API; a schedule that it cannot read
-    here is described from its stored fields. Jobs are read directly, without their
-    arguments: the API hands out every queued job with its arguments, which this
-    process may be unable to deserialize. Quarantines and results are not shown by
-    the API at all. Every query is served by an index, and the number of commands
-    does not grow with the number of documents.
+    Everything is read as stored, with projections that leave out what is not
+    shown, and rendered without deserializing anything (see :mod:`.._viewing`).
+    Every query is served by an index, and the number of commands does not grow
+    with the number of documents.
 
     :param limit: how many of the newest finished jobs to show
     :param page: which schedules to show (and how many running jobs at most)
-    :param serializer: to read the errors of stored results (not shown without)
+    :raises NotFoundError: if the database holds no store
     """
+    await require_store(reader)
+    queued, running_per_task = await _job_counts(reader)
     tasks = [
-        TaskRow(
-            id=task.id,
-            func=_text(task.func),
-            executor=task.job_executor,
-            max_running_jobs=task.max_running_jobs,
-            running_jobs=task.running_jobs,
+        _task_row(document, running_per_task)
+        for document in await reader.find(
+            layout.TASKS, {}, TASK_FIELDS, sort=layout.BY_ID
         )
-        for task in await data_store.get_tasks()
     ]
-    schedules, next_page, schedule_count = await _schedule_page(
-        data_store, reader, page
-    )
+    schedules, next_page, schedule_count = await _schedule_page(reader, page)
     running = await _running_jobs(reader, page.size)
     running_count = len(running)
     if page.size is not None and running_count >= page.size:
-        running_count = await reader.count("jobs", {"state": ACQUIRED})
+        running_count = await reader.count(layout.JOBS, {"state": ACQUIRED})
 
-    results = await _recent_results(reader, limit, serializer)
+    results = await _recent_results(reader, limit)
     clock = await reader.server_clock()
     return StoreStatus(
         database=reader.database_name,
@@ -325,9 +403,9 @@ async def gather_status(
         host_offset=clock.measured_offset(),
         tasks=tasks,
         schedules=schedules,
-        queued_jobs=await _queued_counts(reader),
+        queued_jobs=queued,
         running_jobs=running,
-        finished_jobs=await reader.count("jobs", {"state": FINISHED}),
+        finished_jobs=await reader.count(layout.JOBS, {"state": FINISHED}),
         results=results,
         schedule_count=schedule_count,
         next_page=next_page,
@@ -336,28 +414,22 @@ async def gather_status(
 
 
 async def _schedule_page(
-    data_store: DataStore, reader: Reader, page: Page
+    reader: Reader, page: Page
 ) -> tuple[list[ScheduleRow], str | None, int]:
     """Return the page's schedules, the id to show the next page after, the count."""
     documents = await reader.find(
-        "schedules",
+        layout.SCHEDULES,
         {} if page.after is None else {"_id": {"$gt": page.after}},
-        {"trigger": 0, "args": 0, "kwargs": 0, "metadata": 0},
+        SCHEDULE_FIELDS,
         sort=layout.BY_ID,
         limit=0 if page.size is None else page.size + 1,
     )
     next_page = _cut_to_page(documents, page.size)
-    readable = await _readable_schedules(data_store, documents, page.size is None)
-    rows = [
-        # An id that is no string (hand-made, maybe not even hashable): unread
-        _schedule_row(document, readable.get(key) if isinstance(key, str) else None)
-        for document in documents
-        for key in [document["_id"]]
-    ]
+    rows = [_schedule_row(document) for document in documents]
     if page.size is None and page.after is None:
         return rows, None, len(rows)
 
-    return rows, next_page, await reader.estimated_count("schedules")
+    return rows, next_page, await reader.estimated_count(layout.SCHEDULES)
 
 
 def _cut_to_page(documents: list[Document], size: int | None) -> str | None:
@@ -366,82 +438,54 @@ def _cut_to_page(documents: list[Document], size: int | None) -> str | None:
         return None
 
     del documents[size:]
-    last = documents[-1]["_id"]
+    last = documents[-1].get("_id")
     return last if isinstance(last, str) else None
 
 
-async def _readable_schedules(
-    data_store: DataStore, documents: Sequence[Document], every: bool
-) -> dict[str, Schedule]:
-    """Read the schedules of ``documents`` through the store (all, if ``every``)."""
-    ids = {key for document in documents if isinstance(key := document["_id"], str)}
-    if not ids:
-        return {}
+async def _job_counts(reader: Reader) -> tuple[dict[str, int], dict[str, int]]:
+    """Return the queued and the running jobs of each task (by task id, as text)."""
+    queued, running = Counter[str](), Counter[str]()
+    for group in await reader.aggregate(layout.JOBS, JOB_COUNTS):
+        key = group.get("_id")
+        key = key if isinstance(key, Mapping) else {}
+        count = group.get("count")
+        counts = queued if key.get("state") == QUEUED else running
+        counts[_task_key(key.get("task"))] += count if isinstance(count, int) else 0
 
-    schedules = await data_store.get_schedules(None if every else ids)
-    return {schedule.id: schedule for schedule in schedules}
-
-
-async def _queued_counts(reader: Reader) -> dict[str, int]:
-    """Count the queued jobs of each task (on the server, in one command)."""
-    groups = await reader.aggregate(
-        "jobs",
-        [
-            {"$match": {"state": QUEUED}},
-            {"$group": {"_id": "$task_id", "count": {"$sum": 1}}},
-        ],
-    )
-    counts = Counter[str]()
-    for group in groups:
-        counts[str(group["_id"])] += int(group["count"])
-
-    return dict(sorted(counts.items()))
+    return dict(sorted(queued.items())), dict(running)
 
 
 async def _running_jobs(reader: Reader, cap: int | None) -> list[RunningJobRow]:
     return [
         RunningJobRow(
-            id=describe_id(document["_id"]),
-            task_id=_text(document.get("task_id")),
-            schedule_id=_text(document.get("schedule_id")),
-            acquired_by=_text(document.get("acquired_by")),
+            id=_job_id(document.get("_id")),
+            task_id=stored_text(document.get("task_id")),
+            schedule_id=stored_text(document.get("schedule_id")),
+            acquired_by=stored_text(document.get("acquired_by")),
             acquired_until=_time_field(document, "acquired_until"),
         )
         for document in await reader.find(
-            "jobs",
+            layout.JOBS,
             {"state": ACQUIRED},
-            {"task_id": 1, "schedule_id": 1, "acquired_by": 1, "acquired_until": 1},
+            RUNNING_JOB_FIELDS,
             sort=layout.QUEUE_ORDER,
             limit=cap or 0,
         )
     ]
 
 
-async def _recent_results(
-    reader: Reader, limit: int, serializer: Serializer | None
-) -> list[ResultRow]:
+async def _recent_results(reader: Reader, limit: int) -> list[ResultRow]:
     if not limit:
         return []
 
     finished = await reader.find(
-        "jobs",
+        layout.JOBS,
         {"state": FINISHED},
-        {
-            "task_id": 1,
-            "schedule_id": 1,
-            "finished_time": 1,
-            "quarantine": 1,
-            "result.outcome": 1,
-            "result.exception": 1,
-            "result.finished_at": 1,
-            "result.finished_at_offset": 1,
-            "result.expires_at": 1,
-            "result.expires_at_offset": 1,
-        },
+        RESULT_FIELDS,
         sort=layout.NEWEST_FIRST,
         limit=limit,
     )
-    return [_result_row(document, serializer) for document in finished]
+    return [_result_row(document) for document in finished]
 
 
 # Printing
@@ -507,11 +551,19 @@ def problem(row: ScheduleRow) -> str:
     if row.quarantine is not None:
         return f"quarantined: {row.quarantine}"
 
-    return "" if row.readable else "cannot be read here (see the warnings)"
+    return "" if row.readable else "its trigger or arguments cannot be decoded"
 
 
 def paused(row: ScheduleRow) -> str:
-    return "?" if row.paused is None else ("yes" if row.paused else "no")
+    """Say whether a schedule is paused: ``yes``, ``no``, or ``?`` and why."""
+    if row.paused is None:
+        return f"? ({row.paused_note})"
+
+    return "yes" if row.paused else "no"
+
+
+#: How long a trigger or argument list may be in a table of the text output
+CELL_LIMIT = 60
 
 
 def _schedule_rows(status: StoreStatus, problems: bool) -> list[list[str]]:
@@ -524,6 +576,8 @@ def _schedule_rows(status: StoreStatus, problems: bool) -> list[list[str]]:
             paused(row),
             or_dash(row.acquired_by),
             when(row.acquired_until, now, lease=True),
+            shorten(or_dash(row.trigger), CELL_LIMIT),
+            shorten(or_dash(row.arguments), CELL_LIMIT),
             *([problem(row)] if problems else []),
         ]
         for row in status.schedules
@@ -547,7 +601,7 @@ def render_text(status: StoreStatus) -> str:
     now = status.taken_at
     problems = any(problem(row) for row in status.schedules)
     schedule_rows = _schedule_rows(status, problems)
-    sections = [
+    sections: list[tuple[str, list[str], list[list[str]], tuple[int, ...]]] = [
         (
             f"Tasks ({len(status.tasks)})",
             ["ID", "FUNC", "EXECUTOR", "MAX RUNNING", "RUNNING"],
@@ -555,7 +609,7 @@ def render_text(status: StoreStatus) -> str:
                 [
                     task.id,
                     or_dash(task.func),
-                    task.executor,
+                    or_dash(task.executor),
                     or_dash(task.max_running_jobs),
                     str(task.running_jobs),
                 ]
@@ -565,7 +619,16 @@ def render_text(status: StoreStatus) -> str:
         ),
         (
             f"Schedules ({len(status.schedules)})",
-            ["ID", "TASK", "NEXT FIRE TIME", "PAUSED", "OWNER", "LEASE EXPIRES"]
+            [
+                "ID",
+                "TASK",
+                "NEXT FIRE TIME",
+                "PAUSED",
+                "OWNER",
+                "LEASE EXPIRES",
+                "TRIGGER",
+                "ARGUMENTS",
+            ]
             + (["PROBLEM"] if problems else []),
             schedule_rows,
             (),
@@ -594,7 +657,15 @@ def render_text(status: StoreStatus) -> str:
         (
             f"Recent results ({len(status.results)} newest of "
             f"{status.finished_jobs} finished jobs)",
-            ["JOB", "TASK", "SCHEDULE", "OUTCOME", "FINISHED", "RESULT EXPIRES"],
+            [
+                "JOB",
+                "TASK",
+                "SCHEDULE",
+                "OUTCOME",
+                "FINISHED",
+                "RESULT EXPIRES",
+                "ERROR",
+            ],
             [
                 [
                     result.job_id,
@@ -603,6 +674,7 @@ def render_text(status: StoreStatus) -> str:
                     or_dash(result.outcome),
                     when(result.finished_at, now),
                     when(result.expires_at, now),
+                    shorten(result.error or "", CELL_LIMIT),
                 ]
                 for result in status.results
             ],

@@ -1,9 +1,17 @@
-"""The dashboard: an ASGI application over a store, live through its event broker."""
+"""
+The dashboard: an ASGI application over a store, live through the schedulers' events.
+
+It only reads to show a store (see :mod:`.._tools.status`): nothing stored is
+deserialized, imported or called, and nothing is created, so a page of a mistyped
+database says so and leaves it as it was. Only the actions (off by default) go
+through the store's API, on a database that holds a store.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -32,12 +40,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 from tenacity import stop_after_delay, wait_exponential
 
+from .._adapters import Adapter
 from .._client import open_client, redact, validate_client_or_uri
 from .._datastore import MongoDBDataStore
-from .._eventbroker import MongoDBEventBroker
 from .._names import validate_database_name
+from .._options import to_signer
+from .._signing import Signer
 from .._tools import actions
 from .._tools.status import (
+    NotFoundError,
     Page,
     Reader,
     StoreStatus,
@@ -46,9 +57,11 @@ from .._tools.status import (
     or_dash,
     paused,
     problem,
+    require_store,
     when,
 )
 from . import _csrf
+from ._changes import follow_changes
 
 #: Seconds between comments that keep an idle event stream open through proxies
 KEEP_ALIVE = 15.0
@@ -68,6 +81,9 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"same-origin"),
 ]
 _ACTIONS = frozenset({"pause", "resume", "remove", "purge"})
+#: A root path: empty, or path segments of characters that need no quoting anywhere
+#: the page puts it (attributes, a cookie's path, a redirect)
+_ROOT_PATH = re.compile(r"(/[A-Za-z0-9._~%+@:=-]+)*/?")
 
 _templates = jinja2.Environment(
     loader=jinja2.PackageLoader("apscheduler_mongo.dashboard", "templates"),
@@ -81,9 +97,9 @@ _templates.globals.update(
 
 @attrs.frozen
 class _Connection:
-    """The dashboard's scheduler (never started: its API only) and reader."""
+    """The dashboard's client and reader, open until the dashboard closes."""
 
-    scheduler: AsyncScheduler
+    adapter: Adapter
     reader: Reader
     #: Set when the dashboard closes them
     closed: asyncio.Event
@@ -108,6 +124,19 @@ def _as_bytes(value: bytes | str | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
 
 
+def _root_path(value: str) -> str:
+    """Return a root path without its trailing slash (``""`` for none)."""
+    if not isinstance(value, str):
+        raise TypeError(f"root_path must be a string, not {type(value).__name__}")
+
+    if not _ROOT_PATH.fullmatch(value):
+        raise ValueError(
+            f"root_path must be empty or a path such as '/ops/scheduler', not {value!r}"
+        )
+
+    return value.rstrip("/")
+
+
 @attrs.define(eq=False)
 class Dashboard:
     """
@@ -119,18 +148,26 @@ class Dashboard:
     a change on the :class:`~apscheduler_mongo.MongoDBEventBroker`. It has no login
     of its own: mount it behind the host application's authentication.
 
-    It opens its own store and broker on the database (a scheduler that is never
-    started) when the host application's lifespan enters ``async with dashboard``,
-    or else at the first request, on asyncio; it closes them when the lifespan ends
-    or at :meth:`aclose`. Served alone (``uvicorn`` on the dashboard itself), it
-    handles the lifespan by itself.
+    It shows the documents as stored, without deserializing them: no code stored in
+    the database runs in the dashboard's process, whatever the database holds.
+    Looking writes nothing: a database that holds no store is reported as such,
+    never created.
+
+    It opens its client when the host application's lifespan enters ``async with
+    dashboard``, or else at the first request, on asyncio; it closes it when the
+    lifespan ends or at :meth:`aclose`. Served alone (``uvicorn`` on the dashboard
+    itself), it handles the lifespan by itself.
 
     :param source: the store to show (its client or URI, database and serializer
         are used), or a MongoDB URI or client
     :param database: the store's database (default: the store's, or
         ``apscheduler``)
     :param serializer: the store's serializer (default: the store's, or pickle),
-        to read schedules' arguments and results' errors
+        used by the actions only: the page never deserializes anything
+    :param signing_key: the store's signing key(s) (default: the store's), used by
+        the actions only, which rewrite the schedule they change (see
+        :doc:`security`)
+    :param accept_unsigned: the store's ``accept_unsigned`` (or the store's)
     :param events_collection: the collection of the schedulers' event broker
     :param actions: allow pausing, resuming and removing schedules and purging
         (POST only, with CSRF protection); off by default
@@ -141,11 +178,21 @@ class Dashboard:
     :param results: how many of the newest results to show
     :param timeout: seconds a request may take before it fails (retrying
         temporary failures until then)
+    :param root_path: the path prefix under which a reverse proxy serves the
+        dashboard (``/ops/scheduler``), put before every URL the page uses; a
+        ``root_path`` in the request (an application that mounts the dashboard
+        sets it, and so does ``uvicorn --root-path``) takes precedence
     """
 
     source: object
     database: str | None = attrs.field(default=None, kw_only=True)
     serializer: Serializer | None = attrs.field(default=None, kw_only=True)
+    signing_key: Signer | None = attrs.field(
+        default=None, kw_only=True, converter=to_signer
+    )
+    accept_unsigned: bool = attrs.field(
+        default=False, kw_only=True, validator=instance_of(bool)
+    )
     events_collection: str = attrs.field(
         default="events", kw_only=True, validator=instance_of(str)
     )
@@ -158,6 +205,7 @@ class Dashboard:
     page_size: int = attrs.field(default=100, kw_only=True, validator=[ge(1)])
     results: int = attrs.field(default=20, kw_only=True, validator=[ge(0)])
     timeout: float = attrs.field(default=10.0, kw_only=True, validator=[ge(0.1)])
+    root_path: str = attrs.field(default="", kw_only=True, converter=_root_path)
     _client_or_uri: object = attrs.field(init=False)
     _database: str = attrs.field(init=False)
     _serializer: Serializer = attrs.field(init=False)
@@ -177,6 +225,9 @@ class Dashboard:
         )
         self._database = validate_database_name(database)
         self._secret = self.csrf_secret or secrets.token_bytes(32)
+        if isinstance(self.source, MongoDBDataStore):
+            self.signing_key = self.signing_key or self.source.signing_key
+            self.accept_unsigned = self.accept_unsigned or self.source.accept_unsigned
         self._app = Starlette(
             routes=[
                 Route("/", self._page, methods=["GET"]),
@@ -203,6 +254,13 @@ class Dashboard:
             await self._app(scope, receive, send)
             return
 
+        prefix = self.root_path
+        path = str(scope.get("path", ""))
+        passed_on = path == prefix or path.startswith(f"{prefix}/")
+        if prefix and not scope.get("root_path") and passed_on:
+            # A proxy that passed the prefix on: route what follows it
+            scope = {**scope, "root_path": prefix}
+
         async def send_secured(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
@@ -216,7 +274,7 @@ class Dashboard:
         async with self:
             yield
 
-    # The store and broker
+    # The client
 
     async def __aenter__(self) -> Dashboard:
         await self._connection()
@@ -226,9 +284,9 @@ class Dashboard:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the dashboard's store and broker, and end its event streams."""
+        """Close the dashboard's client, and end its event streams."""
         if self._stop is not None:
-            self._stop.set()  # ends the streams of this store, once they wake
+            self._stop.set()  # ends the streams of this client, once they wake
 
         for stream in self._streams:
             stream.set()
@@ -239,7 +297,7 @@ class Dashboard:
         self._started = self._holder = self._stop = None
 
     async def _connection(self) -> _Connection:
-        """Return the open store and broker, opening them if they are not."""
+        """Return the open client and reader, opening them if they are not."""
         started = self._started
         if started is None or (
             started.done() and (started.cancelled() or started.exception() is not None)
@@ -260,57 +318,55 @@ class Dashboard:
     async def _hold(
         self, started: asyncio.Future[_Connection], stop: asyncio.Event
     ) -> None:
-        """Open the store and broker, keep them open until ``stop``, close them."""
-        settings = self._retry_settings()
+        """Open the client, follow the announced changes until ``stop``, close."""
         try:
             async with AsyncExitStack() as exit_stack:
                 adapter = await open_client(
                     self._client_or_uri, exit_stack, self._logger
                 )
-                store = MongoDBDataStore(
-                    adapter.client,
-                    database=self._database,
-                    serializer=self._serializer,
-                    retry_settings=settings,
+                reader = Reader(
+                    adapter, self._database, self._retry_settings(), self._logger
                 )
-                broker = MongoDBEventBroker(
-                    adapter.client,
-                    database=self._database,
-                    collection=self.events_collection,
-                    retry_settings=settings,
-                )
-                scheduler = AsyncScheduler(store, broker, logger=self._logger)
-                await exit_stack.enter_async_context(scheduler)
-                reader = Reader(adapter, self._database, settings, self._logger)
-                started.set_result(_Connection(scheduler, reader, stop))
-                await stop.wait()
+                async with anyio.create_task_group() as group:
+                    group.start_soon(
+                        follow_changes,
+                        reader,
+                        self.events_collection,
+                        self._changed,
+                        self._logger,
+                    )
+                    started.set_result(_Connection(adapter, reader, stop))
+                    await stop.wait()
+                    group.cancel_scope.cancel()
         except Exception as exc:
             if started.done():
                 raise
 
-            # The error itself, not the groups the scheduler's task groups wrap it in
             started.set_exception(actions.innermost(exc))
+
+    def _changed(self) -> None:
+        """Tell the open event streams that the schedulers announced a change."""
+        for stream in self._streams:
+            stream.set()
 
     # Pages
 
     def _base(self, request: Request) -> str:
-        return str(request.scope.get("root_path", "")).rstrip("/") + "/"
+        """Return the URL path the page's own URLs start with (ending in ``/``)."""
+        root_path = str(request.scope.get("root_path") or self.root_path)
+        return root_path.rstrip("/") + "/"
 
     async def _status(self, request: Request) -> StoreStatus:
         connection = await self._connection()
         page = Page(request.query_params.get("after") or None, self.page_size)
         with anyio.fail_after(self.timeout):
-            return await gather_status(
-                connection.scheduler.data_store,
-                connection.reader,
-                self.results,
-                page=page,
-                serializer=self._serializer,
-            )
+            return await gather_status(connection.reader, self.results, page=page)
 
     async def _render(self, request: Request, template: str, nonce: str) -> Response:
         try:
             status = await self._status(request)
+        except NotFoundError as exc:
+            return self._no_store(request, template, exc)
         except _SERVER_TROUBLE as exc:
             return _unavailable(exc)
 
@@ -324,6 +380,20 @@ class Dashboard:
             said=request.query_params.get("said", ""),
         )
         return HTMLResponse(body, headers={"cache-control": "no-store"})
+
+    def _no_store(
+        self, request: Request, template: str, exc: NotFoundError
+    ) -> Response:
+        """Answer a page of a database that holds no store: it says so (404)."""
+        if template != "page.html":
+            return PlainTextResponse(str(exc), status_code=404)
+
+        body = _templates.get_template("nostore.html").render(
+            database=self._database, base=self._base(request)
+        )
+        return HTMLResponse(
+            body, status_code=404, headers={"cache-control": "no-store"}
+        )
 
     async def _page(self, request: Request) -> Response:
         nonce = request.cookies.get(_csrf.COOKIE) or _csrf.new_nonce()
@@ -350,14 +420,13 @@ class Dashboard:
     async def _events(self, _request: Request) -> Response:
         try:
             connection = await self._connection()
+            with anyio.fail_after(self.timeout):
+                await connection.reader.server_clock()  # it answers: worth waiting
         except _SERVER_TROUBLE as exc:
             return _unavailable(exc)
 
         closed = connection.closed
         changed = asyncio.Event()
-        subscription = connection.scheduler.event_broker.subscribe(
-            lambda _event: changed.set(), is_async=False
-        )
         self._streams.add(changed)
 
         async def notices() -> AsyncIterator[str]:
@@ -376,7 +445,6 @@ class Dashboard:
                     if not closed.is_set():
                         yield "event: change\ndata: {}\n\n"
             finally:
-                subscription.unsubscribe()
                 self._streams.discard(changed)
 
         return StreamingResponse(
@@ -420,7 +488,44 @@ class Dashboard:
         except _SERVER_TROUBLE as exc:
             return self._reply(request, 503, _unavailable_text(exc))
 
-        scheduler, reader = connection.scheduler, connection.reader
+        try:
+            with anyio.fail_after(self.timeout):
+                message = await self._change(connection, name, form)
+        except TimeoutError:
+            return self._reply(
+                request,
+                504,
+                "no answer from MongoDB in time (the change may or may not have "
+                "been made)",
+            )
+        except Exception as exc:
+            error = actions.innermost(exc)  # not the groups task groups wrap it in
+            if isinstance(error, (NotFoundError, ScheduleLookupError)):
+                return self._reply(request, 404, str(error))
+
+            if isinstance(error, (PyMongoError, RuntimeError)):
+                return self._reply(request, 503, redact(str(error)))
+
+            raise
+
+        return self._reply(request, 200, message)
+
+    async def _change(
+        self, connection: _Connection, name: str, form: dict[str, str]
+    ) -> str:
+        """Make one change through the store, on a database that holds a store."""
+        reader = connection.reader
+        await require_store(reader)
+        scheduler = actions.action_scheduler(
+            connection.adapter.client,
+            self._database,
+            self._serializer,
+            self.events_collection,
+            self._retry_settings(),
+            self._logger,
+            signing_key=self.signing_key,
+            accept_unsigned=self.accept_unsigned,
+        )
         schedule_id = form.get("schedule_id", "")
         changes: dict[str, Callable[[], Awaitable[str]]] = {
             "pause": lambda: actions.pause(scheduler, reader, schedule_id),
@@ -430,22 +535,8 @@ class Dashboard:
             "remove": lambda: actions.remove(scheduler, reader, schedule_id),
             "purge": lambda: _purge(scheduler, reader),
         }
-        try:
-            with anyio.fail_after(self.timeout):
-                message = await changes[name]()
-        except TimeoutError:
-            return self._reply(
-                request,
-                504,
-                "no answer from MongoDB in time (the change may or may not have "
-                "been made)",
-            )
-        except (actions.NotFoundError, ScheduleLookupError) as exc:
-            return self._reply(request, 404, str(exc))
-        except (PyMongoError, RuntimeError) as exc:
-            return self._reply(request, 503, redact(str(exc)))
-
-        return self._reply(request, 200, message)
+        async with scheduler:
+            return await changes[name]()
 
     def _reply(self, request: Request, status: int, message: str) -> Response:
         """Answer the page's script in JSON, a plain form with a redirect."""
@@ -461,7 +552,7 @@ class Dashboard:
 
 
 #: What makes the store unreadable for now: the server, or no answer in time
-_SERVER_TROUBLE = (TimeoutError, PyMongoError, RuntimeError)
+_SERVER_TROUBLE = (TimeoutError, PyMongoError)
 
 
 def _unavailable_text(exc: BaseException) -> str:
