@@ -1134,6 +1134,17 @@ class TestSigning:
         codec.check("schedules", document, "call")
         codec.check("schedules", document, "trigger")
 
+    def test_a_change_without_the_key_is_refused(
+        self, cli: Cli, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without the key, a change on a signed store would write it unsigned."""
+        monkeypatch.setenv("APSCHEDULER_MONGO_SIGNING_KEY", SIGNING_KEY)
+        assert cli("sign") == 0
+        monkeypatch.delenv("APSCHEDULER_MONGO_SIGNING_KEY")
+        assert cli("pause", "nightly") == 3
+        [document] = cli.documents("schedules", {"_id": "nightly"})
+        assert document.get("paused") is not True
+
     def test_pause_refuses_an_unsigned_schedule_with_a_key(
         self, cli: Cli, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any
 
 import pytest
-from anyio import create_memory_object_stream, fail_after
+from anyio import create_memory_object_stream, fail_after, sleep
 from apscheduler import (
     ConflictPolicy,
     DeserializationError,
@@ -396,6 +396,14 @@ class TestBadInput:
         assert result is not None and isinstance(result.exception, TaskLookupError)
 
 
+POLL = 0.02
+
+
+def dropped_by(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Return the loggers that warned of dropping an event that failed its check."""
+    return [r.name for r in caplog.records if "Dropping event" in r.getMessage()]
+
+
 class TestBroker:
     """Events are signed when published; one that fails the check is dropped."""
 
@@ -410,7 +418,7 @@ class TestBroker:
                     client,
                     database=database_name,
                     signing_key=[NEW_KEY, OLD_KEY],
-                    poll_interval=0.02,
+                    poll_interval=POLL,
                 )
                 await broker.start(exit_stack, logger)
                 brokers.append(broker)
@@ -442,10 +450,17 @@ class TestBroker:
             assert received.task_id == "signed"
             stored = await events.find_one({"publisher": {"$ne": "attacker"}})
             assert set(stored["mac"]) == {"payload"}
+            # Both brokers read both forged events (the publisher on its next polls)
+            for _ in range(150):  # 3 s at most
+                if len(dropped_by(caplog)) >= 2:
+                    break
+
+                await sleep(0.02)
+
+            await sleep(10 * POLL)  # time to warn again, if it did
 
         # Two forged events, one warning by each broker
-        dropped = [r.name for r in caplog.records if "Dropping event" in r.message]
-        assert sorted(dropped) == [
+        assert sorted(dropped_by(caplog)) == [
             "apscheduler_mongo.tests.publisher",
             "apscheduler_mongo.tests.receiver",
         ]
@@ -571,3 +586,19 @@ class TestSignCommand:
         )
         assert report.signed == 6
         assert await database["tasks"].count_documents({"mac": {"$exists": True}}) == 0
+
+
+class TestStoreWithoutKey:
+    """A store without a key refuses to start on a database whose tasks are signed."""
+
+    async def test_refused_at_start(
+        self, signed_store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        await signed_store.add_task(Task(id="t", func="builtins:len", job_executor="a"))
+        keyless = MongoDBDataStore(client, database=database_name)
+        async with AsyncExitStack() as exit_stack:
+            logger = logging.getLogger("apscheduler_mongo.tests")
+            broker = LocalEventBroker()
+            await broker.start(exit_stack, logger)
+            with pytest.raises(RuntimeError, match="are signed, and this store has no"):
+                await keyless.start(exit_stack, broker, logger)

@@ -220,6 +220,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 with attempt:
                     await timed_hello(adapter, self.database, self._clock)
                     await self._refuse_foreign_store(adapter)
+                    await self._refuse_signed_store_without_key()
                     if self.start_from_scratch:
                         for collection in (self._tasks, self._schedules, self._jobs):
                             await collection.drop()
@@ -261,6 +262,27 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 f"built-in MongoDB store ({layout.BUILTIN_MARKER!r} among them), "
                 f"whose documents this store cannot read; use a new database (see "
                 f"the migration guide), or drop those collections"
+            )
+
+    async def _refuse_signed_store_without_key(self) -> None:
+        """
+        Refuse to start without a key on a database whose tasks are signed.
+
+        Such a store would read what others signed without checking it, and write
+        back unsigned what they will refuse (quarantining schedules that a change
+        from the command line only meant to pause). One read of the (few) tasks.
+
+        :raises RuntimeError: if no key is set and a task carries a signature
+        """
+        if self.signing_key is not None or self.start_from_scratch:
+            return
+
+        if await self._tasks.find_one(layout.SIGNED_TASK, layout.ID_ONLY) is not None:
+            raise RuntimeError(
+                f"the tasks in database {self.database!r} are signed, and this store "
+                f"has no signing key: give it the key the schedulers use (the "
+                f"signing_key option, or APSCHEDULER_MONGO_SIGNING_KEY for the "
+                f"command line; see the security guide)"
             )
 
     async def _publish_all(self, events: Iterable[Event]) -> None:

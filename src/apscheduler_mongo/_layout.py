@@ -595,6 +595,10 @@ TASK_FIELD = "_task"
 
 # Signatures (see _signing.py, and _tools/signing.py, which signs stored documents)
 
+#: Match a task that carries a signature (a store signed by its schedulers)
+SIGNED_TASK: Document = {f"{MAC_FIELD}.task": {"$exists": True}}
+ID_ONLY: Document = {"_id": 1}
+
 
 def after_id(document_id: object) -> Document:
     """Match the documents whose ``_id`` sorts after ``document_id`` (paging)."""
