@@ -602,3 +602,29 @@ class TestStoreWithoutKey:
             await broker.start(exit_stack, logger)
             with pytest.raises(RuntimeError, match="are signed, and this store has no"):
                 await keyless.start(exit_stack, broker, logger)
+
+
+class TestTamperedJob:
+    """A job whose arguments fail their check is quarantined as found, not run."""
+
+    async def test_quarantined_with_its_arguments(
+        self, signed_store: MongoDBDataStore, database: Any
+    ) -> None:
+        await signed_store.add_task(Task(id="t", func="builtins:len", job_executor="a"))
+        job = Job(task_id="t", executor="async", args=ARGS, result_expiration_time=KEEP)
+        await signed_store.add_job(job)
+        forged = SERIALIZER.serialize((3,))
+        await database["jobs"].update_one(
+            {"_id": Binary.from_uuid(job.id)}, {"$set": {"args": forged}}
+        )
+
+        assert await signed_store.acquire_jobs("me", LEASE, 10) == []
+        document = await database["jobs"].find_one({"_id": Binary.from_uuid(job.id)})
+        assert document["state"] == "finished"
+        assert "signature" in document["quarantine"]["reason"]
+        assert document["args"] == forged  # kept as found
+        assert "purge_at" not in document
+        result = await signed_store.get_job_result(job.id)
+        assert result is not None
+        # (APScheduler stores the exception of the outcome "error" only)
+        assert result.outcome is JobOutcome.deserialization_failed

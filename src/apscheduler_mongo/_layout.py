@@ -250,18 +250,13 @@ def lease(owner: str, until: int, token: ObjectId) -> Document:
 
 #: The fields of a document nobody holds
 NO_LEASE: Document = {"acquired_by": None, "acquired_until": None}
-#: The lease fields a finished job loses, with its arguments and slot
-FINISHED_DROPS: Document = dict.fromkeys(
-    [
-        "args",
-        "kwargs",
-        f"{MAC_FIELD}.call",
-        "acquired_by",
-        "acquired_until",
-        "slot_key",
-    ],
-    "",
-)
+#: The fields of its lease a job loses when it stops running (with its slot)
+LEASE_DROPS: Document = dict.fromkeys(["acquired_by", "acquired_until", "slot_key"], "")
+#: ... and those a finished job loses: its arguments too
+FINISHED_DROPS: Document = {
+    **dict.fromkeys(["args", "kwargs", f"{MAC_FIELD}.call"], ""),
+    **LEASE_DROPS,
+}
 
 
 def lapsed(now: int) -> Document:
@@ -514,7 +509,7 @@ def quarantined_job_update(record: Document) -> Document:
     """
     return {
         "$set": {"state": FINISHED, QUARANTINE: record, "v": new_token()},
-        "$unset": {"acquired_by": "", "acquired_until": "", "slot_key": ""},
+        "$unset": LEASE_DROPS,
     }
 
 

@@ -32,6 +32,8 @@ from ._layout import (
     FINISHED,
     FINISHED_DROPS,
     JOBS,
+    LEASE_DROPS,
+    QUARANTINE,
     QUEUED,
     SCHEDULES,
     TASKS,
@@ -421,6 +423,7 @@ def finish_update(
     *,
     from_schedule: bool,
     tag: Tag,
+    quarantine: Document | None = None,
 ) -> Document:
     """
     Return the update that turns an acquired job document into a finished one.
@@ -431,7 +434,9 @@ def finish_update(
     also records that its fire time was used, until the store's cleanup sees the
     schedule past that time. ``tag`` lets a retry tell whether the write was
     applied. A result that cannot be serialized is kept without its
-    return value or exception, and the error logged.
+    return value or exception, and the error logged. With ``quarantine`` (the record
+    of why), the job is finished but quarantined: it keeps its arguments and is
+    never purged.
     """
     changes: Document = {
         "state": FINISHED,
@@ -454,6 +459,11 @@ def finish_update(
 
         document_id = uuid_to_bson(result.job_id)
         changes.update(codec.signed_changes(JOBS, document_id, "result", changes))
+
+    if quarantine is not None:
+        # Kept as found, arguments and all, until someone looks (never purged)
+        changes[QUARANTINE] = quarantine
+        return {"$set": changes, "$unset": LEASE_DROPS}
 
     if not from_schedule:
         changes["purge_at"] = result.expires_at if keep else result.finished_at

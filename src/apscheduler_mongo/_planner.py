@@ -307,12 +307,22 @@ def _finish(
     result: JobResult,
     context: ClaimContext,
 ) -> None:
+    # A job that fails its signature check is quarantined as found (nothing is
+    # deleted); its result still tells whoever waits for it
+    quarantine = None
+    if result.outcome is JobOutcome.deserialization_failed and isinstance(
+        result.exception, UnverifiedDataError
+    ):
+        reason = explain(result.exception)
+        quarantine = quarantine_record(reason, from_micros(context.now))
+
     update = finish_update(
         result,
         context.codec,
         context.logger,
         from_schedule=is_from_schedule(document),
         tag=Tag(RELEASE_TOKEN, context.token),
+        quarantine=quarantine,
     )
     plan.chosen.append((document, Update(query, update)))
     plan.finished[document["_id"]] = result
