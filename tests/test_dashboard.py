@@ -962,3 +962,17 @@ class TestServerAway:
                 assert password not in reply.text
         finally:
             await dashboard.aclose()
+
+
+def test_repr_hides_secrets() -> None:
+    """The repr names hosts and database, never the password, CSRF secret or key."""
+    dashboard = Dashboard(
+        "mongodb://user:hunter2@db.example:27017/",
+        database="ops",
+        csrf_secret=b"csrf-secret-value",
+        signing_key="dashboard-signing-key-0123456789",
+    )
+    shown = repr(dashboard)
+    assert "db.example:27017" in shown and "'ops'" in shown
+    for secret in ("hunter2", "csrf-secret-value", "dashboard-signing-key"):
+        assert secret not in shown

@@ -41,7 +41,7 @@ from starlette.types import Message, Receive, Scope, Send
 from tenacity import stop_after_delay, wait_exponential
 
 from .._adapters import Adapter
-from .._client import open_client, redact, validate_client_or_uri
+from .._client import describe_hosts, open_client, redact, validate_client_or_uri
 from .._datastore import MongoDBDataStore
 from .._names import validate_database_name
 from .._options import to_signer
@@ -137,7 +137,7 @@ def _root_path(value: str) -> str:
     return value.rstrip("/")
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class Dashboard:
     """
     A live web dashboard of a :class:`~apscheduler_mongo.MongoDBDataStore`: an ASGI
@@ -219,6 +219,13 @@ class Dashboard:
     _stop: asyncio.Event | None = attrs.field(init=False, default=None)
     _streams: set[asyncio.Event] = attrs.field(init=False, factory=set)
 
+    def __repr__(self) -> str:
+        # Never the URI (credentials), the CSRF secret or the keys
+        return (
+            f"{type(self).__name__}(hosts={describe_hosts(self._client_or_uri)!r}, "
+            f"database={self._database!r}, actions={self.actions!r})"
+        )
+
     def __attrs_post_init__(self) -> None:
         self._client_or_uri, database, self._serializer = _source_options(
             self.source, self.database, self.serializer
@@ -243,9 +250,6 @@ class Dashboard:
             ],
             lifespan=self._lifespan,
         )
-
-    def __repr__(self) -> str:
-        return f"Dashboard(database={self._database!r}, actions={self.actions})"
 
     # ASGI
 
