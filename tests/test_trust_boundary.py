@@ -128,10 +128,17 @@ def _ran(markers: Path) -> list[str]:
 
 
 @pytest.fixture
+def signed() -> bool:
+    """Whether the legitimate app signs (overridden to ``False`` where it does not)."""
+    return True
+
+
+@pytest.fixture
 async def tampered(
-    wire_uri: str, database_name: str, tmp_path: Path
+    wire_uri: str, database_name: str, tmp_path: Path, signed: bool
 ) -> AsyncIterator[tuple[str, Path, Path]]:
-    """A database the legitimate app set up with the key, then the attacker's writes."""
+    """A database the legitimate app set up (with the key if ``signed``), then the
+    attacker's writes."""
     markers, modules = tmp_path / "markers", tmp_path / "modules"
     markers.mkdir()
     write_evil_module(modules, markers)
@@ -142,7 +149,7 @@ async def tampered(
         store = MongoDBDataStore(
             wire_uri,
             database=database_name,
-            signing_key=KEY,
+            signing_key=KEY if signed else None,
             allowed_callables=ALLOWED,
         )
         await store.start(exit_stack, broker, logger)
@@ -186,7 +193,7 @@ class TestWithAKey:
 
         # The legitimate schedule kept running, in the scheduler
         assert runs >= 3, outputs
-        # Every tampered schedule was set aside, saying why; the legitimate ones not
+        # Every tampered schedule was quarantined, saying why; the legitimate ones not
         assert set(quarantined) == {
             "args",
             "trigger",
@@ -210,9 +217,28 @@ class TestWithAKey:
             f"{len(jobs)} finished jobs"
         )
 
+    async def test_a_scheduler_left_without_the_key_refuses_to_start(
+        self, wire_uri: str, tampered: tuple[str, Path, Path]
+    ) -> None:
+        """It would read what others signed unchecked, and run the payloads."""
+        database, markers, modules = tampered
+        env = _environment(wire_uri, database, modules, None)
+        [victim, worker] = _victims(env, secured=False)
+        for process in (victim, worker):
+            output, _ = process.communicate(timeout=RUN_FOR + 60)
+            assert process.returncode == 1
+            assert b"are signed, and this store has no signing key" in output
+
+        assert _ran(markers) == []
+
 
 class TestWithoutAKey:
-    """Without a key, the viewers still run nothing; a scheduler is exposed."""
+    """On a store that never signed, the viewers still run nothing; a scheduler is
+    exposed."""
+
+    @pytest.fixture
+    def signed(self) -> bool:
+        return False
 
     async def test_viewers_run_nothing(
         self, wire_uri: str, tampered: tuple[str, Path, Path]

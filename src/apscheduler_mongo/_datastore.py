@@ -270,14 +270,17 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
         Such a store would read what others signed without checking it, and write
         back unsigned what they will refuse (quarantining schedules that a change
-        from the command line only meant to pause). One read of the (few) tasks.
+        from the command line only meant to pause). One read, of the first
+        task by id (served by the ``_id`` index): the tasks of a signed store all
+        carry signatures, once ``sign`` has run.
 
         :raises RuntimeError: if no key is set and a task carries a signature
         """
         if self.signing_key is not None or self.start_from_scratch:
             return
 
-        if await self._tasks.find_one(layout.SIGNED_TASK, layout.ID_ONLY) is not None:
+        first = await self._tasks.find_one({}, layout.TASK_SIGNATURE, sort=layout.BY_ID)
+        if first is not None and layout.is_signed(first, "task"):
             raise RuntimeError(
                 f"the tasks in database {self.database!r} are signed, and this store "
                 f"has no signing key: give it the key the schedulers use (the "

@@ -590,9 +590,19 @@ TASK_FIELD = "_task"
 
 # Signatures (see _signing.py, and _tools/signing.py, which signs stored documents)
 
-#: Match a task that carries a signature (a store signed by its schedulers)
-SIGNED_TASK: Document = {f"{MAC_FIELD}.task": {"$exists": True}}
-ID_ONLY: Document = {"_id": 1}
+#: What telling whether a task is signed reads of it
+TASK_SIGNATURE: Document = {f"{MAC_FIELD}.task": 1}
+
+
+def signature_of(document: Mapping[str, Any], part: str) -> object:
+    """Return the stored signature of one part of a document (``None``: unsigned)."""
+    signatures = document.get(MAC_FIELD)
+    return signatures.get(part) if isinstance(signatures, Mapping) else None
+
+
+def is_signed(document: Mapping[str, Any], part: str) -> bool:
+    """Tell whether a document carries a signature of ``part``."""
+    return signature_of(document, part) is not None
 
 
 def after_id(document_id: object) -> Document:

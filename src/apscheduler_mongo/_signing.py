@@ -31,7 +31,7 @@ from apscheduler import DeserializationError
 from apscheduler.abc import Serializer
 from bson import Binary, encode
 
-from ._layout import MAC_FIELD, SIGNED_PARTS, Document
+from ._layout import MAC_FIELD, SIGNED_PARTS, Document, signature_of
 
 #: Where the command line and the dashboard read the signing key(s) from
 KEY_VARIABLE = "APSCHEDULER_MONGO_SIGNING_KEY"
@@ -300,8 +300,7 @@ class Codec:
         if self.signer is None:
             return
 
-        macs = document.get(MAC_FIELD)
-        signature = macs.get(part) if isinstance(macs, Mapping) else None
+        signature = signature_of(document, part)
         if signature is None:
             if self.accept_unsigned:
                 return

@@ -101,8 +101,7 @@ class StoreSigner:
             return None  # the document holds no such part (a job without a result)
 
         document_id = document["_id"]
-        macs = document.get(layout.MAC_FIELD)
-        signature = macs.get(part) if isinstance(macs, Mapping) else None
+        signature = layout.signature_of(document, part)
         if signature is not None:
             index = (
                 self.signer.signer_of(kind, document_id, part, values, signature)
