@@ -419,6 +419,20 @@ def lapsed_jobs(now: int) -> Document:
     return {"state": ACQUIRED, **lapsed(now)}
 
 
+def in_state(state: str) -> Document:
+    """Match the jobs in one state (served by the ``queue`` index)."""
+    return {"state": state}
+
+
+#: The finished jobs whose result is still stored
+STORED_RESULTS: Document = {"state": FINISHED, "result": {"$exists": True}}
+#: The queued and running jobs of each task, counted on the server in one command
+LIVE_JOB_COUNTS: list[Document] = [
+    {"$match": {"state": {"$in": LIVE_STATES}}},
+    {"$group": {"_id": {"task": "$task_id", "state": "$state"}, "count": {"$sum": 1}}},
+]
+
+
 #: What reading a stored result takes of its job document
 RESULT_FIELDS: Document = {"result": 1, "v": 1, "fire_key": 1, MAC_FIELD: 1}
 #: What cleanup reads of the finished schedules it removes, and of used fire times

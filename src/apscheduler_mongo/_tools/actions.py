@@ -18,7 +18,7 @@ from apscheduler.abc import Serializer
 from .. import _layout as layout
 from .._datastore import MongoDBDataStore
 from .._eventbroker import MongoDBEventBroker
-from .._layout import ACQUIRED, FINISHED
+from .._layout import ACQUIRED
 from .._signing import Signer
 from .status import NotFoundError, Reader, quarantine_reason
 
@@ -87,7 +87,7 @@ async def schedule_to_change(
     :raises NotFoundError: if it does not exist, is quarantined, or cannot be read
     """
     documents = await reader.find(
-        layout.SCHEDULES, {"_id": schedule_id}, {layout.QUARANTINE: 1}
+        layout.SCHEDULES, layout.by_id(schedule_id), {layout.QUARANTINE: 1}
     )
     if not documents:
         raise NotFoundError(
@@ -145,7 +145,7 @@ async def resume(
 
 async def remove(scheduler: AsyncScheduler, reader: Reader, schedule_id: str) -> str:
     """Remove a schedule (quarantined or unreadable ones too); return what was done."""
-    if not await reader.find("schedules", {"_id": schedule_id}, {"_id": 1}):
+    if not await reader.find(layout.SCHEDULES, layout.by_id(schedule_id), {"_id": 1}):
         raise NotFoundError(
             f"no schedule {schedule_id!r} in database {reader.database_name!r}"
         )
@@ -169,8 +169,8 @@ class Purged:
 
 async def _purge_counts(reader: Reader) -> list[int]:
     return [
-        await reader.count("jobs", {"state": FINISHED, "result": {"$exists": True}}),
-        await reader.count("jobs", {"state": ACQUIRED}),
+        await reader.count(layout.JOBS, layout.STORED_RESULTS),
+        await reader.count(layout.JOBS, layout.in_state(ACQUIRED)),
         await reader.count("jobs", {}),
         await reader.count("schedules", {}),
     ]

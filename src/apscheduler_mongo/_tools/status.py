@@ -199,11 +199,6 @@ RESULT_FIELDS = dict.fromkeys(
     ],
     1,
 )
-#: The queued and running jobs of each task, counted on the server in one command
-JOB_COUNTS: list[Document] = [
-    {"$match": {"state": {"$in": [QUEUED, ACQUIRED]}}},
-    {"$group": {"_id": {"task": "$task_id", "state": "$state"}, "count": {"$sum": 1}}},
-]
 
 
 @attrs.frozen
@@ -392,7 +387,7 @@ async def gather_status(
     running = await _running_jobs(reader, page.size)
     running_count = len(running)
     if page.size is not None and running_count >= page.size:
-        running_count = await reader.count(layout.JOBS, {"state": ACQUIRED})
+        running_count = await reader.count(layout.JOBS, layout.in_state(ACQUIRED))
 
     results = await _recent_results(reader, limit)
     clock = await reader.server_clock()
@@ -405,7 +400,7 @@ async def gather_status(
         schedules=schedules,
         queued_jobs=queued,
         running_jobs=running,
-        finished_jobs=await reader.count(layout.JOBS, {"state": FINISHED}),
+        finished_jobs=await reader.count(layout.JOBS, layout.in_state(FINISHED)),
         results=results,
         schedule_count=schedule_count,
         next_page=next_page,
@@ -419,7 +414,7 @@ async def _schedule_page(
     """Return the page's schedules, the id to show the next page after, the count."""
     documents = await reader.find(
         layout.SCHEDULES,
-        {} if page.after is None else {"_id": {"$gt": page.after}},
+        {} if page.after is None else layout.after_id(page.after),
         SCHEDULE_FIELDS,
         sort=layout.BY_ID,
         limit=0 if page.size is None else page.size + 1,
@@ -445,7 +440,7 @@ def _cut_to_page(documents: list[Document], size: int | None) -> str | None:
 async def _job_counts(reader: Reader) -> tuple[dict[str, int], dict[str, int]]:
     """Return the queued and the running jobs of each task (by task id, as text)."""
     queued, running = Counter[str](), Counter[str]()
-    for group in await reader.aggregate(layout.JOBS, JOB_COUNTS):
+    for group in await reader.aggregate(layout.JOBS, layout.LIVE_JOB_COUNTS):
         key = group.get("_id")
         key = key if isinstance(key, Mapping) else {}
         count = group.get("count")
@@ -466,7 +461,7 @@ async def _running_jobs(reader: Reader, cap: int | None) -> list[RunningJobRow]:
         )
         for document in await reader.find(
             layout.JOBS,
-            {"state": ACQUIRED},
+            layout.in_state(ACQUIRED),
             RUNNING_JOB_FIELDS,
             sort=layout.QUEUE_ORDER,
             limit=cap or 0,
@@ -480,7 +475,7 @@ async def _recent_results(reader: Reader, limit: int) -> list[ResultRow]:
 
     finished = await reader.find(
         layout.JOBS,
-        {"state": FINISHED},
+        layout.in_state(FINISHED),
         RESULT_FIELDS,
         sort=layout.NEWEST_FIRST,
         limit=limit,
