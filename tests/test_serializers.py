@@ -52,6 +52,9 @@ END = START + timedelta(days=60)
 MAGIC_KEY = "_apscheduler_json"
 TYPE_TAG = 4664
 AND_TRIGGER = "apscheduler.triggers.combining:AndTrigger"
+#: A pickle calling the object registered as extension code 240 (EXT1 240,
+#: EMPTY_TUPLE, REDUCE, STOP)
+EXT_CALL = b"\x80\x04\x82\xf0)R."
 
 SAFE = [
     pytest.param(SafeJSONSerializer, id="json"),
@@ -697,10 +700,70 @@ class TestPickleAttacks:
     def test_extension_registry(self) -> None:
         copyreg.add_extension("os", "system", 240)
         try:
-            with pytest.raises(DeserializationError, match=refusal("os:system")):
+            with pytest.raises(DeserializationError, match="refusing the EXT1 opcode"):
                 SafePickleSerializer().deserialize(b"\x80\x02\x82\xf0.")  # EXT1
         finally:
             copyreg.remove_extension("os", "system", 240)
+            copyreg.clear_extension_cache()
+
+    @pytest.mark.parametrize(
+        ("payload", "opcode"),
+        [
+            pytest.param(EXT_CALL, "EXT1", id="ext1"),
+            pytest.param(b"\x80\x04\x83\xf0\x00)R.", "EXT2", id="ext2"),
+            pytest.param(b"\x80\x04\x84\xf0\x00\x00\x00)R.", "EXT4", id="ext4"),
+        ],
+    )
+    def test_cached_extension_is_refused(
+        self, payload: bytes, opcode: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Once plain pickle has loaded an extension, the C unpickler hands out the
+        # cached object without calling find_class()
+        calls: list[object] = []
+        monkeypatch.setattr(os, "getcwd", lambda: calls.append("called"))
+        copyreg.add_extension("os", "getcwd", 240)
+        try:
+            pickle.loads(b"\x80\x04\x82\xf0.")  # fills copyreg._extension_cache
+            assert vars(copyreg)["_extension_cache"]
+            with pytest.raises(DeserializationError, match=f"refusing the {opcode} "):
+                SafePickleSerializer().deserialize(payload)
+        finally:
+            copyreg.remove_extension("os", "getcwd", 240)
+            copyreg.clear_extension_cache()
+
+        assert calls == []
+
+    def test_registered_extension_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        calls: list[object] = []
+        monkeypatch.setattr(os, "getcwd", lambda: calls.append("called"))
+        copyreg.add_extension("os", "getcwd", 240)
+        try:
+            with pytest.raises(DeserializationError, match="refusing the EXT1 opcode"):
+                SafePickleSerializer().deserialize(EXT_CALL)
+        finally:
+            copyreg.remove_extension("os", "getcwd", 240)
+            copyreg.clear_extension_cache()
+
+        assert calls == []
+
+    def test_unregistered_extension_is_refused(self) -> None:
+        # With an empty registry nothing is scanned: pickle itself fails
+        assert not vars(copyreg)["_extension_registry"]
+        with pytest.raises(
+            DeserializationError, match="unregistered extension code 240"
+        ):
+            SafePickleSerializer().deserialize(EXT_CALL)
+
+    def test_allowed_pickle_reads_while_an_extension_is_registered(self) -> None:
+        serializer = SafePickleSerializer()
+        copyreg.add_extension("os", "getcwd", 240)
+        try:
+            assert serializer.deserialize(serializer.serialize(START)) == START
+        finally:
+            copyreg.remove_extension("os", "getcwd", 240)
+            copyreg.clear_extension_cache()
 
     def test_combining_trigger_built_twice(self, evil_module: EvilModule) -> None:
         payload = double_build_gadget(evil_module.name)

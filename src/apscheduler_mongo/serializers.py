@@ -25,16 +25,20 @@ Nothing a payload names is ever imported, and anything else it names is refused 
 :exc:`~apscheduler.DeserializationError`. The pickle serializer also refuses
 persistent ids, and stands in for the few functions that pickle's own protocol needs
 (``copyreg._reconstructor``, ``_codecs.encode``, ``getattr`` for
-``ZoneInfo._unpickle``) with versions that accept only what pickle writes.
+``ZoneInfo._unpickle``) with versions that accept only what pickle writes. While the
+application has registered :func:`copyreg.add_extension` codes, it refuses pickles
+that use them.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 import builtins
+import copyreg
 import io
 import json
 import pickle
+import pickletools
 import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -543,6 +547,49 @@ def _modern_name(module_name: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module_name, module_name), name
 
 
+#: Pickle's opcodes that load an object registered with copyreg.add_extension()
+_EXT_OPCODES: Final = frozenset({"EXT1", "EXT2", "EXT4"})
+#: The namespace of copyreg, whose extension registry is private (and untyped)
+_COPYREG: Final[Mapping[str, Any]] = vars(copyreg)
+
+
+def _refuse_extensions(serialized: bytes) -> None:
+    """Refuse ``serialized`` if it uses copyreg's extension registry, when in use.
+
+    Pickle's EXT1, EXT2 and EXT4 opcodes load the object registered under a code with
+    :func:`copyreg.add_extension`. The C unpickler hands out the object cached in
+    ``copyreg._extension_cache`` without calling ``find_class()``, and cannot be told
+    to refuse these opcodes, so while any extension is registered the payload is
+    scanned for them first. While none is (the default), the scan is skipped to keep
+    reading fast: the cache is then empty and an EXT opcode only fails with
+    ``ValueError("unregistered extension code ...")``, which ends in
+    DeserializationError. The inverted registry and the cache are checked too, as
+    they are what the unpickler reads, and could be left over if changed directly.
+
+    :raises DeserializationError: if an extension is registered and ``serialized``
+        has an EXT opcode, or cannot be parsed
+
+    """
+    if not (
+        _COPYREG["_extension_registry"]
+        or _COPYREG["_inverted_registry"]
+        or _COPYREG["_extension_cache"]
+    ):
+        return
+
+    try:
+        for opcode, _, pos in pickletools.genops(serialized):
+            if opcode.name in _EXT_OPCODES:
+                raise DeserializationError(
+                    f"refusing the {opcode.name} opcode at byte {pos}: objects "
+                    "registered with copyreg.add_extension() are not checked"
+                )
+    except DeserializationError:
+        raise
+    except Exception as exc:
+        raise DeserializationError(f"cannot deserialize: {exc}") from exc
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickle only allowed classes, and what pickle's protocol needs."""
 
@@ -659,8 +706,8 @@ class SafePickleSerializer(PickleSerializer):
     """Serialize objects with :mod:`pickle`, and rebuild only allowed classes.
 
     Writes exactly what :class:`~apscheduler.serializers.pickle.PickleSerializer`
-    writes. Reading refuses any class or function that is not allowed, and persistent
-    ids.
+    writes. Reading refuses any class or function that is not allowed, persistent
+    ids, and (while :func:`copyreg.add_extension` has registered any) extension codes.
 
     :param allowed_types: classes to rebuild besides :data:`BUILTIN_ALLOWED_TYPES`,
         as classes or as ``"module:qualname"`` strings (only resolved when their module
@@ -684,8 +731,10 @@ class SafePickleSerializer(PickleSerializer):
 
         :param serialized: what :meth:`serialize` returned
         :raises DeserializationError: if ``serialized`` is not a valid pickle, names a
-            class or function that is not allowed, or has a persistent id
+            class or function that is not allowed, has a persistent id, or uses an
+            extension code while any is registered
 
         """
+        _refuse_extensions(serialized)
         unpickler = _SafeUnpickler(io.BytesIO(serialized), self._allow_list)
         return _deserialize(unpickler.load)
