@@ -589,6 +589,19 @@ class TestUntrustedData:
         assert not marker.exists()
 
     @pytest.mark.usefixtures("seeded")
+    @pytest.mark.parametrize("command", ["pause", "resume", "remove"])
+    def test_changes_without_a_key_run_no_gadget(
+        self, cli: Cli, marker: Path, monkeypatch: pytest.MonkeyPatch, command: str
+    ) -> None:
+        """Without a key nothing can be authenticated: a change reads the schedule
+        with a serializer that rebuilds only allowed classes."""
+        monkeypatch.delenv("APSCHEDULER_MONGO_SIGNING_KEY", raising=False)
+        cli.update("schedules", {"_id": "nightly"}, {"args": system_gadget(marker)})
+        cli("pause", "nightly")
+        cli(command, "nightly")
+        assert not marker.exists()
+
+    @pytest.mark.usefixtures("seeded")
     def test_paused_and_quarantined_as_the_schedulers_read_them(
         self, cli: Cli, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -1102,9 +1115,12 @@ class TestSigning:
         assert cli("sign") == 2  # no key
         key_file = tmp_path / "key"
         key_file.write_text(SIGNING_KEY + "\n")
-        assert cli("sign", "--key-file", str(key_file), "--dry-run") == 0
+        assert cli("sign", "--key-file", str(key_file)) == 1  # unsigned, left alone
         assert not cli.documents("tasks", {"mac": {"$exists": True}})
-        assert cli("sign", "--key-file", str(key_file)) == 0
+        adopt = ("sign", "--key-file", str(key_file), "--adopt-unsigned")
+        assert cli(*adopt, "--dry-run") == 0
+        assert not cli.documents("tasks", {"mac": {"$exists": True}})
+        assert cli(*adopt) == 0
         signed = cli.documents("schedules", {"mac.call": {"$exists": True}})
         assert len(signed) == len(cli.documents("schedules", {}))
         # Signing again finds nothing to do
@@ -1114,7 +1130,7 @@ class TestSigning:
         self, cli: Cli, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.setenv("APSCHEDULER_MONGO_SIGNING_KEY", SIGNING_KEY)
-        cli("sign")
+        cli("sign", "--adopt-unsigned")
         cli.update(
             "tasks",
             {"_id": cli.documents("tasks", {})[0]["_id"]},
@@ -1126,7 +1142,7 @@ class TestSigning:
         self, cli: Cli, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.setenv("APSCHEDULER_MONGO_SIGNING_KEY", SIGNING_KEY)
-        cli("sign")
+        cli("sign", "--adopt-unsigned")
         assert cli("pause", "nightly") == 0
         [document] = cli.documents("schedules", {"_id": "nightly"})
         assert document["paused"] is True
@@ -1139,7 +1155,7 @@ class TestSigning:
     ) -> None:
         """Without the key, a change on a signed store would write it unsigned."""
         monkeypatch.setenv("APSCHEDULER_MONGO_SIGNING_KEY", SIGNING_KEY)
-        assert cli("sign") == 0
+        assert cli("sign", "--adopt-unsigned") == 0
         monkeypatch.delenv("APSCHEDULER_MONGO_SIGNING_KEY")
         assert cli("pause", "nightly") == 3
         [document] = cli.documents("schedules", {"_id": "nightly"})

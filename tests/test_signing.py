@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any
+from uuid import UUID
 
 import pytest
 from anyio import create_memory_object_stream, fail_after, sleep
@@ -26,7 +27,8 @@ from apscheduler import (
 from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.serializers.pickle import PickleSerializer
 from apscheduler.triggers.interval import IntervalTrigger
-from bson import Binary, ObjectId
+from bson import Binary, DatetimeMS, ObjectId
+from pymongo.errors import OperationFailure
 
 from apscheduler_mongo import (
     DisallowedCallableError,
@@ -465,6 +467,50 @@ class TestBroker:
             "apscheduler_mongo.tests.receiver",
         ]
 
+    async def test_forged_positions_do_not_stop_delivery(
+        self, client: Any, database_name: str
+    ) -> None:
+        """A forged sequence number or a stamp from the future skips no event."""
+        logger = logging.getLogger("apscheduler_mongo.tests")
+        async with AsyncExitStack() as exit_stack:
+            brokers = []
+            for _ in range(2):
+                broker = MongoDBEventBroker(
+                    client,
+                    database=database_name,
+                    signing_key=NEW_KEY,
+                    mode="polling",
+                    poll_interval=POLL,
+                )
+                await broker.start(exit_stack, logger)
+                brokers.append(broker)
+
+            receiver, publisher = brokers
+            send, receive = create_memory_object_stream[Event](10)
+            exit_stack.enter_context(send)
+            exit_stack.enter_context(receive)
+            receiver.subscribe(send.send, {TaskAdded})
+            await publisher.publish(TaskAdded(task_id="first"))
+            with fail_after(3):
+                assert (await receive.receive()).task_id == "first"  # type: ignore[attr-defined]
+
+            events = client[database_name]["events"]
+            real = await events.find_one({"publisher": {"$ne": "attacker"}})
+            far = datetime(9999, 1, 1, tzinfo=timezone.utc)
+            await events.insert_one(
+                {
+                    **real,
+                    "_id": ObjectId(),
+                    "seq": 2**62,  # as if the real publisher had published that many
+                    "at": far,
+                }
+            )
+            # A stamp moved to the future on a genuine, signed event
+            await events.update_one({"_id": real["_id"]}, {"$set": {"at": far}})
+            await publisher.publish(TaskAdded(task_id="second"))
+            with fail_after(3):
+                assert (await receive.receive()).task_id == "second"  # type: ignore[attr-defined]
+
     async def test_default_serializer_imports_nothing(self) -> None:
         broker = MongoDBEventBroker("mongodb://127.0.0.1:1/")
         with pytest.raises(DeserializationError):
@@ -517,6 +563,7 @@ class TestSignCommand:
             database_name,
             signer=Signer(NEW_KEY),
             allowed=AllowedCallables.of(["builtins:*"]),
+            adopt_unsigned=True,
         )
         # tasks t; schedule call and trigger; 2 jobs' calls... the finished job's
         # call was dropped with its arguments; its result
@@ -529,6 +576,7 @@ class TestSignCommand:
             database_name,
             signer=Signer(NEW_KEY),
             allowed=AllowedCallables.of(["builtins:*"]),
+            adopt_unsigned=True,
         )
         assert again.signed == 0 and again.already == 5, again
 
@@ -547,6 +595,23 @@ class TestSignCommand:
             assert result is not None and result.return_value == 3
             with pytest.raises(UnverifiedDataError):
                 await signed.get_task("u")
+
+    async def test_unsigned_parts_are_left_alone_by_default(
+        self, signed_store: MongoDBDataStore, client: Any, database: Any
+    ) -> None:
+        """On a signed store, an unsigned part is a write without the key."""
+        await signed_store.add_task(Task(id="t", func="builtins:len", job_executor="a"))
+        planted = schedule_to_document(schedule("planted"), codec())
+        planted["paused"] = True  # kept from being claimed, so never quarantined
+        await database["schedules"].insert_one(planted)
+        report = await _sign_stored(client, database.name, signer=Signer(NEW_KEY))
+        assert report.signed == 0
+        assert report.unsigned == [
+            ("schedules", "'planted'", "call"),
+            ("schedules", "'planted'", "trigger"),
+        ]
+        document = await database["schedules"].find_one({"_id": "planted"})
+        assert "mac" not in document
 
     async def test_rotation_and_tampering(
         self, signed_store: MongoDBDataStore, client: Any, database: Any
@@ -582,7 +647,11 @@ class TestSignCommand:
     ) -> None:
         await self._fill(store)
         report = await _sign_stored(
-            client, database.name, signer=Signer(NEW_KEY), dry_run=True
+            client,
+            database.name,
+            signer=Signer(NEW_KEY),
+            dry_run=True,
+            adopt_unsigned=True,
         )
         assert report.signed == 6
         assert await database["tasks"].count_documents({"mac": {"$exists": True}}) == 0
@@ -628,3 +697,82 @@ class TestTamperedJob:
         assert result is not None
         # (APScheduler stores the exception of the outcome "error" only)
         assert result.outcome is JobOutcome.deserialization_failed
+
+
+class TestHostileDocuments:
+    """One hand-written document stops no scheduler loop (found in review)."""
+
+    async def test_overflowing_result_expiration(
+        self, store: MongoDBDataStore, database: Any
+    ) -> None:
+        await store.add_task(Task(id="t", func="builtins:len", job_executor="a"))
+        job = Job(task_id="t", executor="async")
+        await store.add_job(job)
+        await database["jobs"].update_one(
+            {"_id": Binary.from_uuid(job.id)},
+            {"$set": {"result_expiration_time": 2**62}},
+        )
+        # Not handed out: APScheduler would overflow computing its result's expiry
+        assert await store.acquire_jobs("me", LEASE, 10) == []
+        # ... nor would a job that cannot be read, or a lapsed one, crash the loop
+        unreadable = Job(task_id="t", executor="async")
+        await store.add_job(unreadable)
+        await database["jobs"].update_one(
+            {"_id": Binary.from_uuid(unreadable.id)},
+            {"$set": {"result_expiration_time": 2**62, "args": b"no pickle"}},
+        )
+        assert await store.acquire_jobs("me", LEASE, 10) == []
+        await store.cleanup()
+
+    async def test_a_stored_union_marker(
+        self, store: MongoDBDataStore, database: Any
+    ) -> None:
+        """A field named like the store's own marker of a union's parts is ignored."""
+        await store.add_task(Task(id="t", func="builtins:len", job_executor="a"))
+        for value in (9, "x", 1):
+            await database["tasks"].update_one(
+                {"_id": "t"}, {"$set": {"_apscheduler_mongo_union": value}}
+            )
+            assert (await store.get_task("t")).id == "t"
+
+    async def test_a_schedule_id_that_is_a_document(
+        self, store: MongoDBDataStore, database: Any
+    ) -> None:
+        await store.add_schedule(schedule("s"), ConflictPolicy.exception)
+        await database["schedules"].update_one(
+            {"_id": "s"}, {"$set": {"next_fire_time": None}}
+        )
+        job = Job(task_id="t", executor="async")
+        await store.add_job(job)
+        await database["jobs"].update_one(
+            {"_id": Binary.from_uuid(job.id)}, {"$set": {"schedule_id": {"a": 1}}}
+        )
+        await store.cleanup()
+
+    async def test_a_date_out_of_python_range(
+        self, tier: str, store: MongoDBDataStore, database: Any
+    ) -> None:
+        if tier == "mongomock":
+            pytest.skip("mongomock stores Python objects: no BSON date to decode")
+
+        await store.add_task(Task(id="t", func="builtins:len", job_executor="a"))
+        try:
+            await database["tasks"].update_one(
+                {"_id": "t"}, {"$set": {"metadata": {"when": DatetimeMS(2**62)}}}
+            )
+        except OperationFailure as exc:  # mongoeco decodes BSON in Python too
+            pytest.skip(f"this server cannot store such a date ({exc.code})")
+
+        [task] = await store.get_tasks()
+        assert task.id == "t"
+
+    def test_a_nested_uuid_in_a_signed_part(self) -> None:
+        """A value BSON cannot encode as read fails the check, it does not crash it."""
+        document = schedule_to_document(schedule(), codec(NEW_KEY))
+        document["args"] = [UUID(int=1)]
+        with pytest.raises(UnverifiedDataError):
+            schedule_from_document(document, codec(NEW_KEY))
+
+        document["args"] = {"$bad": 1 << 70}
+        with pytest.raises(UnverifiedDataError):
+            schedule_from_document(document, codec(NEW_KEY))

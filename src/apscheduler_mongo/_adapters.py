@@ -26,6 +26,7 @@ else:
     from typing_extensions import override
 
 import attrs
+from bson.codec_options import DatetimeConversion
 from pymongo import (
     AsyncMongoClient,
     IndexModel,
@@ -258,7 +259,10 @@ class Collection:
                 for number, (other, stages) in enumerate(others, 1)
             ]
             try:
-                documents = await self.aggregate([*pipeline, *unions])
+                # The first pipeline's documents are marked too: a stored field of
+                # that name must not say where a document came from
+                first = {"$addFields": {_UNION: 0}}
+                documents = await self.aggregate([*pipeline, first, *unions])
             except OperationFailure as exc:
                 if not _refuses_union(exc):
                     raise
@@ -420,6 +424,8 @@ class Adapter:
     """What differs between the kinds of client: chosen once per store or broker."""
 
     collection_class: type[Collection] = Collection
+    #: Whether the client decodes BSON (an in-process fake stores Python objects)
+    decodes_bson = True
 
     def __init__(self, client: Any) -> None:
         self.client = client
@@ -438,7 +444,16 @@ class Adapter:
         if self.write_concern().is_server_default:
             options["write_concern"] = MAJORITY
 
-        raw = self.client[database].get_collection(name, **options)
+        db = self.client[database]
+        if self.decodes_bson:
+            # A date outside Python's range (anyone who can write the database can
+            # store one) is read as a DatetimeMS, not raised as InvalidBSON from
+            # inside the driver, which no caller could skip past
+            options["codec_options"] = db.codec_options.with_options(
+                datetime_conversion=DatetimeConversion.DATETIME_AUTO
+            )
+
+        raw = db.get_collection(name, **options)
         return self.collection_class(raw, self.server)
 
     def write_concern(self) -> WriteConcern:
@@ -474,6 +489,7 @@ class _MongomockAdapter(_MotorAdapter):
     """mongomock-motor: no server commands, no topology, no write concerns."""
 
     collection_class = _MongomockCollection
+    decodes_bson = False
 
     @override
     def write_concern(self) -> WriteConcern:

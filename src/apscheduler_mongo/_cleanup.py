@@ -24,6 +24,7 @@ from ._marshalling import (
     is_from_schedule,
     released_event,
     result_for_document,
+    text_of,
 )
 from ._signing import Codec
 
@@ -128,7 +129,7 @@ class Cleanup:
 
         applied = await self._applied(updates, tags) if updates else set()
         return [
-            released_event(results[key], doc.get("acquired_by", ""), doc)
+            released_event(results[key], text_of(doc, "acquired_by") or "", doc)
             for key, doc in finishing.items()
             if key in applied
         ]
@@ -173,7 +174,9 @@ class Cleanup:
 
         return [
             ScheduleRemoved(
-                schedule_id=doc["_id"], task_id=doc.get("task_id", ""), finished=True
+                schedule_id=doc["_id"],
+                task_id=text_of(doc, "task_id") or "",
+                finished=True,
             )
             for doc in removed
         ]
@@ -186,7 +189,8 @@ class Cleanup:
                 "schedule_id", layout.live_jobs_of_schedules(list(finished))
             )
             for schedule_id in busy:
-                finished.pop(schedule_id, None)
+                if isinstance(schedule_id, str):  # others match no finished schedule
+                    finished.pop(schedule_id, None)
 
         if not finished:
             return []

@@ -81,6 +81,7 @@ from ._marshalling import (
     schedule_to_document,
     task_from_document,
     task_to_document,
+    text_of,
     uuid_to_bson,
 )
 from ._names import require_ids
@@ -496,7 +497,9 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
         await self._publish_all(
             ScheduleRemoved(
-                schedule_id=doc["_id"], task_id=doc.get("task_id", ""), finished=False
+                schedule_id=doc["_id"],
+                task_id=text_of(doc, "task_id") or "",
+                finished=False,
             )
             for doc in removed
         )

@@ -254,12 +254,42 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
     # Reading
 
     async def _deliver(self, document: Mapping[str, Any]) -> None:
-        """Deliver one event document locally, unless it was delivered already."""
+        """
+        Deliver one event document locally, unless it was delivered already.
+
+        Its signature is checked first: what a broker notes as delivered (the
+        publisher, its sequence number, the time) must not come from a forged
+        document, which could make it skip the events to come.
+        """
+        if not self._passes_check(document):
+            return
+
         new = self._delivered.is_new(document)
         if new is None:
             self._logger.warning("Ignoring a malformed event document %r", document)
         elif new:
             await self._publish_read(document)
+
+    def _passes_check(self, document: Mapping[str, Any]) -> bool:
+        """Check an event's signature; warn once for each run of those that fail."""
+        try:
+            self._codec.check(EVENTS, document, "payload")
+        except UnverifiedDataError as exc:
+            # A poll meets a dropped document again until newer events move past
+            if self._delivered.first_refusal(document):
+                if not self._refusing:
+                    self._logger.warning(
+                        "Dropping event %s, and those after it until one passes the "
+                        "check: %s",
+                        document.get("_id"),
+                        exc,
+                    )
+                self._refusing = True
+
+            return False
+
+        self._refusing = False
+        return True
 
     async def _publish_read(self, document: Mapping[str, Any]) -> None:
         payload = document.get("payload")
@@ -267,20 +297,6 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
             self._logger.warning("Ignoring event %s: no payload", document.get("_id"))
             return
 
-        try:
-            self._codec.check(EVENTS, document, "payload")
-        except UnverifiedDataError as exc:
-            if not self._refusing:
-                self._logger.warning(
-                    "Dropping event %s, and those after it until one passes the "
-                    "check: %s",
-                    document.get("_id"),
-                    exc,
-                )
-            self._refusing = True
-            return
-
-        self._refusing = False
         kind = document.get("type")
         if not isinstance(kind, str) or not events.is_event_type(kind):
             self._logger.warning(

@@ -26,6 +26,10 @@ POSITION_FIELDS = {"publisher": 1, "seq": 1, "at": 1}
 STREAM_PIPELINE = [{"$match": {"operationType": {"$in": ["insert", "invalidate"]}}}]
 
 
+#: How far ahead of the server's clock (as estimated at start) a stamp may be
+_STAMP_MARGIN = timedelta(seconds=1)
+
+
 def aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
@@ -77,16 +81,20 @@ class Delivered:
     ttl: timedelta
     #: The highest ``seq`` delivered per publisher, and when
     _last: dict[str, tuple[int, datetime]] = attrs.field(init=False, factory=dict)
-    #: The malformed event documents reported already (by ``repr`` of ``_id``)
+    #: The malformed or refused event documents reported already (by ``repr`` of
+    #: ``_id``)
     _malformed: dict[str, datetime] = attrs.field(init=False, factory=dict)
     #: The newest ``at`` stamp delivered (or seen at start), by the server's clock
     newest: datetime = attrs.field(
         init=False, factory=lambda: datetime.now(timezone.utc)
     )
+    #: How far the server's clock was ahead of this host's at start
+    _offset: timedelta = attrs.field(init=False, factory=timedelta)
 
     def skip_until(self, positions: list[Document], moment: datetime) -> None:
         """Mark the events already stored at ``moment`` (start) as delivered."""
         self.newest = aware(moment)
+        self._offset = self.newest - datetime.now(timezone.utc)
         for document in positions:
             publisher, seq = document.get("publisher"), document.get("seq")
             if isinstance(publisher, str) and isinstance(seq, int):
@@ -115,9 +123,21 @@ class Delivered:
 
         moment = aware(at) if isinstance(at, datetime) else datetime.now(timezone.utc)
         if isinstance(at, datetime):
-            self.newest = max(self.newest, moment)
+            # No stamp is from the future: one written there (``at`` is the server's,
+            # outside any signature) would make the polls skip what comes meanwhile
+            ceiling = datetime.now(timezone.utc) + self._offset + _STAMP_MARGIN
+            self.newest = max(self.newest, min(moment, ceiling))
 
         self._last[publisher] = (seq, moment)
+        return True
+
+    def first_refusal(self, document: Mapping[str, Any]) -> bool:
+        """Note an event document refused unread; tell whether it is the first time."""
+        key = repr(document.get("_id"))
+        if key in self._malformed:
+            return False
+
+        self._malformed[key] = datetime.now(timezone.utc)
         return True
 
     def unseen(self, lookback: timedelta) -> Document:

@@ -26,7 +26,12 @@ from . import _layout as layout
 from ._adapters import Collection
 from ._clock import ServerClock
 from ._layout import Document
-from ._marshalling import MalformedDocumentError, task_from_document, uuid_from_bson
+from ._marshalling import (
+    MalformedDocumentError,
+    task_from_document,
+    text_of,
+    uuid_from_bson,
+)
 from ._marshalling import uuid_to_bson as bson_id
 from ._planner import (
     Cap,
@@ -214,8 +219,8 @@ class JobAlarm:
         self._due = due
         self._event = JobAdded(
             job_id=job_id,
-            task_id=str(waiting.get("task_id")),
-            schedule_id=waiting.get("schedule_id"),
+            task_id=text_of(waiting, "task_id") or "",
+            schedule_id=text_of(waiting, "schedule_id"),
         )
         self._changed.set()
 

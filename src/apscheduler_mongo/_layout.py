@@ -49,7 +49,7 @@ SIGNED_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
         "call": ("args", "kwargs", "task_id"),
         "result": ("result.outcome", "result.return_value", "result.exception"),
     },
-    EVENTS: {"payload": ("payload", "type")},
+    EVENTS: {"payload": ("payload", "type", "publisher", "seq")},
 }
 
 #: The states of a job document (its ``state`` field)

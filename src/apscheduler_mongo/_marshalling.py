@@ -45,6 +45,8 @@ from ._signing import Codec
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
+#: A result kept this long would expire after the last datetime (year 9999)
+_LONGEST_KEPT = timedelta(days=365 * 7000)
 
 
 class MalformedDocumentError(ValueError):
@@ -341,9 +343,18 @@ def job_from_document(document: Mapping[str, Any], codec: Codec) -> Job:
             ),
         }
         # Job does not check these, and the scheduler looks them up in dictionaries
+        # (and its events carry them)
         for key in ("task_id", "executor"):
             if not isinstance(fields[key], str):
                 raise MalformedDocumentError(f"field {key!r} is not a string")
+
+        if not isinstance(fields["schedule_id"], (str, type(None))):
+            raise MalformedDocumentError("field 'schedule_id' is not a string")
+
+        # The scheduler adds it to the finish time: past the last datetime, it
+        # would raise there
+        if fields["result_expiration_time"] >= _LONGEST_KEPT:
+            raise MalformedDocumentError("field 'result_expiration_time' is too long")
 
         return Job(**fields)
     except _READ_ERRORS as exc:
@@ -479,15 +490,17 @@ def result_for_document(
 ) -> JobResult:
     """Build a result for a job known only by its (possibly damaged) document."""
     try:
-        expiration = duration_from_micros(document.get("result_expiration_time"))
-    except TypeError:
-        expiration = None
+        expires_at = now + (
+            duration_from_micros(document.get("result_expiration_time")) or timedelta(0)
+        )
+    except (TypeError, OverflowError):  # a hand-made expiration time
+        expires_at = now
 
     return JobResult(
         job_id=uuid_from_bson(document["_id"]),
         outcome=outcome,
         finished_at=now,
-        expires_at=now + (expiration or timedelta(0)),
+        expires_at=expires_at,
         exception=exception,
     )
 
@@ -530,6 +543,19 @@ def lease_expiry(document: Mapping[str, Any]) -> datetime | None:
         return None
 
 
+def text_of(document: Mapping[str, Any], key: str) -> str | None:
+    """
+    Return a field that an event carries, if it is a string (else ``None``).
+
+    Events are signed by the broker that publishes them: a field copied from a
+    document no signature covers (a job's ``schedule_id``, a lapsed job's owner)
+    must not carry anything but text into them, or the broker would vouch for an
+    object that a serializer rebuilds.
+    """
+    value = document.get(key)
+    return value if isinstance(value, str) else None
+
+
 def released_event(
     result: JobResult, scheduler_id: str, document: Mapping[str, Any]
 ) -> JobReleased:
@@ -537,7 +563,7 @@ def released_event(
     return JobReleased.from_result(
         result,
         scheduler_id,
-        document.get("task_id", ""),
-        document.get("schedule_id"),
+        text_of(document, "task_id") or "",
+        text_of(document, "schedule_id"),
         scheduled_fire_time(document),
     )

@@ -30,6 +30,9 @@ import attrs
 from apscheduler import DeserializationError
 from apscheduler.abc import Serializer
 from bson import Binary, encode
+from bson.binary import UuidRepresentation
+from bson.codec_options import CodecOptions
+from bson.errors import InvalidDocument
 
 from ._layout import MAC_FIELD, SIGNED_PARTS, Document, signature_of
 
@@ -39,6 +42,11 @@ KEY_VARIABLE = "APSCHEDULER_MONGO_SIGNING_KEY"
 MIN_KEY_BYTES = 16
 #: Separates the keys of a rotation in the environment variable or a key file
 _KEY_SEPARATOR = re.compile(r"[,\s]+")
+#: How a message is encoded: UUIDs (at any depth, however a client decodes them)
+#: as BSON's standard binary subtype 4
+_MESSAGE_CODEC: CodecOptions[Any] = CodecOptions(
+    uuid_representation=UuidRepresentation.STANDARD
+)
 #: Tells this scheme's messages from any other use of the same key
 _DOMAIN = b"apscheduler-mongo/mac/1\x00"
 
@@ -173,7 +181,7 @@ def _message(
         "p": part,
         "v": [_canonical(value) for value in values],
     }
-    return _DOMAIN + encode(body)
+    return _DOMAIN + encode(body, codec_options=_MESSAGE_CODEC)
 
 
 def value_at(document: Mapping[str, Any], path: str) -> Any:
@@ -308,9 +316,15 @@ class Codec:
             raise UnverifiedDataError(f"its {part!r} part carries no signature")
 
         values = _values(collection, part, document)
-        if not isinstance(signature, bytes) or not self.signer.verify(
-            collection, document.get("_id"), part, values, signature
-        ):
+        try:
+            valid = isinstance(signature, bytes) and self.signer.verify(
+                collection, document.get("_id"), part, values, signature
+            )
+        except (InvalidDocument, TypeError, ValueError, OverflowError) as exc:
+            # A value the message cannot hold: no one signed that
+            raise UnverifiedDataError(f"its {part!r} part cannot be checked") from exc
+
+        if not valid:
             raise UnverifiedDataError(
                 f"the signature of its {part!r} part does not match (changed by "
                 f"someone without the key, or signed with a key this store lacks)"

@@ -14,12 +14,15 @@ from logging import Logger
 import attrs
 from apscheduler import AsyncScheduler, RetrySettings, Schedule
 from apscheduler.abc import Serializer
+from apscheduler.serializers.json import JSONSerializer
+from apscheduler.serializers.pickle import PickleSerializer
 
 from .. import _layout as layout
 from .._datastore import MongoDBDataStore
 from .._eventbroker import MongoDBEventBroker
 from .._layout import ACQUIRED
 from .._signing import Signer
+from ..serializers import SafeCBORSerializer, SafeJSONSerializer, SafePickleSerializer
 from .status import NotFoundError, Reader, quarantine_reason
 
 
@@ -45,14 +48,17 @@ def action_scheduler(
     Start it (``async with``) only on a database that holds a store (see
     :func:`.status.require_store`): starting the store creates its collections.
     A store whose schedulers sign needs the key here too: a change rewrites the
-    schedule, which must stay signed (and is checked before it is read).
+    schedule, which must stay signed (and is checked before it is read). Without
+    a key, nothing read can be authenticated: the schedule is read with the safe
+    counterpart of ``serializer`` (:func:`restricted`), so that a change made
+    from an operator's host runs no stored code, whatever the database holds.
 
     :raises ValueError: if an option has a bad value
     """
     store = MongoDBDataStore(
         client,
         database=database,
-        serializer=serializer,
+        serializer=serializer if signing_key is not None else restricted(serializer),
         retry_settings=retry_settings,
         signing_key=signing_key,
         accept_unsigned=accept_unsigned,
@@ -68,6 +74,31 @@ def action_scheduler(
         accept_unsigned=accept_unsigned,
     )
     return AsyncScheduler(store, broker, logger=logger)
+
+
+def restricted(serializer: Serializer) -> Serializer:
+    """
+    Return the counterpart of one of APScheduler's serializers that rebuilds only
+    allowed classes (:mod:`apscheduler_mongo.serializers`); others as they are.
+
+    It writes the same bytes: a schedule changed through it reads back the same.
+    """
+    if isinstance(serializer, (SafePickleSerializer, SafeJSONSerializer)):
+        return serializer
+
+    if isinstance(serializer, PickleSerializer):
+        return SafePickleSerializer(protocol=serializer.protocol)
+
+    if isinstance(serializer, JSONSerializer):
+        return SafeJSONSerializer(magic_key=serializer.magic_key)
+
+    # Told by name: its module needs cbor2, an optional dependency
+    if type(serializer).__name__ == "CBORSerializer" and not isinstance(
+        serializer, SafeCBORSerializer
+    ):
+        return SafeCBORSerializer(type_tag=getattr(serializer, "type_tag", 4664))
+
+    return serializer
 
 
 def innermost(exc: BaseException) -> BaseException:

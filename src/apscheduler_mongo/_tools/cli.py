@@ -64,6 +64,8 @@ environment:
                the store's signing key(s), separated by commas, the first one
                signing (the default of --key-file)
 """
+#: How many of the parts ``sign`` left without a signature it names
+_LISTED = 20
 #: The largest number MongoDB takes as a limit (a signed 64-bit integer)
 _MAX_LIMIT = 2**63 - 1
 
@@ -299,13 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     sign = add(
         "sign",
         "sign the documents the store holds",
-        "Sign every task, schedule and job part that carries no signature (rolling "
-        "signing out), and sign again those signed with another of the keys than "
-        "the first (after a rotation). Nothing is deserialized: parts are signed as "
-        "stored. This vouches for what the database holds now: run it only on a "
-        "database you trust as it stands. A wrong signature is left alone and "
-        "reported (exit status 1). Needs the key: --key-file or "
-        "APSCHEDULER_MONGO_SIGNING_KEY.",
+        "Sign again with the first key the task, schedule and job parts signed "
+        "with another of the keys (after a rotation) and, with --adopt-unsigned, "
+        "those that carry no signature (rolling signing out). Nothing is "
+        "deserialized: parts are signed as stored. Adopting vouches for what the "
+        "database holds now: do it only on a database you trust as it stands. A "
+        "wrong signature, or a part left unsigned, is listed (exit status 1). "
+        "Needs the key: --key-file or APSCHEDULER_MONGO_SIGNING_KEY.",
     )
     _key_options(sign)
     sign.add_argument(
@@ -316,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="an allowed callable ('module:qualname' or 'module:*'), as the "
         "store's allowed_callables; repeat it for more. Tasks outside are left "
         "unsigned and reported",
+    )
+    sign.add_argument(
+        "--adopt-unsigned",
+        action="store_true",
+        help="also sign the parts that carry no signature (rolling signing out on a "
+        "store that ran without a key); without it they are left alone and "
+        "listed, since on a signed store they were written without the key",
     )
     sign.add_argument(
         "--dry-run",
@@ -462,7 +471,9 @@ async def _sign(
         kind: reader.adapter.collection(reader.database_name, kind) for kind in kinds
     }
     retry = partial(retrying, reader.retry_settings, reader.logger)
-    signing = StoreSigner(collections, signer, retry, allowed, args.dry_run)
+    signing = StoreSigner(
+        collections, signer, retry, allowed, args.dry_run, args.adopt_unsigned
+    )
     report = await signing.run()
     would = "would sign" if args.dry_run else "signed"
     _say(
@@ -474,7 +485,16 @@ async def _sign(
     for kind, document_id, part, reason in report.refused:
         _say(f"left unsigned: {kind} {document_id} ({part}): {reason}")
 
-    return EXIT_NOT_FOUND if report.refused else EXIT_OK
+    for kind, document_id, part in report.unsigned[:_LISTED]:
+        _say(f"carries no signature, left alone: {kind} {document_id} ({part})")
+
+    if len(report.unsigned) > _LISTED:
+        _say(f"... and {len(report.unsigned) - _LISTED} more without a signature")
+
+    if report.unsigned:
+        _say("(--adopt-unsigned signs them: look at them first, with status)")
+
+    return EXIT_NOT_FOUND if report.refused or report.unsigned else EXIT_OK
 
 
 async def _change_schedule(

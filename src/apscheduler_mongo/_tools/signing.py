@@ -1,12 +1,12 @@
 """
 What ``apscheduler-mongo sign`` does: sign the documents a store already holds.
 
-For rolling signing out on a store that has run without a key, and for re-signing
-with a new key after a rotation. Nothing stored is deserialized or imported: a part
-is signed over its stored bytes, as they are. Running it vouches for what the
-database holds now, so it is for a database the operator trusts as it stands; a
-part whose signature is wrong (changed by someone without the key) is left alone
-and reported, never re-signed.
+For re-signing with the first key after a rotation and, with ``adopt_unsigned``,
+for rolling signing out on a store that has run without a key. Nothing stored is
+deserialized or imported: a part is signed over its stored bytes, as they are.
+Adopting unsigned parts vouches for what the database holds now, so it is for a
+database the operator trusts as it stands; a part whose signature is wrong (changed
+by someone without the key) is left alone and reported, never signed again.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ BATCH = 500
 class SignReport:
     """What signing a store did, part by part."""
 
-    #: Parts that carried no signature and were signed
+    #: Parts that carried no signature and were signed (``adopt_unsigned``)
     signed: int = 0
+    #: Parts that carry no signature, left so: (kind, document id, part)
+    unsigned: list[tuple[str, str, str]] = attrs.field(factory=list)
     #: Parts signed with an older key, signed again with the first
     re_signed: int = 0
     #: Parts already signed with the first key
@@ -52,6 +54,11 @@ class StoreSigner:
     retry: Callable[[], AsyncRetrying]
     allowed: AllowedCallables | None = None
     dry_run: bool = False
+    #: Sign the parts that carry no signature too (rolling signing out). Without
+    #: it, only parts that a key verifies are signed again: on a signed store, an
+    #: unsigned part is someone's write without the key (one a paused schedule
+    #: keeps from being quarantined, say), which signing would vouch for
+    adopt_unsigned: bool = False
     report: SignReport = attrs.field(factory=SignReport)
 
     async def run(self) -> SignReport:
@@ -118,6 +125,9 @@ class StoreSigner:
                 return None
 
             self.report.re_signed += 1
+        elif not self.adopt_unsigned:
+            self.report.unsigned.append((kind, repr(document_id), part))
+            return None
         elif kind == layout.TASKS and self.allowed is not None:
             if not self.allowed.allows(document.get("func")):
                 reason = f"its callable {document.get('func')!r} is not allowed"
