@@ -1146,7 +1146,7 @@ class TestSigning:
         assert cli("pause", "nightly") == 0
         [document] = cli.documents("schedules", {"_id": "nightly"})
         assert document["paused"] is True
-        codec = Codec(PickleSerializer(), Signer(SIGNING_KEY))
+        codec = Codec(PickleSerializer(), Signer(SIGNING_KEY), scope=cli.database)
         codec.check("schedules", document, "call")
         codec.check("schedules", document, "trigger")
 

@@ -129,6 +129,13 @@ class TestSigner:
         with pytest.raises(UnverifiedDataError):
             schedule_from_document(document, codec(NEW_KEY))
 
+    def test_splicing_into_another_database(self) -> None:
+        """Stores that share a key do not accept each other's documents."""
+        document = schedule_to_document(schedule(), codec(NEW_KEY, scope="a"))
+        assert schedule_from_document(document, codec(NEW_KEY, scope="a")).id == "s"
+        with pytest.raises(UnverifiedDataError):
+            schedule_from_document(document, codec(NEW_KEY, scope="b"))
+
     def test_splicing_into_another_kind_of_document(self) -> None:
         """A job's signed call does not verify as a schedule's with the same id."""
         job = Job(task_id="t", executor="async")
@@ -214,7 +221,8 @@ class TestAllowedCallables:
         "ref, allowed",
         [
             ("myapp.tasks:send_report", True),
-            ("myapp.tasks:Report.run", True),
+            ("myapp.tasks:Report.run", False),  # "*" is one top-level name
+            ("myapp.tasks:os.system", False),
             ("myapp.tasks.sub:send_report", False),
             ("myapp.other:send_report", False),
             ("os:system", False),
@@ -536,7 +544,8 @@ async def _sign_stored(client: Any, database_name: str, **options: Any) -> SignR
     kinds = ("tasks", "schedules", "jobs")
     collections = {kind: adapter.collection(database_name, kind) for kind in kinds}
     retry = partial(retrying, RetrySettings(), logging.getLogger("tests"))
-    return await StoreSigner(collections, retry=retry, **options).run()
+    scope = database_name
+    return await StoreSigner(collections, scope=scope, retry=retry, **options).run()
 
 
 class TestSignCommand:
@@ -635,7 +644,7 @@ class TestSignCommand:
         ]
         document = await database["schedules"].find_one({"_id": "s"})
         assert Signer(OLD_KEY).verify(
-            "schedules",
+            f"{database.name}.schedules",
             "s",
             "trigger",
             [document["trigger"]],

@@ -182,6 +182,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             self.signing_key,
             self.accept_unsigned,
             self.allowed_callables,
+            self.database,
         )
 
     def __repr__(self) -> str:

@@ -137,7 +137,9 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
     @property
     def _codec(self) -> Codec:
         """How this broker signs and checks event documents."""
-        return Codec(self.serializer, self.signing_key, self.accept_unsigned)
+        return Codec(
+            self.serializer, self.signing_key, self.accept_unsigned, scope=self.database
+        )
 
     @property
     def active_mode(self) -> str:

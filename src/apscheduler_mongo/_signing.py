@@ -209,8 +209,9 @@ class AllowedCallables:
     The task callables a store hands to schedulers: ``module:qualname`` patterns.
 
     ``"myapp.tasks:send_report"`` allows that one callable, ``"myapp.tasks:*"``
-    every callable of the module ``myapp.tasks`` (not of its submodules). A
-    reference is compared as text, before anything is imported.
+    every callable the module ``myapp.tasks`` defines at its top level (not those
+    of its submodules, nor ``Class.method``: name those). A reference is compared
+    as text, before anything is imported.
     """
 
     patterns: tuple[str, ...]
@@ -251,7 +252,12 @@ class AllowedCallables:
         module, _, name = ref.partition(":")
         for pattern in self.patterns:
             allowed_module, _, allowed_name = pattern.partition(":")
-            if module == allowed_module and allowed_name in ("*", name):
+            if module != allowed_module:
+                continue
+
+            # "*" is one name defined in the module: a dotted one would reach
+            # through an attribute (a module it imported, say) to elsewhere
+            if allowed_name == name or (allowed_name == "*" and "." not in name):
                 return True
 
         return False
@@ -267,12 +273,15 @@ class Codec:
     :param accept_unsigned: while rolling signing out, accept documents that carry
         no signature at all (a wrong signature is never accepted)
     :param allowed: the task callables this store hands out (``None``: any)
+    :param scope: the database whose documents these are: a signature made for one
+        database does not verify in another (stores that share a key)
     """
 
     serializer: Serializer
     signer: Signer | None = None
     accept_unsigned: bool = False
     allowed: AllowedCallables | None = None
+    scope: str = ""
 
     def sign(self, collection: str, document: Document, *parts: str) -> None:
         """Put the signatures of ``parts`` (all of the kind's, if none) in place."""
@@ -282,7 +291,9 @@ class Codec:
         macs = document.setdefault(MAC_FIELD, {})
         for part in parts or SIGNED_PARTS[collection]:
             values = _values(collection, part, document)
-            macs[part] = self.signer.sign(collection, document["_id"], part, values)
+            macs[part] = self.signer.sign(
+                namespace(self.scope, collection), document["_id"], part, values
+            )
 
     def signed_changes(
         self, collection: str, document_id: object, part: str, changes: Document
@@ -295,7 +306,9 @@ class Codec:
             return {}
 
         values = _values(collection, part, changes)
-        signature = self.signer.sign(collection, document_id, part, values)
+        signature = self.signer.sign(
+            namespace(self.scope, collection), document_id, part, values
+        )
         return {f"{MAC_FIELD}.{part}": signature}
 
     def check(self, collection: str, document: Mapping[str, Any], part: str) -> None:
@@ -318,7 +331,11 @@ class Codec:
         values = _values(collection, part, document)
         try:
             valid = isinstance(signature, bytes) and self.signer.verify(
-                collection, document.get("_id"), part, values, signature
+                namespace(self.scope, collection),
+                document.get("_id"),
+                part,
+                values,
+                signature,
             )
         except (InvalidDocument, TypeError, ValueError, OverflowError) as exc:
             # A value the message cannot hold: no one signed that
@@ -340,6 +357,11 @@ class Codec:
             raise DisallowedCallableError(
                 f"the callable {ref!r} is not among this store's allowed_callables"
             )
+
+
+def namespace(scope: str, kind: str) -> str:
+    """Return where a kind of document lives, as a signature binds it."""
+    return f"{scope}.{kind}"
 
 
 def _values(collection: str, part: str, document: Mapping[str, Any]) -> list[Any]:

@@ -472,7 +472,13 @@ async def _sign(
     }
     retry = partial(retrying, reader.retry_settings, reader.logger)
     signing = StoreSigner(
-        collections, signer, retry, allowed, args.dry_run, args.adopt_unsigned
+        collections,
+        signer,
+        reader.database_name,
+        retry,
+        allowed,
+        args.dry_run,
+        args.adopt_unsigned,
     )
     report = await signing.run()
     would = "would sign" if args.dry_run else "signed"

@@ -20,7 +20,7 @@ from tenacity import AsyncRetrying
 from .. import _layout as layout
 from .._adapters import Collection, Update
 from .._layout import Document
-from .._signing import AllowedCallables, Signer, value_at
+from .._signing import AllowedCallables, Signer, namespace, value_at
 
 #: How many documents are read (and written) at a time
 BATCH = 500
@@ -50,6 +50,8 @@ class StoreSigner:
 
     collections: Mapping[str, Collection]
     signer: Signer
+    #: The database's name (signatures bind it)
+    scope: str
     #: Makes the loop that retries temporary failures
     retry: Callable[[], AsyncRetrying]
     allowed: AllowedCallables | None = None
@@ -108,10 +110,11 @@ class StoreSigner:
             return None  # the document holds no such part (a job without a result)
 
         document_id = document["_id"]
+        where = namespace(self.scope, kind)
         signature = layout.signature_of(document, part)
         if signature is not None:
             index = (
-                self.signer.signer_of(kind, document_id, part, values, signature)
+                self.signer.signer_of(where, document_id, part, values, signature)
                 if isinstance(signature, bytes)
                 else -1
             )
@@ -137,7 +140,7 @@ class StoreSigner:
         if signature is None:
             self.report.signed += 1
 
-        new = self.signer.sign(kind, document_id, part, values)
+        new = self.signer.sign(where, document_id, part, values)
         unchanged = layout.unchanged_fields(
             document_id, dict(zip(paths, values, strict=True))
         )
