@@ -693,15 +693,29 @@ class _Writer:
         return shorten(f"{text}..." if self.stopped else text, self.limit)
 
 
-def _name(value: object, memo: dict[int, bool] | None = None) -> str:
-    """Show a name the data gave: as it is if plain, else as a value (cut)."""
+def _name(value: object) -> str:
+    """
+    Show a name the data gave: as it is if plain, else as a value (cut).
+
+    Inside a walk (see :class:`_Writer`), a name that is not a string is written
+    by the walk instead (its visits counted), see :class:`_ValueKey`.
+    """
     if isinstance(value, str):
         if len(value) <= _NAME_LIMIT and _PLAIN_NAME.match(value):
             return value
 
         return shown(value[: _NAME_LIMIT + 1], _NAME_LIMIT)
 
-    return _render(_NAME_LIMIT, lambda out: _write(out, value, 0), memo)
+    return _show(value, _NAME_LIMIT)
+
+
+class _ValueKey:
+    """A keyword that is not a string (as pickles can give), shown as a value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
 
 
 def _as_bytes(value: object) -> bytes | None:
@@ -758,14 +772,20 @@ def _moment(name: str, args: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]] | N
     return None
 
 
-def _write_items(
-    out: _Writer, items: Iterable[tuple[str | None, Any]], depth: int
-) -> None:
+#: An item that shows a value: ``(None, value)``, or ``(key, value)`` for
+#: ``key=value`` (the key as text, or a value to write as the key)
+_Item = tuple[str | _ValueKey | None, Any]
+
+
+def _write_items(out: _Writer, items: Iterable[_Item], depth: int) -> None:
     """Write ``value`` or ``key=value`` items, comma separated."""
     for index, (key, value) in enumerate(items):
         if index:
             out.write(", ")
-        if key is not None:
+        if isinstance(key, _ValueKey):
+            _write(out, key.value, depth)
+            out.write("=")
+        elif key is not None:
             out.write(f"{key}=")
         _write(out, value, depth)
 
@@ -797,7 +817,7 @@ def _keywords(out: _Writer, value: object) -> Iterable[tuple[str, Any]] | None:
     return entries if known else None
 
 
-def _state_items(out: _Writer, state: object) -> Iterable[tuple[str | None, Any]]:
+def _state_items(out: _Writer, state: object) -> Iterable[_Item]:
     """Return the items that show a recorded state: ``key=value`` where it can."""
     if isinstance(state, tuple) and len(state) == 2:
         # (__dict__ or None, slot values): how objects with __slots__ pickle
@@ -839,14 +859,12 @@ def _zone_key(callee: _Stored, args: tuple[Any, ...]) -> str | None:
     return None
 
 
-def _call_items(
-    out: _Writer, value: _Stored, args: tuple[Any, ...]
-) -> Iterator[tuple[str | None, Any]]:
+def _call_items(out: _Writer, value: _Stored, args: tuple[Any, ...]) -> Iterator[_Item]:
     """Yield the items that show a call: its arguments and what it recorded."""
     for arg in args:
         yield None, arg
     for key, item in value._kwargs:
-        yield _name(key, out.memo), item
+        yield (_name(key) if isinstance(key, str) else _ValueKey(key)), item
     for state in value._state:
         yield from _state_items(out, state)
     if value._items:
@@ -913,7 +931,11 @@ def _as_marshalled(value: object) -> _Marshalled | None:
 
 
 def _write_marshalled(out: _Writer, ref: object, state: object, depth: int) -> None:
-    out.write(f"{_name(ref, out.memo)}(")
+    if isinstance(ref, str):
+        out.write(_name(ref))
+    else:
+        _write(out, ref, depth + 1)
+    out.write("(")
     if state is not None:
         _write_items(out, _state_items(out, state), depth + 1)
     out.write(")")
@@ -1058,9 +1080,7 @@ def _keyword_arguments(named: object) -> Iterable[tuple[str, Any]] | None:
     return entries
 
 
-def _argument_parts(
-    positional: object, named: object, memo: dict[int, bool]
-) -> Iterator[tuple[str | None, Any]]:
+def _argument_parts(positional: object, named: object) -> Iterator[_Item]:
     """Yield the parts of decoded arguments: ``(None, arg)``, ``(name, arg)``, or
     ``("*", args)`` and ``("**", kwargs)`` for what is not a list or a dict."""
     if isinstance(positional, (list, tuple)):
@@ -1072,7 +1092,7 @@ def _argument_parts(
     entries = _keyword_arguments(named)
     if entries is not None:
         for key, value in entries:
-            yield _name(key, memo), value
+            yield _name(key), value
     elif named is not None:
         yield "**", named
 
@@ -1091,7 +1111,7 @@ def describe_arguments(args: object, kwargs: object, limit: int = LIMIT) -> str:
         return f"kwargs: {named}"
 
     memo: dict[int, bool] = {}
-    parts = _argument_parts(positional, named, memo)
+    parts = _argument_parts(positional, named)
 
     def write(out: _Writer) -> None:
         for index, (key, value) in enumerate(parts):
