@@ -23,6 +23,8 @@ from typing import Any
 
 import anyio
 import attrs
+import bson
+import bson.errors
 import pytest
 from apscheduler import (
     AsyncScheduler,
@@ -651,10 +653,13 @@ class TestUntrustedData:
             "schedules", {"_id": "nightly"}, {"args": pickle.dumps((1, HUGE_INTEGER))}
         )
         finished = to_micros(datetime.now(timezone.utc))
-        cli.insert(
-            "jobs",
-            {"_id": Binary(b"odd", 4), "state": "finished", "finished_time": finished},
-        )
+        odd = {"_id": Binary(b"odd", 4), "state": "finished", "finished_time": finished}
+        # pymongo before 4.19 refuses to decode such a binary at all (InvalidBSON,
+        # from inside the driver): no reader can show it there
+        short_uuids = cli.tier == "mongomock" or _decodes(odd)
+        if short_uuids:
+            cli.insert("jobs", odd)
+
         cli.insert(
             "tasks", {"_id": 7, "func": {"not": "a name"}, "max_running_jobs": "2"}
         )
@@ -662,7 +667,9 @@ class TestUntrustedData:
         captured = capsys.readouterr()
         cannot = "(cannot be shown: ValueError: Exceeds the limit"
         assert row(captured.out, "nightly")[7].startswith(f"1, {cannot}")
-        assert row(captured.out, "Binary(b'odd', 4)")[1:4] == ["-", "-", "-"]
+        if short_uuids:
+            assert row(captured.out, "Binary(b'odd', 4)")[1:4] == ["-", "-", "-"]
+
         assert row(captured.out, "7") == ["7", "{'not': 'a name'}", "-", "'2'", "0"]
         assert row(captured.out, "report")[1] == "myapp.jobs:send_report"
         assert captured.err == ""
@@ -671,7 +678,19 @@ class TestUntrustedData:
         status = json.loads(capsys.readouterr().out)
         (nightly,) = [s for s in status["schedules"] if s["id"] == "nightly"]
         assert nightly["arguments"].startswith(f"1, {cannot}")
-        assert "Binary(b'odd', 4)" in [result["job_id"] for result in status["results"]]
+        if short_uuids:
+            job_ids = [result["job_id"] for result in status["results"]]
+            assert "Binary(b'odd', 4)" in job_ids
+
+
+def _decodes(document: dict[str, Any]) -> bool:
+    """Tell whether this pymongo decodes ``document`` (as the wire tier reads it)."""
+    try:
+        bson.decode(bson.encode(document))
+    except bson.errors.InvalidBSON:
+        return False
+
+    return True
 
 
 def test_format_table() -> None:

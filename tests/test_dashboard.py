@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import bson
+import bson.errors
 import httpx
 import pytest
 import uvicorn
@@ -295,7 +297,7 @@ class TestUntrustedData:
         assert 'class="remove"' in set_aside
 
     async def test_one_value_that_cannot_be_shown(
-        self, store: MongoDBDataStore, client: Any, database: Any
+        self, tier: str, store: MongoDBDataStore, client: Any, database: Any
     ) -> None:
         """An integer too long for repr, a UUID of three bytes, odd ids and names."""
         await add_task(store)
@@ -303,13 +305,17 @@ class TestUntrustedData:
         await database["schedules"].update_one(
             {"_id": "huge"}, {"$set": {"args": pickle.dumps((1, HUGE_INTEGER))}}
         )
-        await database["jobs"].insert_one(
-            {
-                "_id": Binary(b"odd", 4),
-                "state": "finished",
-                "finished_time": to_micros(datetime.now(timezone.utc)),
-            }
-        )
+        odd = {
+            "_id": Binary(b"odd", 4),
+            "state": "finished",
+            "finished_time": to_micros(datetime.now(timezone.utc)),
+        }
+        # pymongo before 4.19 refuses to decode such a binary at all (InvalidBSON,
+        # from inside the driver): no reader can show it there
+        short_uuids = tier == "mongomock" or _decodes(odd)
+        if short_uuids:
+            await database["jobs"].insert_one(odd)
+
         await database["tasks"].insert_one({"_id": 7, "func": {"not": "a name"}})
         async with browsing(Dashboard(client, database=database.name)) as http:
             reply = await http.get("/")
@@ -321,10 +327,22 @@ class TestUntrustedData:
             in _row(page, "huge")
         )
         assert '<td class="args">&#39;ok&#39;</td>' in _row(page, "fine")
-        assert 'data-result="Binary(b&#39;odd&#39;, 4)"' in page
+        if short_uuids:
+            assert 'data-result="Binary(b&#39;odd&#39;, 4)"' in page
+
         assert (
             '<tr data-task="7"><td>7</td><td>{&#39;not&#39;: &#39;a name&#39;}' in page
         )
+
+
+def _decodes(document: dict[str, Any]) -> bool:
+    """Tell whether this pymongo decodes ``document`` (as the wire tier reads it)."""
+    try:
+        bson.decode(bson.encode(document))
+    except bson.errors.InvalidBSON:
+        return False
+
+    return True
 
 
 class TestNoStore:

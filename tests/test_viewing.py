@@ -211,9 +211,11 @@ class TestBenignValues:
         assert describe_error(pickle.dumps(ValueError("boom"))) == "ValueError: boom"
         assert describe_error(pickle.dumps(KeyError("a", 1))) == "KeyError: ('a', 1)"
         assert describe_error(pickle.dumps(RuntimeError())) == "RuntimeError"
-        # APScheduler's JSON and CBOR forms of an exception keep no message
-        for serializer in (JSONSerializer(), CBORSerializer()):
-            assert describe_error(serializer.serialize(OSError("x"))) == "OSError"
+        # APScheduler's JSON and CBOR forms of an exception keep no message (and,
+        # before Python 3.11, cannot be written at all: no object.__getstate__)
+        if sys.version_info >= (3, 11):
+            for serializer in (JSONSerializer(), CBORSerializer()):
+                assert describe_error(serializer.serialize(OSError("x"))) == "OSError"
 
         assert describe_error(pickle.dumps("not an error")) == "'not an error'"
 

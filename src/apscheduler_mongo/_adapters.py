@@ -103,8 +103,12 @@ def _discard_outcome(call: asyncio.Future[Any]) -> None:
 
 
 async def abandoned_calls_ended() -> None:
-    """Wait for the calls that cancelled callers left running to end."""
-    if calls := [call for call in _abandoned if not call.done()]:
+    """Wait for the calls that cancelled callers left running (in this loop) to end."""
+    loop = asyncio.get_running_loop()
+    # Another loop's calls (one that ended without them, as a test's may) are not
+    # this loop's to wait for: asyncio.wait() would refuse them
+    calls = [call for call in _abandoned if not call.done() and call.get_loop() is loop]
+    if calls:
         await asyncio.wait(calls)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -724,7 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = args.command
         return _run(args)
-    except KeyboardInterrupt:
+    # On Python 3.10, the event loop's runner turns Ctrl-C into the cancellation of
+    # the command's task, which then escapes anyio.run() as CancelledError
+    except (KeyboardInterrupt, asyncio.CancelledError):
         outcome = " (the change may or may not have been made)"
         return _fail(
             EXIT_INTERRUPTED, f"interrupted{outcome if command in _CHANGES else ''}"
