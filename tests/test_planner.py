@@ -77,23 +77,19 @@ def holder(task_id: str = "task", **fields: Any) -> Document:
 
 def summaries(holders: list[Document]) -> list[Document]:
     """
-    Return what a claim reads of ``holders``: per task, a count and each running
-    job's id and slot key (the ``$group`` of ``RUNNING_JOBS``).
+    Return what a claim reads of ``holders`` (``holdings()``): one document listing,
+    per task, a count and each job holding a slot, with its key.
     """
     by_task: dict[str, Document] = {}
     for job in holders:
-        summary = by_task.setdefault(
-            job["task_id"], {"_id": job["task_id"], "running": 0, "jobs": []}
+        entry = by_task.setdefault(
+            job["task_id"], {"task": job["task_id"], "running": 0, "held": []}
         )
-        summary["running"] += 1
-        summary["jobs"].append(
-            {
-                "_id": job["_id"],
-                **({"slot_key": job["slot_key"]} if "slot_key" in job else {}),
-            }
-        )
+        entry["running"] += 1
+        if job.get("slot_key"):
+            entry["held"].append({"job": job["_id"], "key": job["slot_key"]})
 
-    return list(by_task.values())
+    return [{"_id": None, "tasks": list(by_task.values())}] if by_task else []
 
 
 def slots_left(holders: list[Document]) -> Slots:

@@ -57,6 +57,8 @@ from ._job_claims import (
     ClaimedTasks,
     ClaimRead,
     JobAlarm,
+    TaskLimits,
+    limit_of,
     plan_job_claim,
     running_count,
 )
@@ -168,6 +170,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     #: Claims never delivered, kept across restarts of this store (see ``Leases``)
     _unconfirmed_claims: set[Claim] = attrs.field(init=False, factory=set)
     _claimed_tasks: ClaimedTasks = attrs.field(init=False, factory=ClaimedTasks)
+    #: Which tasks are capped, and their free slots, as far as this store knows
+    _limits: TaskLimits = attrs.field(init=False, factory=TaskLimits)
+    #: The schedulers that claimed jobs through this store
+    _claimants: set[str] = attrs.field(init=False, factory=set)
     #: The server's clock, which judges leases, due times and expiry
     _clock: ServerClock = attrs.field(init=False, factory=ServerClock)
     _timekeeper: Timekeeper = attrs.field(init=False)
@@ -246,6 +252,14 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         announce = getattr(event_broker, "publish_local", event_broker.publish)
         self._alarm = JobAlarm(self._clock, announce)
         self._task_group.start_soon(self._alarm.run)
+        exit_stack.enter_context(
+            event_broker.subscribe(self._released_elsewhere, {JobReleased})
+        )
+
+    def _released_elsewhere(self, event: Event) -> None:
+        """Note that another scheduler released a job: its task may have a slot."""
+        if isinstance(event, JobReleased) and event.scheduler_id not in self._claimants:
+            self._limits.released(event.task_id)
 
     async def _refuse_foreign_store(self, adapter: Adapter) -> None:
         """
@@ -298,6 +312,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
     async def add_task(self, task: Task) -> None:
         self._claimed_tasks.forget(task.id)
+        self._limits.learn(task.id, limit_of(task.max_running_jobs))
         document = task_to_document(task, self._codec)
         async for attempt in self._retry():
             with attempt:
@@ -313,6 +328,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     async def remove_task(self, task_id: str) -> None:
         [task_id] = require_ids([task_id], "task_id")
         self._claimed_tasks.forget(task_id)
+        self._limits.forget(task_id)
         async for attempt in self._retry():
             with attempt:
                 result = await self._tasks.delete_one(layout.by_id(task_id))
@@ -805,6 +821,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     async def acquire_jobs(
         self, scheduler_id: str, lease_duration: timedelta, limit: int | None = None
     ) -> list[Job]:
+        self._claimants.add(scheduler_id)
         token = layout.new_token()
         reads: list[ClaimRead] = []
 
@@ -818,7 +835,9 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 self._codec,
                 self._logger,
             )
-            read = await plan_job_claim(self._jobs, self._tasks, context, limit)
+            read = await plan_job_claim(
+                self._jobs, self._tasks, context, limit, self._limits
+            )
             reads.append(read)
             return read.plan.chosen
 
@@ -828,6 +847,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             plans = [read.plan for read in reads]
             acquired, events = self._handed_out(scheduler_id, documents, plans)
             if reads:
+                self._limits.settle(reads[-1], acquired)
                 self._claimed_tasks.remember(reads[-1], acquired)
                 if (waiting := reads[-1].next_waiting) is not None:
                     self._alarm.set(waiting)
@@ -895,6 +915,9 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                     # A retry after a lost reply finds the document finished by us
                     written = await self._written_by(query["_id"], tag)
 
+        # Once the slot is free in the database: a claim begun before this reads
+        # the job as running, and counts this release as a slot freed since
+        self._limits.released(job.task_id)
         if not written:
             self._logger.warning(
                 "Discarding the result of job %s: scheduler %r no longer holds its "
@@ -973,6 +996,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
     async def reap_abandoned_jobs(self, scheduler_id: str) -> None:
         self._claimed_tasks.forget()
+        self._limits.unsure()
         await self._leases.give_back()  # those never reached the scheduler
         async for attempt in self._retry():
             with attempt:
@@ -986,6 +1010,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
     async def cleanup(self) -> None:
         self._claimed_tasks.forget()
+        self._limits.unsure()
         await self._publish_all(await self._cleanup().run())
 
     def _cleanup(self) -> Cleanup:

@@ -1,10 +1,25 @@
 """
-Reading what a job claim needs, in as few round trips as it can, and keeping it.
+Reading what a job claim needs, no more than it can hand out, and keeping it.
 
-A claim reads the free jobs in queue order, each with its task document, and beside
-them (in the same round trip, where the server has ``$unionWith``) what the running
-jobs of every task hold: enough to plan the claim (:mod:`._planner`). When a capped
-task at its limit kept jobs from the batch, a further round reads past them.
+A claim reads free jobs in queue order, each with its task document, and beside them
+(in the same round trip, where the server has ``$unionWith``) what the running jobs
+of every task hold: enough to plan the claim (:mod:`._planner`).
+
+It reads no further than it can hand out. The store knows which tasks are capped
+(:class:`TaskLimits`: from the tasks it adds, the task documents its claims read,
+and every :data:`LIMITS_REFRESH` seconds every task's limit, read in a claim's round
+trip) and how many free slots each had when it last looked. So a claim reads, in
+queue order:
+
+- of each capped task, no more jobs than its free slots (none for a task at its cap);
+- of the uncapped tasks, up to the claim's limit;
+- of the tasks it does not know (added elsewhere, or gone), up to the claim's limit.
+
+What it believed is checked against what the same round trip read: when a task had
+more free slots than the claim asked for (another scheduler released a job, or the
+task's limit was raised), or a task turned out capped, a further round reads what
+was missed (none in the common case). Beliefs only ever cost a round; the plan
+itself uses only what the claim read, and the unique slot keys hold the limit.
 
 The scheduler asks for the task of each job it was handed (``get_task``) before it
 runs it; the claim has just read that task and its running jobs, so the store
@@ -13,6 +28,7 @@ answers from what the claim read (:class:`ClaimedTasks`), for a moment.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -38,6 +54,7 @@ from ._planner import (
     ClaimContext,
     ClaimPlan,
     Holding,
+    Refused,
     Slots,
     holdings_of,
     plan_claims,
@@ -46,10 +63,213 @@ from ._planner import (
 )
 from ._signing import Codec, DisallowedCallableError, UnverifiedDataError
 
-#: How many rounds a claim reads at most, when capped tasks keep jobs from it
+#: How many rounds a claim reads at most
 MAX_ROUNDS = 4
 #: How long what a claim read of a task may answer ``get_task`` (seconds)
 TASK_MEMORY = 1.0
+#: How often a claim also reads every task's limit (seconds): a task that another
+#: process added, removed or gave another limit is known this long after, at most
+LIMITS_REFRESH = 10.0
+
+
+@attrs.define
+class _Limit:
+    #: ``max_running_jobs``: ``None`` for an uncapped task, 0 for one that runs
+    #: nothing (it cannot be read)
+    cap: int | None
+    #: The free slots of a capped task when this store last looked, less what it
+    #: took since, plus what it released; ``None``: not known
+    free: int | None = None
+    #: How many of its jobs were released (by this store, or elsewhere as far as
+    #: it heard), ever
+    releases: int = 0
+
+
+@attrs.define
+class TaskLimits:
+    """What this store believes of each task's limit and free slots."""
+
+    _known: dict[str, _Limit] = attrs.field(factory=dict)
+    _refreshed: float = -math.inf
+
+    def learn(self, task_id: str, cap: Cap) -> None:
+        """Note a task's limit (a refused task's jobs are read as uncapped ones)."""
+        value = None if isinstance(cap, Refused) else cap
+        known = self._known.get(task_id)
+        if known is None or known.cap != value:
+            self._known[task_id] = _Limit(value)
+
+    def forget(self, task_id: str) -> None:
+        self._known.pop(task_id, None)
+
+    def released(self, task_id: str) -> None:
+        """Note that a job of the task was released (here or elsewhere): a slot."""
+        known = self._known.get(task_id)
+        if known is not None and known.cap:
+            known.releases += 1
+            if known.free is not None:
+                known.free = min(known.cap, known.free + 1)
+
+    def releases(self) -> dict[str, int]:
+        """Return how many jobs of each capped task were released so far."""
+        return {task_id: known.releases for task_id, known in self._known.items()}
+
+    def unsure(self) -> None:
+        """Forget the free slots (jobs were given back or abandoned)."""
+        for known in self._known.values():
+            known.free = None
+
+    def refresh_due(self) -> bool:
+        return time.monotonic() >= self._refreshed + LIMITS_REFRESH
+
+    def refreshed(self, documents: Sequence[Document]) -> None:
+        """
+        Take every task's limit, as read (``TASK_LIMITS``), and forget the free
+        slots: what other schedulers did is learned this way at the latest.
+        """
+        self._refreshed = time.monotonic()
+        self.unsure()
+        present = set()
+        for document in documents:
+            if isinstance(task_id := document.get("_id"), str):
+                present.add(task_id)
+                self.learn(task_id, limit_of(document.get("max_running_jobs")))
+
+        for task_id in set(self._known) - present:
+            del self._known[task_id]
+
+    def settle(self, read: ClaimRead, handed_out: Iterable[Job]) -> None:
+        """
+        Note the free slots a claim found, less those it took, plus the jobs
+        released since it began (they may have run when it read: a slot counted
+        twice costs a read; one missed would keep a job queued).
+        """
+        holdings, taken = read.holdings, read.taken(handed_out)
+        for task_id, known in self._known.items():
+            if known.cap and task_id not in read.unread:
+                running = holdings.get(task_id, Holding()).running + taken[task_id]
+                since = known.releases - read.releases.get(task_id, known.releases)
+                known.free = min(known.cap, max(0, known.cap - running) + since)
+
+    def branches(
+        self,
+        now: int,
+        tasks: str,
+        limit: int | None,
+        free: Callable[[str, int], int],
+        done: Done,
+        passed_over: Sequence[Any] = (),
+    ) -> list[Branch]:
+        """
+        Return what a round of a claim reads: the free jobs of the capped tasks
+        (no more than ``free(task_id, cap)`` of each), of the uncapped tasks, and of
+        the tasks not known; none of the tasks found ``done`` already.
+        """
+        branches: list[Branch] = []
+        if not done.unknown:
+            query = {"$nin": sorted(self._known)}
+            branches.append(Branch(now, tasks, limit, query, passed_over))
+
+        uncapped = sorted(
+            task_id
+            for task_id, known in self._known.items()
+            if known.cap is None and task_id not in done.tasks
+        )
+        if uncapped:
+            query = {"$in": uncapped}
+            branches.append(Branch(now, tasks, limit, query, passed_over))
+
+        for task_id, known in sorted(self._known.items()):
+            if known.cap and task_id not in done.tasks:
+                count = free(task_id, known.cap)
+                if count > 0:
+                    count = min(count, limit) if limit else count
+                    branches.append(Branch(now, tasks, count, task_id, passed_over))
+
+        return branches
+
+    def believed_free(self, task_id: str, cap: int) -> int:
+        """Return the free slots this store believes a capped task has."""
+        known = self._known.get(task_id)
+        return cap if known is None or known.free is None else known.free
+
+    @property
+    def known(self) -> frozenset[str]:
+        return frozenset(self._known)
+
+    @property
+    def capped(self) -> set[str]:
+        """The tasks known to be capped, or to run nothing."""
+        return {task for task, known in self._known.items() if known.cap is not None}
+
+
+def limit_of(cap: object) -> int | None:
+    """Return a task's limit as given: ``None`` (uncapped), positive, or 0 (bad)."""
+    if cap is None or (isinstance(cap, int) and not isinstance(cap, bool) and cap > 0):
+        return cap
+
+    return 0
+
+
+@attrs.define
+class Done:
+    """The tasks whose free jobs a claim has read to the end."""
+
+    tasks: set[str] = attrs.field(factory=set)
+    #: Whether the jobs of the tasks the store did not know are all read
+    unknown: bool = False
+
+    def note(
+        self,
+        branches: Sequence[Branch],
+        outputs: Sequence[Sequence[Document]],
+        considered: Sequence[Document],
+        learned: Iterable[str],
+    ) -> None:
+        """
+        Note the tasks whose branches read all there was, and all of which the
+        round ``considered`` (the others were past the round's limit). ``learned``:
+        the tasks the round made known, which the branch of unknown tasks covered.
+        """
+        kept = {id(document) for document in considered}
+        for branch, output in zip(branches, outputs, strict=True):
+            if branch.read_all(output) and all(id(doc) in kept for doc in output):
+                if branch.covers is None:
+                    self.unknown = True
+                    self.tasks.update(learned)
+                else:
+                    self.tasks |= branch.covers
+
+
+class Branch:
+    """
+    One read of a claim's round: the free jobs of one capped task (``task_ids`` is
+    its id), of some uncapped tasks (``{"$in": ids}``), or of the tasks the store
+    does not know (``{"$nin": ids}``); up to a limit.
+    """
+
+    def __init__(
+        self,
+        now: int,
+        tasks: str,
+        limit: int | None,
+        task_ids: str | Document,
+        passed_over: Sequence[Any],
+    ) -> None:
+        self.limit = limit
+        self.capped = isinstance(task_ids, str)
+        #: The tasks it reads (``None``: those the store did not know)
+        self.covers: frozenset[str] | None
+        if isinstance(task_ids, str):
+            self.covers = frozenset({task_ids})
+        else:
+            self.covers = frozenset(task_ids["$in"]) if "$in" in task_ids else None
+
+        self.pipeline = layout.queue_branch(now, tasks, limit, task_ids, passed_over)
+
+    def read_all(self, documents: Sequence[Document]) -> bool:
+        """Tell whether ``documents`` (its output) are all it could read."""
+        return self.limit is None or len(documents) < self.limit
 
 
 @attrs.define
@@ -60,10 +280,22 @@ class ClaimRead:
     #: The task documents of the candidates, by id
     tasks: dict[str, Document]
     #: What the running jobs held when the claim read, by task id
-    holdings: Mapping[str, Holding]
+    holdings: dict[str, Holding]
+    #: The tasks whose running jobs the claim did not read
+    unread: set[str] = attrs.field(factory=set)
     #: The queued job that falls due next, if it is for later (its id, its task's,
     #: its schedule's and its ``scheduled_fire_time``)
     next_waiting: Document | None = None
+    #: How many documents the server returned, in how many rounds
+    documents: int = 0
+    rounds: int = 0
+    #: How many jobs of each known task had been released when the claim began
+    releases: dict[str, int] = attrs.field(factory=dict)
+
+    def taken(self, handed_out: Iterable[Job]) -> Counter[str]:
+        """Count, by task, the queued jobs handed out (their slots were free)."""
+        queued = self.plan.were_queued
+        return Counter(job.task_id for job in handed_out if bson_id(job.id) in queued)
 
 
 async def plan_job_claim(
@@ -71,50 +303,153 @@ async def plan_job_claim(
     tasks: Collection,
     context: ClaimContext,
     limit: int | None,
+    limits: TaskLimits,
 ) -> ClaimRead:
     """
-    Read the free jobs and the running jobs' holdings; plan the claim.
+    Read the free jobs, as far as they can be handed out, and what the running jobs
+    of their tasks hold; plan the claim.
 
     Queue order holds, but a task that runs all it may does not keep the free
-    places from other tasks' jobs: when it kept some of the batch, another round
-    reads the next jobs of the other tasks (none in the common case).
+    places from other tasks' jobs.
     """
-    pipeline = layout.candidates_with_tasks(context.now, limit, tasks.name)
-    documents, summaries, waiting = await jobs.aggregate_with(
-        pipeline,
-        (jobs, layout.RUNNING_JOBS),
-        (jobs, layout.next_waiting_job(context.now)),
+    releases = limits.releases()
+    done = Done()
+    covered = limits.known  # the tasks not known are covered by their own branch
+    branches = limits.branches(
+        context.now, tasks.name, limit, limits.believed_free, done
     )
+    # The holdings of every task but those capped tasks that it reads nothing of
+    unread = limits.capped - _capped_in(branches)
+    others: list[tuple[Collection, Sequence[Document]]] = [
+        (jobs, layout.holdings({"$nin": sorted(unread)})),
+        (jobs, layout.next_waiting_job(context.now)),
+    ]
+    refresh = limits.refresh_due()
+    if refresh:
+        others.append((tasks, layout.TASK_LIMITS))
+
+    outputs = await _read(jobs, branches, others)
+    found = outputs[: len(branches)]
+    summaries, waiting = outputs[len(branches)], outputs[len(branches) + 1]
     read = ClaimRead(ClaimPlan(), {}, holdings_of(summaries, context.logger))
+    read.releases = releases
     read.next_waiting = waiting[0] if waiting else None
-    slots = Slots(read.holdings)
+    read.documents = sum(len(output) for output in outputs)
+    if refresh:
+        limits.refreshed(outputs[-1])
+
+    slots = Slots(read.holdings, unread=set(unread))
     caps: dict[str, Cap] = {}
     passed_over: list[Any] = []
-    asked = limit
-    for _ in range(MAX_ROUNDS):
-        read.tasks.update(tasks_of(documents))
-        for task_id, task in read.tasks.items():
-            if task_id not in caps:
-                caps[task_id] = task_cap(task, context.codec, context.logger)
-
-        at_cap = set(read.plan.at_cap)
+    wanted = limit
+    for round_number in range(1, MAX_ROUNDS + 1):
+        read.rounds = round_number
+        documents = _in_queue_order(found, wanted)
+        _learn_tasks(documents, read.tasks, caps, limits, context)
         read.plan.extend(plan_claims(documents, caps, slots, context))
         passed_over += [document["_id"] for document in documents]
-        # Another round only if tasks at their cap kept places free, and the
-        # queue may hold more
-        wanted = limit - len(read.plan.chosen) if limit else 0
-        if wanted <= 0 or not asked or len(documents) < asked:
+        done.note(branches, found, documents, limits.known - covered)
+
+        wanted = limit - len(read.plan.chosen) if limit else None
+        if (wanted is not None and wanted <= 0) or round_number == MAX_ROUNDS:
             break
 
-        if read.plan.at_cap <= at_cap:
-            break
+        def free(task_id: str, cap: int) -> int:
+            # What the claim found, where it read the task's running jobs
+            if task_id in slots.unread:
+                return limits.believed_free(task_id, cap)
 
-        pipeline = layout.candidates_with_tasks(
-            context.now, wanted, tasks.name, passed_over, read.plan.at_cap
+            return slots.left(task_id, cap)
+
+        covered = limits.known
+        branches = limits.branches(
+            context.now, tasks.name, wanted, free, done, passed_over
         )
-        documents, asked = await jobs.aggregate(pipeline), wanted
+        if not branches:
+            break
 
+        # The holdings of the capped tasks it reads now, if it has not read them
+        others = []
+        if unread := _capped_in(branches) & slots.unread:
+            others.append((jobs, layout.holdings({"$in": sorted(unread)})))
+
+        outputs = await _read(jobs, branches, others)
+        found = outputs[: len(branches)]
+        if unread:
+            slots.read(holdings_of(outputs[-1], context.logger), unread)
+        read.documents += sum(len(output) for output in outputs)
+
+    read.unread = slots.unread
     return read
+
+
+def _capped_in(branches: Sequence[Branch]) -> set[str]:
+    """Return the capped tasks that branches of their own read."""
+    return {
+        task for branch in branches if branch.capped for task in branch.covers or ()
+    }
+
+
+async def _read(
+    jobs: Collection,
+    branches: Sequence[Branch],
+    others: Sequence[tuple[Collection, Sequence[Document]]],
+) -> list[list[Document]]:
+    """Read the branches and the other pipelines, in one round trip."""
+    return await jobs.aggregate_with(
+        branches[0].pipeline,
+        *((jobs, branch.pipeline) for branch in branches[1:]),
+        *others,
+    )
+
+
+def _learn_tasks(
+    documents: Sequence[Document],
+    tasks: dict[str, Document],
+    caps: dict[str, Cap],
+    limits: TaskLimits,
+    context: ClaimContext,
+) -> None:
+    """Take the task documents read beside the candidates, and learn their limits."""
+    for task_id, task in tasks_of(documents).items():
+        tasks[task_id] = task
+        if task_id not in caps:
+            caps[task_id] = task_cap(task, context.codec, context.logger)
+            limits.learn(task_id, caps[task_id])
+
+    for document in documents:
+        named = document.get("task_id")
+        if isinstance(named, str) and named not in tasks:
+            limits.forget(named)  # gone: its jobs finish with an error
+
+
+def _in_queue_order(
+    outputs: Sequence[Sequence[Document]], limit: int | None
+) -> list[Document]:
+    """
+    Merge what the branches of a round read (each in queue order) into one list,
+    in queue order, of no more than ``limit`` documents.
+    """
+    documents = [document for output in outputs for document in output]
+    if len(outputs) > 1:
+        documents.sort(key=_queue_position)
+
+    return documents[:limit] if limit else documents
+
+
+def _queue_position(document: Document) -> tuple[Any, ...]:
+    # As the server orders them; a malformed document's place matters only in that
+    # reading it must not fail
+    created, key = document.get("created_at"), document.get("_id")
+    if isinstance(created, int) and not isinstance(created, bool):
+        first: tuple[int, int] = (0, created)
+    else:
+        first = (1, 0)
+
+    if isinstance(key, bytes):
+        return (*first, 0, len(key), key)
+
+    return (*first, 1, 0, repr(key).encode())
 
 
 @attrs.define
@@ -143,10 +478,10 @@ class ClaimedTasks:
         until = time.monotonic() + TASK_MEMORY
         jobs = list(handed_out)
         uses = Counter(job.task_id for job in jobs)
-        queued = {bson_id(job.id) for job in jobs} & read.plan.were_queued
-        newly = Counter(job.task_id for job in jobs if bson_id(job.id) in queued)
+        newly = read.taken(jobs)
         for task_id, count in uses.items():
-            if (task := read.tasks.get(task_id)) is not None:
+            task = read.tasks.get(task_id)
+            if task is not None and task_id not in read.unread:
                 running = read.holdings.get(task_id, Holding()).running + newly[task_id]
                 self._memories[task_id] = _Memory(task, running, count, until)
 

@@ -105,8 +105,17 @@ JOB_INDEXES = [
         ],
         name="owner",
     ),
-    # The running jobs of some tasks (task limits, running counts)
-    IndexModel([("task_id", ASCENDING), ("state", ASCENDING)], name="task_state"),
+    # One task's queue, in queue order (a claim reads a capped task's free jobs no
+    # further than its free slots); the running jobs of some tasks (running counts)
+    IndexModel(
+        [
+            ("task_id", ASCENDING),
+            ("state", ASCENDING),
+            ("created_at", ASCENDING),
+            ("_id", ASCENDING),
+        ],
+        name="task_queue",
+    ),
     # The live jobs of finished schedules
     IndexModel(
         [("schedule_id", ASCENDING), ("state", ASCENDING)], name="schedule_state"
@@ -132,7 +141,7 @@ JOB_INDEXES = [
     # Expired records, deleted by the server (and by cleanup)
     IndexModel([("purge_at", ASCENDING)], name="purge_at", expireAfterSeconds=0),
 ]
-RETIRED_JOB_INDEXES = frozenset({"leases", "acquired_by"})
+RETIRED_JOB_INDEXES = frozenset({"leases", "acquired_by", "task_state"})
 
 
 def event_indexes(ttl_seconds: int) -> list[IndexModel]:
@@ -527,24 +536,23 @@ def quarantined_job_update(record: Document) -> Document:
     }
 
 
-def candidates_with_tasks(
+def queue_branch(
     now: int,
-    limit: int | None,
     tasks: str,
+    limit: int | None,
+    task_ids: str | Document,
     passed_over: Sequence[Any] = (),
-    tasks_at_cap: Iterable[str] = (),
 ) -> list[Document]:
     """
-    Return the pipeline that reads the free jobs, in queue order, each with its task.
+    Return the pipeline that reads free jobs of some tasks, in queue order, each
+    with its task document (if any) in ``TASK_FIELD``.
 
-    Each job gets its task document (if any) in ``TASK_FIELD``. A further round of
-    a claim leaves out the jobs it read already and the tasks it found at their cap.
+    ``task_ids`` matches the tasks (``{"$in": [...]}``, ``{"$nin": [...]}`` or one
+    id); a further round of a claim leaves out the jobs it read already.
     """
-    query = free_jobs(now)
+    query = {**free_jobs(now), "task_id": task_ids}
     if passed_over:
         query["_id"] = {"$nin": list(passed_over)}
-    if tasks_at_cap:
-        query["task_id"] = {"$nin": sorted(tasks_at_cap)}
 
     pipeline: list[Document] = [{"$match": query}, {"$sort": dict(QUEUE_ORDER)}]
     if limit:
@@ -563,18 +571,43 @@ def candidates_with_tasks(
     return pipeline
 
 
-#: Per task, how many jobs run, and each one's id and slot key (read beside a claim's
-#: candidates, in the same round trip; bounded by the jobs running anywhere)
-RUNNING_JOBS: list[Document] = [
-    {"$match": {"state": ACQUIRED}},
-    {
-        "$group": {
-            "_id": "$task_id",
-            "running": {"$sum": 1},
-            "jobs": {"$push": {"_id": "$_id", "slot_key": "$slot_key"}},
-        }
-    },
-]
+def holdings(task_ids: Document) -> list[Document]:
+    """
+    Return the pipeline that reads what the running jobs of some tasks hold, in one
+    document: per task with running jobs, how many run, and each job that holds a
+    slot with its key (read beside a claim's candidates, in the same round trip).
+    """
+    return [
+        {"$match": {"state": ACQUIRED, "task_id": task_ids}},
+        {
+            "$group": {
+                "_id": "$task_id",
+                "running": {"$sum": 1},
+                # Each job holding a slot (a slotless one pushes nothing)
+                "held": {
+                    "$push": {
+                        "$cond": [
+                            "$slot_key",
+                            {"job": "$_id", "key": "$slot_key"},
+                            "$$REMOVE",
+                        ]
+                    }
+                },
+            }
+        },
+        {
+            "$group": {
+                "_id": None,
+                "tasks": {
+                    "$push": {"task": "$_id", "running": "$running", "held": "$held"}
+                },
+            }
+        },
+    ]
+
+
+#: What a claim reads of every task, now and then, to know which tasks are capped
+TASK_LIMITS: list[Document] = [{"$project": {"max_running_jobs": 1}}]
 
 
 def next_waiting_job(now: int) -> list[Document]:

@@ -8,7 +8,7 @@ updates in one bulk write (see :mod:`._leases`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from logging import Logger
 from typing import Any
@@ -157,34 +157,41 @@ def holdings_of(
     summaries: Sequence[Mapping[str, Any]], logger: Logger
 ) -> dict[str, Holding]:
     """
-    Read the running jobs' summaries (``RUNNING_JOBS``: per task, a count and each
-    running job's id and slot key) into holdings by task id.
+    Read what the running jobs hold (``holdings()``: one document listing, per task,
+    a count and each job holding a slot, with its key) into holdings by task id.
 
     A malformed slot key is warned about; its job still counts as running.
     """
     holdings: dict[str, Holding] = {}
     for summary in summaries:
-        task_id, running = summary.get("_id"), summary.get("running")
-        if isinstance(task_id, str) and isinstance(running, int):
-            held = (_slot_of(job, logger) for job in summary.get("jobs") or ())
-            slots = frozenset(slot for slot in held if slot is not None)
-            holdings[task_id] = Holding(running, slots)
+        for entry in _listed(summary.get("tasks")):
+            task_id, running = entry.get("task"), entry.get("running")
+            if isinstance(task_id, str) and isinstance(running, int):
+                held = (_slot_of(job, logger) for job in _listed(entry.get("held")))
+                slots = frozenset(slot for slot in held if slot is not None)
+                holdings[task_id] = Holding(running, slots)
 
     return holdings
 
 
-def _slot_of(job: Mapping[str, Any], logger: Logger) -> int | None:
-    """Return the number of the slot a running job holds, if it holds one."""
-    if "slot_key" not in job or job["slot_key"] is None:
-        return None
+def _listed(value: Any) -> list[Any]:
+    """Return the mappings in a list (a server may list a removed value as null)."""
+    return (
+        [item for item in value if isinstance(item, Mapping)]
+        if isinstance(value, list)
+        else []
+    )
 
+
+def _slot_of(job: Mapping[str, Any], logger: Logger) -> int | None:
+    """Return the number of the slot a running job holds."""
     try:
-        return slot_number(job["slot_key"])
-    except (AttributeError, TypeError, ValueError):
+        return slot_number(job["key"])
+    except (AttributeError, KeyError, TypeError, ValueError):
         logger.warning(
             "Job %s holds a malformed slot key %r",
-            describe_id(job.get("_id")),
-            job["slot_key"],
+            describe_id(job.get("job")),
+            job.get("key"),
         )
         return None
 
@@ -198,19 +205,51 @@ class Slots:
     the limit too.
     """
 
-    holdings: Mapping[str, Holding]
-    _free: dict[str, list[int]] = attrs.field(init=False, factory=dict)
+    holdings: dict[str, Holding]
+    #: The tasks whose running jobs the claim has not read: it takes none of their
+    #: slots (their jobs stay queued)
+    unread: set[str] = attrs.field(kw_only=True, factory=set)
+    _pools: dict[str, _Pool] = attrs.field(init=False, factory=dict)
+
+    def read(self, holdings: Mapping[str, Holding], tasks: Iterable[str]) -> None:
+        """Take what the running jobs of ``tasks`` hold, read since."""
+        for task_id in tasks:
+            self.unread.discard(task_id)
+            if task_id in holdings:
+                self.holdings[task_id] = holdings[task_id]
 
     def take(self, task_id: str, cap: int) -> int | None:
         """Take a free slot of a task capped at ``cap``; ``None`` if none is left."""
-        if task_id not in self._free:
-            holding = self.holdings.get(task_id, Holding())
-            available = max(0, cap - holding.running)
-            free = [n for n in range(cap) if n not in holding.slots]
-            self._free[task_id] = free[:available]
+        if task_id in self.unread:
+            return None
 
-        free = self._free[task_id]
-        return free.pop(0) if free else None
+        pool = self._pool(task_id, cap)
+        number = next(pool.numbers, None) if pool.left > 0 else None
+        if number is not None:
+            pool.left -= 1
+
+        return number
+
+    def left(self, task_id: str, cap: int) -> int:
+        """Return how many slots of a task capped at ``cap`` the claim may take."""
+        return 0 if task_id in self.unread else self._pool(task_id, cap).left
+
+    def _pool(self, task_id: str, cap: int) -> _Pool:
+        # Numbers are made as they are taken: a stored limit can be huge
+        if task_id not in self._pools:
+            holding = self.holdings.get(task_id, Holding())
+            numbers = (n for n in range(cap) if n not in holding.slots)
+            self._pools[task_id] = _Pool(numbers, max(0, cap - holding.running))
+
+        return self._pools[task_id]
+
+
+@attrs.define
+class _Pool:
+    #: The numbers of the slots no running job holds, lowest first
+    numbers: Iterator[int]
+    #: How many the claim may still take
+    left: int
 
 
 def plan_claims(
@@ -226,11 +265,20 @@ def plan_claims(
     the unique ``slot_key`` index makes a slot impossible to hold twice; a job for
     which none is left stays queued, and the plan names its task in ``at_cap``. Jobs
     that cannot run (unreadable, unknown task, start deadline passed) are finished in
-    the same bulk write instead of being handed out; a job whose id is no UUID is set
-    aside.
+    the same bulk write instead of being handed out; a job whose id is no UUID is
+    quarantined. A job left queued is not decoded.
     """
     plan = ClaimPlan()
     for document in documents:
+        if (task_id := _at_cap(document, caps, slots)) is not None:
+            context.logger.debug(
+                "Skipping job %s: task %r runs its maximum number of jobs",
+                describe_id(document.get("_id")),
+                task_id,
+            )
+            plan.at_cap.add(task_id)
+            continue
+
         query = {**unchanged(document), **free_jobs(context.now)}
         try:
             uuid_from_bson(document["_id"])
@@ -251,6 +299,19 @@ def plan_claims(
             _take(plan, document, query, job, caps, slots, context)
 
     return plan
+
+
+def _at_cap(document: Document, caps: Mapping[str, Cap], slots: Slots) -> str | None:
+    """Return the task of a job that must stay queued: its task has no free slot."""
+    task_id = document.get("task_id")
+    if not isinstance(task_id, str) or "slot_key" in document:
+        return None
+
+    cap = caps.get(task_id)
+    if isinstance(cap, int) and not slots.left(task_id, cap):
+        return task_id
+
+    return None
 
 
 def _read(
@@ -345,12 +406,7 @@ def _take(
     assert not isinstance(cap, Refused)  # its jobs were finished by _read
     if cap is not None and "slot_key" not in document:
         slot = slots.take(job.task_id, cap)
-        if slot is None:
-            context.logger.debug(
-                "Skipping job %s: task %r runs its maximum number of jobs",
-                job.id,
-                job.task_id,
-            )
+        if slot is None:  # none left (checked before its job was read)
             plan.at_cap.add(job.task_id)
             return
 

@@ -16,12 +16,21 @@ class CommandLog(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.commands: list[Command] = []
+        #: Each succeeded command's name and the documents its reply returned (the
+        #: cursor's batch; 0 for a command that returns no cursor)
+        self.replies: list[tuple[str, int]] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         self.commands.append((event.command_name, dict(event.command)))
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
+        cursor = event.reply.get("cursor") or {}
+        batch = cursor.get("firstBatch", cursor.get("nextBatch", ()))
+        self.replies.append((event.command_name, len(batch)))
+
+    def returned(self, since: int = 0) -> int:
+        """Return how many documents the replies since the ``since``-th returned."""
+        return sum(count for _, count in self.replies[since:])
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         pass
