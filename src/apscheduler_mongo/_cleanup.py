@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from logging import Logger
 from typing import Any
 
 import attrs
 from apscheduler import JobOutcome, JobReleased, JobResult, ScheduleRemoved
-from tenacity import AsyncRetrying
 
 from . import _layout as layout
 from ._adapters import Collection, Update
 from ._clock import ServerClock
 from ._layout import Document
-from ._leases import landed
+from ._leases import write_tagged
 from ._marshalling import (
     MalformedDocumentError,
     describe_id,
@@ -26,6 +25,7 @@ from ._marshalling import (
     result_for_document,
     text_of,
 )
+from ._retry import Retry
 from ._signing import Codec
 
 #: How long a used fire time is remembered at least (see forget_used_fire_times)
@@ -56,7 +56,7 @@ class Cleanup:
     schedules: Collection
     jobs: Collection
     codec: Codec
-    retry: Callable[[], AsyncRetrying]
+    retry: Retry
     logger: Logger
     #: The server's clock, which judges leases and expiry
     clock: ServerClock
@@ -138,15 +138,7 @@ class Cleanup:
         self, updates: Sequence[Update], tags: Mapping[Any, layout.Tag]
     ) -> set[Any]:
         """Send finishing updates; return the ids of the jobs they finished."""
-        async for attempt in self.retry():
-            with attempt:
-                matched = await self.jobs.update_each(updates)
-                if matched == len(updates) and attempt.retry_state.attempt_number == 1:
-                    return set(tags)
-
-                applied = await landed(self.jobs, tags)
-
-        return applied
+        return await write_tagged(self.jobs, updates, tags, self.retry)
 
     async def remove_finished_schedules(self) -> list[ScheduleRemoved]:
         """

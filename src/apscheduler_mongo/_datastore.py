@@ -63,7 +63,7 @@ from ._job_claims import (
     running_count,
 )
 from ._layout import ACQUIRED, Document
-from ._leases import Choice, Claim, Leases, landed
+from ._leases import Choice, Claim, Leases, write_tagged
 from ._marshalling import (
     MalformedDocumentError,
     describe_id,
@@ -89,7 +89,7 @@ from ._marshalling import (
 from ._names import require_ids
 from ._options import ConnectionOptions, SigningOptions
 from ._planner import ClaimContext, ClaimPlan
-from ._retry import retrying
+from ._retry import Attempts, retrying
 from ._signing import (
     AllowedCallables,
     Codec,
@@ -203,6 +203,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             self.retry_settings, self._logger, on_failure=self._timekeeper.soon
         )
 
+    def _attempts(self) -> Attempts:
+        """Return the attempts of :meth:`_retry`'s loop (each tells if it retries)."""
+        return Attempts(self._retry())
+
     async def start(
         self, exit_stack: AsyncExitStack, event_broker: EventBroker, logger: Logger
     ) -> None:
@@ -218,13 +222,13 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         self._leases = Leases(
             self._schedules,
             self._jobs,
-            self._retry,
+            self._attempts,
             logger,
             self._clock,
             unconfirmed=self._unconfirmed_claims,
         )
         with explaining_unreachable_servers(adapter):
-            async for attempt in self._retry():
+            async for attempt in self._attempts():
                 with attempt:
                     await timed_hello(adapter, self.database, self._clock)
                     await self._refuse_foreign_store(adapter)
@@ -314,7 +318,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         self._claimed_tasks.forget(task.id)
         self._limits.learn(task.id, limit_of(task.max_running_jobs))
         document = task_to_document(task, self._codec)
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 previous = await self._tasks.find_one_and_replace(
                     layout.by_id(task.id), document
@@ -329,13 +333,11 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         [task_id] = require_ids([task_id], "task_id")
         self._claimed_tasks.forget(task_id)
         self._limits.forget(task_id)
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 result = await self._tasks.delete_one(layout.by_id(task_id))
                 # A retry after a lost reply finds nothing left to delete: ours
-                deleted = bool(result.deleted_count) or (
-                    attempt.retry_state.attempt_number > 1
-                )
+                deleted = bool(result.deleted_count) or attempt.retry
 
         if not deleted:
             raise TaskLookupError(task_id)
@@ -344,7 +346,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
     async def _running_jobs(self, task_ids: list[str]) -> dict[str, int]:
         """Count the acquired jobs of each task (the truth, never a stored counter)."""
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 holders = await self._jobs.find(
                     layout.jobs_of(task_ids, ACQUIRED), layout.RUNNING_TASK_IDS
@@ -360,16 +362,17 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         """
         Return a task, with the number of its jobs running now.
 
-        For the task of a job this store's latest claim just handed out (what the
-        scheduler asks before running the job), the answer comes from what the claim
-        read, without a round trip (see ``_job_claims.ClaimedTasks``);
+        For a task this store read within the last second (a claim that just handed
+        out its job, which the scheduler asks for before running it, or
+        ``get_task``, which it calls for each job it adds), the answer comes from
+        what it read, without a round trip (see ``_job_claims.ClaimedTasks``);
         otherwise the task and the count of its running jobs are read in one.
         """
         [task_id] = require_ids([task_id], "task_id")
         if (task := self._claimed_tasks.recall(task_id, self._codec)) is not None:
             return task
 
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 documents, summaries = await self._tasks.aggregate_with(
                     layout.task_pipeline(task_id),
@@ -379,10 +382,9 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         if not documents:
             raise TaskLookupError(task_id)
 
+        running = running_count(summaries)
         try:
-            return task_from_document(
-                documents[0], running_count(summaries), self._codec
-            )
+            task = task_from_document(documents[0], running, self._codec)
         except (
             MalformedDocumentError,
             UnverifiedDataError,
@@ -390,8 +392,11 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         ) as exc:
             raise type(exc)(f"cannot read task {task_id!r}: {explain(exc)}") from exc
 
+        self._claimed_tasks.read(documents[0], running)
+        return task
+
     async def get_tasks(self) -> list[Task]:
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 documents = await self._tasks.find({}, sort=layout.BY_ID)
 
@@ -422,7 +427,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
     async def get_schedules(self, ids: set[str] | None = None) -> list[Schedule]:
         query = {} if ids is None else layout.by_ids(require_ids(ids, "ids"))
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 documents = await self._schedules.find(query, sort=layout.BY_ID)
 
@@ -468,7 +473,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     ) -> None:
         document = schedule_to_document(schedule, self._codec)
         document.update((tag := layout.Tag(layout.INSERT_TOKEN)).fields())
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 added = await self._insert_schedule(document, tag, conflict_policy)
 
@@ -507,7 +512,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
     async def remove_schedules(self, ids: Iterable[str]) -> None:
         query = layout.by_ids(require_ids(ids, "ids"))
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 removed = await self._schedules.find(query, layout.TASK_ID_ONLY)
                 await self._schedules.delete_many(query)
@@ -529,10 +534,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         choose: Choice,
     ) -> list[Document]:
         """Claim what ``choose`` picks, retrying temporary failures (see Leases)."""
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 documents = await self._leases.claim(
-                    collection, token, attempt.retry_state.attempt_number, order, choose
+                    collection, token, attempt.retry, order, choose
                 )
 
         return documents
@@ -598,7 +603,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             return {}
 
         query = layout.by_ids(sorted(task_ids))
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 tasks = await self._tasks.find(query)
 
@@ -623,7 +628,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         query = layout.quarantined_schedule(schedule_id, token)
         record = quarantine_record(reason, self._clock.now_datetime())
         update = layout.quarantine_update(record)
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 await self._schedules.update_one(query, update)
 
@@ -647,16 +652,8 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             query = layout.released_schedule(scheduler_id, result.schedule_id)
             updates.append(Update(query, {"$set": changes}))
 
-        async for attempt in self._retry():
-            with attempt:
-                matched = await self._schedules.update_each(updates)
-
-        if matched != len(updates):
-            # Some leases were lost (or a retry found its own work done): see which
-            async for attempt in self._retry():
-                with attempt:
-                    released = await landed(self._schedules, tags)
-
+        released = await write_tagged(self._schedules, updates, tags, self._attempts)
+        if len(released) != len(updates):
             for schedule_id in set(tags) - released:
                 self._logger.warning(
                     "Not releasing schedule %r: scheduler %r no longer holds its lease",
@@ -707,7 +704,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         """
         projection = {"next_fire_time": 1, "next_fire_time_offset": 1, field: 1}
         while True:
-            async for attempt in self._retry():
+            async for attempt in self._attempts():
                 with attempt:
                     document = await self._schedules.find_one(
                         query, projection, sort=[(field, 1)]
@@ -736,7 +733,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     async def add_job(self, job: Job) -> None:
         document = job_to_document(job, self._codec)
         document.update((tag := layout.Tag(layout.INSERT_TOKEN)).fields())
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 added = await self._insert_job(job, document, tag)
 
@@ -807,7 +804,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
     async def get_jobs(self, ids: Iterable[UUID] | None = None) -> list[Job]:
         bson_ids = None if ids is None else [uuid_to_bson(job_id) for job_id in ids]
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 documents = await self._jobs.find(
                     layout.live_jobs(bson_ids), sort=layout.QUEUE_ORDER
@@ -906,14 +903,15 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             tag=tag,
         )
         query = layout.acquired_job(scheduler_id, uuid_to_bson(job.id))
-        async for attempt in self._retry():
-            with attempt:
-                written = bool(
-                    (await self._jobs.update_one(query, update)).matched_count
-                )
-                if not written and attempt.retry_state.attempt_number > 1:
-                    # A retry after a lost reply finds the document finished by us
-                    written = await self._written_by(query["_id"], tag)
+        written = bool(
+            await write_tagged(
+                self._jobs,
+                [Update(query, update)],
+                {query["_id"]: tag},
+                self._attempts,
+                gone_counts=True,
+            )
+        )
 
         # Once the slot is free in the database: a claim begun before this reads
         # the job as running, and counts this release as a slot freed since
@@ -937,23 +935,9 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             )
         )
 
-    async def _written_by(self, document_id: object, tag: layout.Tag) -> bool:
-        """
-        Tell whether a tagged write to a job was applied.
-
-        Used when a retried write matches nothing: either the lost attempt was
-        applied, or someone else changed the document first. A document that is gone
-        was finished and purged, most likely by our attempt (anyone else needed our
-        lease to lapse first).
-        """
-        document = await self._jobs.find_one(
-            layout.by_id(document_id), tag.projection()
-        )
-        return document is None or tag.on(document)
-
     async def get_job_result(self, job_id: UUID) -> JobResult | None:
         document_id = uuid_to_bson(job_id)
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 document = await self._jobs.find_one(
                     layout.stored_result(document_id), layout.RESULT_FIELDS
@@ -971,12 +955,13 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         # Only one caller gets the result: the write re-checks the version
         query = layout.unchanged(document)
         update = layout.taken_result(tag.fields(), purge_at)
-        async for attempt in self._retry():
-            with attempt:
-                taken = bool((await self._jobs.update_one(query, update)).matched_count)
-                if not taken and attempt.retry_state.attempt_number > 1:
-                    taken = await self._written_by(document_id, tag)
-
+        taken = await write_tagged(
+            self._jobs,
+            [Update(query, update)],
+            {document_id: tag},
+            self._attempts,
+            gone_counts=True,
+        )
         return result if taken else None
 
     def _read_result(self, job_id: UUID, document: Document) -> JobResult:
@@ -998,7 +983,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         self._claimed_tasks.forget()
         self._limits.unsure()
         await self._leases.give_back()  # those never reached the scheduler
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 documents = await self._jobs.find(
                     layout.acquired_jobs(scheduler_id),
@@ -1018,7 +1003,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             self._schedules,
             self._jobs,
             self._codec,
-            self._retry,
+            self._attempts,
             self._logger,
             self._clock,
         )

@@ -456,19 +456,23 @@ def _queue_position(document: Document) -> tuple[Any, ...]:
 class _Memory:
     task: Document
     running: int
-    uses: int
+    #: How many more times it may answer (``None``: any number, until ``until``)
+    uses: int | None
     until: float
 
 
 @attrs.define
 class ClaimedTasks:
     """
-    What the store's latest job claims read of the tasks whose jobs they handed out.
+    What the store's latest reads of a task found: a job claim that handed out its
+    jobs, or ``get_task``.
 
-    ``get_task`` for such a task answers from it: once per job handed out, within
-    :data:`TASK_MEMORY` seconds of the claim, and until this store writes anything
-    that changes the task or its running jobs. The running count is the claim's:
-    the jobs that ran when it read, plus those it took.
+    ``get_task`` for such a task answers from it, within :data:`TASK_MEMORY`
+    seconds of the read (after a claim: once per job handed out), and until this
+    store writes anything that changes the task or its running jobs. The running
+    count is the read's (after a claim: the jobs that ran when it read, plus those
+    it took). APScheduler's scheduler asks for the task of each job it adds and of
+    each job it runs.
     """
 
     _memories: dict[str, _Memory] = attrs.field(factory=dict)
@@ -485,6 +489,11 @@ class ClaimedTasks:
                 running = read.holdings.get(task_id, Holding()).running + newly[task_id]
                 self._memories[task_id] = _Memory(task, running, count, until)
 
+    def read(self, task: Document, running: int) -> None:
+        """Remember a task that ``get_task`` read, and its running count."""
+        until = time.monotonic() + TASK_MEMORY
+        self._memories[task["_id"]] = _Memory(task, running, None, until)
+
     def recall(self, task_id: str, codec: Codec) -> Task | None:
         """Return the task as the claim read it, or ``None`` if it is not known."""
         memory = self._memories.get(task_id)
@@ -492,9 +501,10 @@ class ClaimedTasks:
             self._memories.pop(task_id, None)
             return None
 
-        memory.uses -= 1
-        if not memory.uses:
-            del self._memories[task_id]
+        if memory.uses is not None:
+            memory.uses -= 1
+            if not memory.uses:
+                del self._memories[task_id]
 
         try:
             return task_from_document(memory.task, memory.running, codec)

@@ -21,7 +21,6 @@ from typing import Any
 
 import attrs
 from bson import ObjectId
-from tenacity import AsyncRetrying
 
 from ._adapters import Collection, Update
 from ._clock import ServerClock
@@ -36,6 +35,7 @@ from ._layout import (
     held_by,
     unconfirmed_claim,
 )
+from ._retry import Retry
 
 #: Chooses what a claim attempt takes: the candidates as they will be once claimed
 #: (``None`` for one the claim writes to without holding it), each with the
@@ -43,15 +43,58 @@ from ._layout import (
 Choice = Callable[[], Awaitable[list[tuple[Document | None, Update]]]]
 
 
-async def landed(collection: Collection, tags: Mapping[Any, Tag]) -> set[Any]:
+async def write_tagged(
+    collection: Collection,
+    updates: Sequence[Update],
+    tags: Mapping[Any, Tag],
+    attempts: Retry,
+    *,
+    gone_counts: bool = False,
+) -> set[Any]:
     """
-    Return the documents (by id) that carry the token of their tagged write.
+    Send writes that each tag their document with a token (``tags``, by id),
+    retrying temporary failures; return the ids of the documents they changed.
+
+    This is how every write learns whether it was applied: if all matched at the
+    first attempt, all were; if none did, none were; otherwise (a lost race, or a
+    retry after a lost reply whose write may have been applied all the same) the
+    documents that carry their write's token were. With ``gone_counts``, a document
+    that is gone counts as written (it was finished and then purged, which only our
+    write allowed).
+    """
+    async for attempt in attempts():
+        with attempt:
+            if len(updates) == 1:
+                [update] = updates
+                result = await collection.update_one(update.query, update.change)
+                matched = result.matched_count
+            else:
+                matched = await collection.update_each(updates)
+
+            if not attempt.retry and matched in (0, len(updates)):
+                return set(tags) if matched else set()
+
+            applied = await landed(collection, tags, gone_counts=gone_counts)
+
+    return applied
+
+
+async def landed(
+    collection: Collection, tags: Mapping[Any, Tag], *, gone_counts: bool = False
+) -> set[Any]:
+    """
+    Return the documents (by id) that carry the token of their tagged write (and,
+    with ``gone_counts``, those that are gone).
 
     Asked when a batch of tagged writes matched fewer documents than it named, or
     after a retry: a lost race, or a lost reply whose write was applied.
     """
     documents = await collection.find(by_ids(tags), {"_id": 1, **_fields(tags)})
-    return {doc["_id"] for doc in documents if tags[doc["_id"]].on(doc)}
+    applied = {doc["_id"] for doc in documents if tags[doc["_id"]].on(doc)}
+    if gone_counts:
+        applied |= set(tags) - {doc["_id"] for doc in documents}
+
+    return applied
 
 
 def _fields(tags: Mapping[Any, Tag]) -> Document:
@@ -83,7 +126,7 @@ class Leases:
 
     schedules: Collection
     jobs: Collection
-    retry: Callable[[], AsyncRetrying]
+    retry: Retry
     logger: Logger
     clock: ServerClock
     #: Lease expiry (the server's clock, microseconds) of the schedules this store
@@ -98,7 +141,7 @@ class Leases:
         self,
         collection: Collection,
         token: ObjectId,
-        attempt: int,
+        retry: bool,
         order: Sequence[tuple[str, int]],
         choose: Choice,
     ) -> list[Document]:
@@ -109,15 +152,15 @@ class Leases:
         attempt was applied (its reply lost), it claims nothing more, so it never
         takes more than its limit.
         """
-        if attempt > 1 and (taken := await self.taken(collection, token, order)):
+        if retry and (taken := await self.taken(collection, token, order)):
             return taken
 
         chosen = await choose()
-        if not chosen and attempt == 1:
+        if not chosen and not retry:
             return []
 
         matched = await collection.update_each([update for _, update in chosen])
-        if matched == len(chosen) and attempt == 1:
+        if matched == len(chosen) and not retry:
             return [document for document, _ in chosen if document is not None]
 
         # Lost a race for some of them, or retrying after a lost reply: ask

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from logging import Logger
+from types import TracebackType
 
 import attrs
 from apscheduler import RetrySettings
@@ -15,7 +16,7 @@ from pymongo.errors import (
     PyMongoError,
     WriteConcernError,
 )
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from tenacity import AsyncRetrying, AttemptManager, RetryCallState, retry_if_exception
 
 from ._adapters import DUPLICATE_KEY
 from ._client import redact
@@ -110,6 +111,48 @@ def _bulk_write_unconfirmed(exc: BulkWriteError) -> bool:
         or any(label in RETRYABLE_LABELS for label in error.get("errorLabels", ()))
         for error in details.get("writeConcernErrors", [])
     )
+
+
+class Attempt:
+    """
+    One attempt of a retry loop: enter it (``with attempt:``) around the work; it
+    tells whether it is a retry (an earlier attempt failed, and may have been
+    applied on the server all the same: its reply lost).
+    """
+
+    def __init__(self, manager: AttemptManager) -> None:
+        self._manager = manager
+        #: Whether an earlier attempt failed
+        self.retry = manager.retry_state.attempt_number > 1
+
+    def __enter__(self) -> None:
+        self._manager.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        return self._manager.__exit__(exc_type, exc, traceback)
+
+
+class Attempts:
+    """The attempts of a Tenacity loop (``async for attempt in ...``)."""
+
+    def __init__(self, loop: AsyncRetrying) -> None:
+        self._loop = loop
+
+    def __aiter__(self) -> Attempts:
+        self._attempts = aiter(self._loop)
+        return self
+
+    async def __anext__(self) -> Attempt:
+        return Attempt(await anext(self._attempts))
+
+
+#: Makes a retry loop
+Retry = Callable[[], Attempts]
 
 
 def retrying(
