@@ -11,8 +11,10 @@ Measured: server commands per job lifecycle and per schedule firing (exact, from
 pymongo's command monitoring), jobs per second drained by 1, 2 and 4 worker
 processes (with duplicate ownerships counted), schedules per second, the cost of
 acquiring jobs with many finished and leased jobs present, the event broker's
-latency (ours only) and the client CPU that signing adds per job (ours only, against
-APScheduler's memory store as the floor). The tables go to standard output and to
+latency (ours only), the client CPU that signing adds per job (ours only, against
+APScheduler's memory store as the floor) and the client CPU per job and per schedule
+firing of both stores and APScheduler's memory store, beside the driver's CPU per
+command ("cpu", ``client_cpu.py``). The tables go to standard output and to
 ``DIR/results.md``, the raw figures to ``DIR/results.json``, a chart of jobs per
 second against workers to ``DIR/throughput.png`` (if matplotlib is installed).
 Progress goes to standard error.
@@ -50,18 +52,23 @@ SECTIONS = (
     "drain",
     "latency",
     "signing",
+    "cpu",
 )
 FULL = {
     "jobs": 5000,
     "schedules": 1000,
     "latency_events": 300,
     "signing_jobs": 300,
+    "cpu_jobs": 200,
+    "cpu_repeats": 3,
 }
 QUICK = {
     "jobs": 500,
     "schedules": 200,
     "latency_events": 100,
     "signing_jobs": 100,
+    "cpu_jobs": 100,
+    "cpu_repeats": 1,
 }
 #: Finished + leased jobs for the acquisition section: 10x a 5,000-job queue on a
 #: real server; building that many on mongoeco takes hours (each insert there
@@ -140,6 +147,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--signing-jobs",
         type=int,
         help="jobs per signing run (default 300; a few hundred at most on mongoeco)",
+    )
+    parser.add_argument(
+        "--cpu-jobs",
+        type=int,
+        help="jobs (and schedules) per client CPU run (default 200; a few hundred at "
+        "most on mongoeco)",
+    )
+    parser.add_argument(
+        "--cpu-repeats",
+        type=int,
+        help="client CPU runs per store and workload, the median reported (default 3)",
     )
     args = parser.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(SECTIONS)
@@ -274,15 +292,35 @@ async def _signing(uri: str, args: argparse.Namespace) -> Any:
     return await measure_signing(uri, args.signing_jobs)
 
 
+async def _cpu(uri: str, args: argparse.Namespace) -> Any:
+    from client_cpu import measure_client_cpu
+
+    progress(
+        f"client CPU per job and firing: {args.cpu_jobs} jobs (and schedules) per "
+        f"run, {args.cpu_repeats} runs each"
+    )
+    return await measure_client_cpu(uri, args.cpu_jobs, args.cpu_repeats)
+
+
 def _markdown(results: dict[str, Any]) -> str:
-    """Render the results, with the signing section before the targets and notes."""
+    """Render the results, with the signing and client CPU sections before the
+    targets and notes."""
     text = markdown(results)
-    if not results.get("signing"):
+    extra: list[str] = []
+    if results.get("signing"):
+        import signing
+
+        extra += signing.markdown_lines(results["signing"])
+        extra.append("")
+    if results.get("cpu"):
+        import client_cpu
+
+        extra += client_cpu.markdown_lines(results["cpu"])
+        extra.append("")
+    if not extra:
         return text
 
-    from signing import markdown_lines
-
-    section = "\n".join(markdown_lines(results["signing"])) + "\n\n"
+    section = "\n".join(extra) + "\n"
     for heading in ("## Targets", "## Notes"):
         if (at := text.find(f"\n{heading}")) >= 0:
             return text[: at + 1] + section + text[at + 1 :]
@@ -298,6 +336,7 @@ _RUNNERS = {
     "drain": _drain,
     "latency": _latency,
     "signing": _signing,
+    "cpu": _cpu,
 }
 
 
@@ -337,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
                 "acquisition finished + leased": args.acq_extra,
                 "latency events": args.latency_events,
                 "signing jobs": args.signing_jobs,
+                "cpu jobs": args.cpu_jobs,
+                "cpu repeats": args.cpu_repeats,
             },
         }
         results.update(asyncio.run(run(uri, args)))

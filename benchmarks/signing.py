@@ -21,24 +21,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import multiprocessing
-import queue
-import resource
 import statistics
 import sys
-import time
 from collections.abc import Sequence
-from multiprocessing.queues import Queue
 from typing import Any, Literal
 
-import anyio
-from apscheduler import AsyncScheduler, Event, JobOutcome, JobReleased
+from apscheduler import JobReleased
 from apscheduler.abc import DataStore
 from apscheduler.datastores.memory import MemoryDataStore
-from apscheduler.eventbrokers.local import LocalEventBroker
 
 from _common import server_uri
+from _cpu_runs import adding_jobs, in_fresh_process, progress, run_scheduler
 from _report import fmt, table
 from _seed import drop_database
 from apscheduler_mongo import MongoDBDataStore
@@ -54,20 +47,12 @@ VARIANT_NAMES: dict[Variant, str] = {
 JOBS = 300  # mongoeco scans its collections: keep it to a few hundred
 REPEATS = 3
 SIGNING_KEY = "x" * 32
-TASK_ID = "noop"
 #: The task's callable as the scheduler stores it (this module runs as ``signing``)
 TASK_REF = "signing:noop"
-TIMEOUT = 600.0  # seconds a run may take
 
 
 async def noop() -> None:
     """The job: nothing, so that what is measured is the scheduler and the store."""
-
-
-def _cpu() -> float:
-    """Return this process's CPU time so far (user + system, all threads), in s."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _store(variant: Variant, uri: str, database: str) -> DataStore:
@@ -88,97 +73,19 @@ async def _run(variant: Variant, uri: str, database: str, jobs: int) -> dict[str
     if variant != "memory":
         await drop_database(uri, database)
 
-    released = 0
-    failed: list[str] = []
-    run_end = 0.0
-    all_released = anyio.Event()
-
-    def on_released(event: Event) -> None:
-        nonlocal released, run_end
-        assert isinstance(event, JobReleased)
-        released += 1
-        if event.outcome is not JobOutcome.success:
-            failed.append(f"{event.outcome.name}: {event.exception_type}")
-        if released == jobs:
-            run_end = _cpu()
-            all_released.set()
-
-    scheduler = AsyncScheduler(
+    figures = await run_scheduler(
         _store(variant, uri, database),
-        LocalEventBroker(),
-        logger=logging.getLogger(f"bench.signing.{variant}"),
+        noop,
+        TASK_REF,
+        adding_jobs(jobs),
+        {JobReleased: jobs},
+        max_running_jobs=None,
+        name=f"signing.{variant}",
     )
-    async with scheduler:
-        await scheduler.configure_task(TASK_ID, func=noop, max_running_jobs=None)
-        task = next(t for t in await scheduler.get_tasks() if t.id == TASK_ID)
-        if task.func != TASK_REF:
-            raise RuntimeError(f"the task's callable is {task.func!r}, not {TASK_REF}")
-
-        scheduler.subscribe(on_released, {JobReleased})
-        add_start = _cpu()
-        wall_start = time.perf_counter()
-        for _ in range(jobs):
-            await scheduler.add_job(TASK_ID)
-
-        add_end = run_start = _cpu()
-        wall_added = time.perf_counter()
-        await scheduler.start_in_background()
-        with anyio.fail_after(TIMEOUT):
-            await all_released.wait()
-
-        wall_end = time.perf_counter()
-        left = len(await scheduler.get_jobs())
-
     if variant != "memory":
         await drop_database(uri, database)
-    if failed or left:
-        raise RuntimeError(
-            f"{variant}: {len(failed)} jobs failed ({failed[:3]}), {left} jobs left"
-        )
 
-    return {
-        "variant": variant,
-        "jobs": jobs,
-        "add_cpu": add_end - add_start,
-        "run_cpu": run_end - run_start,
-        "add_wall": wall_added - wall_start,
-        "run_wall": wall_end - wall_added,
-    }
-
-
-def run_variant(
-    variant: Variant, uri: str, database: str, jobs: int, results: Queue[Any]
-) -> None:
-    """Run one variant in this (fresh) process and put its figures on ``results``."""
-    results.put(asyncio.run(_run(variant, uri, database, jobs)))
-
-
-def _in_fresh_process(
-    variant: Variant, uri: str, database: str, jobs: int
-) -> dict[str, Any]:
-    context = multiprocessing.get_context("spawn")
-    results: Queue[Any] = context.Queue()
-    process = context.Process(
-        target=run_variant, args=(variant, uri, database, jobs, results)
-    )
-    process.start()
-    deadline = time.monotonic() + TIMEOUT + 60
-    try:
-        while True:
-            try:
-                report: dict[str, Any] = results.get(timeout=0.5)
-                break
-            except queue.Empty:
-                if process.exitcode is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"the {variant} run failed (exit code {process.exitcode})"
-                    ) from None
-    finally:
-        process.join(30)
-        if process.exitcode is None:
-            process.kill()
-
-    return report
+    return {"variant": variant, "jobs": jobs, **figures}
 
 
 def _median_row(variant: Variant, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -212,7 +119,9 @@ async def measure_signing(
             progress(f"signing: {variant}, {jobs} jobs, run {repeat + 1}/{repeats}")
             database = f"apscheduler_bench_signing_{variant}_{repeat}"
             runs[variant].append(
-                await asyncio.to_thread(_in_fresh_process, variant, uri, database, jobs)
+                await asyncio.to_thread(
+                    in_fresh_process, _run, variant, uri, database, jobs, label=variant
+                )
             )
 
     rows = [_median_row(variant, runs[variant]) for variant in VARIANTS]
@@ -275,11 +184,6 @@ def markdown_lines(result: dict[str, Any]) -> list[str]:
         rows,
     )
     return lines
-
-
-def progress(message: str) -> None:
-    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
-    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
