@@ -28,7 +28,12 @@ from pytest_mock import MockerFixture
 from tenacity import stop_after_attempt, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore
-from apscheduler_mongo._retry import TEMPORARY_CODES, is_temporary_failure
+from apscheduler_mongo._retry import (
+    TEMPORARY_CODES,
+    Attempts,
+    is_temporary_failure,
+    retrying,
+)
 
 from .support.logs import retry_messages
 
@@ -298,3 +303,55 @@ class TestStoreRetries:
 
         assert find_one.await_count == 1
         assert retry_messages(caplog) == []
+
+
+class TestAttempts:
+    """The first attempt runs outside Tenacity's loop; a failure hands over to it."""
+
+    def loop(self, attempts: int) -> Attempts:
+        settings = RetrySettings(stop=stop_after_attempt(attempts), wait=wait_fixed(0))
+        return Attempts(retrying(settings, logging.getLogger("tests.attempts")))
+
+    async def run(
+        self, attempts: Attempts, outcomes: list[Exception | None]
+    ) -> list[bool]:
+        """Attempt the outcomes in turn; return whether each attempt was a retry."""
+        retries: list[bool] = []
+        async for attempt in attempts:
+            with attempt:
+                retries.append(attempt.retry)
+                if (outcome := outcomes.pop(0)) is not None:
+                    raise outcome
+
+        return retries
+
+    async def test_first_succeeds(self, caplog: pytest.LogCaptureFixture) -> None:
+        assert await self.run(self.loop(3), [None]) == [False]
+        assert not retry_messages(caplog)
+
+    async def test_temporary_failure_retried(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        outcomes: list[Exception | None] = [AutoReconnect("gone"), None]
+
+        assert await self.run(self.loop(3), outcomes) == [False, True]
+        # Tenacity logged the first attempt's failure, as it logs any
+        assert len(retry_messages(caplog)) == 1
+        assert "attempt 1" in retry_messages(caplog)[0]
+
+    async def test_permanent_failure_raised_at_once(self) -> None:
+        outcomes: list[Exception | None] = [OperationFailure("no", code=13), None]
+
+        with pytest.raises(OperationFailure):
+            await self.run(self.loop(3), outcomes)
+
+        assert outcomes == [None]  # no second attempt
+
+    async def test_the_first_attempt_counts(self) -> None:
+        """With two attempts allowed, a failing operation is tried twice in all."""
+        outcomes: list[Exception | None] = [AutoReconnect(str(n)) for n in range(3)]
+
+        with pytest.raises(AutoReconnect, match="1"):
+            await self.run(self.loop(2), outcomes)
+
+        assert len(outcomes) == 1

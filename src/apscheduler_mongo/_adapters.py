@@ -343,6 +343,16 @@ class Collection:
         if not updates:
             return 0
 
+        if len(updates) == 1:  # the driver's update command costs less than a bulk
+            [update] = updates
+            call = self.raw.update_one(update.query, update.change)
+            try:
+                outcome = await insulated(call)
+            except DuplicateKeyError:
+                return 0
+
+            return int(outcome.matched_count)
+
         requests = [UpdateOne(update.query, update.change) for update in updates]
         try:
             call = self.raw.bulk_write(requests, ordered=False)
