@@ -17,10 +17,11 @@ import logging
 import multiprocessing
 import queue
 import resource
+import statistics
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from multiprocessing.queues import Queue
 from typing import Any
 
@@ -40,6 +41,22 @@ def cpu_seconds() -> float:
     """Return this process's CPU time so far (user + system, all threads), in s."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def medians_per_item(runs: Sequence[Mapping[str, Any]], items: int) -> dict[str, float]:
+    """
+    Return the median CPU per item (ms) of runs timed phase by phase (``add_cpu``
+    and ``run_cpu``, in s): ``add_ms``, ``run_ms`` and ``total_ms``.
+    """
+
+    def per_item_ms(values: list[float]) -> float:
+        return statistics.median(values) / items * 1000
+
+    return {
+        "add_ms": per_item_ms([run["add_cpu"] for run in runs]),
+        "run_ms": per_item_ms([run["run_cpu"] for run in runs]),
+        "total_ms": per_item_ms([run["add_cpu"] + run["run_cpu"] for run in runs]),
+    }
 
 
 def progress(message: str) -> None:

@@ -84,6 +84,7 @@ from _cpu_runs import (
     adding_jobs,
     cpu_seconds,
     in_fresh_process,
+    medians_per_item,
     progress,
     run_scheduler,
 )
@@ -270,10 +271,6 @@ async def _driver(uri: str, database: str, commands: int) -> dict[str, Any]:
     return {"commands": commands, "cpu": cpu}
 
 
-def _per_item_ms(values: Sequence[float], items: int) -> float:
-    return statistics.median(values) / items * 1000
-
-
 def _row(
     workload: Workload,
     store: Store,
@@ -291,14 +288,8 @@ def _row(
     }
     if runs:
         items: int = runs[0]["items"]
-        row |= {
-            "add_ms": _per_item_ms([run["add_cpu"] for run in runs], items),
-            "run_ms": _per_item_ms([run["run_cpu"] for run in runs], items),
-            "total_ms": _per_item_ms(
-                [run["add_cpu"] + run["run_cpu"] for run in runs], items
-            ),
-            "per_second": statistics.median(items / run["run_wall"] for run in runs),
-        }
+        row |= medians_per_item(runs, items)
+        row["per_second"] = statistics.median(items / run["run_wall"] for run in runs)
     if counted is not None and "commands" in counted:
         row["commands_per_item"] = counted["commands"] / counted["items"]
         row["documents_per_item"] = counted["documents"] / counted["items"]

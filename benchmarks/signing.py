@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -31,7 +30,13 @@ from apscheduler.abc import DataStore
 from apscheduler.datastores.memory import MemoryDataStore
 
 from _common import server_uri
-from _cpu_runs import adding_jobs, in_fresh_process, progress, run_scheduler
+from _cpu_runs import (
+    adding_jobs,
+    in_fresh_process,
+    medians_per_item,
+    progress,
+    run_scheduler,
+)
 from _report import fmt, table
 from _seed import drop_database
 from apscheduler_mongo import MongoDBDataStore
@@ -89,18 +94,8 @@ async def _run(variant: Variant, uri: str, database: str, jobs: int) -> dict[str
 
 
 def _median_row(variant: Variant, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    jobs: int = runs[0]["jobs"]
-
-    def per_job_ms(values: list[float]) -> float:
-        return statistics.median(values) / jobs * 1000
-
-    return {
-        "variant": variant,
-        "add_ms": per_job_ms([run["add_cpu"] for run in runs]),
-        "run_ms": per_job_ms([run["run_cpu"] for run in runs]),
-        "total_ms": per_job_ms([run["add_cpu"] + run["run_cpu"] for run in runs]),
-        "runs": list(runs),
-    }
+    medians = medians_per_item(runs, runs[0]["jobs"])
+    return {"variant": variant, **medians, "runs": list(runs)}
 
 
 async def measure_signing(

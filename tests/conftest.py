@@ -219,6 +219,21 @@ async def logged_client(
 
 
 @pytest.fixture
+async def counted_store(
+    logged_client: AsyncMongoClient[Any],
+    database_name: str,
+    local_broker: EventBroker,
+    logger: logging.Logger,
+) -> AsyncIterator[MongoDBDataStore]:
+    """A started store whose commands ``command_log`` records."""
+    async with AsyncExitStack() as exit_stack:
+        await local_broker.start(exit_stack, logger)
+        store = MongoDBDataStore(logged_client, database=database_name)
+        await store.start(exit_stack, local_broker, logger)
+        yield store
+
+
+@pytest.fixture
 def plan() -> FaultPlan:
     """What the ``proxy`` answers or changes itself, and the commands it saw."""
     return FaultPlan()

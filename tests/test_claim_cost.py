@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Any
@@ -36,20 +35,6 @@ LEASE = timedelta(minutes=5)
 MAX_JOBS = 100
 #: The documents the server may return per job handed out (the issue's target)
 BUDGET = 3
-
-
-@pytest.fixture
-async def counted_store(
-    logged_client: AsyncMongoClient[Any],
-    database_name: str,
-    local_broker: EventBroker,
-    logger: logging.Logger,
-) -> AsyncIterator[MongoDBDataStore]:
-    async with AsyncExitStack() as exit_stack:
-        await local_broker.start(exit_stack, logger)
-        store = MongoDBDataStore(logged_client, database=database_name)
-        await store.start(exit_stack, local_broker, logger)
-        yield store
 
 
 @pytest.fixture
@@ -104,7 +89,20 @@ async def drain(store: MongoDBDataStore, log: CommandLog, queued: list[Job]) -> 
     return drained
 
 
-async def queue(store: MongoDBDataStore, tasks: dict[str, int]) -> list[Job]:
+async def queue(
+    store: MongoDBDataStore, caps: dict[str, int | None], length: int
+) -> list[Job]:
+    """
+    Add the tasks (``caps`` maps task id to ``max_running_jobs``) and queue
+    ``length`` jobs of each, interleaved.
+    """
+    for task_id, cap in caps.items():
+        await add_task(store, cap, task_id)
+
+    return await queue_jobs(store, dict.fromkeys(caps, length))
+
+
+async def queue_jobs(store: MongoDBDataStore, tasks: dict[str, int]) -> list[Job]:
     """Queue jobs of several tasks, interleaved: ``tasks`` maps task id to count."""
     jobs: list[Job] = []
     left = dict(tasks)
@@ -143,8 +141,7 @@ class TestDocumentsPerJob:
         length: int,
     ) -> None:
         """APScheduler's default limit, with a short and a long queue."""
-        await add_task(counted_store, 1, "t")
-        jobs = await queue(counted_store, {"t": length})
+        jobs = await queue(counted_store, {"t": 1}, length)
 
         drained = await drain(counted_store, command_log, jobs)
 
@@ -156,10 +153,8 @@ class TestDocumentsPerJob:
         command_log: CommandLog,
         decoded: Counter[str],
     ) -> None:
-        caps = {"a": 1, "b": 1, "c": 1, "d": 3, "e": 2}
-        for task_id, cap in caps.items():
-            await add_task(counted_store, cap, task_id)
-        jobs = await queue(counted_store, dict.fromkeys(caps, 40))
+        caps: dict[str, int | None] = {"a": 1, "b": 1, "c": 1, "d": 3, "e": 2}
+        jobs = await queue(counted_store, caps, 40)
 
         drained = await drain(counted_store, command_log, jobs)
 
@@ -173,8 +168,7 @@ class TestDocumentsPerJob:
         decoded: Counter[str],
         length: int,
     ) -> None:
-        await add_task(counted_store, None, "u")
-        jobs = await queue(counted_store, {"u": length})
+        jobs = await queue(counted_store, {"u": None}, length)
 
         drained = await drain(counted_store, command_log, jobs)
 
@@ -187,9 +181,7 @@ class TestDocumentsPerJob:
         decoded: Counter[str],
     ) -> None:
         caps = {"capped": 1, "free": None}
-        for task_id, cap in caps.items():
-            await add_task(counted_store, cap, task_id)
-        jobs = await queue(counted_store, {"capped": 100, "free": 100})
+        jobs = await queue(counted_store, caps, 100)
 
         drained = await drain(counted_store, command_log, jobs)
 
@@ -211,7 +203,7 @@ class TestDocumentsPerJob:
             await other.start(exit_stack, local_broker, logger)
             await add_task(other, 1, "t")
             await add_task(other, None, "u")
-            jobs = await queue(other, {"t": 150, "u": 50})
+            jobs = await queue_jobs(other, {"t": 150, "u": 50})
 
         drained = await drain(counted_store, command_log, jobs)
 

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 import pytest
 from apscheduler import ConflictPolicy, Job, JobOutcome, JobResult, Schedule, Task
-from apscheduler.abc import EventBroker
 from apscheduler.triggers.interval import IntervalTrigger
-from pymongo import AsyncMongoClient
 
 from apscheduler_mongo import MongoDBDataStore
 
@@ -22,20 +16,6 @@ from .support.items import add_task, processed, scheduled_job
 pytestmark = [pytest.mark.anyio, pytest.mark.wire]
 
 LEASE = timedelta(minutes=1)
-
-
-@pytest.fixture
-async def counted_store(
-    logged_client: AsyncMongoClient[Any],
-    database_name: str,
-    local_broker: EventBroker,
-    logger: logging.Logger,
-) -> AsyncIterator[MongoDBDataStore]:
-    async with AsyncExitStack() as exit_stack:
-        await local_broker.start(exit_stack, logger)
-        store = MongoDBDataStore(logged_client, database=database_name)
-        await store.start(exit_stack, local_broker, logger)
-        yield store
 
 
 async def add_schedule(store: MongoDBDataStore, next_fire_time: datetime) -> None:

@@ -58,7 +58,6 @@ from ._job_claims import (
     ClaimRead,
     JobAlarm,
     TaskLimits,
-    limit_of,
     plan_job_claim,
     running_count,
 )
@@ -88,7 +87,7 @@ from ._marshalling import (
 )
 from ._names import require_ids
 from ._options import ConnectionOptions, SigningOptions
-from ._planner import ClaimContext, ClaimPlan
+from ._planner import ClaimContext, ClaimPlan, limit_of
 from ._retry import Attempts, retrying
 from ._signing import (
     AllowedCallables,

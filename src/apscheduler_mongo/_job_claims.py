@@ -57,6 +57,7 @@ from ._planner import (
     Refused,
     Slots,
     holdings_of,
+    limit_of,
     plan_claims,
     task_cap,
     tasks_of,
@@ -203,14 +204,6 @@ class TaskLimits:
         return {task for task, known in self._known.items() if known.cap is not None}
 
 
-def limit_of(cap: object) -> int | None:
-    """Return a task's limit as given: ``None`` (uncapped), positive, or 0 (bad)."""
-    if cap is None or (isinstance(cap, int) and not isinstance(cap, bool) and cap > 0):
-        return cap
-
-    return 0
-
-
 @attrs.define
 class Done:
     """The tasks whose free jobs a claim has read to the end."""
@@ -286,9 +279,6 @@ class ClaimRead:
     #: The queued job that falls due next, if it is for later (its id, its task's,
     #: its schedule's and its ``scheduled_fire_time``)
     next_waiting: Document | None = None
-    #: How many documents the server returned, in how many rounds
-    documents: int = 0
-    rounds: int = 0
     #: How many jobs of each known task had been released when the claim began
     releases: dict[str, int] = attrs.field(factory=dict)
 
@@ -334,7 +324,6 @@ async def plan_job_claim(
     read = ClaimRead(ClaimPlan(), {}, holdings_of(summaries, context.logger))
     read.releases = releases
     read.next_waiting = waiting[0] if waiting else None
-    read.documents = sum(len(output) for output in outputs)
     if refresh:
         limits.refreshed(outputs[-1])
 
@@ -343,7 +332,6 @@ async def plan_job_claim(
     passed_over: list[Any] = []
     wanted = limit
     for round_number in range(1, MAX_ROUNDS + 1):
-        read.rounds = round_number
         documents = _in_queue_order(found, wanted)
         _learn_tasks(documents, read.tasks, caps, limits, context)
         read.plan.extend(plan_claims(documents, caps, slots, context))
@@ -377,7 +365,6 @@ async def plan_job_claim(
         found = outputs[: len(branches)]
         if unread:
             slots.read(holdings_of(outputs[-1], context.logger), unread)
-        read.documents += sum(len(output) for output in outputs)
 
     read.unread = slots.unread
     return read

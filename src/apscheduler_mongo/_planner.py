@@ -133,15 +133,22 @@ def task_cap(task: Mapping[str, Any], codec: Codec, logger: Logger) -> Cap:
         )
         return 0
 
-    cap = task.get("max_running_jobs")
+    cap = limit_of(task.get("max_running_jobs"))
+    if cap == 0:
+        logger.warning(
+            "Task %r has an invalid max_running_jobs (%r); its jobs stay queued",
+            task["_id"],
+            task.get("max_running_jobs"),
+        )
+
+    return cap
+
+
+def limit_of(cap: object) -> int | None:
+    """Return a task's limit as given: ``None`` (uncapped), positive, or 0 (bad)."""
     if cap is None or (isinstance(cap, int) and not isinstance(cap, bool) and cap > 0):
         return cap
 
-    logger.warning(
-        "Task %r has an invalid max_running_jobs (%r); its jobs stay queued",
-        task["_id"],
-        cap,
-    )
     return 0
 
 
