@@ -55,10 +55,9 @@ from ._clock import ServerClock, Timekeeper, timed_hello
 from ._indexes import ensure_indexes
 from ._job_claims import (
     ClaimedTasks,
-    ClaimRead,
     JobAlarm,
+    JobClaim,
     TaskLimits,
-    plan_job_claim,
     running_count,
 )
 from ._layout import ACQUIRED, Document
@@ -87,7 +86,7 @@ from ._marshalling import (
 )
 from ._names import require_ids
 from ._options import ConnectionOptions, SigningOptions
-from ._planner import ClaimContext, ClaimPlan, limit_of
+from ._planner import ClaimContext, limit_of
 from ._retry import Attempts, retrying
 from ._signing import (
     AllowedCallables,
@@ -95,8 +94,6 @@ from ._signing import (
     DisallowedCallableError,
     UnverifiedDataError,
 )
-
-_MICROSECOND = timedelta(microseconds=1)
 
 
 def _to_allowed(value: Iterable[str] | None) -> AllowedCallables | None:
@@ -547,14 +544,12 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         token = layout.new_token()
 
         async def choose() -> list[tuple[Document | None, Update]]:
-            now = self._clock.now_micros()
+            now, until = self._leases.term(lease_duration)
             eligible = layout.due_schedules(scheduler_id, now)
             due = await self._schedules.find(
                 eligible, sort=layout.DUE_ORDER, limit=limit
             )
-            claimed = layout.lease(
-                scheduler_id, now + lease_duration // _MICROSECOND, token
-            )
+            claimed = layout.lease(scheduler_id, until, token)
             return [
                 (
                     {**doc, **claimed},
@@ -819,33 +814,24 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     ) -> list[Job]:
         self._claimants.add(scheduler_id)
         token = layout.new_token()
-        reads: list[ClaimRead] = []
-
-        async def choose() -> list[tuple[Document | None, Update]]:
-            now = self._clock.now_micros()
-            context = ClaimContext(
-                scheduler_id,
-                now,
-                now + lease_duration // _MICROSECOND,
-                token,
-                self._codec,
-                self._logger,
-            )
-            read = await plan_job_claim(
-                self._jobs, self._tasks, context, limit, self._limits
-            )
-            reads.append(read)
-            return read.plan.chosen
-
+        claim = JobClaim(
+            self._jobs,
+            self._tasks,
+            self._limits,
+            limit,
+            lambda: self._leases.term(lease_duration),
+            ClaimContext(scheduler_id, 0, 0, token, self._codec, self._logger),
+        )
         async with self._leases.claiming(jobs=True, owner=scheduler_id, token=token):
-            documents = await self._claim(self._jobs, token, layout.QUEUE_ORDER, choose)
+            documents = await self._claim(
+                self._jobs, token, layout.QUEUE_ORDER, claim.choose
+            )
 
-            plans = [read.plan for read in reads]
-            acquired, events = self._handed_out(scheduler_id, documents, plans)
-            if reads:
-                self._limits.settle(reads[-1], acquired)
-                self._claimed_tasks.remember(reads[-1], acquired)
-                if (waiting := reads[-1].next_waiting) is not None:
+            acquired, events = self._handed_out(scheduler_id, documents, claim)
+            if claim.read is not None:
+                self._limits.settle(claim.read, acquired)
+                self._claimed_tasks.remember(claim.read, acquired)
+                if (waiting := claim.read.next_waiting) is not None:
                     self._alarm.set(waiting)
 
             await self._publish_all(events)
@@ -853,17 +839,15 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         return acquired
 
     def _handed_out(
-        self, scheduler_id: str, documents: Sequence[Document], plans: list[ClaimPlan]
+        self, scheduler_id: str, documents: Sequence[Document], claim: JobClaim
     ) -> tuple[list[Job], list[Event]]:
         """Return the jobs a claim holds and the events to announce it with."""
-        jobs = {key: job for plan in plans for key, job in plan.jobs.items()}
-        finished = {key: res for plan in plans for key, res in plan.finished.items()}
         acquired: list[Job] = []
         events: list[Event] = []
         for document in documents:
-            if (result := finished.get(document["_id"])) is not None:
+            if (result := claim.finished.get(document["_id"])) is not None:
                 events.append(released_event(result, scheduler_id, document))
-            elif job := jobs.get(document["_id"]) or self._build_job(document):
+            elif job := claim.jobs.get(document["_id"]) or self._build_job(document):
                 job = self._on_host_clock(job)
                 job.acquired_by = scheduler_id
                 job.acquired_until = from_micros(document["acquired_until"])

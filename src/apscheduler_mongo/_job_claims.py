@@ -36,10 +36,10 @@ from typing import Any
 
 import anyio
 import attrs
-from apscheduler import Job, JobAdded, Task
+from apscheduler import Job, JobAdded, JobResult, Task
 
 from . import _layout as layout
-from ._adapters import Collection
+from ._adapters import Collection, Update
 from ._clock import ServerClock
 from ._layout import Document
 from ._marshalling import (
@@ -286,6 +286,47 @@ class ClaimRead:
         """Count, by task, the queued jobs handed out (their slots were free)."""
         queued = self.plan.were_queued
         return Counter(job.task_id for job in handed_out if bson_id(job.id) in queued)
+
+
+@attrs.define
+class JobClaim:
+    """
+    One ``acquire_jobs`` call: each attempt reads and plans (:meth:`choose`), and
+    what its attempts decided tells the store what the documents it holds are.
+
+    A retried attempt may find it holds what an earlier attempt wrote (its reply
+    was lost): so the jobs and results of every attempt are kept, and the read of
+    the latest, which the store's beliefs are settled with.
+    """
+
+    jobs_collection: Collection
+    tasks_collection: Collection
+    limits: TaskLimits
+    limit: int | None
+    #: Now and the lease's expiry, by the server's clock (see ``Leases.term``)
+    term: Callable[[], tuple[int, int]]
+    #: Who claims, with what token and codec (its times are set by each attempt)
+    context: ClaimContext
+    #: The jobs to hand out and the results of jobs finished, by document id
+    jobs: dict[Any, Job] = attrs.field(init=False, factory=dict)
+    finished: dict[Any, JobResult] = attrs.field(init=False, factory=dict)
+    #: What the latest attempt read
+    read: ClaimRead | None = attrs.field(init=False, default=None)
+
+    async def choose(self) -> list[tuple[Document | None, Update]]:
+        """Read and plan one attempt; return the updates it sends."""
+        now, until = self.term()
+        context = attrs.evolve(self.context, now=now, acquired_until=until)
+        self.read = await plan_job_claim(
+            self.jobs_collection,
+            self.tasks_collection,
+            context,
+            self.limit,
+            self.limits,
+        )
+        self.jobs.update(self.read.plan.jobs)
+        self.finished.update(self.read.plan.finished)
+        return self.read.plan.chosen
 
 
 async def plan_job_claim(

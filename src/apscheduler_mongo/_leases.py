@@ -37,6 +37,8 @@ from ._layout import (
 )
 from ._retry import Retry
 
+_MICROSECOND = timedelta(microseconds=1)
+
 #: Chooses what a claim attempt takes: the candidates as they will be once claimed
 #: (``None`` for one the claim writes to without holding it), each with the
 #: conditional update that claims it
@@ -239,6 +241,16 @@ class Leases:
         until = self._held.get(schedule_id) if isinstance(schedule_id, str) else None
         return until is not None and self.clock.now_micros() < until
 
+    # Lease terms
+
+    def term(self, duration: timedelta) -> tuple[int, int]:
+        """
+        Return now and when a lease of ``duration`` taken now lapses, both by the
+        server's clock (microseconds): every lease this store takes or extends.
+        """
+        now = self.clock.now_micros()
+        return now, now + duration // _MICROSECOND
+
     # Extending leases
 
     async def extend(
@@ -251,5 +263,5 @@ class Leases:
         """Move the leases ``owner`` holds on these documents ``duration`` on."""
         async for attempt in self.retry():
             with attempt:
-                until = self.clock.now_micros() + duration // timedelta(microseconds=1)
+                _, until = self.term(duration)
                 await collection.update_many(held_by(owner, ids), extension(until))
