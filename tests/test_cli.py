@@ -179,6 +179,11 @@ async def seed(target: Any, database: str) -> Seeded:
         for _ in range(2):
             await store.add_job(Job(task_id="tidy", executor="async"))
 
+        # These leases stand for schedulers that still run elsewhere: this store
+        # must not give them back as it stops (as it would its own scheduler's)
+        store._leases._handed.clear()
+        store._leases._held.clear()
+
     async with raw_database(target, database) as raw:
         quarantine = {"reason": QUARANTINE_REASON, "at": now}
         await raw["schedules"].update_one(

@@ -95,6 +95,9 @@ from ._signing import (
     UnverifiedDataError,
 )
 
+#: How long a stopping store tries to give back what it holds (seconds)
+HAND_BACK_TIMEOUT = 5.0
+
 
 def _to_allowed(value: Iterable[str] | None) -> AllowedCallables | None:
     return None if value is None else AllowedCallables.of(value)
@@ -255,6 +258,66 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         exit_stack.enter_context(
             event_broker.subscribe(self._released_elsewhere, {JobReleased})
         )
+        exit_stack.push_async_callback(self._hand_back)
+
+    async def _hand_back(self) -> None:
+        """
+        As the store stops, give back what it holds (see ``Leases.hand_back``) and
+        announce it, so that the schedulers still running take it over at once.
+
+        Shielded from the cancellation that may be stopping the scheduler, and
+        bounded by :data:`HAND_BACK_TIMEOUT`: with the server out of reach, the
+        leases lapse as after a crash.
+        """
+        with anyio.CancelScope(shield=True), anyio.move_on_after(HAND_BACK_TIMEOUT):
+            try:
+                jobs, schedule_ids = await self._leases.hand_back()
+                if jobs or schedule_ids:
+                    self._logger.info(
+                        "Stopping: gave back %d job(s) never started and %d "
+                        "schedule(s)",
+                        len(jobs),
+                        len(schedule_ids),
+                    )
+
+                events: list[Event] = [
+                    JobAdded(
+                        job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id
+                    )
+                    for job in jobs
+                ]
+                if schedule_ids:
+                    events += await self._schedules_let_go(schedule_ids)
+
+                await self._publish_all(events)
+            except Exception as exc:
+                self._logger.warning(
+                    "Could not give back what this store holds (%s): it is taken "
+                    "over when its leases lapse",
+                    explain(exc),
+                )
+
+    async def _schedules_let_go(self, ids: Sequence[str]) -> list[Event]:
+        """Return the events that announce schedules given back (nothing decoded)."""
+        documents = await self._schedules.find(
+            layout.by_ids(ids), {"task_id": 1, "next_fire_time": 1}
+        )
+        events: list[Event] = []
+        for document in documents:
+            try:
+                next_fire_time = get_datetime(document, "next_fire_time")
+            except MalformedDocumentError:
+                continue  # the scheduler that takes it says what is wrong
+
+            events.append(
+                ScheduleUpdated(
+                    schedule_id=str(document["_id"]),
+                    task_id=text_of(document, "task_id") or "",
+                    next_fire_time=next_fire_time,
+                )
+            )
+
+        return events
 
     def _released_elsewhere(self, event: Event) -> None:
         """Note that another scheduler released a job: its task may have a slot."""
@@ -575,7 +638,8 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
                 if schedule is not None:
                     schedules.append(schedule)
-                    self._leases.hold(schedule.id, document["acquired_until"])
+                    until = document["acquired_until"]
+                    self._leases.hold(schedule.id, scheduler_id, until)
                 else:
                     await self._quarantine(document["_id"], token, reason)
 
@@ -828,6 +892,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             )
 
             acquired, events = self._handed_out(scheduler_id, documents, claim)
+            self._leases.handed_out(scheduler_id, acquired)
             if claim.read is not None:
                 self._limits.settle(claim.read, acquired)
                 self._claimed_tasks.remember(claim.read, acquired)
@@ -874,6 +939,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
     async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
         self._claimed_tasks.forget(job.task_id)
+        self._leases.released(job.id)
         tag = layout.Tag(layout.RELEASE_TOKEN)
         from_schedule = (
             job.schedule_id is not None and job.original_scheduled_time is not None
@@ -886,37 +952,42 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             tag=tag,
         )
         query = layout.acquired_job(scheduler_id, uuid_to_bson(job.id))
-        written = bool(
-            await write_tagged(
-                self._jobs,
-                [Update(query, update)],
-                {query["_id"]: tag},
-                self._attempts,
-                gone_counts=True,
+        # A release once begun is finished, and announced, even if the scheduler
+        # is being stopped (APScheduler releases a job that ran from a task that
+        # a stop cancels): cut off, the job's result would be lost and its lease
+        # left to lapse, holding its task's slot. The retry settings bound it.
+        with anyio.CancelScope(shield=True):
+            written = bool(
+                await write_tagged(
+                    self._jobs,
+                    [Update(query, update)],
+                    {query["_id"]: tag},
+                    self._attempts,
+                    gone_counts=True,
+                )
             )
-        )
 
-        # Once the slot is free in the database: a claim begun before this reads
-        # the job as running, and counts this release as a slot freed since
-        self._limits.released(job.task_id)
-        if not written:
-            self._logger.warning(
-                "Discarding the result of job %s: scheduler %r no longer holds its "
-                "lease (another scheduler took it over or released it)",
-                job.id,
-                scheduler_id,
-            )
-            return
+            # Once the slot is free in the database: a claim begun before this
+            # reads the job as running, and counts this release as a slot freed
+            self._limits.released(job.task_id)
+            if not written:
+                self._logger.warning(
+                    "Discarding the result of job %s: scheduler %r no longer holds "
+                    "its lease (another scheduler took it over or released it)",
+                    job.id,
+                    scheduler_id,
+                )
+                return
 
-        await self._event_broker.publish(
-            JobReleased.from_result(
-                result,
-                scheduler_id,
-                job.task_id,
-                job.schedule_id,
-                job.scheduled_fire_time,
+            await self._event_broker.publish(
+                JobReleased.from_result(
+                    result,
+                    scheduler_id,
+                    job.task_id,
+                    job.schedule_id,
+                    job.scheduled_fire_time,
+                )
             )
-        )
 
     async def get_job_result(self, job_id: UUID) -> JobResult | None:
         document_id = uuid_to_bson(job_id)

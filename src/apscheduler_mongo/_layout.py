@@ -288,6 +288,11 @@ def held_by(owner: str, ids: Sequence[Any]) -> Document:
     return {"_id": {"$in": list(ids)}, "acquired_by": owner}
 
 
+def running_of(owner: str, ids: Sequence[Any]) -> Document:
+    """Match the jobs of ``ids`` that ``owner`` holds, not finished."""
+    return {**held_by(owner, ids), "state": ACQUIRED}
+
+
 def extension(until: int) -> Document:
     """Return the update that moves a lease's expiry (and its token) on."""
     return {"$set": {"acquired_until": until, "v": new_token()}}
@@ -299,16 +304,19 @@ def unconfirmed_claim(token: ObjectId, owner: str, jobs: bool) -> Document:
     return {**query, "state": ACQUIRED} if jobs else query
 
 
-def given_back_job() -> Document:
-    """Return the update that puts a job taken by an undelivered claim back."""
+def given_back_job(token: ObjectId | None = None) -> Document:
+    """
+    Return the update that puts a job back in the queue: one taken by an undelivered
+    claim, or handed out and never started (``token``: its new version token).
+    """
     return {
-        "$set": {"state": QUEUED, "v": new_token(), **NO_LEASE},
+        "$set": {"state": QUEUED, "v": token or new_token(), **NO_LEASE},
         "$unset": {"slot_key": ""},
     }
 
 
-def given_back_schedule() -> Document:
-    return {"$set": {"v": new_token(), **NO_LEASE}}
+def given_back_schedule(token: ObjectId | None = None) -> Document:
+    return {"$set": {"v": token or new_token(), **NO_LEASE}}
 
 
 # Schedules

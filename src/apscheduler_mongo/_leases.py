@@ -13,13 +13,22 @@ race, or a retry after a lost reply) the claim asks what carries its own new tok
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from logging import Logger
-from typing import Any
+from typing import Any, TypeVar
+from uuid import UUID
 
 import attrs
+from apscheduler import Job
 from bson import ObjectId
 
 from ._adapters import Collection, Update
@@ -33,11 +42,15 @@ from ._layout import (
     given_back_job,
     given_back_schedule,
     held_by,
+    new_token,
+    running_of,
     unconfirmed_claim,
 )
+from ._marshalling import uuid_to_bson
 from ._retry import Retry
 
 _MICROSECOND = timedelta(microseconds=1)
+T = TypeVar("T")
 
 #: Chooses what a claim attempt takes: the candidates as they will be once claimed
 #: (``None`` for one the claim writes to without holding it), each with the
@@ -114,6 +127,27 @@ class Claim:
     token: ObjectId
 
 
+@attrs.frozen
+class _Held:
+    owner: str
+    #: The lease's expiry (the server's clock, microseconds)
+    until: int
+
+
+@attrs.frozen
+class _Handed:
+    owner: str
+    job: Job
+
+
+def _by_owner(pairs: Iterable[tuple[str, T]]) -> dict[str, list[T]]:
+    grouped: dict[str, list[T]] = {}
+    for owner, item in pairs:
+        grouped.setdefault(owner, []).append(item)
+
+    return grouped
+
+
 @attrs.define
 class Leases:
     """
@@ -131,9 +165,10 @@ class Leases:
     retry: Retry
     logger: Logger
     clock: ServerClock
-    #: Lease expiry (the server's clock, microseconds) of the schedules this store
-    #: acquired and has not released yet
-    _held: dict[str, int] = attrs.field(init=False, factory=dict)
+    #: The schedules this store acquired and has not released yet, by id
+    _held: dict[str, _Held] = attrs.field(init=False, factory=dict)
+    #: The jobs this store handed out and that were not released yet, by id
+    _handed: dict[UUID, _Handed] = attrs.field(init=False, factory=dict)
     #: The claims whose outcome never reached the scheduler; the store keeps this
     #: ledger across its restarts (a supervisor restarting a crashed scheduler on
     #: the same store object), so that what they took is still given back
@@ -224,10 +259,10 @@ class Leases:
 
         return result.modified_count
 
-    # The schedules this store holds
+    # The schedules this store holds, and the jobs it handed out
 
-    def hold(self, schedule_id: str, until: int) -> None:
-        self._held[schedule_id] = until
+    def hold(self, schedule_id: str, owner: str, until: int) -> None:
+        self._held[schedule_id] = _Held(owner, until)
 
     def let_go(self, schedule_id: str) -> None:
         self._held.pop(schedule_id, None)
@@ -238,8 +273,64 @@ class Leases:
 
         While it does, nobody else can have processed the schedule.
         """
-        until = self._held.get(schedule_id) if isinstance(schedule_id, str) else None
-        return until is not None and self.clock.now_micros() < until
+        held = self._held.get(schedule_id) if isinstance(schedule_id, str) else None
+        return held is not None and self.clock.now_micros() < held.until
+
+    def handed_out(self, owner: str, jobs: Iterable[Job]) -> None:
+        """Note jobs handed to a scheduler: held until it releases them."""
+        for job in jobs:
+            self._handed[job.id] = _Handed(owner, job)
+
+    def released(self, job_id: UUID) -> None:
+        self._handed.pop(job_id, None)
+
+    async def hand_back(self) -> tuple[list[Job], list[str]]:
+        """
+        Give back, as this store stops, all it still holds: what undelivered claims
+        took, the jobs handed out and never released, and the schedules acquired and
+        never released. Return the jobs put back in the queue and the ids of the
+        schedules let go, to be announced.
+
+        When the store stops, its scheduler has stopped: the jobs it started have
+        ended and were released (a job cut off is released as cancelled). A job
+        still held was taken and never started (the scheduler stopped between the
+        claim and its run): it goes back to the queue, to run once, elsewhere or
+        later; its slot is free at once. Each write matches only what the owner
+        still holds, so a lease that lapsed and was taken over is left alone.
+        """
+        await self.give_back()
+        handed, self._handed = self._handed, {}
+        held, self._held = self._held, {}
+        returned: list[Job] = []
+        for owner, jobs in _by_owner(
+            (entry.owner, entry.job) for entry in handed.values()
+        ).items():
+            ids = {uuid_to_bson(job.id): job for job in jobs}
+            back = await self._put_back(self.jobs, running_of(owner, list(ids)), True)
+            returned += [ids[key] for key in back if key in ids]
+
+        let_go: list[str] = []
+        for owner, schedule_ids in _by_owner(
+            (entry.owner, schedule_id) for schedule_id, entry in held.items()
+        ).items():
+            query = held_by(owner, schedule_ids)
+            back = await self._put_back(self.schedules, query, False)
+            let_go += [key for key in back if isinstance(key, str)]
+
+        return returned, let_go
+
+    async def _put_back(
+        self, collection: Collection, query: Document, jobs: bool
+    ) -> list[Any]:
+        """Give back what ``query`` matches; return the ids of what was given back."""
+        token = new_token()
+        update = given_back_job(token) if jobs else given_back_schedule(token)
+        async for attempt in self.retry():
+            with attempt:
+                await collection.update_many(query, update)
+                back = await collection.find(claimed_with(token), {"_id": 1})
+
+        return [document["_id"] for document in back]
 
     # Lease terms
 
