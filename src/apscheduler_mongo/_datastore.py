@@ -43,7 +43,7 @@ from pymongo.errors import DuplicateKeyError
 from tenacity import AsyncRetrying
 
 from . import _layout as layout
-from ._adapters import Adapter, Collection, Update
+from ._adapters import Adapter, Collection, Update, abandoned_calls_ended
 from ._cleanup import Cleanup
 from ._client import (
     describe_hosts,
@@ -271,6 +271,9 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         """
         with anyio.CancelScope(shield=True), anyio.move_on_after(HAND_BACK_TIMEOUT):
             try:
+                # A claim cut off on Python 3.10 and 3.11 may still be under way
+                # (see ``insulated``): what it takes must be there to give back
+                await abandoned_calls_ended()
                 jobs, schedule_ids = await self._leases.hand_back()
                 if jobs or schedule_ids:
                     self._logger.info(
