@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import AsyncExitStack
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -35,17 +35,14 @@ from apscheduler import (
     JobOutcome,
     JobReleased,
     JobResult,
-    Schedule,
     ScheduleUpdated,
-    Task,
 )
 from apscheduler.eventbrokers.local import LocalEventBroker
-from apscheduler.triggers.interval import IntervalTrigger
 
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._marshalling import uuid_to_bson
 
-from .support.items import add_task
+from .support.items import add_task, due_schedule
 
 pytestmark = pytest.mark.anyio
 
@@ -208,18 +205,8 @@ class TestHandBack:
             async with AsyncExitStack() as exit_stack:
                 store = MongoDBDataStore(client, database=database_name)
                 await store.start(exit_stack, broker, logger)
-                await store.add_task(
-                    Task(id="t", func="builtins:len", job_executor="async")
-                )
-                schedule = Schedule(
-                    id="s",
-                    task_id="t",
-                    trigger=IntervalTrigger(seconds=10),
-                    job_executor="async",
-                )
-                schedule.next_fire_time = datetime.now(timezone.utc) - timedelta(
-                    seconds=1
-                )
+                await add_task(store)
+                schedule = due_schedule()
                 await store.add_schedule(schedule, ConflictPolicy.exception)
                 [acquired] = await store.acquire_schedules("leaving", LEASE, 10)
                 await anyio.wait_all_tasks_blocked()  # earlier events delivered
