@@ -304,19 +304,20 @@ def unconfirmed_claim(token: ObjectId, owner: str, jobs: bool) -> Document:
     return {**query, "state": ACQUIRED} if jobs else query
 
 
-def given_back_job(token: ObjectId | None = None) -> Document:
+def given_back_job(token: ObjectId) -> Document:
     """
     Return the update that puts a job back in the queue: one taken by an undelivered
     claim, or handed out and never started (``token``: its new version token).
     """
     return {
-        "$set": {"state": QUEUED, "v": token or new_token(), **NO_LEASE},
+        "$set": {"state": QUEUED, "v": token, **NO_LEASE},
         "$unset": {"slot_key": ""},
     }
 
 
-def given_back_schedule(token: ObjectId | None = None) -> Document:
-    return {"$set": {"v": token or new_token(), **NO_LEASE}}
+def given_back_schedule(token: ObjectId) -> Document:
+    """Return the update that frees a schedule (``token``: its new version token)."""
+    return {"$set": {"v": token, **NO_LEASE}}
 
 
 # Schedules

@@ -237,11 +237,11 @@ class Leases:
             return
 
         claims = list(self._unconfirmed)
-        async for attempt in self.retry():
-            with attempt:
-                returned = 0
-                for claim in claims:
-                    returned += await self._give_back(claim)
+        returned = 0
+        for claim in claims:
+            query = unconfirmed_claim(claim.token, claim.owner, claim.jobs)
+            collection = self.jobs if claim.jobs else self.schedules
+            returned += len(await self._put_back(collection, query, claim.jobs))
 
         self._unconfirmed.difference_update(claims)
         if returned:
@@ -249,15 +249,6 @@ class Leases:
                 "Returned %d claimed item(s) whose claim never reached the scheduler",
                 returned,
             )
-
-    async def _give_back(self, claim: Claim) -> int:
-        query = unconfirmed_claim(claim.token, claim.owner, claim.jobs)
-        if claim.jobs:
-            result = await self.jobs.update_many(query, given_back_job())
-        else:
-            result = await self.schedules.update_many(query, given_back_schedule())
-
-        return result.modified_count
 
     # The schedules this store holds, and the jobs it handed out
 
@@ -322,7 +313,12 @@ class Leases:
     async def _put_back(
         self, collection: Collection, query: Document, jobs: bool
     ) -> list[Any]:
-        """Give back what ``query`` matches; return the ids of what was given back."""
+        """
+        Give back what ``query`` matches; return the ids of what was given back.
+
+        The write tags what it gives back with a new token, so that a retry after a
+        lost reply still learns what the first attempt gave back.
+        """
         token = new_token()
         update = given_back_job(token) if jobs else given_back_schedule(token)
         async for attempt in self.retry():
