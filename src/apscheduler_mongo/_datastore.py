@@ -274,13 +274,13 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 # A claim cut off on Python 3.10 and 3.11 may still be under way
                 # (see ``insulated``): what it takes must be there to give back
                 await abandoned_calls_ended()
-                jobs, schedule_ids = await self._leases.hand_back()
-                if jobs or schedule_ids:
+                jobs, schedules = await self._leases.hand_back()
+                if jobs or schedules:
                     self._logger.info(
                         "Stopping: gave back %d job(s) never started and %d "
                         "schedule(s)",
                         len(jobs),
-                        len(schedule_ids),
+                        len(schedules),
                     )
 
                 events: list[Event] = [
@@ -289,8 +289,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                     )
                     for job in jobs
                 ]
-                if schedule_ids:
-                    events += await self._schedules_let_go(schedule_ids)
+                events += _schedules_let_go(schedules)
 
                 await self._publish_all(events)
             except Exception as exc:
@@ -299,28 +298,6 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                     "over when its leases lapse",
                     explain(exc),
                 )
-
-    async def _schedules_let_go(self, ids: Sequence[str]) -> list[Event]:
-        """Return the events that announce schedules given back (nothing decoded)."""
-        documents = await self._schedules.find(
-            layout.by_ids(ids), {"task_id": 1, "next_fire_time": 1}
-        )
-        events: list[Event] = []
-        for document in documents:
-            try:
-                next_fire_time = get_datetime(document, "next_fire_time")
-            except MalformedDocumentError:
-                continue  # the scheduler that takes it says what is wrong
-
-            events.append(
-                ScheduleUpdated(
-                    schedule_id=str(document["_id"]),
-                    task_id=text_of(document, "task_id") or "",
-                    next_fire_time=next_fire_time,
-                )
-            )
-
-        return events
 
     def _released_elsewhere(self, event: Event) -> None:
         """Note that another scheduler released a job: its task may have a slot."""
@@ -1078,3 +1055,23 @@ def _time_to_take(document: Mapping[str, Any], field: str) -> datetime:
         return time
 
     return from_micros(max(micros, document["next_fire_time"]))
+
+
+def _schedules_let_go(documents: Sequence[Document]) -> list[Event]:
+    """Return the events that announce schedules given back (nothing decoded)."""
+    events: list[Event] = []
+    for document in documents:
+        try:
+            next_fire_time = get_datetime(document, "next_fire_time")
+        except MalformedDocumentError:
+            continue  # the scheduler that takes it says what is wrong
+
+        events.append(
+            ScheduleUpdated(
+                schedule_id=str(document["_id"]),
+                task_id=text_of(document, "task_id") or "",
+                next_fire_time=next_fire_time,
+            )
+        )
+
+    return events

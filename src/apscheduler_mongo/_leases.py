@@ -275,12 +275,12 @@ class Leases:
     def released(self, job_id: UUID) -> None:
         self._handed.pop(job_id, None)
 
-    async def hand_back(self) -> tuple[list[Job], list[str]]:
+    async def hand_back(self) -> tuple[list[Job], list[Document]]:
         """
         Give back, as this store stops, all it still holds: what undelivered claims
         took, the jobs handed out and never released, and the schedules acquired and
-        never released. Return the jobs put back in the queue and the ids of the
-        schedules let go, to be announced.
+        never released. Return the jobs put back in the queue and the schedules let
+        go (their ``_id``, ``task_id`` and ``next_fire_time`` only), to be announced.
 
         When the store stops, its scheduler has stopped: the jobs it started have
         ended and were released (a job cut off is released as cancelled). A job
@@ -298,23 +298,31 @@ class Leases:
         ).items():
             ids = {uuid_to_bson(job.id): job for job in jobs}
             back = await self._put_back(self.jobs, running_of(owner, list(ids)), True)
-            returned += [ids[key] for key in back if key in ids]
+            returned += [ids[doc["_id"]] for doc in back if doc["_id"] in ids]
 
-        let_go: list[str] = []
+        let_go: list[Document] = []
         for owner, schedule_ids in _by_owner(
             (entry.owner, schedule_id) for schedule_id, entry in held.items()
         ).items():
-            query = held_by(owner, schedule_ids)
-            back = await self._put_back(self.schedules, query, False)
-            let_go += [key for key in back if isinstance(key, str)]
+            let_go += await self._put_back(
+                self.schedules,
+                held_by(owner, schedule_ids),
+                False,
+                {"task_id": 1, "next_fire_time": 1},
+            )
 
         return returned, let_go
 
     async def _put_back(
-        self, collection: Collection, query: Document, jobs: bool
-    ) -> list[Any]:
+        self,
+        collection: Collection,
+        query: Document,
+        jobs: bool,
+        fields: Document | None = None,
+    ) -> list[Document]:
         """
-        Give back what ``query`` matches; return the ids of what was given back.
+        Give back what ``query`` matches; return what was given back (its ``_id``
+        and ``fields``).
 
         The write tags what it gives back with a new token, so that a retry after a
         lost reply still learns what the first attempt gave back.
@@ -324,9 +332,11 @@ class Leases:
         async for attempt in self.retry():
             with attempt:
                 await collection.update_many(query, update)
-                back = await collection.find(claimed_with(token), {"_id": 1})
+                back = await collection.find(
+                    claimed_with(token), {"_id": 1, **(fields or {})}
+                )
 
-        return [document["_id"] for document in back]
+        return back
 
     # Lease terms
 
