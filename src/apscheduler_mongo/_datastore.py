@@ -86,7 +86,7 @@ from ._marshalling import (
 )
 from ._names import require_ids
 from ._options import ConnectionOptions, SigningOptions
-from ._planner import ClaimContext, limit_of
+from ._planner import limit_of
 from ._retry import Attempts, retrying
 from ._signing import (
     AllowedCallables,
@@ -864,7 +864,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             self._limits,
             limit,
             lambda: self._leases.term(lease_duration),
-            ClaimContext(scheduler_id, 0, 0, token, self._codec, self._logger),
+            scheduler_id,
+            token,
+            self._codec,
+            self._logger,
         )
         async with self._leases.claiming(jobs=True, owner=scheduler_id, token=token):
             documents = await self._claim(

@@ -32,11 +32,13 @@ import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from logging import Logger
 from typing import Any
 
 import anyio
 import attrs
 from apscheduler import Job, JobAdded, JobResult, Task
+from bson import ObjectId
 
 from . import _layout as layout
 from ._adapters import Collection, Update
@@ -305,8 +307,11 @@ class JobClaim:
     limit: int | None
     #: Now and the lease's expiry, by the server's clock (see ``Leases.term``)
     term: Callable[[], tuple[int, int]]
-    #: Who claims, with what token and codec (its times are set by each attempt)
-    context: ClaimContext
+    #: Who claims, the token its writes carry, and how jobs are decoded
+    owner: str
+    token: ObjectId
+    codec: Codec
+    logger: Logger
     #: The jobs to hand out and the results of jobs finished, by document id
     jobs: dict[Any, Job] = attrs.field(init=False, factory=dict)
     finished: dict[Any, JobResult] = attrs.field(init=False, factory=dict)
@@ -316,7 +321,9 @@ class JobClaim:
     async def choose(self) -> list[tuple[Document | None, Update]]:
         """Read and plan one attempt; return the updates it sends."""
         now, until = self.term()
-        context = attrs.evolve(self.context, now=now, acquired_until=until)
+        context = ClaimContext(
+            self.owner, now, until, self.token, self.codec, self.logger
+        )
         self.read = await plan_job_claim(
             self.jobs_collection,
             self.tasks_collection,
