@@ -253,7 +253,7 @@ class TestBatchesOnTheWire:
         named = [
             len(statement["q"]["_id"]["$in"])
             for name, command in command_log.commands
-            if name == "delete"
+            if name == "delete" and command["delete"] == "jobs"
             for statement in command["deletes"]
             if "$in" in (statement["q"].get("_id") or {})
         ]

@@ -659,7 +659,7 @@ class TestCost:
                 assert reply.text.count("<tr data-schedule=") == min(total, 100)
 
         indexes = {}
-        for name in ("schedules", "jobs", "tasks"):
+        for name in ("schedules", "jobs", "tasks", "schedulers"):
             cursor = await logged_client[database_name][name].list_indexes()
             indexes[name] = [
                 list(index["key"].items()) for index in await cursor.to_list(None)

@@ -87,6 +87,7 @@ from ._marshalling import (
 from ._names import require_ids
 from ._options import ConnectionOptions, SigningOptions
 from ._planner import limit_of
+from ._registry import Registry
 from ._retry import Attempts, retrying
 from ._signing import (
     AllowedCallables,
@@ -101,6 +102,20 @@ HAND_BACK_TIMEOUT = 5.0
 
 def _to_allowed(value: Iterable[str] | None) -> AllowedCallables | None:
     return None if value is None else AllowedCallables.of(value)
+
+
+def _positive_seconds(
+    _instance: object, attribute: attrs.Attribute[Any], value: object
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{attribute.name} must be a number of seconds, not {type(value).__name__}"
+        )
+
+    if not 0 < value < float("inf"):
+        raise ValueError(
+            f"{attribute.name} must be a positive number of seconds, not {value!r}"
+        )
 
 
 _Item = TypeVar("_Item", Schedule, Job)
@@ -139,6 +154,8 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         task whose callable falls outside is never handed to a scheduler (its jobs
         finish with an error, its schedules are quarantined), checked before
         anything is imported
+    :param heartbeat_interval: seconds between the writes that keep this store's
+        record among the live schedulers fresh (see :ref:`live-schedulers`)
 
     .. note:: The store runs on asyncio only (pymongo's asynchronous API does);
         starting it under Trio raises :exc:`RuntimeError`.
@@ -160,6 +177,9 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     allowed_callables: AllowedCallables | None = attrs.field(
         default=None, kw_only=True, converter=_to_allowed
     )
+    heartbeat_interval: float = attrs.field(
+        default=10.0, kw_only=True, validator=_positive_seconds
+    )
 
     _adapter: Adapter = attrs.field(init=False)
     _tasks: Collection = attrs.field(init=False)
@@ -178,6 +198,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     _timekeeper: Timekeeper = attrs.field(init=False)
     _task_group: TaskGroup = attrs.field(init=False)
     _alarm: JobAlarm = attrs.field(init=False)
+    _registry: Registry = attrs.field(init=False)
 
     @property
     def _codec(self) -> Codec:
@@ -226,6 +247,14 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             self._clock,
             unconfirmed=self._unconfirmed_claims,
         )
+        self._registry = Registry(
+            adapter.collection(self.database, layout.SCHEDULERS),
+            self._clock,
+            self._leases,
+            self._claimants,
+            logger,
+            self.heartbeat_interval,
+        )
         with explaining_unreachable_servers(adapter):
             async for attempt in self._attempts():
                 with attempt:
@@ -244,6 +273,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                     await ensure_indexes(
                         self._jobs, layout.JOB_INDEXES, layout.RETIRED_JOB_INDEXES
                     )
+                    await ensure_indexes(
+                        self._registry.collection, layout.SCHEDULER_INDEXES
+                    )
+                    await self._registry.beat()
 
         self._clock.warn_if_off(logger)
         self._warn_if_unsigned_accepted(logger, "The data store")
@@ -252,6 +285,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         )
         exit_stack.callback(self._task_group.cancel_scope.cancel)
         self._task_group.start_soon(self._timekeeper.run)
+        self._task_group.start_soon(self._registry.run)
         announce = getattr(event_broker, "publish_local", event_broker.publish)
         self._alarm = JobAlarm(self._clock, announce)
         self._task_group.start_soon(self._alarm.run)
@@ -275,6 +309,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 # (see ``insulated``): what it takes must be there to give back
                 await abandoned_calls_ended()
                 jobs, schedules = await self._leases.hand_back()
+                await self._registry.deregister()
                 if jobs or schedules:
                     self._logger.info(
                         "Stopping: gave back %d job(s) never started and %d "

@@ -32,6 +32,8 @@ TASKS = "tasks"
 SCHEDULES = "schedules"
 JOBS = "jobs"
 EVENTS = "events"
+#: The live schedulers' records (see :mod:`._registry`)
+SCHEDULERS = "schedulers"
 
 #: Where a quarantined schedule or job records why, and since when: such a document
 #: is never handed out again, and never deleted unannounced
@@ -85,6 +87,10 @@ SCHEDULE_INDEXES = [
         [("v", ASCENDING), ("next_fire_time", ASCENDING), ("_id", ASCENDING)],
         name="claim",
     ),
+]
+#: The server deletes a scheduler's record once its ``expires`` (a date) has passed
+SCHEDULER_INDEXES = [
+    IndexModel([("expires", ASCENDING)], name="expires", expireAfterSeconds=0)
 ]
 #: Indexes of earlier versions that nothing uses any more, dropped at start
 RETIRED_SCHEDULE_INDEXES = frozenset({"next_fire_time", "task_id"})

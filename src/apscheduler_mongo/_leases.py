@@ -46,7 +46,7 @@ from ._layout import (
     running_of,
     unconfirmed_claim,
 )
-from ._marshalling import uuid_to_bson
+from ._marshalling import to_micros, uuid_from_bson, uuid_to_bson
 from ._retry import Retry
 
 _MICROSECOND = timedelta(microseconds=1)
@@ -127,17 +127,29 @@ class Claim:
     token: ObjectId
 
 
-@attrs.frozen
+@attrs.define
 class _Held:
     owner: str
     #: The lease's expiry (the server's clock, microseconds)
     until: int
 
 
-@attrs.frozen
+@attrs.define
 class _Handed:
     owner: str
     job: Job
+    #: The lease's expiry (the server's clock, microseconds)
+    until: int
+
+
+@attrs.frozen
+class Holding:
+    """What a store holds: schedules, jobs, and when the last of their leases lapses."""
+
+    schedules: int
+    jobs: int
+    #: The server's clock, in microseconds; ``None`` when it holds nothing
+    until: int | None
 
 
 def _by_owner(pairs: Iterable[tuple[str, T]]) -> dict[str, list[T]]:
@@ -268,12 +280,19 @@ class Leases:
         return held is not None and self.clock.now_micros() < held.until
 
     def handed_out(self, owner: str, jobs: Iterable[Job]) -> None:
-        """Note jobs handed to a scheduler: held until it releases them."""
+        """Note jobs handed to a scheduler (their leases set): held until released."""
         for job in jobs:
-            self._handed[job.id] = _Handed(owner, job)
+            assert job.acquired_until is not None
+            self._handed[job.id] = _Handed(owner, job, to_micros(job.acquired_until))
 
     def released(self, job_id: UUID) -> None:
         self._handed.pop(job_id, None)
+
+    def holding(self) -> Holding:
+        """Say what this store holds now (shown in its scheduler's record)."""
+        untils = [entry.until for entry in self._held.values()]
+        untils += [entry.until for entry in self._handed.values()]
+        return Holding(len(self._held), len(self._handed), max(untils, default=None))
 
     async def hand_back(self) -> tuple[list[Job], list[Document]]:
         """
@@ -362,3 +381,14 @@ class Leases:
             with attempt:
                 _, until = self.term(duration)
                 await collection.update_many(held_by(owner, ids), extension(until))
+
+        if collection is self.schedules:
+            entries: Iterable[_Held | _Handed | None] = (
+                self._held.get(str(id_)) for id_ in ids
+            )
+        else:
+            entries = (self._handed.get(uuid_from_bson(id_)) for id_ in ids)
+
+        for entry in entries:
+            if entry is not None and entry.owner == owner:
+                entry.until = until

@@ -25,11 +25,13 @@ from .items import next_job, processed
 LEASE = timedelta(minutes=5)
 
 
-async def _started_store(uri: str, database: str, exit_stack: AsyncExitStack) -> Any:
+async def _started_store(
+    uri: str, database: str, exit_stack: AsyncExitStack, **options: Any
+) -> Any:
     logger = logging.getLogger("worker")
     broker = LocalEventBroker()
     await broker.start(exit_stack, logger)
-    store = MongoDBDataStore(uri, database=database)
+    store = MongoDBDataStore(uri, database=database, **options)
     await store.start(exit_stack, broker, logger)
     return store
 
@@ -116,3 +118,23 @@ async def _hold_then_hang(uri: str, database: str, ready: Any) -> None:
 def doomed_worker(uri: str, database: str, ready: Any) -> None:
     """Claim a schedule, add its job, claim the job, then wait to be killed."""
     asyncio.run(_hold_then_hang(uri, database, ready))
+
+
+async def _beat_then_hang(
+    uri: str, database: str, interval: float, lease: float, ready: Any
+) -> None:
+    async with AsyncExitStack() as exit_stack:
+        store = await _started_store(
+            uri, database, exit_stack, heartbeat_interval=interval
+        )
+        await store.acquire_jobs("beating", timedelta(seconds=lease), 10)
+        await asyncio.sleep(3 * interval)  # a heartbeat says what it holds
+        ready.set()
+        await asyncio.sleep(3600)  # killed with SIGKILL before this ends
+
+
+def beating_worker(
+    uri: str, database: str, interval: float, lease: float, ready: Any
+) -> None:
+    """Claim the queued jobs, send heartbeats every ``interval``, wait to be killed."""
+    asyncio.run(_beat_then_hang(uri, database, interval, lease, ready))

@@ -8,6 +8,7 @@ a store runs no code from it (the database is untrusted input).
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -22,6 +23,7 @@ from .._adapters import Adapter, Collection
 from .._clock import ServerClock, timed_hello
 from .._layout import ACQUIRED, FINISHED, QUEUED, Document
 from .._marshalling import MalformedDocumentError, describe_id, get_datetime
+from .._registry import MAX_SCHEDULER_IDS, quiet_after
 from .._retry import retrying
 from .._viewing import (
     describe,
@@ -160,8 +162,37 @@ class ResultRow:
     error: str | None = None
 
 
+@attrs.frozen
+class SchedulerRow:
+    """A live scheduler's record (see :mod:`.._registry`), its fields checked."""
+
+    #: The record's id (one per start of a store)
+    id: str
+    #: The ids of the schedulers that claimed through its store
+    schedulers: list[str]
+    host: str | None
+    pid: int | None
+    started: datetime | None
+    heartbeat: datetime | None
+    #: Seconds between its heartbeats
+    interval: float | None
+    #: How far the server's clock was ahead of its host's (seconds), if known
+    clock_offset: float | None
+    schedules_held: int | None
+    jobs_held: int | None
+    #: When the last lease it holds lapses (by the server's clock)
+    leases_until: datetime | None
+    #: Its Python, APScheduler, apscheduler-mongo and pymongo versions, as text
+    software: str | None
+    #: Its heartbeat is over :data:`~.._registry.QUIET_AFTER` intervals old (or
+    #: unreadable): it may be gone
+    quiet: bool
+
+
 #: How long a shown trigger, argument list or error may be
 REPR_LIMIT = 400
+#: At most this many live schedulers are listed
+SCHEDULERS_SHOWN = 200
 
 #: The fields read of each kind of document (never the ``metadata``)
 TASK_FIELDS = dict.fromkeys(["func", "job_executor", "max_running_jobs"], 1)
@@ -201,6 +232,24 @@ RESULT_FIELDS = dict.fromkeys(
 )
 
 
+SCHEDULER_FIELDS = dict.fromkeys(
+    [
+        "schedulers",
+        "host",
+        "pid",
+        "started",
+        "heartbeat",
+        "interval",
+        "clock_offset",
+        "schedules_held",
+        "jobs_held",
+        "leases_until",
+        "software",
+    ],
+    1,
+)
+
+
 @attrs.frozen
 class Page:
     """Which schedules to show: those after a schedule id, so many at most."""
@@ -234,6 +283,8 @@ class StoreStatus:
     next_page: str | None = None
     #: How many jobs are running in all (more than shown when capped)
     running_count: int = 0
+    #: The live schedulers, and those gone quiet whose records have not expired
+    schedulers: list[SchedulerRow] = attrs.Factory(list)
 
 
 def _time_field(document: Mapping[str, Any], key: str) -> datetime | None:
@@ -391,6 +442,7 @@ async def gather_status(
 
     results = await _recent_results(reader, limit)
     clock = await reader.server_clock()
+    schedulers = await live_schedulers(reader, clock.now_datetime())
     return StoreStatus(
         database=reader.database_name,
         hosts=reader.adapter.hosts(),
@@ -405,7 +457,77 @@ async def gather_status(
         schedule_count=schedule_count,
         next_page=next_page,
         running_count=running_count,
+        schedulers=schedulers,
     )
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+
+    return float(value) if math.isfinite(value) else None
+
+
+def _whole(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _software(value: object) -> str | None:
+    if not isinstance(value, Mapping):
+        return None
+
+    return ", ".join(
+        f"{stored_text(name, 40)} {stored_text(version, 40)}"
+        for name, version in list(value.items())[:8]
+    )
+
+
+def _scheduler_row(document: Mapping[str, Any], now: datetime) -> SchedulerRow:
+    """Describe a scheduler's record from its stored fields, checking each."""
+    ids = document.get("schedulers")
+    interval = _number(document.get("interval"))
+    heartbeat = _time_field(document, "heartbeat")
+    quiet = (
+        interval is None or heartbeat is None or now - heartbeat > quiet_after(interval)
+    )
+    return SchedulerRow(
+        id=stored_text(document.get("_id")) or "-",
+        schedulers=[
+            stored_text(scheduler_id, 200) or "-"
+            for scheduler_id in (ids if isinstance(ids, list) else [])[
+                :MAX_SCHEDULER_IDS
+            ]
+        ],
+        host=stored_text(document.get("host"), 200),
+        pid=_whole(document.get("pid")),
+        started=_time_field(document, "started"),
+        heartbeat=heartbeat,
+        interval=interval,
+        clock_offset=_number(document.get("clock_offset")),
+        schedules_held=_whole(document.get("schedules_held")),
+        jobs_held=_whole(document.get("jobs_held")),
+        leases_until=_time_field(document, "leases_until"),
+        software=_software(document.get("software")),
+        quiet=quiet,
+    )
+
+
+async def live_schedulers(reader: Reader, now: datetime) -> list[SchedulerRow]:
+    """
+    Return the schedulers whose records have not expired (by the server's clock
+    ``now``: the server's TTL monitor deletes expired records only about once a
+    minute), in the order they registered. One query, served by the ``expires``
+    index, at most :data:`SCHEDULERS_SHOWN` records.
+    """
+    documents = await reader.find(
+        layout.SCHEDULERS,
+        {"expires": {"$gt": now}},
+        SCHEDULER_FIELDS,
+        sort=[("expires", 1)],
+        limit=SCHEDULERS_SHOWN,
+    )
+    rows = [_scheduler_row(document, now) for document in documents]
+    return sorted(rows, key=lambda row: (row.started is None, row.started or now))
 
 
 async def _schedule_page(
@@ -591,12 +713,65 @@ def clock_note(offset: float | None) -> str:
     return f"(by the server's clock; this host's is {abs(offset):.1f} s {side} it)"
 
 
+def offset_text(offset: float | None) -> str:
+    """Say how far a host's clock is from the server's."""
+    if offset is None:
+        return "-"
+
+    if abs(offset) < 0.05:
+        return "agrees"
+
+    return f"{abs(offset):.1f} s {'behind' if offset > 0 else 'ahead'}"
+
+
+def scheduler_state(row: SchedulerRow, now: datetime) -> str:
+    """Say whether a scheduler is live, or gone quiet and when its leases lapse."""
+    if not row.quiet:
+        return "live"
+
+    if row.leases_until is None or not (row.schedules_held or row.jobs_held):
+        return "gone quiet, holds nothing"
+
+    return f"gone quiet, its leases lapse {when(row.leases_until, now, lease=True)}"
+
+
+def holds(row: SchedulerRow) -> str:
+    return f"{or_dash(row.schedules_held)} schedules, {or_dash(row.jobs_held)} jobs"
+
+
 def render_text(status: StoreStatus) -> str:
     """Return the status as aligned plain-text tables, one section each."""
     now = status.taken_at
     problems = any(problem(row) for row in status.schedules)
     schedule_rows = _schedule_rows(status, problems)
     sections: list[tuple[str, list[str], list[list[str]], tuple[int, ...]]] = [
+        (
+            f"Schedulers ({len(status.schedulers)})",
+            [
+                "SCHEDULER",
+                "HOST",
+                "PID",
+                "STARTED",
+                "HEARTBEAT",
+                "CLOCK",
+                "HOLDS",
+                "STATE",
+            ],
+            [
+                [
+                    ", ".join(row.schedulers) or f"(store {row.id}, no claim yet)",
+                    or_dash(row.host),
+                    or_dash(row.pid),
+                    when(row.started, now),
+                    when(row.heartbeat, now),
+                    offset_text(row.clock_offset),
+                    holds(row),
+                    scheduler_state(row, now),
+                ]
+                for row in status.schedulers
+            ],
+            (2,),
+        ),
         (
             f"Tasks ({len(status.tasks)})",
             ["ID", "FUNC", "EXECUTOR", "MAX RUNNING", "RUNNING"],
