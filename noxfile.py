@@ -112,6 +112,40 @@ def tests(session: nox.Session) -> None:
     session.run("coverage", "report")
 
 
+#: The MongoDB image ``nox -s real_server`` starts, unless this variable names another
+MONGODB_IMAGE_VARIABLE = "MONGODB_IMAGE"
+DEFAULT_MONGODB_IMAGE = "mongo:8.0"
+#: Answers with status 0 only where a Docker engine answers testcontainers' client
+_PING_DOCKER = "import docker; docker.from_env().ping()"
+
+
+@nox.session(python=LATEST)
+def real_server(session: nox.Session) -> None:
+    """
+    Run the wire and real-server tiers against MongoDB in Docker (not run by default).
+
+    Starts a single-node replica set from the image that ``MONGODB_IMAGE`` names
+    (``mongo:8.0`` by default) with testcontainers, on a free port of 127.0.0.1, and
+    runs the tests that ``MONGODB_URI`` enables against it; arguments after ``--``
+    go to pytest. Fails, saying so, where no Docker engine answers.
+    """
+    image = os.environ.get(MONGODB_IMAGE_VARIABLE) or DEFAULT_MONGODB_IMAGE
+    session.install("testcontainers >= 4, < 5")
+    python = str(Path(session.bin, "python"))
+    ping = subprocess.run([python, "-c", _PING_DOCKER], capture_output=True, text=True)
+    if ping.returncode:
+        why = (ping.stderr.strip().splitlines() or ["no reply"])[-1]
+        session.error(
+            f"this session needs a Docker engine, and none answers ({why}); start "
+            "one, or run 'nox -s tests' with MONGODB_URI set to a replica set"
+        )
+
+    session.install("-e", ".[test]")
+    pytest = ["python", "-m", "pytest", "-m", "wire or real_server"]
+    helper = ["python", "-m", "tests.support.replica_set", image]
+    session.run(*helper, *pytest, *session.posargs)
+
+
 @nox.session(python=LATEST)
 def quick(session: nox.Session) -> None:
     """Run the tests without the slow multi-process ones: the inner loop."""
@@ -121,10 +155,14 @@ def quick(session: nox.Session) -> None:
 
 @nox.session(python=LATEST)
 def lint(session: nox.Session) -> None:
-    """Check the code with ruff's linter and formatter."""
-    session.install("ruff")
+    """Check the code with ruff's linter and formatter, and the GitHub workflows."""
+    session.install("ruff", "check-jsonschema")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    # Against GitHub's workflow schema, which check-jsonschema bundles (no download)
+    workflows = sorted(map(str, Path(".github", "workflows").glob("*.y*ml")))
+    schema = ["--builtin-schema", "vendor.github-workflows"]
+    session.run("check-jsonschema", *schema, *workflows)
 
 
 @nox.session(python=LATEST)
