@@ -175,7 +175,7 @@ def typing(session: nox.Session) -> None:
 @nox.session(python=LATEST)
 def docs(session: nox.Session) -> None:
     """Build the HTML documentation, treating warnings as errors."""
-    session.install("-e", ".[doc,dashboard]")  # the API page documents the dashboard
+    session.install("-e", ".[doc,dashboard,metrics]")  # the API page documents them
     session.run("sphinx-build", "-W", "-n", "-b", "html", "docs", "build/docs")
 
 

@@ -34,6 +34,10 @@ server's CPU is not counted. Workloads:
   the run phase's includes acquiring and releasing the schedule and the whole life
   of its job.
 
+The stores: APScheduler's ``MemoryDataStore`` (the floor), its built-in MongoDB
+store, ours, and ours with a ``meter_provider`` whose SDK collects every metric for
+Prometheus (``metered``: the client CPU that metrics add).
+
 Every run checks that all jobs succeeded and none is left in the store. Runs are
 interleaved (for each repeat: each workload, each store), each on a fresh database;
 the median of ``repeats`` runs is reported.
@@ -92,13 +96,15 @@ from _history import Traffic
 from _report import fmt, table
 from _seed import drop_database
 from apscheduler_mongo import MongoDBDataStore
+from apscheduler_mongo.metrics import prometheus_meter_provider
 
-Store = Literal["memory", "builtin", "ours"]
+Store = Literal["memory", "builtin", "ours", "metered"]
 STORES: tuple[Store, ...] = get_args(Store)
 STORE_NAMES: dict[Store, str] = {
     "memory": "MemoryDataStore (floor)",
     "builtin": "built-in MongoDBDataStore",
     "ours": "ours (apscheduler_mongo)",
+    "metered": "ours, metrics collected",
 }
 Workload = Literal["capped", "uncapped", "schedules"]
 WORKLOAD_NAMES: dict[Workload, str] = {
@@ -174,7 +180,11 @@ def _store(
 
     client: AsyncMongoClient[Any] = AsyncMongoClient(uri, event_listeners=listeners)
     exit_stack.push_async_callback(client.close)
-    return MongoDBDataStore(client, database=database, start_from_scratch=True)
+    # "metered": every metric collected by an OpenTelemetry SDK for Prometheus
+    provider = prometheus_meter_provider()[0] if store == "metered" else None
+    return MongoDBDataStore(
+        client, database=database, start_from_scratch=True, meter_provider=provider
+    )
 
 
 def _adding_schedules(count: int) -> Callable[[AsyncScheduler], Awaitable[None]]:

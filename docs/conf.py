@@ -78,6 +78,8 @@ _external_modules = sorted(
         "mongomock",
         "mongomock_motor",
         "motor",
+        "opentelemetry",
+        "prometheus_client",
         "pymongo",
         "tenacity",
         "typing_extensions",

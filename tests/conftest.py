@@ -219,16 +219,25 @@ async def logged_client(
 
 
 @pytest.fixture
+def meter_provider() -> Any:
+    """The meter provider of the ``counted_store`` (``None``: the global one)."""
+    return None
+
+
+@pytest.fixture
 async def counted_store(
     logged_client: AsyncMongoClient[Any],
     database_name: str,
     local_broker: EventBroker,
     logger: logging.Logger,
+    meter_provider: Any,
 ) -> AsyncIterator[MongoDBDataStore]:
     """A started store whose commands ``command_log`` records."""
     async with AsyncExitStack() as exit_stack:
         await local_broker.start(exit_stack, logger)
-        store = MongoDBDataStore(logged_client, database=database_name)
+        store = MongoDBDataStore(
+            logged_client, database=database_name, meter_provider=meter_provider
+        )
         await store.start(exit_stack, local_broker, logger)
         yield store
 

@@ -15,9 +15,13 @@ from anyio import CancelScope, create_memory_object_stream, fail_after
 from anyio.streams.memory import MemoryObjectReceiveStream
 from apscheduler import Event, ScheduleAdded, TaskAdded
 from bson import ObjectId
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo.errors import AutoReconnect, OperationFailure
 
 from apscheduler_mongo import MongoDBEventBroker
+from apscheduler_mongo._metrics import Metrics
+from apscheduler_mongo.metrics import prometheus_meter_provider
 
 from .support.tiers import WIRE_ONLY
 
@@ -475,6 +479,33 @@ class TestChangeStreamResume:
         received, requested = await self.run_follower(broker, first, [second], 4)
         assert received == ["t1", "t2", "t3", "t4"]
         assert requested == [(None, None)]
+
+    async def test_restarts_counted(self, broker: MongoDBEventBroker) -> None:
+        """Each reopening after a failure is counted, by how it went on: resumed
+        from its token, or caught up from the collection."""
+        provider, registry = prometheus_meter_provider()
+        broker._metrics = Metrics(provider)
+        reset = AutoReconnect("connection reset")
+        lost = OperationFailure("resume point lost", code=286)
+        first = FakeStream([self.change(broker, 1), reset])
+        second = FakeStream([self.change(broker, 2), lost])
+        third = FakeStream([self.change(broker, 3)])
+        await self.run_follower(broker, first, [second, third], 3)
+        text = generate_latest(registry).decode()
+        restarts = {
+            sample.labels["how"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "apscheduler_mongo_stream_restarts_total"
+        }
+        assert restarts == {"resumed": 1, "caught_up": 1}
+        outages = [
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "apscheduler_mongo_outages_total"
+        ]
+        assert outages == [2]  # a change went through between the two failures
 
     async def test_persistent_failure_logged_once_then_recovery(
         self, broker: MongoDBEventBroker, caplog: pytest.LogCaptureFixture

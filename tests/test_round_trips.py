@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from apscheduler import ConflictPolicy, Job, JobOutcome, JobResult, Schedule, Task
 from apscheduler.triggers.interval import IntervalTrigger
 
 from apscheduler_mongo import MongoDBDataStore
+from apscheduler_mongo.metrics import prometheus_meter_provider
 
 from .support.commands import CommandLog
 from .support.items import add_task, processed, scheduled_job
@@ -16,6 +18,13 @@ from .support.items import add_task, processed, scheduled_job
 pytestmark = [pytest.mark.anyio, pytest.mark.wire]
 
 LEASE = timedelta(minutes=1)
+
+
+@pytest.fixture(params=[False, True], ids=["unmetered", "metered"])
+def meter_provider(request: pytest.FixtureRequest) -> Any:
+    """Every count is made both without metrics and with them collected (for
+    Prometheus): metrics are counted in memory, and add no command."""
+    return prometheus_meter_provider()[0] if request.param else None
 
 
 async def add_schedule(store: MongoDBDataStore, next_fire_time: datetime) -> None:

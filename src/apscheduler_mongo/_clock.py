@@ -215,7 +215,17 @@ class Timekeeper:
     clock: ServerClock
     logger: Logger
     interval: float = 30.0
+    #: Told each new estimate of how far the server's clock is ahead (seconds)
+    on_measured: Callable[[float], None] | None = attrs.field(
+        default=None, kw_only=True
+    )
     _due: anyio.Event = attrs.field(init=False, factory=anyio.Event)
+
+    def measured(self) -> None:
+        """Tell ``on_measured`` the latest estimate, if there is one."""
+        offset = self.clock.measured_offset()
+        if self.on_measured is not None and offset is not None:
+            self.on_measured(offset)
 
     def soon(self) -> None:
         """Take the next estimate now rather than at the end of the interval."""
@@ -234,3 +244,4 @@ class Timekeeper:
                 self.logger.debug("Could not read the server's clock: %s", exc)
             else:
                 self.clock.warn_if_off(self.logger)
+                self.measured()

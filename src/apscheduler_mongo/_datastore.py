@@ -20,6 +20,7 @@ from apscheduler import (
     Job,
     JobAcquired,
     JobAdded,
+    JobOutcome,
     JobReleased,
     JobResult,
     Schedule,
@@ -84,6 +85,7 @@ from ._marshalling import (
     text_of,
     uuid_to_bson,
 )
+from ._metrics import Metrics
 from ._names import require_ids
 from ._options import ConnectionOptions, SigningOptions
 from ._planner import limit_of
@@ -156,6 +158,9 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         anything is imported
     :param heartbeat_interval: seconds between the writes that keep this store's
         record among the live schedulers fresh (see :ref:`live-schedulers`)
+    :param meter_provider: the OpenTelemetry ``MeterProvider`` the store counts
+        with (default: the global one, which counts nothing until the application
+        configures an SDK; see :doc:`operations`)
 
     .. note:: The store runs on asyncio only (pymongo's asynchronous API does);
         starting it under Trio raises :exc:`RuntimeError`.
@@ -180,6 +185,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     heartbeat_interval: float = attrs.field(
         default=10.0, kw_only=True, validator=_positive_seconds
     )
+    meter_provider: Any = attrs.field(default=None, kw_only=True)
 
     _adapter: Adapter = attrs.field(init=False)
     _tasks: Collection = attrs.field(init=False)
@@ -199,6 +205,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     _task_group: TaskGroup = attrs.field(init=False)
     _alarm: JobAlarm = attrs.field(init=False)
     _registry: Registry = attrs.field(init=False)
+    _metrics: Metrics = attrs.field(init=False)
 
     @property
     def _codec(self) -> Codec:
@@ -220,31 +227,42 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     def _retry(self) -> AsyncRetrying:
         """Return the loop that retries this store's temporary failures."""
         return retrying(
-            self.retry_settings, self._logger, on_failure=self._timekeeper.soon
+            self.retry_settings,
+            self._logger,
+            on_failure=self._timekeeper.soon,
+            metrics=self._metrics,
         )
 
     def _attempts(self) -> Attempts:
         """Return the attempts of :meth:`_retry`'s loop (each tells if it retries)."""
-        return Attempts(self._retry())
+        return Attempts(self._retry(), self._metrics.recovered)
 
     async def start(
         self, exit_stack: AsyncExitStack, event_broker: EventBroker, logger: Logger
     ) -> None:
         require_asyncio(self)
         await super().start(exit_stack, event_broker, logger)
+        self._metrics = Metrics(self.meter_provider)
         self._adapter = adapter = await open_client(
             self.client_or_uri, exit_stack, logger
         )
         self._tasks = adapter.collection(self.database, layout.TASKS)
         self._schedules = adapter.collection(self.database, layout.SCHEDULES)
         self._jobs = adapter.collection(self.database, layout.JOBS)
-        self._timekeeper = Timekeeper(adapter, self.database, self._clock, logger)
+        self._timekeeper = Timekeeper(
+            adapter,
+            self.database,
+            self._clock,
+            logger,
+            on_measured=self._metrics.clock_offset,
+        )
         self._leases = Leases(
             self._schedules,
             self._jobs,
             self._attempts,
             logger,
             self._clock,
+            self._metrics,
             unconfirmed=self._unconfirmed_claims,
         )
         self._registry = Registry(
@@ -279,6 +297,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                     await self._registry.beat()
 
         self._clock.warn_if_off(logger)
+        self._timekeeper.measured()
         self._warn_if_unsigned_accepted(logger, "The data store")
         self._task_group = await exit_stack.enter_async_context(
             anyio.create_task_group()
@@ -620,6 +639,8 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         self, scheduler_id: str, lease_duration: timedelta, limit: int
     ) -> list[Schedule]:
         token = layout.new_token()
+        #: Who held each schedule read (another scheduler, if its lease lapsed)
+        owners: dict[Any, object] = {}
 
         async def choose() -> list[tuple[Document | None, Update]]:
             now, until = self._leases.term(lease_duration)
@@ -627,6 +648,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             due = await self._schedules.find(
                 eligible, sort=layout.DUE_ORDER, limit=limit
             )
+            owners.update((doc["_id"], doc.get("acquired_by")) for doc in due)
             claimed = layout.lease(scheduler_id, until, token)
             return [
                 (
@@ -641,6 +663,13 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 self._schedules, token, layout.DUE_ORDER, choose
             )
 
+            self._metrics.taken_over(
+                "schedule",
+                sum(
+                    owners.get(doc["_id"]) not in (None, scheduler_id)
+                    for doc in documents
+                ),
+            )
             refused = await self._refused_tasks(documents)
             schedules: list[Schedule] = []
             for document in documents:
@@ -811,6 +840,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 added = await self._insert_job(job, document, tag)
 
         if added:
+            self._metrics.added(job.task_id)
             event = JobAdded(
                 job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id
             )
@@ -911,6 +941,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
             acquired, events = self._handed_out(scheduler_id, documents, claim)
             self._leases.handed_out(scheduler_id, acquired)
+            self._metrics.acquired([job.task_id for job in acquired])
+            if claim.read is not None:
+                taken_over = len(acquired) - claim.read.taken(acquired).total()
+                self._metrics.taken_over("job", taken_over)
             if claim.read is not None:
                 self._limits.settle(claim.read, acquired)
                 self._claimed_tasks.remember(claim.read, acquired)
@@ -997,6 +1031,12 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 )
                 return
 
+            self._metrics.released(
+                job.task_id,
+                result.outcome.name,
+                _seconds_between(result.started_at, result.finished_at),
+                _seconds_between(job.scheduled_fire_time, result.started_at),
+            )
             await self._event_broker.publish(
                 JobReleased.from_result(
                     result,
@@ -1063,12 +1103,24 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                     sort=layout.QUEUE_ORDER,
                 )
 
-        await self._publish_all(await self._cleanup().abandon(documents))
+        await self._publish_reaped(await self._cleanup().abandon(documents))
 
     async def cleanup(self) -> None:
         self._claimed_tasks.forget()
         self._limits.unsure()
-        await self._publish_all(await self._cleanup().run())
+        await self._publish_reaped(await self._cleanup().run())
+
+    async def _publish_reaped(self, events: Sequence[Event]) -> None:
+        """Count the jobs that cleanup finished as abandoned; announce all it did."""
+        self._metrics.reaped(
+            [
+                event.task_id
+                for event in events
+                if isinstance(event, JobReleased)
+                and event.outcome is JobOutcome.abandoned
+            ]
+        )
+        await self._publish_all(events)
 
     def _cleanup(self) -> Cleanup:
         return Cleanup(
@@ -1113,3 +1165,11 @@ def _schedules_let_go(documents: Sequence[Document]) -> list[Event]:
         )
 
     return events
+
+
+def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
+    """Return the seconds from ``start`` to ``end``, or ``None`` if one is unknown."""
+    if start is None or end is None:
+        return None
+
+    return (end - start).total_seconds()

@@ -31,6 +31,7 @@ from ._client import (
 from ._events import Delivered
 from ._indexes import ensure_indexes
 from ._layout import EVENTS, RETIRED_EVENT_INDEXES, Document, event_indexes
+from ._metrics import Metrics
 from ._names import validate_collection_name
 from ._options import ConnectionOptions, SigningOptions
 from ._retry import Trouble, is_temporary_failure, retrying
@@ -84,6 +85,8 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
     :param event_ttl: how long event documents are kept (a TTL index removes them)
     :param lookback: how far behind the newest event a poll looks again, to catch
         writes that became visible late (polling mode)
+    :param meter_provider: the OpenTelemetry ``MeterProvider`` the broker counts
+        events with (default: the global one; see :doc:`operations`)
 
     .. note:: Runs on asyncio only, like pymongo's asynchronous API.
     """
@@ -113,6 +116,7 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
     lookback: float = attrs.field(
         default=2.0, kw_only=True, converter=_as_seconds, validator=ge(0)
     )
+    meter_provider: Any = attrs.field(default=None, kw_only=True)
 
     _events: Collection = attrs.field(init=False)
     _publisher: str = attrs.field(init=False, factory=lambda: uuid4().hex)
@@ -120,6 +124,7 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
     _publish_lock: anyio.Lock = attrs.field(init=False, factory=anyio.Lock)
     _delivered: Delivered = attrs.field(init=False)
     _active_mode: str = attrs.field(init=False, default="")
+    _metrics: Metrics = attrs.field(init=False)
     #: Whether the last event read failed its signature check (one warning each
     #: episode of such events)
     _refusing: bool = attrs.field(init=False, default=False)
@@ -132,7 +137,12 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
 
     def _retry(self) -> AsyncRetrying:
         """Return the loop that retries this broker's temporary failures."""
-        return retrying(self.retry_settings, self._logger, " in the event broker")
+        return retrying(
+            self.retry_settings,
+            self._logger,
+            " in the event broker",
+            metrics=self._metrics,
+        )
 
     @property
     def _codec(self) -> Codec:
@@ -149,6 +159,7 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
     async def start(self, exit_stack: AsyncExitStack, logger: Logger) -> None:
         require_asyncio(self)
         await super().start(exit_stack, logger)
+        self._metrics = Metrics(self.meter_provider)
         adapter = await open_client(self.client_or_uri, exit_stack, logger)
         self._events = adapter.collection(self.database, self.collection)
         self._delivered = Delivered(self._publisher, timedelta(seconds=self.event_ttl))
@@ -250,6 +261,7 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
                     except DuplicateKeyError:
                         pass  # our own write, retried after a lost reply
 
+            self._metrics.published(type(event).__name__)
             # Our own subscribers hear it now; the readers skip our own documents
             await self.publish_local(event)
 
@@ -314,6 +326,8 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
                 "Ignoring event %s: it cannot be read", document.get("_id")
             )
         else:
+            lag = (datetime.now(timezone.utc) - event.timestamp).total_seconds()
+            self._metrics.delivered(kind, lag)
             await self.publish_local(event)
 
     async def _read_unseen(self) -> None:
@@ -326,7 +340,7 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
 
     async def _poll(self) -> None:
         """Read new events in order, every ``poll_interval``."""
-        trouble = Trouble(self._logger, "Event broker poll")
+        trouble = Trouble(self._logger, "Event broker poll", metrics=self._metrics)
         while True:
             try:
                 await self._read_unseen()
@@ -367,6 +381,8 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
                 await _close_quietly(current)
                 current = None
                 await anyio.sleep(follower.trouble.failed(exc))
+                how = "caught_up" if follower.catch_up else "resumed"
+                self._metrics.stream_restarted(how)
                 continue
 
             await _close_quietly(current)
@@ -384,7 +400,9 @@ class _StreamFollower:
     trouble: Trouble = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.trouble = Trouble(self.broker._logger, "Event stream")
+        self.trouble = Trouble(
+            self.broker._logger, "Event stream", metrics=self.broker._metrics
+        )
 
     async def follow(self, stream: ChangeStream | None) -> ChangeStream:
         """Open the stream if needed, and deliver from it until it ends."""

@@ -47,6 +47,7 @@ from ._layout import (
     unconfirmed_claim,
 )
 from ._marshalling import to_micros, uuid_from_bson, uuid_to_bson
+from ._metrics import Metrics
 from ._retry import Retry
 
 _MICROSECOND = timedelta(microseconds=1)
@@ -170,6 +171,7 @@ class Leases:
     :param retry: makes the store's retry loop
     :param logger: where to report claims given back
     :param clock: the server's clock, which judges leases
+    :param metrics: count the claims lost to other schedulers
     """
 
     schedules: Collection
@@ -177,6 +179,7 @@ class Leases:
     retry: Retry
     logger: Logger
     clock: ServerClock
+    metrics: Metrics
     #: The schedules this store acquired and has not released yet, by id
     _held: dict[str, _Held] = attrs.field(init=False, factory=dict)
     #: The jobs this store handed out and that were not released yet, by id
@@ -211,6 +214,10 @@ class Leases:
         matched = await collection.update_each([update for _, update in chosen])
         if matched == len(chosen) and not retry:
             return [document for document, _ in chosen if document is not None]
+
+        if not retry:
+            kind = "job" if collection is self.jobs else "schedule"
+            self.metrics.claims_lost(kind, len(chosen) - matched)
 
         # Lost a race for some of them, or retrying after a lost reply: ask
         return await self.taken(collection, token, order)

@@ -21,6 +21,7 @@ from tenacity import AsyncRetrying, AttemptManager, RetryCallState, retry_if_exc
 
 from ._adapters import DUPLICATE_KEY
 from ._client import redact
+from ._metrics import Metrics, error_label
 
 #: Error labels the server (or driver) puts on errors that are safe to retry
 RETRYABLE_LABELS = ("RetryableWriteError", "TransientTransactionError")
@@ -161,8 +162,12 @@ class Attempts:
     errors are raised as they are, as the loop would.
     """
 
-    def __init__(self, loop: AsyncRetrying) -> None:
+    def __init__(
+        self, loop: AsyncRetrying, on_success: Callable[[], None] | None = None
+    ) -> None:
         self._loop = loop
+        #: Called when the operation succeeded (at once, or after retries)
+        self._on_success = on_success
         self._first: Attempt | None = None
         self._attempts: AsyncIterator[Any] | None = None
 
@@ -176,13 +181,22 @@ class Attempts:
                 return self._first
 
             if self._first.failure is None:
+                self._succeeded()
                 raise StopAsyncIteration
 
             self._attempts = aiter(self._loop)
             with await anext(self._attempts):
                 raise self._first.failure
 
-        return Attempt(await anext(self._attempts))
+        try:
+            return Attempt(await anext(self._attempts))
+        except StopAsyncIteration:
+            self._succeeded()
+            raise
+
+    def _succeeded(self) -> None:
+        if self._on_success is not None:
+            self._on_success()
 
 
 #: Makes a retry loop
@@ -194,30 +208,40 @@ def retrying(
     logger: Logger,
     where: str = "",
     on_failure: Callable[[], None] | None = None,
+    metrics: Metrics | None = None,
 ) -> AsyncRetrying:
     """
     Return a Tenacity loop that retries temporary failures as ``settings`` say.
 
     Each failed attempt is logged as a warning (``where`` names the component), with
-    credentials removed from the message, and ``on_failure`` (if given) is called.
+    credentials removed from the message, and ``on_failure`` (if given) is called;
+    ``metrics`` (if given) count the failures and the time spent waiting.
     """
 
     def log_attempt(retry_state: RetryCallState) -> None:
         assert retry_state.outcome is not None
+        exc = retry_state.outcome.exception()
         logger.warning(
             "Temporary MongoDB error%s (attempt %d): %s",
             where,
             retry_state.attempt_number,
-            redact(str(retry_state.outcome.exception())),
+            redact(str(exc)),
         )
+        if metrics is not None and exc is not None:
+            metrics.failed(error_label(exc))
         if on_failure is not None:
             on_failure()
+
+    def count_wait(retry_state: RetryCallState) -> None:
+        if metrics is not None and retry_state.next_action is not None:
+            metrics.waited(retry_state.next_action.sleep)
 
     return AsyncRetrying(
         stop=settings.stop,
         wait=settings.wait,
         retry=retry_if_exception(is_temporary_failure),
         after=log_attempt,
+        before_sleep=count_wait,
         reraise=True,
     )
 
@@ -236,6 +260,8 @@ class Trouble:
     what: str
     #: The longest wait between attempts, in seconds
     longest: float = 5.0
+    #: Count the failures, the waits and the episodes
+    metrics: Metrics | None = attrs.field(default=None, kw_only=True)
     failures: int = attrs.field(init=False, default=0)
 
     def failed(self, exc: BaseException) -> float:
@@ -243,10 +269,18 @@ class Trouble:
         self.failures += 1
         level = logging.WARNING if self.failures == 1 else logging.DEBUG
         self.logger.log(level, "%s failed, retrying: %s", self.what, redact(str(exc)))
-        return min(0.5 * 2.0 ** (self.failures - 1), self.longest)
+        wait = min(0.5 * 2.0 ** (self.failures - 1), self.longest)
+        if self.metrics is not None:
+            self.metrics.failed(error_label(exc))
+            self.metrics.waited(wait)
+
+        return wait
 
     def over(self) -> None:
         """Note a success, which ends the episode of failures, if any."""
+        if self.failures and self.metrics is not None:
+            self.metrics.recovered()
+
         if self.failures:
             self.logger.info(
                 "%s works again after %d failed attempt(s)", self.what, self.failures

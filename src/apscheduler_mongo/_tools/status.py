@@ -427,7 +427,7 @@ async def gather_status(
     :raises NotFoundError: if the database holds no store
     """
     await require_store(reader)
-    queued, running_per_task = await _job_counts(reader)
+    queued, running_per_task = await job_counts(reader)
     tasks = [
         _task_row(document, running_per_task)
         for document in await reader.find(
@@ -559,7 +559,7 @@ def _cut_to_page(documents: list[Document], size: int | None) -> str | None:
     return last if isinstance(last, str) else None
 
 
-async def _job_counts(reader: Reader) -> tuple[dict[str, int], dict[str, int]]:
+async def job_counts(reader: Reader) -> tuple[dict[str, int], dict[str, int]]:
     """Return the queued and the running jobs of each task (by task id, as text)."""
     queued, running = Counter[str](), Counter[str]()
     for group in await reader.aggregate(layout.JOBS, layout.LIVE_JOB_COUNTS):

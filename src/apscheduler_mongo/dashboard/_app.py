@@ -15,6 +15,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote
 
 import anyio
@@ -62,6 +63,9 @@ from .._tools.status import (
 )
 from . import _csrf
 from ._changes import follow_changes
+
+if TYPE_CHECKING:
+    from ..metrics import MetricsEndpoint
 
 #: Seconds between comments that keep an idle event stream open through proxies
 KEEP_ALIVE = 15.0
@@ -178,6 +182,8 @@ class Dashboard:
     :param results: how many of the newest results to show
     :param timeout: seconds a request may take before it fails (retrying
         temporary failures until then)
+    :param metrics: a :class:`~apscheduler_mongo.metrics.MetricsEndpoint` to serve
+        at ``/metrics`` (its gauges of jobs read through the dashboard's client)
     :param root_path: the path prefix under which a reverse proxy serves the
         dashboard (``/ops/scheduler``), put before every URL the page uses; a
         ``root_path`` in the request (an application that mounts the dashboard
@@ -206,6 +212,7 @@ class Dashboard:
     results: int = attrs.field(default=20, kw_only=True, validator=[ge(0)])
     timeout: float = attrs.field(default=10.0, kw_only=True, validator=[ge(0.1)])
     root_path: str = attrs.field(default="", kw_only=True, converter=_root_path)
+    metrics: MetricsEndpoint | None = attrs.field(default=None, kw_only=True)
     _client_or_uri: object = attrs.field(init=False)
     _database: str = attrs.field(init=False)
     _serializer: Serializer = attrs.field(init=False)
@@ -241,6 +248,7 @@ class Dashboard:
                 Route("/panels", self._panels, methods=["GET"]),
                 Route("/events", self._events, methods=["GET"]),
                 Route("/actions/{name}", self._action, methods=["POST"]),
+                Route("/metrics", self._metrics, methods=["GET"]),
                 Mount(
                     "/static",
                     app=StaticFiles(
@@ -420,6 +428,22 @@ class Dashboard:
         )
 
     # Live updates
+
+    async def _metrics(self, _request: Request) -> Response:
+        if self.metrics is None:
+            return PlainTextResponse("Not Found\n", status_code=404)
+
+        try:
+            reader = (await self._connection()).reader
+        except (PyMongoError, OSError) as exc:
+            self._logger.warning("Could not count the jobs for a scrape: %s", exc)
+            reader = None
+
+        return Response(
+            await self.metrics.body(reader),
+            headers={"Cache-Control": "no-store"},
+            media_type=self.metrics.content_type,
+        )
 
     async def _events(self, _request: Request) -> Response:
         try:
