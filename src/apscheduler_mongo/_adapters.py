@@ -476,8 +476,11 @@ class Adapter:
     async def collection_names(self, database: str) -> list[str]:
         return list(await insulated(self.client[database].list_collection_names()))
 
-    async def command(self, database: str, command: str) -> Document | None:
-        """Run a command without arguments; ``None`` where the client has none."""
+    async def command(
+        self, database: str, command: str | Mapping[str, Any]
+    ) -> Document | None:
+        """Run a command (its name, or the command document); ``None`` where the
+        client has no server."""
         return cast(Document, await insulated(self.client[database].command(command)))
 
     def server_descriptions(self) -> dict[tuple[str, int | None], Any]:
@@ -510,7 +513,9 @@ class _MongomockAdapter(_MotorAdapter):
         return WriteConcern()  # it answers every attribute with a database
 
     @override
-    async def command(self, database: str, command: str) -> Document | None:
+    async def command(
+        self, database: str, command: str | Mapping[str, Any]
+    ) -> Document | None:
         return None
 
     @override

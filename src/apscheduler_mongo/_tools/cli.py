@@ -19,13 +19,16 @@ from pymongo.errors import PyMongoError
 from tenacity import stop_after_delay, wait_exponential
 
 from .. import _layout as layout
-from .._adapters import adapter_for
+from .._adapters import Adapter, adapter_for
 from .._client import open_client, redact, server_errors, validate_client_or_uri
 from .._names import validate_database_name
 from .._retry import retrying
 from .._signing import AllowedCallables, Signer, keys_from_environment
 from . import actions
 from .actions import innermost
+from .doctor import diagnose
+from .doctor import render_json as render_doctor_json
+from .doctor import render_text as render_doctor_text
 from .signing import StoreSigner
 from .status import (
     NotFoundError,
@@ -45,6 +48,7 @@ EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_SERVER = 3
+EXIT_UNHEALTHY = 4
 EXIT_INTERRUPTED = 130
 
 _EPILOG = """\
@@ -56,6 +60,7 @@ exit statuses:
        a bad database name, a demo database that holds a store
   3    the server could not be reached within --timeout, or it refused or
        failed a request (authentication, permissions, an incompatible server)
+  4    doctor: a check failed (with --strict, or warned)
   130  interrupted (Ctrl-C); a change may or may not have been made
 
 environment:
@@ -332,6 +337,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count what would be signed, and write nothing",
     )
+    doctor = add(
+        "doctor",
+        "check that the deployment is set up right",
+        "Check the server (version, topology), change streams, majority writes, "
+        "the store's indexes, the live schedulers (gone quiet, clocks off), the "
+        "oplog window, the user's privileges, signing, and sharding; each line "
+        "says ok, warn, fail or unknown, and how to fix what is not ok. Exit "
+        "status 4 when a check failed: use it as a health check. Writes one probe "
+        "document (and deletes it) to check majority writes; deserializes nothing.",
+    )
+    doctor.add_argument(
+        "--json", action="store_true", help="print JSON instead of a table"
+    )
+    doctor.add_argument(
+        "--strict",
+        action="store_true",
+        help="count warnings as failures in the exit status",
+    )
+    doctor.add_argument(
+        "--events-collection",
+        default="events",
+        metavar="NAME",
+        help="collection of the MongoDBEventBroker (default: %(default)s)",
+    )
     dashboard = add(
         "dashboard",
         "serve the live web dashboard",
@@ -446,6 +475,16 @@ async def _status(args: argparse.Namespace, reader: Reader) -> int:
     status = await gather_status(reader, args.limit)
     sys.stdout.write(render_json(status) if args.json else render_text(status))
     return EXIT_OK
+
+
+async def _doctor(args: argparse.Namespace, reader: Reader, adapter: Adapter) -> int:
+    diagnosis = await diagnose(reader, adapter, args.events_collection)
+    if args.json:
+        sys.stdout.write(render_doctor_json(diagnosis, strict=args.strict))
+    else:
+        sys.stdout.write(render_doctor_text(diagnosis))
+
+    return EXIT_OK if diagnosis.healthy(strict=args.strict) else EXIT_UNHEALTHY
 
 
 def _signer(args: argparse.Namespace) -> Signer | None:
@@ -600,6 +639,9 @@ async def run_command(args: argparse.Namespace, client: object) -> int:
                     )
 
                 return await _sign(args, reader, signer, allowed)
+
+            if args.command == "doctor":
+                return await _doctor(args, reader, adapter)
 
             if scheduler is None:
                 return await _status(args, reader)
