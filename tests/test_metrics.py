@@ -382,10 +382,11 @@ class TestScrapeEndpoint:
 
 
 @WIRE_ONLY
-async def test_scrape_costs_one_command(
+async def test_scrape_costs_two_commands(
     counted_store: MongoDBDataStore, command_log: CommandLog
 ) -> None:
-    """A scrape reads the jobs per task with one aggregation, whatever the tasks."""
+    """A scrape reads the jobs per task with one aggregation, whatever the tasks,
+    and the schedulers with one query."""
     for number in range(5):
         await add_task(counted_store, task_id=f"task-{number}")
         await counted_store.add_job(Job(task_id=f"task-{number}", executor="async"))
@@ -395,8 +396,10 @@ async def test_scrape_costs_one_command(
     with command_log.recording() as sent:
         text = (await endpoint.body()).decode()
 
-    assert sent == ["aggregate jobs"], sent
+    assert sent == ["aggregate jobs", "find schedulers"], sent
     assert value(text, "apscheduler_mongo_jobs_queued") == 5
+    assert value(text, "apscheduler_mongo_schedulers", state="live") == 1
+    assert value(text, "apscheduler_mongo_schedulers", state="quiet") == 0
 
 
 def test_docs_list_every_metric() -> None:

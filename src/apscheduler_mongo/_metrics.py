@@ -130,6 +130,12 @@ INSTRUMENTS: dict[str, tuple[str, str, str]] = {
         "{job}",
         "Jobs acquired and not released, by task (read when scraped)",
     ),
+    "apscheduler_mongo.schedulers": (
+        "gauge",
+        "{scheduler}",
+        "Schedulers registered on the store, by state: live, or gone quiet (read "
+        "when scraped)",
+    ),
 }
 
 
@@ -202,6 +208,7 @@ class Metrics:
         self._offset = made["apscheduler_mongo.clock.offset"]
         self._queued = made["apscheduler_mongo.jobs.queued"]
         self._running = made["apscheduler_mongo.jobs.running"]
+        self._schedulers = made["apscheduler_mongo.schedulers"]
         #: Whether an outage (an episode of temporary failures) is under way
         self._failing = False
         #: The tasks whose queue gauges were set, to be set to 0 once gone
@@ -285,6 +292,11 @@ class Metrics:
             self._running.set(running.get(task_id, 0), {"task": task_id})
 
         self._gauged = tasks
+
+    def schedulers(self, live: int, quiet: int) -> None:
+        """Set the gauge of the schedulers registered, live and gone quiet."""
+        self._schedulers.set(live, {"state": "live"})
+        self._schedulers.set(quiet, {"state": "quiet"})
 
 
 def error_label(exc: BaseException) -> str:

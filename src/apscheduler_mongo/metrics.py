@@ -23,6 +23,7 @@ dashboard's ``/metrics`` is this endpoint too. Needs the ``metrics`` extra
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 import anyio
@@ -35,7 +36,7 @@ from tenacity import stop_after_delay, wait_exponential
 
 from ._datastore import MongoDBDataStore
 from ._metrics import INSTRUMENTS, Metrics
-from ._tools.status import Reader, job_counts
+from ._tools.status import Reader, job_counts, live_schedulers
 
 __all__ = ["MetricsEndpoint", "prometheus_meter_provider", "prometheus_names"]
 
@@ -75,12 +76,17 @@ async def scrape(
     registry: CollectorRegistry, metrics: Metrics, reader: Reader | None
 ) -> bytes:
     """
-    Set the gauges of jobs queued and running per task (with ``reader``: one
-    aggregation, served by the ``state`` index), then render the registry.
+    With ``reader``, set the gauges read from the database: jobs queued and running
+    per task (one aggregation, served by the ``state`` index) and the schedulers
+    live and gone quiet (one query, served by the ``expires`` index; judged by this
+    host's clock); then render the registry.
     """
     if reader is not None:
         queued, running = await job_counts(reader)
         metrics.job_counts(queued, running)
+        rows = await live_schedulers(reader, datetime.now(timezone.utc))
+        quiet = sum(row.quiet for row in rows)
+        metrics.schedulers(len(rows) - quiet, quiet)
 
     return bytes(generate_latest(registry))
 
