@@ -481,6 +481,14 @@ class TestBusyStore:
             if name not in shown and f"{name}_count" not in shown
         }
         assert not missing, missing
+        # Each sample carries the labels declared for its metric, and no others
+        declared = prometheus_names()
+        for name, labels, _ in sample_values(text):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            kind, allowed = declared.get(base) or declared[name]
+            extra = {"le"} if kind == "histogram" else set()
+            scope = {label for label in labels if label.startswith("otel_scope_")}
+            assert set(labels) - scope - extra == set(allowed), (name, labels)
         # The schedule's jobs ran (len() without arguments: they fail)
         released = "apscheduler_mongo_jobs_released_total"
         assert value(text, released, outcome="error") > 5

@@ -38,103 +38,126 @@ TIME_BUCKETS = (
     300.0,
 )
 
-#: Every instrument: its OpenTelemetry name, kind, unit and description. The names
-#: a Prometheus scrape shows are made from these (``tests/test_metrics.py`` checks
-#: that every one appears in a scrape of a busy store)
-INSTRUMENTS: dict[str, tuple[str, str, str]] = {
-    "apscheduler_mongo.jobs.added": ("counter", "{job}", "Jobs added, by task"),
+#: Every instrument: its OpenTelemetry name, kind, unit, description and labels. The
+#: names a Prometheus scrape shows are made from these (``tests/test_metrics.py``
+#: checks that every one appears in a scrape of a busy store)
+INSTRUMENTS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "apscheduler_mongo.jobs.added": (
+        "counter",
+        "{job}",
+        "Jobs added, by task",
+        ("task",),
+    ),
     "apscheduler_mongo.jobs.acquired": (
         "counter",
         "{job}",
         "Jobs handed out to a scheduler, by task",
+        ("task",),
     ),
     "apscheduler_mongo.jobs.released": (
         "counter",
         "{job}",
         "Jobs released by the scheduler that ran them, by task and outcome",
+        ("task", "outcome"),
     ),
     "apscheduler_mongo.job.run_time": (
         "histogram",
         "s",
         "How long jobs ran (finished minus started), by task",
+        ("task",),
     ),
     "apscheduler_mongo.job.lateness": (
         "histogram",
         "s",
         "How late jobs of schedules started (started minus the scheduled fire time), "
         "by task",
+        ("task",),
     ),
     "apscheduler_mongo.claims.lost": (
         "counter",
         "{item}",
         "Jobs or schedules a claim chose and another scheduler took first, by kind",
+        ("kind",),
     ),
     "apscheduler_mongo.leases.taken_over": (
         "counter",
         "{item}",
         "Jobs or schedules claimed after the lease of another scheduler lapsed, "
         "by kind",
+        ("kind",),
     ),
     "apscheduler_mongo.jobs.reaped": (
         "counter",
         "{job}",
         "Jobs finished as abandoned (their scheduler gone), by task",
+        ("task",),
     ),
     "apscheduler_mongo.retries": (
         "counter",
         "{attempt}",
         "Operations retried after a temporary failure, by error",
+        ("error",),
     ),
     "apscheduler_mongo.retry.wait": (
         "counter",
         "s",
         "Time spent waiting before retrying temporary failures",
+        (),
     ),
     "apscheduler_mongo.outages": (
         "counter",
         "{episode}",
         "Episodes of temporary failures (from the first failure to the next success)",
+        (),
     ),
     "apscheduler_mongo.events.published": (
         "counter",
         "{event}",
         "Events this process published, by type",
+        ("type",),
     ),
     "apscheduler_mongo.events.delivered": (
         "counter",
         "{event}",
         "Events from other processes delivered here, by type",
+        ("type",),
     ),
     "apscheduler_mongo.event.delivery_lag": (
         "histogram",
         "s",
         "From an event's creation (its publisher's clock) to its delivery here",
+        (),
     ),
     "apscheduler_mongo.stream.restarts": (
         "counter",
         "{restart}",
         "Change streams opened again after a failure, by how (resumed, caught_up)",
+        ("how",),
     ),
     "apscheduler_mongo.clock.offset": (
         "gauge",
         "s",
         "How far the server's clock is ahead of this host's",
+        (),
     ),
     "apscheduler_mongo.jobs.queued": (
         "gauge",
         "{job}",
         "Jobs waiting, by task (read when scraped)",
+        ("task",),
     ),
     "apscheduler_mongo.jobs.running": (
         "gauge",
         "{job}",
         "Jobs acquired and not released, by task (read when scraped)",
+        ("task",),
     ),
     "apscheduler_mongo.schedulers": (
         "gauge",
         "{scheduler}",
         "Schedulers registered on the store, by state: live, or gone quiet (read "
         "when scraped)",
+        ("state",),
     ),
 }
 
@@ -164,7 +187,7 @@ def _instruments(meter_provider: Any) -> dict[str, Any]:
         "apscheduler_mongo", __version__, meter_provider=meter_provider
     )
     made: dict[str, Any] = {}
-    for name, (kind, unit, description) in INSTRUMENTS.items():
+    for name, (kind, unit, description, _) in INSTRUMENTS.items():
         if kind == "counter":
             made[name] = meter.create_counter(name, unit, description)
         elif kind == "gauge":

@@ -46,15 +46,16 @@ _logger = logging.getLogger("apscheduler_mongo.metrics")
 _UNIT_SUFFIXES = {"s": "_seconds"}
 
 
-def prometheus_names() -> dict[str, str]:
+def prometheus_names() -> dict[str, tuple[str, tuple[str, ...]]]:
     """
     Return the name of each metric in a scrape (without ``_bucket``, ``_sum`` or
-    ``_count``), with its Prometheus type: ``counter``, ``gauge`` or ``histogram``.
+    ``_count``), with its Prometheus type (``counter``, ``gauge`` or ``histogram``)
+    and its labels (besides ``le`` and the ``otel_scope_*`` ones).
     """
-    names: dict[str, str] = {}
-    for name, (kind, unit, _) in INSTRUMENTS.items():
+    names: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for name, (kind, unit, _, labels) in INSTRUMENTS.items():
         exported = name.replace(".", "_") + _UNIT_SUFFIXES.get(unit, "")
-        names[exported + ("_total" if kind == "counter" else "")] = kind
+        names[exported + ("_total" if kind == "counter" else "")] = (kind, labels)
 
     return names
 
