@@ -121,6 +121,8 @@ _bare_names = {
     "AsyncIOMotorCollection",
     "AsyncIOMotorDatabase",
     "AsyncMongoMockClient",
+    # The "..." of a tuple[str, ...] annotation
+    "Ellipsis",
 }
 for _module_name in _bare_name_sources:
     try:
