@@ -844,6 +844,16 @@ class TestCommandLine:
         with MongoClient(wire_uri) as mongo:
             assert mongo[database_name].list_collection_names() == []
 
+    def test_serves_metrics(self, wire_uri: str, database_name: str) -> None:
+        """With the metrics extra, it serves the store's gauges at /metrics."""
+        _seed(wire_uri, database_name, ["s-1"])
+        with dashboard_process(wire_uri, database_name) as url:
+            reply = httpx.get(f"{url}metrics")
+
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/plain")
+        assert "apscheduler_mongo_schedulers" in reply.text
+
 
 def _seed(uri: str, database: str, ids: list[str]) -> None:
     async def seed() -> None:

@@ -700,8 +700,17 @@ def _dashboard(args: argparse.Namespace, uri: str) -> int:
         return _fail(EXIT_USAGE, str(exc))
 
     try:
+        from ..metrics import MetricsEndpoint, prometheus_meter_provider
+    except ImportError:  # without the metrics extra: no /metrics
+        metrics = None
+    else:
+        provider, registry = prometheus_meter_provider()
+        metrics = MetricsEndpoint(registry, meter_provider=provider)
+
+    try:
         app = Dashboard(
             uri,
+            metrics=metrics,
             database=args.database,
             serializer=_serializer(args.serializer),
             signing_key=_signer(args),
