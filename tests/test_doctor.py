@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from apscheduler import RetrySettings
 from apscheduler.abc import EventBroker
+from bson import Timestamp
 
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._adapters import Adapter, adapter_for
@@ -226,6 +227,35 @@ class TestScriptedServers:
         assert checks["sharding"].status == "fail"
         assert f"{database_name}.jobs" in checks["sharding"].detail
         assert "unsharded" in checks["sharding"].fix
+
+    @pytest.mark.usefixtures("started")
+    async def test_short_oplog(
+        self, client: Any, database_name: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        async def no_stream(_doctor: Any) -> Check:  # mongomock-motor has no watch
+            return Check("change streams", "unknown", "scripted")
+
+        monkeypatch.setattr(_Doctor, "change_streams", no_stream)
+        adapter = _Pretending(
+            client,
+            {"hello": {"setName": "rs0", "hosts": ["a:1"], "maxWireVersion": 21}},
+        )
+        oplog = client["local"]["oplog.rs"]
+        await oplog.insert_many(
+            [{"ts": Timestamp(1_000, 1)}, {"ts": Timestamp(1_600, 1)}]
+        )
+        await client[database_name]["events"].create_index(
+            "at", name="at", expireAfterSeconds=600
+        )
+        try:
+            diagnosis = await diagnose(_reader(adapter, database_name), adapter)
+        finally:
+            await client.drop_database("local")
+
+        check = _by_name(diagnosis)["oplog"]
+        assert check.status == "warn"
+        assert check.detail.startswith("window 0:10:00; events kept 0:10:00")
+        assert "replSetResizeOplog" in check.fix
 
     @pytest.mark.usefixtures("started")
     async def test_privileges(self, client: Any, database_name: str) -> None:

@@ -246,17 +246,33 @@ class _Doctor:
             return Check("oplog", "unknown", "could not read the oplog's ends")
 
         window = float(stamps[1].time - stamps[0].time)
-        detail = f"window {timedelta(seconds=round(window))}"
+        kept = await self._events_kept()
+        detail = f"window {timedelta(seconds=round(window))}" + (
+            "" if kept is None else f"; events kept {timedelta(seconds=kept)}"
+        )
         if window < OPLOG_WINDOW_LIMIT:
             return Check(
                 "oplog",
                 "warn",
-                f"{detail}: a broker's change stream cut off for longer cannot "
-                "resume, and catches up from the events collection (kept event_ttl)",
+                f"{detail}: a broker's change stream cut off for longer than the "
+                "window cannot resume; it catches up from the events collection, "
+                "which holds events only as long as they are kept",
                 "make the oplog larger (replSetResizeOplog)",
             )
 
         return Check("oplog", "ok", detail)
+
+    async def _events_kept(self) -> int | None:
+        """Return the events' time to live (seconds), from the broker's TTL index."""
+        events = self.adapter.collection(
+            self.reader.database_name, self.events_collection
+        )
+        for index in await events.list_indexes():
+            seconds = index.get("expireAfterSeconds")
+            if index.get("name") == "at" and isinstance(seconds, int):
+                return seconds
+
+        return None
 
     async def privileges(self) -> Check:
         status = await self._command(
