@@ -6,7 +6,6 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -34,6 +33,7 @@ from apscheduler_mongo._tools.doctor import (
 from apscheduler_mongo._tools.status import Reader
 
 from .support.items import add_task
+from .support.stores import started_store
 
 pytestmark = pytest.mark.anyio
 
@@ -43,12 +43,9 @@ async def started(
     client: Any, database_name: str, local_broker: EventBroker, logger: logging.Logger
 ) -> AsyncIterator[MongoDBDataStore]:
     """A running store: its indexes built, its scheduler registered."""
-    async with AsyncExitStack() as exit_stack:
-        await local_broker.start(exit_stack, logger)
-        store = MongoDBDataStore(
-            client, database=database_name, start_from_scratch=True
-        )
-        await store.start(exit_stack, local_broker, logger)
+    async with started_store(
+        client, database_name, local_broker, logger, start_from_scratch=True
+    ) as store:
         yield store
 
 
@@ -139,12 +136,9 @@ class TestChecklist:
         local_broker: EventBroker,
         logger: logging.Logger,
     ) -> None:
-        async with AsyncExitStack() as exit_stack:
-            await local_broker.start(exit_stack, logger)
-            store = MongoDBDataStore(
-                client, database=database_name, signing_key=b"k" * 32
-            )
-            await store.start(exit_stack, local_broker, logger)
+        async with started_store(
+            client, database_name, local_broker, logger, signing_key=b"k" * 32
+        ) as store:
             await add_task(store)
             signing = _by_name(await _diagnose(client, database_name))["signing"]
 
@@ -196,17 +190,20 @@ class _Pretending(Adapter):
 
 @pytest.mark.parametrize("tier", ["mongomock"], indirect=True)
 class TestScriptedServers:
-    """What only a real mongos or access control shows, scripted (not run here
-    against a real one: see the note in docs/operations.rst)."""
+    """What only a real mongos, replica set or access control shows, scripted (not
+    run here against real ones: see the note in docs/cli.rst)."""
 
-    @pytest.mark.usefixtures("started")
-    async def test_sharded_collections(
-        self, client: Any, database_name: str, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        async def no_stream(_doctor: Any) -> Check:  # mongomock-motor has no watch
+    @pytest.fixture(autouse=True)
+    def no_change_streams(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """mongomock-motor has no ``watch``: the scripted servers answer for it."""
+
+        async def scripted(_doctor: Any) -> Check:
             return Check("change streams", "unknown", "scripted")
 
-        monkeypatch.setattr(_Doctor, "change_streams", no_stream)
+        monkeypatch.setattr(_Doctor, "change_streams", scripted)
+
+    @pytest.mark.usefixtures("started")
+    async def test_sharded_collections(self, client: Any, database_name: str) -> None:
         adapter = _Pretending(
             client,
             {
@@ -229,13 +226,7 @@ class TestScriptedServers:
         assert "unsharded" in checks["sharding"].fix
 
     @pytest.mark.usefixtures("started")
-    async def test_short_oplog(
-        self, client: Any, database_name: str, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        async def no_stream(_doctor: Any) -> Check:  # mongomock-motor has no watch
-            return Check("change streams", "unknown", "scripted")
-
-        monkeypatch.setattr(_Doctor, "change_streams", no_stream)
+    async def test_short_oplog(self, client: Any, database_name: str) -> None:
         adapter = _Pretending(
             client,
             {"hello": {"setName": "rs0", "hosts": ["a:1"], "maxWireVersion": 21}},

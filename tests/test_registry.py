@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import signal
 import socket
-from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Any
 
@@ -29,6 +28,7 @@ from apscheduler_mongo._tools.status import (
 )
 
 from .support.items import add_task
+from .support.stores import started_store
 from .support.tiers import MULTI_PROCESS
 from .support.workers import beating_worker
 
@@ -49,15 +49,14 @@ async def _listed(client: Any, database: str) -> list[SchedulerRow]:
 async def beating_store(
     client: Any, database_name: str, local_broker: EventBroker, logger: logging.Logger
 ) -> Any:
-    async with AsyncExitStack() as exit_stack:
-        await local_broker.start(exit_stack, logger)
-        store = MongoDBDataStore(
-            client,
-            database=database_name,
-            start_from_scratch=True,
-            heartbeat_interval=INTERVAL,
-        )
-        await store.start(exit_stack, local_broker, logger)
+    async with started_store(
+        client,
+        database_name,
+        local_broker,
+        logger,
+        start_from_scratch=True,
+        heartbeat_interval=INTERVAL,
+    ) as store:
         yield store
 
 
@@ -108,12 +107,9 @@ class TestRecord:
         local_broker: EventBroker,
         logger: logging.Logger,
     ) -> None:
-        async with AsyncExitStack() as exit_stack:
-            await local_broker.start(exit_stack, logger)
-            store = MongoDBDataStore(
-                client, database=database_name, heartbeat_interval=0.01
-            )
-            await store.start(exit_stack, local_broker, logger)
+        async with started_store(
+            client, database_name, local_broker, logger, heartbeat_interval=0.01
+        ):
             await anyio.sleep(0.1)  # heartbeats are being written as it stops
             assert len(await _listed(client, database_name)) == 1
 

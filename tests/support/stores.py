@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+from apscheduler.abc import EventBroker
+
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
 
 
@@ -38,5 +40,21 @@ async def announcing_store(
         broker = MongoDBEventBroker(uri, database=database, mode="polling")
         await broker.start(exit_stack, logger)
         store = MongoDBDataStore(uri, database=database)
+        await store.start(exit_stack, broker, logger)
+        yield store
+
+
+@asynccontextmanager
+async def started_store(
+    client: Any,
+    database: str,
+    broker: EventBroker,
+    logger: logging.Logger,
+    **options: Any,
+) -> AsyncIterator[MongoDBDataStore]:
+    """Start ``broker`` and a store on ``client`` with ``options``; stop both after."""
+    async with AsyncExitStack() as exit_stack:
+        await broker.start(exit_stack, logger)
+        store = MongoDBDataStore(client, database=database, **options)
         await store.start(exit_stack, broker, logger)
         yield store
