@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 from apscheduler import RetrySettings
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pymongo.errors import PyMongoError
 from tenacity import stop_after_delay, wait_exponential
@@ -70,7 +70,12 @@ def prometheus_meter_provider() -> tuple[MeterProvider, CollectorRegistry]:
     """
     registry = CollectorRegistry(auto_describe=True)
     reader = PrometheusMetricReader(registry=registry, disable_target_info=True)
-    return MeterProvider(metric_readers=[reader]), registry
+    # Prometheus's text format carries no exemplars: spare each measurement the
+    # look for a current span
+    provider = MeterProvider(
+        metric_readers=[reader], exemplar_filter=AlwaysOffExemplarFilter()
+    )
+    return provider, registry
 
 
 async def scrape(
