@@ -298,3 +298,32 @@ class TestStalledOwner:
         )
         assert await store.get_jobs() == []
         assert await added.settled() == []
+
+
+class TestExtensionOfALostLease:
+    """Extending a lease another scheduler took over does not make this store
+    believe it still holds it (which would let it add a job for a fire time the
+    new holder may have moved past)."""
+
+    async def test_schedule(
+        self, store: MongoDBDataStore, other_store: MongoDBDataStore
+    ) -> None:
+        await add_task(store)
+        await store.add_schedule(due_schedule(), ConflictPolicy.exception)
+        [taken] = await store.acquire_schedules("a", timedelta(milliseconds=100), 10)
+        await anyio.sleep(0.3)
+        assert len(await other_store.acquire_schedules("b", timedelta(minutes=1), 10))
+        await store.extend_acquired_schedule_leases(
+            "a", {taken.id}, timedelta(minutes=5)
+        )
+        assert not store._leases.holds(taken.id)
+
+    async def test_schedule_still_held(self, store: MongoDBDataStore) -> None:
+        await add_task(store)
+        await store.add_schedule(due_schedule(), ConflictPolicy.exception)
+        [taken] = await store.acquire_schedules("a", timedelta(milliseconds=300), 10)
+        await store.extend_acquired_schedule_leases(
+            "a", {taken.id}, timedelta(minutes=5)
+        )
+        await anyio.sleep(0.4)  # the first term is over; the extended one is not
+        assert store._leases.holds(taken.id)

@@ -299,9 +299,9 @@ def running_of(owner: str, ids: Sequence[Any]) -> Document:
     return {**held_by(owner, ids), "state": ACQUIRED}
 
 
-def extension(until: int) -> Document:
-    """Return the update that moves a lease's expiry (and its token) on."""
-    return {"$set": {"acquired_until": until, "v": new_token()}}
+def extension(until: int, token: ObjectId) -> Document:
+    """Return the update that moves a lease's expiry on (``token``: its new token)."""
+    return {"$set": {"acquired_until": until, "v": token}}
 
 
 def unconfirmed_claim(token: ObjectId, owner: str, jobs: bool) -> Document:

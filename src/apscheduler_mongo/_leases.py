@@ -383,18 +383,32 @@ class Leases:
         ids: Sequence[object],
         duration: timedelta,
     ) -> None:
-        """Move the leases ``owner`` holds on these documents ``duration`` on."""
+        """
+        Move the leases ``owner`` holds on these documents ``duration`` on.
+
+        What this store notes it holds moves on only for the documents the write
+        matched: a lease another scheduler took over meanwhile is not one this store
+        holds longer (:meth:`holds` must not say otherwise).
+        """
+        token = new_token()
         async for attempt in self.retry():
             with attempt:
                 _, until = self.term(duration)
-                await collection.update_many(held_by(owner, ids), extension(until))
+                result = await collection.update_many(
+                    held_by(owner, ids), extension(until, token)
+                )
+                if not attempt.retry and result.matched_count == len(ids):
+                    extended = list(ids)
+                else:  # some were not held any more, or a reply was lost
+                    found = await collection.find(claimed_with(token), {"_id": 1})
+                    extended = [document["_id"] for document in found]
 
         if collection is self.schedules:
             entries: Iterable[_Held | _Handed | None] = (
-                self._held.get(str(id_)) for id_ in ids
+                self._held.get(str(id_)) for id_ in extended
             )
         else:
-            entries = (self._handed.get(uuid_from_bson(id_)) for id_ in ids)
+            entries = (self._handed.get(uuid_from_bson(id_)) for id_ in extended)
 
         for entry in entries:
             if entry is not None and entry.owner == owner:
