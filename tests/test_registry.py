@@ -173,6 +173,32 @@ class TestUntrustedRecords:
         assert forged.quiet  # no readable heartbeat: not shown as live
         assert all(isinstance(name, str) for name in forged.schedulers)
 
+    @pytest.mark.usefixtures("beating_store")
+    @pytest.mark.parametrize(
+        "fields",
+        [
+            {"interval": 1e300, "clock_offset": -1e300},
+            {"interval": -5, "clock_offset": float("inf")},
+            {"interval": 2**62, "heartbeat": -(2**62)},
+        ],
+    )
+    async def test_numbers_out_of_range(
+        self, client: Any, database_name: str, fields: dict[str, Any]
+    ) -> None:
+        """Numbers no store writes are shown as unknown, not computed with."""
+        [real] = await _listed(client, database_name)
+        far = real.heartbeat + timedelta(days=1)  # type: ignore[operator]
+        await client[database_name]["schedulers"].insert_one(
+            {"_id": "odd", "expires": far, "heartbeat": 0, **fields}
+        )
+        [odd] = [row for row in await _listed(client, database_name) if row.id == "odd"]
+        assert odd.interval is None and odd.clock_offset is None
+        assert odd.quiet
+        reader = Reader(
+            adapter_for(client), database_name, RetrySettings(), logging.getLogger()
+        )
+        assert "gone quiet" in render_text(await gather_status(reader, 0))
+
 
 @MULTI_PROCESS
 class TestKilledScheduler:

@@ -193,6 +193,10 @@ class SchedulerRow:
 REPR_LIMIT = 400
 #: At most this many live schedulers are listed
 SCHEDULERS_SHOWN = 200
+#: The longest heartbeat interval and the largest clock offset a record may state
+#: (seconds): beyond them, it is shown as unknown
+MAX_INTERVAL = 86_400.0
+MAX_OFFSET = 86_400.0 * 365
 
 #: The fields read of each kind of document (never the ``metadata``)
 TASK_FIELDS = dict.fromkeys(["func", "job_executor", "max_running_jobs"], 1)
@@ -461,11 +465,12 @@ async def gather_status(
     )
 
 
-def _number(value: object) -> float | None:
+def _number(value: object, limit: float) -> float | None:
+    """Return a stored number if it is one, and within ``limit`` of zero."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
 
-    return float(value) if math.isfinite(value) else None
+    return float(value) if math.isfinite(value) and abs(value) <= limit else None
 
 
 def _whole(value: object) -> int | None:
@@ -485,7 +490,9 @@ def _software(value: object) -> str | None:
 def _scheduler_row(document: Mapping[str, Any], now: datetime) -> SchedulerRow:
     """Describe a scheduler's record from its stored fields, checking each."""
     ids = document.get("schedulers")
-    interval = _number(document.get("interval"))
+    interval = _number(document.get("interval"), MAX_INTERVAL)
+    if interval is not None and interval <= 0:
+        interval = None
     heartbeat = _time_field(document, "heartbeat")
     quiet = (
         interval is None or heartbeat is None or now - heartbeat > quiet_after(interval)
@@ -503,7 +510,7 @@ def _scheduler_row(document: Mapping[str, Any], now: datetime) -> SchedulerRow:
         started=_time_field(document, "started"),
         heartbeat=heartbeat,
         interval=interval,
-        clock_offset=_number(document.get("clock_offset")),
+        clock_offset=_number(document.get("clock_offset"), MAX_OFFSET),
         schedules_held=_whole(document.get("schedules_held")),
         jobs_held=_whole(document.get("jobs_held")),
         leases_until=_time_field(document, "leases_until"),
