@@ -316,7 +316,8 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     async def _hand_back(self) -> None:
         """
         As the store stops, give back what it holds (see ``Leases.hand_back``) and
-        announce it, so that the schedulers still running take it over at once.
+        announce it, so that the schedulers still running take it over at once;
+        then delete its record among the live schedulers.
 
         Shielded from the cancellation that may be stopping the scheduler, and
         bounded by :data:`HAND_BACK_TIMEOUT`: with the server out of reach, the
@@ -328,7 +329,6 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 # (see ``insulated``): what it takes must be there to give back
                 await abandoned_calls_ended()
                 jobs, schedules = await self._leases.hand_back()
-                await self._registry.deregister()
                 if jobs or schedules:
                     self._logger.info(
                         "Stopping: gave back %d job(s) never started and %d "
@@ -350,6 +350,18 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 self._logger.warning(
                     "Could not give back what this store holds (%s): it is taken "
                     "over when its leases lapse",
+                    explain(exc),
+                )
+
+            # Last: once its record is gone, the store holds nothing
+            try:
+                async for attempt in self._attempts():
+                    with attempt:
+                        await self._registry.deregister()
+            except Exception as exc:
+                self._logger.warning(
+                    "Could not remove this scheduler's record (%s): it shows as "
+                    "gone quiet until the record expires",
                     explain(exc),
                 )
 
