@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -167,21 +167,25 @@ async def reap_a_job(store: MongoDBDataStore, other: MongoDBDataStore) -> None:
     await other.cleanup()
 
 
-async def fail_once(store: MongoDBDataStore) -> None:
-    """One insert fails with a network error, and is retried."""
-    insert = store._jobs.insert_one
+def failing_once(call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Return ``call``, but failing the first time with a network error."""
     failed = False
 
-    async def flaky(document: Any) -> None:
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
         nonlocal failed
         if not failed:
             failed = True
             raise AutoReconnect("connection reset by the test")
 
-        await insert(document)
+        return await call(*args, **kwargs)
 
+    return flaky
+
+
+async def fail_once(store: MongoDBDataStore) -> None:
+    """One insert fails with a network error, and is retried."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store._jobs, "insert_one", flaky)
+        patch.setattr(store._jobs, "insert_one", failing_once(store._jobs.insert_one))
         await store.add_job(Job(task_id="task", executor="async"))
 
 
@@ -315,6 +319,39 @@ class TestEachMetricMoves:
         lag = "apscheduler_mongo_event_delivery_lag_seconds"
         assert value(text, f"{lag}_count") == 1
         assert 0 <= value(text, f"{lag}_sum") < 10
+
+
+class TestBrokerOutages:
+    async def test_each_publish_outage_counted(
+        self,
+        client: Any,
+        database_name: str,
+        metered: tuple[Any, CollectorRegistry],
+        logger: logging.Logger,
+    ) -> None:
+        """A publish that succeeds after a failure ends the outage: the next
+        failure is another one."""
+        async with AsyncExitStack() as exit_stack:
+            broker = MongoDBEventBroker(
+                client,
+                database=database_name,
+                mode="polling",
+                meter_provider=metered[0],
+                retry_settings=QUICK_RETRIES,
+            )
+            await broker.start(exit_stack, logger)
+            for _ in range(2):
+                flaky = failing_once(broker._events.update_one)
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(broker._events, "update_one", flaky)
+                    job = Job(task_id="t", executor="async")
+                    await broker.publish(
+                        JobAdded(job_id=job.id, task_id="t", schedule_id=None)
+                    )
+
+        text = scrape(metered)
+        assert value(text, "apscheduler_mongo_outages_total") == 2
+        assert value(text, "apscheduler_mongo_retries_total") == 2
 
 
 class TestScrapeEndpoint:

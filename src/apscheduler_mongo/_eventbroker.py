@@ -34,7 +34,7 @@ from ._layout import EVENTS, RETIRED_EVENT_INDEXES, Document, event_indexes
 from ._metrics import Metrics
 from ._names import validate_collection_name
 from ._options import ConnectionOptions, SigningOptions
-from ._retry import Trouble, is_temporary_failure, retrying
+from ._retry import Attempts, Trouble, is_temporary_failure, retrying
 from ._signing import Codec, UnverifiedDataError
 from .serializers import SafeJSONSerializer
 
@@ -144,6 +144,10 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
             metrics=self._metrics,
         )
 
+    def _attempts(self) -> Attempts:
+        """Return the attempts of :meth:`_retry`'s loop; a success ends an outage."""
+        return Attempts(self._retry(), self._metrics.recovered)
+
     @property
     def _codec(self) -> Codec:
         """How this broker signs and checks event documents."""
@@ -164,7 +168,7 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
         self._events = adapter.collection(self.database, self.collection)
         self._delivered = Delivered(self._publisher, timedelta(seconds=self.event_ttl))
         with explaining_unreachable_servers(adapter):
-            async for attempt in self._retry():
+            async for attempt in self._attempts():
                 with attempt:
                     hello = await check_server(adapter, self.database)
                     await self._prepare_collection()
@@ -204,7 +208,7 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
             else datetime.now(timezone.utc)
         )
         query = events.since(moment - timedelta(seconds=self.lookback))
-        async for attempt in self._retry():
+        async for attempt in self._attempts():
             with attempt:
                 positions = await self._events.find(query, events.POSITION_FIELDS)
 
@@ -221,7 +225,7 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
             ``"change_stream"``
         """
         try:
-            async for attempt in self._retry():
+            async for attempt in self._attempts():
                 with attempt:
                     return await self._open_stream()
         except OperationFailure as exc:
@@ -254,7 +258,7 @@ class MongoDBEventBroker(ConnectionOptions, SigningOptions, BaseExternalEventBro
             )
             self._codec.sign(EVENTS, document)
             query, update = events.stored_once(document)
-            async for attempt in self._retry():
+            async for attempt in self._attempts():
                 with attempt:
                     try:
                         await self._events.update_one(query, update, upsert=True)

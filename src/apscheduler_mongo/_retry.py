@@ -277,8 +277,9 @@ class Trouble:
         return wait
 
     def over(self) -> None:
-        """Note a success, which ends the episode of failures, if any."""
-        if self.failures and self.metrics is not None:
+        """Note a success, which ends the episode of failures, if any (also an
+        outage the metrics count, whatever failed in it)."""
+        if self.metrics is not None:
             self.metrics.recovered()
 
         if self.failures:
