@@ -219,6 +219,22 @@ class TestEachMetricMoves:
         assert value(text, f"{lateness}_bucket", le="2.5", **task) == 0
         assert value(text, f"{lateness}_bucket", le="5.0", **task) == 1
 
+    async def test_missed_start_deadline(
+        self, stores: Any, metered: tuple[Any, CollectorRegistry]
+    ) -> None:
+        """A job whose start deadline passed is finished by the claim: counted as
+        released, with its outcome."""
+        store, _ = stores
+        await add_task(store)
+        passed = datetime.now(timezone.utc) - timedelta(seconds=1)
+        await store.add_job(
+            Job(task_id="task", executor="async", start_deadline=passed)
+        )
+        assert await store.acquire_jobs("me", LEASE, 10) == []
+        text = scrape(metered)
+        released = "apscheduler_mongo_jobs_released_total"
+        assert value(text, released, outcome="missed_start_deadline") == 1
+
     async def test_lost_claim(
         self, stores: Any, metered: tuple[Any, CollectorRegistry]
     ) -> None:

@@ -975,7 +975,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         events: list[Event] = []
         for document in documents:
             if (result := claim.finished.get(document["_id"])) is not None:
-                events.append(released_event(result, scheduler_id, document))
+                # Finished by the claim (start deadline passed, refused task)
+                event = released_event(result, scheduler_id, document)
+                self._metrics.released(event.task_id, result.outcome.name, None, None)
+                events.append(event)
             elif job := claim.jobs.get(document["_id"]) or self._build_job(document):
                 job = self._on_host_clock(job)
                 job.acquired_by = scheduler_id
