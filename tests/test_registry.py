@@ -14,6 +14,7 @@ import anyio
 import pytest
 from apscheduler import Job, RetrySettings
 from apscheduler.abc import EventBroker
+from pymongo.errors import AutoReconnect
 
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._adapters import adapter_for
@@ -99,6 +100,40 @@ class TestRecord:
         [extended] = await _listed(client, database_name)
         assert extended.leases_until is not None and job.acquired_until is not None
         assert extended.leases_until - job.acquired_until > timedelta(minutes=3)
+
+    async def test_failed_heartbeats_logged_once(
+        self,
+        beating_store: MongoDBDataStore,
+        caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        records = beating_store._registry.collection
+        write = records.update_one
+        failures = 3
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise AutoReconnect("connection reset by the test")
+
+            return await write(*args, **kwargs)
+
+        def logged() -> list[tuple[str, str]]:
+            return [
+                (record.levelname, record.getMessage())
+                for record in caplog.records
+                if record.getMessage().startswith("Scheduler heartbeat")
+            ]
+
+        monkeypatch.setattr(records, "update_one", failing)
+        with caplog.at_level(logging.DEBUG), anyio.fail_after(10):
+            while not any(level == "INFO" for level, _ in logged()):
+                await anyio.sleep(INTERVAL / 4)
+
+        levels = [level for level, _ in logged()]
+        assert levels == ["WARNING", "DEBUG", "DEBUG", "INFO"]
+        assert "after 3 failed attempt(s)" in logged()[-1][1]
 
     async def test_clean_stop_deregisters(
         self,

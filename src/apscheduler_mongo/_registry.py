@@ -36,6 +36,7 @@ from ._clock import ServerClock
 from ._layout import Document
 from ._leases import Leases
 from ._marshalling import from_micros
+from ._retry import Trouble
 from ._version import __version__
 
 #: A record is shown as gone quiet when its heartbeat is this many intervals old
@@ -122,13 +123,20 @@ class Registry:
                 )
 
     async def run(self) -> None:
-        """Keep the record fresh: one heartbeat every interval, failures logged."""
+        """
+        Keep the record fresh: one heartbeat every interval. A failure is logged
+        once per episode (a warning: meanwhile the scheduler shows as gone quiet),
+        and its end too; the next heartbeat is the retry.
+        """
+        trouble = Trouble(self.logger, "Scheduler heartbeat")
         while True:
             await anyio.sleep(self.interval)
             try:
                 await self.beat()
             except (PyMongoError, RuntimeError) as exc:
-                self.logger.debug("Could not write this scheduler's heartbeat: %s", exc)
+                trouble.failed(exc)
+            else:
+                trouble.over()
 
     async def deregister(self) -> None:
         """
