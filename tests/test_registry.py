@@ -110,14 +110,21 @@ class TestRecord:
         records = beating_store._registry.collection
         write = records.update_one
         failures = 3
+        succeeded = 0
+        second_success = anyio.Event()  # the first one's end of episode is logged
 
         async def failing(*args: Any, **kwargs: Any) -> Any:
-            nonlocal failures
+            nonlocal failures, succeeded
             if failures:
                 failures -= 1
                 raise AutoReconnect("connection reset by the test")
 
-            return await write(*args, **kwargs)
+            result = await write(*args, **kwargs)
+            succeeded += 1
+            if succeeded == 2:
+                second_success.set()
+
+            return result
 
         def logged() -> list[tuple[str, str]]:
             return [
@@ -128,8 +135,7 @@ class TestRecord:
 
         monkeypatch.setattr(records, "update_one", failing)
         with caplog.at_level(logging.DEBUG), anyio.fail_after(10):
-            while not any(level == "INFO" for level, _ in logged()):
-                await anyio.sleep(INTERVAL / 4)
+            await second_success.wait()
 
         levels = [level for level, _ in logged()]
         assert levels == ["WARNING", "DEBUG", "DEBUG", "INFO"]
