@@ -13,6 +13,7 @@ import pytest
 from apscheduler import RetrySettings
 from apscheduler.abc import EventBroker
 from bson import Timestamp
+from pymongo import AsyncMongoClient
 
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._adapters import Adapter, adapter_for
@@ -32,6 +33,7 @@ from apscheduler_mongo._tools.doctor import (
 )
 from apscheduler_mongo._tools.status import Reader
 
+from .support.commands import CommandLog
 from .support.items import add_task
 from .support.stores import started_store
 
@@ -162,6 +164,28 @@ class TestStandaloneServer:
         assert "polls instead" in checks["change streams"].detail
 
 
+@pytest.mark.parametrize("tier", ["wire"], indirect=True)
+@pytest.mark.usefixtures("started")
+async def test_probe_asks_a_majority(wire_uri: str, database_name: str) -> None:
+    """The probe asks for w="majority" even of a client whose URI asks for less."""
+    log = CommandLog()
+    client: AsyncMongoClient[Any] = AsyncMongoClient(
+        wire_uri, w=1, event_listeners=[log]
+    )
+    try:
+        checks = _by_name(await _diagnose(client, database_name))
+    finally:
+        await client.close()
+
+    assert checks["majority writes"].status == "ok"
+    [probe] = [
+        command
+        for name, command in log.commands
+        if name == "update" and command.get("update") == "schedulers"
+    ]
+    assert probe["writeConcern"]["w"] == "majority"
+
+
 class _Pretending(Adapter):
     """An adapter over mongomock-motor that answers the server commands a test
     scripts (mongomock-motor answers none): a mongos, or an authenticated user."""
@@ -263,15 +287,13 @@ class TestScriptedServers:
         diagnosis = await diagnose(_reader(reader_only, database_name), reader_only)
         privileges = _by_name(diagnosis)["privileges"]
         assert privileges.status == "fail"
-        assert "may not createIndex, insert, remove, update" in privileges.detail
+        lacking = "createIndex, dropIndex, insert, listIndexes, remove, update on"
+        assert f"may not {lacking} tasks; {lacking} schedules" in privileges.detail
 
+        readwrite = ["find", "insert", "update", "remove"]
+        indexes = ["listIndexes", "createIndex", "dropIndex"]
         writer = _Pretending(
-            client,
-            {
-                "connectionStatus": status(
-                    ["find", "insert", "update", "remove", "createIndex"]
-                )
-            },
+            client, {"connectionStatus": status([*readwrite, *indexes])}
         )
         diagnosis = await diagnose(_reader(writer, database_name), writer)
         assert _by_name(diagnosis)["privileges"].status == "ok"

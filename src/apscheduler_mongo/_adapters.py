@@ -445,17 +445,20 @@ class Adapter:
         self.client = client
         self.server = Server()
 
-    def collection(self, database: str, name: str) -> Collection:
+    def collection(
+        self, database: str, name: str, *, majority: bool = False
+    ) -> Collection:
         """
         Return a collection for the store's or the broker's own use.
 
         Its writes wait for a majority (:data:`MAJORITY`), unless the client sets a
-        write concern of its own (then that one holds), and its reads go to the
-        primary, whatever the client's read preference: the store reads back its own
-        claims, which a secondary may not have yet.
+        write concern of its own (then that one holds; with ``majority``, it never
+        does), and its reads go to the primary, whatever the client's read
+        preference: the store reads back its own claims, which a secondary may not
+        have yet.
         """
         options: dict[str, Any] = {"read_preference": ReadPreference.PRIMARY}
-        if self.write_concern().is_server_default:
+        if majority or self.write_concern().is_server_default:
             options["write_concern"] = MAJORITY
 
         db = self.client[database]

@@ -35,8 +35,15 @@ Status = Literal["ok", "warn", "fail", "unknown"]
 CLOCK_LIMIT = 1.0
 #: An oplog window shorter than this gets a warning (seconds)
 OPLOG_WINDOW_LIMIT = 3600.0
-#: What a scheduler's database user needs on its database
-NEEDED_ACTIONS = frozenset({"find", "insert", "update", "remove", "createIndex"})
+#: What a scheduler's database user needs on each of the store's collections (see
+#: the privileges table of the Deployment page)
+NEEDED_ACTIONS = frozenset(
+    {"find", "insert", "update", "remove", "listIndexes", "createIndex", "dropIndex"}
+)
+#: The store's collections, which the user needs those actions on
+STORE_COLLECTIONS = (layout.TASKS, layout.SCHEDULES, layout.JOBS, layout.SCHEDULERS)
+#: The server's code for a command this user may not run
+UNAUTHORIZED = 13
 #: The probe document of the majority-write check (in the ``schedulers``
 #: collection, never listed: it has no ``expires``)
 PROBE_ID = "apscheduler-mongo doctor probe"
@@ -115,19 +122,27 @@ class _Doctor:
         try:
             stream = await events.watch([], None, None)
             await stream.close()
-        except (OperationFailure, NotImplementedError) as exc:
-            return Check(
-                "change streams",
-                "warn",
-                f"unavailable ({_short(exc)}): MongoDBEventBroker polls instead "
-                "(mode='auto'), at poll_interval",
-                "run a replica set or a sharded cluster for change streams",
-            )
+        except OperationFailure as exc:
+            if exc.code == UNAUTHORIZED:
+                return Check(
+                    "change streams",
+                    "warn",
+                    f"not allowed to this user ({_short(exc)}): the event broker "
+                    "cannot follow a change stream",
+                    "grant the changeStream action (readWrite includes it), or set "
+                    "the broker's mode='polling'",
+                )
+            return _no_change_streams(exc)
+        except NotImplementedError as exc:
+            return _no_change_streams(exc)
 
         return Check("change streams", "ok", "available to the event broker")
 
     async def majority_writes(self) -> Check:
-        probe = self.adapter.collection(self.reader.database_name, layout.SCHEDULERS)
+        # w="majority" even where the client's URI asks for less
+        probe = self.adapter.collection(
+            self.reader.database_name, layout.SCHEDULERS, majority=True
+        )
         try:
             await probe.update_one(
                 {"_id": PROBE_ID}, {"$set": {"probe": True}}, upsert=True
@@ -290,21 +305,32 @@ class _Doctor:
             )
 
         database = self.reader.database_name
-        granted: set[str] = set()
+        granted = {name: set[str]() for name in STORE_COLLECTIONS}
         for privilege in info.get("authenticatedUserPrivileges", []):
             resource = privilege.get("resource", {})
-            if resource.get("db") in (database, "") and resource.get(
-                "collection", ""
-            ) in ("", layout.JOBS):
-                granted |= set(privilege.get("actions", []))
+            actions = set(privilege.get("actions", []))
+            if resource.get("db") not in (database, ""):
+                continue
 
-        if missing := sorted(NEEDED_ACTIONS - granted):
+            for name in STORE_COLLECTIONS:
+                if resource.get("collection") in ("", name):
+                    granted[name] |= actions
+
+        missing = {
+            name: sorted(NEEDED_ACTIONS - actions)
+            for name, actions in granted.items()
+            if NEEDED_ACTIONS - actions
+        }
+        if missing:
+            lacks = "; ".join(
+                f"{', '.join(actions)} on {name}" for name, actions in missing.items()
+            )
             return Check(
                 "privileges",
                 "fail",
-                f"the user may not {', '.join(missing)} on {database!r}",
-                "grant readWrite on the database (and createIndex) to schedulers' "
-                "users",
+                f"in {database!r}, the user may not {lacks}",
+                "grant the readWrite role on the database to schedulers' users "
+                "(see the privileges on the Deployment page)",
             )
 
         return Check("privileges", "ok", f"the user can read and write {database!r}")
@@ -360,6 +386,16 @@ async def _run(name: str, check: Callable[[], Awaitable[Check]]) -> Check:
         return await check()
     except PyMongoError as exc:  # not allowed to ask, say
         return Check(name, "unknown", f"could not tell: {_short(exc)}")
+
+
+def _no_change_streams(exc: BaseException) -> Check:
+    return Check(
+        "change streams",
+        "warn",
+        f"unavailable ({_short(exc)}): MongoDBEventBroker polls instead "
+        "(mode='auto'), at poll_interval",
+        "run a replica set or a sharded cluster for change streams",
+    )
 
 
 def _short(exc: BaseException) -> str:
