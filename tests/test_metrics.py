@@ -40,6 +40,7 @@ from apscheduler_mongo.metrics import (
 
 from .support.commands import CommandLog
 from .support.items import add_task, due_schedule
+from .support.stores import started_store
 from .support.tiers import WIRE_ONLY
 
 pytestmark = pytest.mark.anyio
@@ -402,6 +403,30 @@ class TestScrapeEndpoint:
         text = (await endpoint.body()).decode()
         assert value(text, "apscheduler_mongo_jobs_queued", task="task") == 0
         assert value(text, "apscheduler_mongo_jobs_running", task="task") == 0
+
+    async def test_store_stopped(
+        self,
+        client: Any,
+        database_name: str,
+        metered: tuple[Any, CollectorRegistry],
+        local_broker: Any,
+        logger: logging.Logger,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Once its store stopped, a scrape reads nothing through its closed client."""
+        async with started_store(
+            client, database_name, local_broker, logger, meter_provider=metered[0]
+        ) as store:
+            endpoint = MetricsEndpoint(
+                metered[1], store=store, meter_provider=metered[0]
+            )
+            await add_task(store)
+            await store.add_job(Job(task_id="task", executor="async"))
+            assert "apscheduler_mongo_jobs_queued{" in (await endpoint.body()).decode()
+
+        text = (await endpoint.body()).decode()
+        assert "apscheduler_mongo_jobs_added_total" in text
+        assert "Could not count" not in caplog.text
 
     async def test_on_the_dashboard(
         self, stores: Any, metered: tuple[Any, CollectorRegistry]

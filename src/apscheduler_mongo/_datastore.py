@@ -205,6 +205,8 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     _task_group: TaskGroup = attrs.field(init=False)
     _alarm: JobAlarm = attrs.field(init=False)
     _registry: Registry = attrs.field(init=False)
+    #: Whether the store has started and not stopped
+    _running: bool = attrs.field(init=False, default=False)
     _metrics: Metrics = attrs.field(init=False)
 
     @property
@@ -223,6 +225,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             f"{type(self).__name__}(hosts={describe_hosts(self.client_or_uri)!r}, "
             f"database={self.database!r})"
         )
+
+    def _live_adapter(self) -> Adapter | None:
+        """Return the store's client (adapted) while it runs, else ``None``."""
+        return self._adapter if self._running else None
 
     def _retry(self) -> AsyncRetrying:
         """Return the loop that retries this store's temporary failures."""
@@ -312,6 +318,8 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             event_broker.subscribe(self._released_elsewhere, {JobReleased})
         )
         exit_stack.push_async_callback(self._hand_back)
+        self._running = True
+        exit_stack.callback(setattr, self, "_running", False)
 
     async def _hand_back(self) -> None:
         """
@@ -957,7 +965,6 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             if claim.read is not None:
                 taken_over = len(acquired) - claim.read.taken(acquired).total()
                 self._metrics.taken_over("job", taken_over)
-            if claim.read is not None:
                 self._limits.settle(claim.read, acquired)
                 self._claimed_tasks.remember(claim.read, acquired)
                 if (waiting := claim.read.next_waiting) is not None:

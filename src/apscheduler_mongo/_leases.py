@@ -215,12 +215,14 @@ class Leases:
         if matched == len(chosen) and not retry:
             return [document for document, _ in chosen if document is not None]
 
-        if not retry:
-            kind = "job" if collection is self.jobs else "schedule"
-            self.metrics.claims_lost(kind, len(chosen) - matched)
-
         # Lost a race for some of them, or retrying after a lost reply: ask
-        return await self.taken(collection, token, order)
+        taken = await self.taken(collection, token, order)
+        wanted = {document["_id"] for document, _ in chosen if document is not None}
+        lost = wanted - {document["_id"] for document in taken}
+        self.metrics.claims_lost(
+            "job" if collection is self.jobs else "schedule", len(lost)
+        )
+        return taken
 
     async def taken(
         self, collection: Collection, token: ObjectId, order: Sequence[tuple[str, int]]

@@ -105,7 +105,8 @@ class MetricsEndpoint:
     :param registry: where the meter provider's ``PrometheusMetricReader``
         collects (default: ``prometheus_client``'s global registry)
     :param store: a store of this process: while it runs, each scrape reads the
-        jobs queued and running per task through its client
+        gauges of jobs and schedulers through its client (not before it starts, nor
+        after it stops)
     :param meter_provider: the provider the gauges of jobs are set on (default: the
         global one)
     :param timeout: seconds a scrape may spend reading (retrying temporary
@@ -130,8 +131,8 @@ class MetricsEndpoint:
         self._metrics = Metrics(meter_provider)
 
     def _reader(self) -> Reader | None:
-        """Return a reader through the store's client, if it has started."""
-        adapter = getattr(self.store, "_adapter", None)
+        """Return a reader through the store's client, while the store runs."""
+        adapter = None if self.store is None else self.store._live_adapter()
         if self.store is None or adapter is None:
             return None
 
