@@ -35,9 +35,12 @@ from apscheduler import (
     JobOutcome,
     JobReleased,
     JobResult,
+    RetrySettings,
     ScheduleUpdated,
 )
 from apscheduler.eventbrokers.local import LocalEventBroker
+from pymongo.errors import AutoReconnect
+from tenacity import stop_after_delay, wait_fixed
 
 from apscheduler_mongo import MongoDBDataStore
 from apscheduler_mongo._marshalling import uuid_to_bson
@@ -217,3 +220,68 @@ class TestHandBack:
             assert document["acquired_by"] is None
             assert [event.schedule_id for event in announced] == ["s"]  # type: ignore[attr-defined]
             assert acquired.next_fire_time == announced[0].next_fire_time  # type: ignore[attr-defined]
+
+
+class TestReleaseCutOff:
+    """A release cut off by a stop: the command in flight runs to its end; a
+    release retrying through an outage stops at once, leaving its lease to lapse."""
+
+    @pytest.fixture
+    async def held(
+        self, client: Any, database_name: str, local_events: Any, logger: logging.Logger
+    ) -> Any:
+        async with AsyncExitStack() as exit_stack:
+            store = MongoDBDataStore(
+                client,
+                database=database_name,
+                start_from_scratch=True,
+                # An outage's retries would go on for a minute
+                retry_settings=RetrySettings(
+                    stop=stop_after_delay(60), wait=wait_fixed(0.05)
+                ),
+            )
+            await store.start(exit_stack, local_events, logger)
+            await add_task(store)
+            await store.add_job(Job(task_id="task", executor="async"))
+            [job] = await store.acquire_jobs("me", timedelta(minutes=1), 1)
+            yield store, job
+
+    async def test_command_in_flight_lands(
+        self, held: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store, job = held
+        write = store._jobs.update_one
+
+        async def slow(*args: Any, **kwargs: Any) -> Any:
+            await anyio.sleep(0.3)  # the command is on its way when the stop comes
+            return await write(*args, **kwargs)
+
+        monkeypatch.setattr(store._jobs, "update_one", slow)
+        result = JobResult.from_job(job, JobOutcome.success)
+        async with anyio.create_task_group() as group:
+            group.start_soon(store.release_job, "me", job, result)
+            await anyio.sleep(0.1)
+            group.cancel_scope.cancel()
+
+        monkeypatch.undo()
+        assert await store.get_jobs() == []  # released (its result kept for no time)
+
+    async def test_retries_stop_at_once(
+        self, held: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store, job = held
+
+        async def unreachable(*_args: Any, **_kwargs: Any) -> Any:
+            raise AutoReconnect("connection refused by the test")
+
+        monkeypatch.setattr(store._jobs, "update_one", unreachable)
+        result = JobResult.from_job(job, JobOutcome.success)
+        with anyio.fail_after(5):  # not the retry settings' minute
+            async with anyio.create_task_group() as group:
+                group.start_soon(store.release_job, "me", job, result)
+                await anyio.sleep(0.3)
+                group.cancel_scope.cancel()
+
+        monkeypatch.undo()
+        [left] = await store.get_jobs()
+        assert left.acquired_by == "me"  # its lease lapses, as after a crash

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
+from functools import partial
 from logging import Logger
 from typing import Any, TypeVar
 from uuid import UUID
@@ -239,9 +240,10 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             metrics=self._metrics,
         )
 
-    def _attempts(self) -> Attempts:
-        """Return the attempts of :meth:`_retry`'s loop (each tells if it retries)."""
-        return Attempts(self._retry(), self._metrics.recovered)
+    def _attempts(self, *, shielded: bool = False) -> Attempts:
+        """Return the attempts of :meth:`_retry`'s loop (each tells if it retries;
+        ``shielded``: each runs to its end, even if its caller is cancelled)."""
+        return Attempts(self._retry(), self._metrics.recovered, shielded=shielded)
 
     async def start(
         self, exit_stack: AsyncExitStack, event_broker: EventBroker, logger: Logger
@@ -1026,48 +1028,47 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             tag=tag,
         )
         query = layout.acquired_job(scheduler_id, uuid_to_bson(job.id))
-        # A release once begun is finished, and announced, even if the scheduler
-        # is being stopped (APScheduler releases a job that ran from a task that
-        # a stop cancels): cut off, the job's result would be lost and its lease
-        # left to lapse, holding its task's slot. The retry settings bound it.
-        with anyio.CancelScope(shield=True):
-            written = bool(
-                await write_tagged(
-                    self._jobs,
-                    [Update(query, update)],
-                    {query["_id"]: tag},
-                    self._attempts,
-                    gone_counts=True,
-                )
+        # APScheduler releases a job that ran from a task that a stop cancels: cut
+        # off, its result would be lost and its lease left to lapse, holding its
+        # task's slot. So each attempt of the release runs to its end; the waits
+        # between attempts do not (a stop during an outage ends the retries: the
+        # lease lapses, as after a crash), and neither does the announcement
+        written = bool(
+            await write_tagged(
+                self._jobs,
+                [Update(query, update)],
+                {query["_id"]: tag},
+                partial(self._attempts, shielded=True),
+                gone_counts=True,
             )
+        )
+        # Once the slot is free in the database: a claim begun before this
+        # reads the job as running, and counts this release as a slot freed
+        self._limits.released(job.task_id)
+        if not written:
+            self._logger.warning(
+                "Discarding the result of job %s: scheduler %r no longer holds "
+                "its lease (another scheduler took it over or released it)",
+                job.id,
+                scheduler_id,
+            )
+            return
 
-            # Once the slot is free in the database: a claim begun before this
-            # reads the job as running, and counts this release as a slot freed
-            self._limits.released(job.task_id)
-            if not written:
-                self._logger.warning(
-                    "Discarding the result of job %s: scheduler %r no longer holds "
-                    "its lease (another scheduler took it over or released it)",
-                    job.id,
-                    scheduler_id,
-                )
-                return
-
-            self._metrics.released(
+        self._metrics.released(
+            job.task_id,
+            result.outcome.name,
+            _seconds_between(result.started_at, result.finished_at),
+            _seconds_between(job.scheduled_fire_time, result.started_at),
+        )
+        await self._event_broker.publish(
+            JobReleased.from_result(
+                result,
+                scheduler_id,
                 job.task_id,
-                result.outcome.name,
-                _seconds_between(result.started_at, result.finished_at),
-                _seconds_between(job.scheduled_fire_time, result.started_at),
+                job.schedule_id,
+                job.scheduled_fire_time,
             )
-            await self._event_broker.publish(
-                JobReleased.from_result(
-                    result,
-                    scheduler_id,
-                    job.task_id,
-                    job.schedule_id,
-                    job.scheduled_fire_time,
-                )
-            )
+        )
 
     async def get_job_result(self, job_id: UUID) -> JobResult | None:
         document_id = uuid_to_bson(job_id)

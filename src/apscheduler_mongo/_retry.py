@@ -8,6 +8,7 @@ from logging import Logger
 from types import TracebackType
 from typing import Any
 
+import anyio
 import attrs
 from apscheduler import RetrySettings
 from pymongo.errors import (
@@ -122,17 +123,23 @@ class Attempt:
     applied on the server all the same: its reply lost).
     """
 
-    def __init__(self, manager: AttemptManager | None = None) -> None:
+    def __init__(
+        self, manager: AttemptManager | None = None, *, shielded: bool = False
+    ) -> None:
         #: Tenacity's attempt (``None``: the first, run outside Tenacity's loop)
         self._manager = manager
         #: Whether an earlier attempt failed
         self.retry = manager is not None and manager.retry_state.attempt_number > 1
         #: The temporary failure of a first attempt, for Tenacity's loop to retry
         self.failure: BaseException | None = None
+        #: Shields the attempt from cancellation, when asked to
+        self._shield = anyio.CancelScope(shield=True) if shielded else None
 
     def __enter__(self) -> None:
         if self._manager is not None:
             self._manager.__enter__()
+        if self._shield is not None:
+            self._shield.__enter__()
 
     def __exit__(
         self,
@@ -140,6 +147,9 @@ class Attempt:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool | None:
+        if self._shield is not None:
+            self._shield.__exit__(exc_type, exc, traceback)
+
         if self._manager is not None:
             return self._manager.__exit__(exc_type, exc, traceback)
 
@@ -160,14 +170,23 @@ class Attempts:
     attempt is handed to the loop as the outcome of its first attempt (logged,
     counted and waited on like any), and the loop makes the next ones. Other
     errors are raised as they are, as the loop would.
+
+    With ``shielded``, each attempt runs to its end even when its caller is
+    cancelled (a command, once sent, is not cut off); the waits between attempts
+    are not shielded, so a cancellation stops the retries there.
     """
 
     def __init__(
-        self, loop: AsyncRetrying, on_success: Callable[[], None] | None = None
+        self,
+        loop: AsyncRetrying,
+        on_success: Callable[[], None] | None = None,
+        *,
+        shielded: bool = False,
     ) -> None:
         self._loop = loop
         #: Called when the operation succeeded (at once, or after retries)
         self._on_success = on_success
+        self._shielded = shielded
         self._first: Attempt | None = None
         self._attempts: AsyncIterator[Any] | None = None
 
@@ -177,7 +196,7 @@ class Attempts:
     async def __anext__(self) -> Attempt:
         if self._attempts is None:
             if self._first is None:
-                self._first = Attempt()
+                self._first = Attempt(shielded=self._shielded)
                 return self._first
 
             if self._first.failure is None:
@@ -189,7 +208,7 @@ class Attempts:
                 raise self._first.failure
 
         try:
-            return Attempt(await anext(self._attempts))
+            return Attempt(await anext(self._attempts), shielded=self._shielded)
         except StopAsyncIteration:
             self._succeeded()
             raise
