@@ -364,7 +364,7 @@ def _schedule_row(document: Mapping[str, Any]) -> ScheduleRow:
 
 def _task_row(document: Mapping[str, Any], running: Mapping[str, int]) -> TaskRow:
     cap = document.get("max_running_jobs")
-    if not (cap is None or (isinstance(cap, int) and not isinstance(cap, bool))):
+    if cap is not None and _whole(cap) is None:
         cap = shown(cap, 40)
 
     return TaskRow(
@@ -474,6 +474,7 @@ def _number(value: object, limit: float) -> float | None:
 
 
 def _whole(value: object) -> int | None:
+    """Return a stored integer if it is one (a boolean is not)."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
