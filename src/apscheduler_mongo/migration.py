@@ -1,0 +1,215 @@
+"""
+Move schedules into a store: from APScheduler 3's ``MongoDBJobStore``.
+
+:func:`import_v3` reads the jobs of a 3.x ``MongoDBJobStore`` collection (any
+database and collection, on any client) and adds the equal tasks and schedules to a
+data store. It reads the 3.x pickles without APScheduler 3 and running nothing they
+name (see :mod:`apscheduler_mongo._v3`), never changes the 3.x collection, and
+creates nothing twice when run again: a schedule keeps its 3.x job's id, and one
+that is already there is left as it is.
+
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import attrs
+from apscheduler import ConflictPolicy, Task
+from apscheduler.abc import DataStore
+
+from . import _layout as layout
+from ._v3 import (
+    DEFAULT_EXECUTORS,
+    Converted,
+    NotConvertibleError,
+    V3Job,
+    convert_job,
+    read_job,
+    task_id_of,
+)
+
+__all__ = [
+    "DEFAULT_EXECUTORS",
+    "V3ImportReport",
+    "check_v3_source",
+    "import_v3",
+]
+
+#: The collections of a store, which no 3.x collection it imports from may be
+_STORE_COLLECTIONS = frozenset(
+    {
+        layout.TASKS,
+        layout.SCHEDULES,
+        layout.JOBS,
+        layout.EVENTS,
+        layout.SCHEDULERS,
+        layout.QUARANTINE,
+    }
+)
+
+
+@attrs.frozen
+class V3ImportReport:
+    """
+    What :func:`import_v3` did (or, in a dry run, would do).
+
+    :var read: how many 3.x documents were read
+    :var converted: the task and schedule of each job that could be converted
+    :var refused: why each job that could not be converted was not, by its id
+    :var tasks_added: the ids of the tasks added (in a dry run: that would be)
+    :var tasks_present: the ids of the tasks the store already had, left as they are
+    :var schedules_added: the ids of the schedules added (in a dry run: that would be)
+    :var schedules_present: the ids of the schedules the store already had, left as
+        they are
+    :var dry_run: whether nothing was written
+    """
+
+    read: int
+    converted: tuple[Converted, ...]
+    refused: Mapping[str, str]
+    tasks_added: tuple[str, ...]
+    tasks_present: tuple[str, ...]
+    schedules_added: tuple[str, ...]
+    schedules_present: tuple[str, ...]
+    dry_run: bool
+
+
+def check_v3_source(
+    source_database: str, source_collection: str, target_database: str
+) -> None:
+    """
+    Refuse to import into the database whose collection the 3.x jobs are read from.
+
+    3.x's ``MongoDBJobStore`` and this package's store both default to database
+    ``apscheduler``, and to a collection named ``jobs``: importing there would write
+    the schedules beside (and the store's jobs into) the 3.x documents.
+
+    :raises ValueError: if the 3.x collection is one of the target store's
+    """
+    if source_database == target_database and source_collection in _STORE_COLLECTIONS:
+        raise ValueError(
+            f"the APScheduler 3 jobs are in collection {source_collection!r} of "
+            f"database {source_database!r}, which the store would use as its own: "
+            "import into another database"
+        )
+
+
+async def import_v3(
+    source: Any,
+    store: DataStore | None,
+    *,
+    executors: Mapping[str, str] = DEFAULT_EXECUTORS,
+    allowed_types: Iterable[type | str] = (),
+    now: datetime | None = None,
+) -> V3ImportReport:
+    """
+    Add the tasks and schedules equal to the jobs of a 3.x ``MongoDBJobStore``.
+
+    Each job becomes a schedule with the job's id, arguments, misfire grace time,
+    coalescing, executor, jitter (as ``max_jitter``) and next run time, of a task
+    named by the job's function (``max_instances`` becomes its
+    ``max_running_jobs``); a paused job becomes a paused schedule. Tasks and
+    schedules the store already has are left as they are, so running it again adds
+    nothing twice. The 3.x collection is only read.
+
+    :param source: the 3.x collection (a :class:`pymongo.asynchronous.collection.\
+AsyncCollection`, or Motor's)
+    :param store: a started data store to add to, or ``None`` for a dry run, which
+        only reads ``source``
+    :param executors: APScheduler 4's executor for each 3.x executor name
+        (:data:`DEFAULT_EXECUTORS` by default)
+    :param allowed_types: the user's classes that the jobs' arguments may hold, as
+        classes or ``"module:qualname"`` strings (of modules already imported):
+        any other class refuses the job
+    :param now: from when a paused job's next fire time is computed (default: now)
+    :raises ValueError: if ``store`` is this package's store on the database and
+        collection that ``source`` is
+    """
+    target = getattr(store, "database", None)
+    if isinstance(target, str):
+        check_v3_source(source.database.name, source.name, target)
+
+    now = now or datetime.now(timezone.utc)
+    allowed = tuple(allowed_types)
+    jobs: list[V3Job] = []
+    refused: dict[str, str] = {}
+    read = 0
+    async for document in source.find({}, sort=[("_id", 1)]):
+        read += 1
+        try:
+            jobs.append(read_job(document, allowed))
+        except NotConvertibleError as exc:
+            refused[str(document.get("_id"))] = str(exc)
+
+    limits = _common_limits(jobs)
+    converted: list[Converted] = []
+    for job in jobs:
+        outcome = _converted(job, task_id_of(job, limits), now, executors)
+        if isinstance(outcome, str):
+            refused[job.id] = outcome
+        else:
+            converted.append(outcome)
+
+    tasks: dict[str, Task] = {}
+    for item in converted:
+        tasks.setdefault(item.task.id, item.task)
+
+    schedule_ids = [item.schedule.id for item in converted]
+    if store is None:
+        return V3ImportReport(
+            read=read,
+            converted=tuple(converted),
+            refused=refused,
+            tasks_added=tuple(tasks),
+            tasks_present=(),
+            schedules_added=tuple(schedule_ids),
+            schedules_present=(),
+            dry_run=True,
+        )
+
+    known_tasks = {task.id for task in await store.get_tasks()}
+    for task_id, task in tasks.items():
+        if task_id not in known_tasks:
+            await store.add_task(task)
+
+    known = {schedule.id for schedule in await store.get_schedules(set(schedule_ids))}
+    for item in converted:
+        if item.schedule.id not in known:
+            await store.add_schedule(item.schedule, ConflictPolicy.do_nothing)
+
+    return V3ImportReport(
+        read=read,
+        converted=tuple(converted),
+        refused=refused,
+        tasks_added=tuple(task_id for task_id in tasks if task_id not in known_tasks),
+        tasks_present=tuple(task_id for task_id in tasks if task_id in known_tasks),
+        schedules_added=tuple(i for i in schedule_ids if i not in known),
+        schedules_present=tuple(i for i in schedule_ids if i in known),
+        dry_run=False,
+    )
+
+
+def _converted(
+    job: V3Job, task_id: str, now: datetime, executors: Mapping[str, str]
+) -> Converted | str:
+    """Return the conversion of ``job``, or why it cannot be converted."""
+    try:
+        return convert_job(job, task_id, now, executors)
+    except NotConvertibleError as exc:
+        return str(exc)
+
+
+def _common_limits(jobs: Iterable[V3Job]) -> dict[str, int]:
+    """Return each function's most common ``max_instances`` (the least, in a tie)."""
+    counts: dict[str, Counter[int]] = {}
+    for job in jobs:
+        counts.setdefault(job.func, Counter())[job.max_instances] += 1
+
+    return {
+        func: min(counter, key=lambda limit: (-counter[limit], limit))
+        for func, counter in counts.items()
+    }
