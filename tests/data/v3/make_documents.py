@@ -13,16 +13,18 @@ those 3.x writes to MongoDB, made by its code) through a paused
 ``BackgroundScheduler``, and writes the raw documents as MongoDB Extended JSON
 (canonical: the pickles survive byte for byte), and, for each job, the next 5 fire
 times as 3.x's triggers compute them. Triggers without a start date start "now",
-which the documents record; everything else is fixed.
+which the documents record; everything else is fixed (jitter too: 3.x draws it from
+``random``, which is seeded).
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import platform
+import random
 import sys
 from datetime import datetime, timedelta, timezone
+from importlib.metadata import version
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -193,6 +195,13 @@ def jobs() -> list[tuple[str, str, object, dict[str, object]]]:
             {},
         ),
         (
+            # Overdue since before the fixtures were made: a scheduler runs it at once
+            "date-past",
+            TICK,
+            DateTrigger(run_date=datetime(2026, 1, 1, 12, tzinfo=BERLIN)),
+            {"misfire_grace_time": None},
+        ),
+        (
             "date-fixed-offset",
             TOCK,
             DateTrigger(run_date=datetime(2027, 8, 1, 9, tzinfo=pytz.FixedOffset(330))),
@@ -242,9 +251,7 @@ def jobs() -> list[tuple[str, str, object, dict[str, object]]]:
                 [
                     AndTrigger(
                         [
-                            CronTrigger(
-                                day_of_week="sat", hour="*/2", timezone=BERLIN
-                            ),
+                            CronTrigger(day_of_week="sat", hour="*/2", timezone=BERLIN),
                             CronTrigger(hour="9-11", timezone=BERLIN),
                         ]
                     ),
@@ -314,9 +321,11 @@ def iso(value: datetime | None) -> str | None:
 
 
 def main() -> None:
+    random.seed(3)  # 3.x's jitter is random.uniform(0, jitter)
     client = mongomock.MongoClient()
+    store = MongoDBJobStore(client=client)
     scheduler = BackgroundScheduler(
-        jobstores={"default": MongoDBJobStore(client=client)},
+        jobstores={"default": store},
         executors={
             "default": ThreadPoolExecutor(),
             "processpool": ProcessPoolExecutor(1),
@@ -339,10 +348,12 @@ def main() -> None:
                 "next_fire_times": [iso(t) for t in times],
                 "jitter": bool(getattr(job.trigger, "jitter", None)),
             }
+        # Read before the shutdown, which wakes the scheduler's loop: that would
+        # run (and drop) the overdue job
+        documents = list(client["apscheduler"]["jobs"].find({}, sort=[("_id", 1)]))
     finally:
         scheduler.shutdown(wait=False)
 
-    documents = list(client["apscheduler"]["jobs"].find({}, sort=[("_id", 1)]))
     options = json_util.CANONICAL_JSON_OPTIONS
     (HERE / "documents.json").write_text(
         json_util.dumps(documents, json_options=options, indent=1) + "\n"
@@ -354,7 +365,8 @@ def main() -> None:
                     "apscheduler": apscheduler.__version__,
                     "python": platform.python_version(),
                     "pytz": pytz.__version__,
-                    "pickle_protocol": pickle.HIGHEST_PROTOCOL,
+                    "tzlocal": version("tzlocal"),
+                    "pickle_protocol": store.pickle_protocol,
                 },
                 "jobs": expected,
             },

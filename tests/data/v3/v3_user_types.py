@@ -51,3 +51,6 @@ else:
 
         def __setstate__(self, state):  # type: ignore[no-untyped-def]
             pass
+
+        def __str__(self) -> str:
+            return "every_other_day"
