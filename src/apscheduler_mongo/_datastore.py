@@ -286,6 +286,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 with attempt:
                     await timed_hello(adapter, self.database, self._clock)
                     await self._refuse_foreign_store(adapter)
+                    await self._refuse_v3_jobs()
                     await self._refuse_signed_store_without_key()
                     if self.start_from_scratch:
                         for collection in (self._tasks, self._schedules, self._jobs):
@@ -397,6 +398,30 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                 f"built-in MongoDB store ({layout.BUILTIN_MARKER!r} among them), "
                 f"whose documents this store cannot read; use a new database (see "
                 f"the migration guide), or drop those collections"
+            )
+
+    async def _refuse_v3_jobs(self) -> None:
+        """
+        Refuse a database whose ``jobs`` collection holds APScheduler 3's jobs.
+
+        APScheduler 3's ``MongoDBJobStore`` keeps them, by default, in database
+        ``apscheduler``, collection ``jobs``: this store's defaults. This store
+        cannot read them (it would leave each alone, as in no state it knows, and
+        run none). Refused with ``start_from_scratch`` too: that drops the
+        ``jobs`` collection, and the 3.x jobs with it, which nobody asked for;
+        refusing loses nothing. One read of at most one ``_id``, served by an
+        index once the store's exist (see :data:`._layout.V3_JOBS`).
+
+        :raises RuntimeError: if the ``jobs`` collection holds a 3.x job
+        """
+        if await self._jobs.find_one(layout.V3_JOBS, layout.ID_ONLY) is not None:
+            raise RuntimeError(
+                f"collection {layout.JOBS!r} of database {self.database!r} holds "
+                f"APScheduler 3's MongoDBJobStore jobs (3.x uses the same default "
+                f"database and collection names), which this store cannot read; "
+                f"nothing was changed. Import them into a store on another database "
+                f"with 'apscheduler-mongo import-v3' (see its --help), or use "
+                f"another database for this store"
             )
 
     async def _refuse_signed_store_without_key(self) -> None:

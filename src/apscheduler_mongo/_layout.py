@@ -466,6 +466,14 @@ USED_FIRE_TIME_FIELDS: Document = {"schedule_id": 1, "fire_time": 1, "finished_t
 WITHOUT_ARGUMENTS: Document = {"args": 0, "kwargs": 0}
 #: Match the jobs in no state the store knows
 STRAY_JOBS: Document = {"state": {"$nin": STATES}}
+#: Match the documents of APScheduler 3's ``MongoDBJobStore`` (``{_id,
+#: next_run_time, job_state}``), whose default database and collection are this
+#: store's: they have no ``state``, and ours all have one. Served by the ``queue``
+#: index (``state`` prefix, bounds [null, null]), which holds no entry there on a
+#: store of ours, so a read finds nothing to fetch, whatever the store's size
+V3_JOBS: Document = {"state": None, "job_state": {"$exists": True}}
+#: What telling whether a collection holds some document reads of it
+ID_ONLY: Document = {"_id": 1}
 
 
 def live_jobs_of_schedules(schedule_ids: Sequence[Any]) -> Document:
