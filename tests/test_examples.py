@@ -19,6 +19,7 @@ from typing import Any
 from wsgiref.util import setup_testing_defaults
 
 import anyio
+import attrs
 import httpx
 import pytest
 from apscheduler import AsyncScheduler, JobOutcome, JobReleased, Scheduler
@@ -29,8 +30,10 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker, SyncMongoDBDataStore
+from apscheduler_mongo._tools import cli
 
 from .support.fake_servers import free_port
+from .support.hostile import system_gadget
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -328,7 +331,10 @@ def builtin_store_runs(wire_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.wire
 @pytest.mark.usefixtures("builtin_store_runs")
 class TestMigrateFromBuiltin:
-    """The migration example moves the built-in store's tasks and schedules over."""
+    """
+    ``export --builtin`` then ``import`` move the built-in store's tasks, schedules
+    and jobs over (docs/migration.rst).
+    """
 
     @pytest.fixture
     def old_database(self, wire_uri: str, example_database: str) -> str:
@@ -355,45 +361,55 @@ class TestMigrateFromBuiltin:
         anyio.run(fill, backend="asyncio")
         return example_database
 
+    @pytest.fixture
+    def new_database(self, wire_uri: str, old_database: str) -> Iterator[str]:
+        """The database to move the store to; dropped afterwards."""
+        yield f"{old_database}_new"
+        with sync_client(wire_uri) as client:
+            client.drop_database(f"{old_database}_new")
+
+    @pytest.fixture
+    def exported(
+        self,
+        wire_uri: str,
+        old_database: str,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> Path:
+        """The built-in store, exported with its jobs."""
+        path = tmp_path / "builtin.jsonl"
+        argv = ["--uri", wire_uri, "--database", old_database, "--output", str(path)]
+        assert cli.main(["export", "--builtin", "--jobs", *argv]) == 0
+        assert capsys.readouterr().err.startswith(
+            "exported 2 task(s), 2 schedule(s) and 1 job(s)"
+        )
+        return path
+
     def test_migrate(
         self,
         wire_uri: str,
         old_database: str,
-        capsys: pytest.CaptureFixture[str],
-    ) -> None:
-        migrate_from_builtin = import_example("migrate_from_builtin")
-        new_database = f"{old_database}_new"
-        try:
-            self._migrate_and_run(
-                migrate_from_builtin, wire_uri, old_database, new_database, capsys
-            )
-        finally:
-            with sync_client(wire_uri) as client:
-                client.drop_database(new_database)
-
-    def _migrate_and_run(
-        self,
-        migrate_from_builtin: ModuleType,
-        uri: str,
-        old_database: str,
         new_database: str,
+        exported: Path,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
-        argv = ["--from-uri", uri, "--from-database", old_database]
-        assert migrate_from_builtin.main([*argv, "--to-database", new_database]) == 0
-        output = capsys.readouterr().out
-        assert "copied 2 task(s) and 2 schedule(s)" in output
-        assert "1 job(s) are still in" in output
+        argv = ["--uri", wire_uri, "--database", new_database]
+        assert cli.main(["import", str(exported), *argv]) == 0
+        assert "added: 2 task(s), 2 schedule(s), 1 job(s)" in capsys.readouterr().out
 
         async def check() -> None:
-            builtin = BuiltinMongoDBDataStore(uri, database=old_database)
+            builtin = BuiltinMongoDBDataStore(wire_uri, database=old_database)
             async with AsyncScheduler(data_store=builtin) as scheduler:
                 old_schedules = await scheduler.get_schedules()
                 old_tasks = await scheduler.get_tasks()
+                [old_job] = await scheduler.get_jobs()
 
-            store = MongoDBDataStore(uri, database=new_database)
+            store = MongoDBDataStore(wire_uri, database=new_database)
             async with AsyncScheduler(data_store=store) as scheduler:
-                assert await scheduler.get_tasks() == old_tasks
+                new_tasks = await scheduler.get_tasks()
+                assert [attrs.astuple(task) for task in new_tasks] == [
+                    attrs.astuple(task) for task in old_tasks
+                ]
                 new_schedules = await scheduler.get_schedules()
                 assert [schedule.id for schedule in new_schedules] == [
                     "every-second",
@@ -405,6 +421,9 @@ class TestMigrateFromBuiltin:
                         assert getattr(new, field) == getattr(old, field), field
 
                     assert new.next_fire_time == old.next_fire_time
+
+                [new_job] = await scheduler.get_jobs()
+                assert (new_job.id, new_job.args) == (old_job.id, old_job.args)
 
                 # This store runs the moved schedule
                 with anyio.fail_after(20):
@@ -419,7 +438,11 @@ class TestMigrateFromBuiltin:
         anyio.run(check, backend="asyncio")
 
     def test_refuses_the_builtin_database(
-        self, wire_uri: str, old_database: str
+        self,
+        wire_uri: str,
+        old_database: str,
+        exported: Path,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         """This store will not start on a database that the built-in store used."""
 
@@ -435,13 +458,33 @@ class TestMigrateFromBuiltin:
         ):
             anyio.run(start, backend="asyncio")
 
-        migrate_from_builtin = import_example("migrate_from_builtin")
-        with pytest.raises(ValueError, match="cannot share a database"):
-            anyio.run(
-                migrate_from_builtin.migrate,
-                wire_uri,
-                old_database,
-                wire_uri,
-                old_database,
-                backend="asyncio",
+        # Nor will an import into it, which leaves that database as it was
+        with sync_client(wire_uri) as client:
+            names = sorted(client[old_database].list_collection_names())
+
+        argv = ["--uri", wire_uri, "--database", old_database]
+        assert cli.main(["import", str(exported), *argv]) == 2
+        assert "built-in MongoDB store" in capsys.readouterr().err
+        with sync_client(wire_uri) as client:
+            assert sorted(client[old_database].list_collection_names()) == names
+
+    def test_runs_no_stored_code(
+        self,
+        wire_uri: str,
+        old_database: str,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A pickle in the built-in store is read by a safe serializer: refused."""
+        marker = tmp_path / "ran"
+        with sync_client(wire_uri) as client:
+            client[old_database]["schedules"].update_one(
+                {"_id": "nightly"}, {"$set": {"args": system_gadget(marker)}}
             )
+
+        argv = ["--uri", wire_uri, "--database", old_database]
+        path = tmp_path / "builtin.jsonl"
+        assert cli.main(["export", "--builtin", *argv, "--output", str(path)]) == 1
+        assert "cannot read the store" in capsys.readouterr().err
+        assert not marker.exists()
+        assert not path.exists()

@@ -9,11 +9,13 @@ computed (see ``tests/data/v3/make_documents.py``).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import pickle
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,8 +28,10 @@ from apscheduler import AsyncScheduler, JobOutcome, JobReleased, Schedule
 from apscheduler.eventbrokers.local import LocalEventBroker
 from apscheduler.triggers.interval import IntervalTrigger
 from bson import Binary, json_util
+from pymongo import MongoClient
 
 from apscheduler_mongo import MongoDBDataStore
+from apscheduler_mongo._tools.cli import main
 from apscheduler_mongo._v3 import (
     CRON,
     NotConvertibleError,
@@ -57,9 +61,7 @@ FIRING = sorted(
 def user_types(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     """The module the 3.x jobs name (functions, a class in arguments, a trigger)."""
     monkeypatch.syspath_prepend(str(DATA))
-    import v3_user_types
-
-    yield v3_user_types
+    yield importlib.import_module("v3_user_types")
     sys.modules.pop("v3_user_types", None)
 
 
@@ -113,7 +115,7 @@ class TestReading:
             for item in DOCUMENTS
             if item["_id"] != CUSTOM
         ]
-        assert len(read) == len(DOCUMENTS) - 1 == 25
+        assert len(read) == len(DOCUMENTS) - 1 == 26
         kinds = {job.trigger[0].rpartition(":")[2] for job in read}
         assert kinds == {
             "CronTrigger",
@@ -247,7 +249,7 @@ class TestImport:
             client, database_name, LocalEventBroker(), logger
         ) as store:
             report = await import_v3(source, store, allowed_types=[user_types.Point])
-            assert report.read == 26
+            assert report.read == 27
             assert set(report.refused) == {CUSTOM}
             assert sorted(report.schedules_added) == sorted(
                 job_id for job_id in EXPECTED if job_id != CUSTOM
@@ -285,15 +287,15 @@ class TestImport:
         await source.insert_many(DOCUMENTS)
         report = await import_v3(source, None, allowed_types=[user_types.Point])
         assert report.dry_run
-        assert len(report.schedules_added) == 25
+        assert len(report.schedules_added) == 26
         assert await database.list_collection_names() == ["apscheduler3_jobs"]
 
     async def test_a_scheduler_runs_an_imported_job(
         self, client: Any, database: Any, database_name: str, logger: logging.Logger
     ) -> None:
-        # cron[minute='0'] without a misfire grace time, whose next run time passed
+        # A date trigger without a misfire grace time, overdue since 2026-01-01
         source = database["apscheduler3_jobs"]
-        await source.insert_one(document("no-grace"))
+        await source.insert_one(document("date-past"))
         async with started_store(
             client, database_name, LocalEventBroker(), logger
         ) as store:
@@ -330,3 +332,98 @@ class TestImport:
 
         check_v3_source("apscheduler", "jobs", "apscheduler4")
         check_v3_source("apscheduler", "v3_jobs", "apscheduler")
+
+
+@pytest.fixture
+def v3_databases(wire_uri: str) -> Iterator[tuple[str, str]]:
+    """A 3.x job store's database (its documents in ``jobs``) and an empty one."""
+    suffix = uuid.uuid4().hex[:12]
+    names = (f"apscheduler3_test_{suffix}", f"apscheduler_mongo_test_{suffix}")
+    client: MongoClient[dict[str, Any]] = MongoClient(
+        wire_uri, serverSelectionTimeoutMS=5000
+    )
+    with client:
+        client[names[0]]["jobs"].insert_many(DOCUMENTS)
+        try:
+            yield names
+        finally:
+            for name in names:
+                client.drop_database(name)
+
+
+@pytest.mark.wire
+class TestCommand:
+    """``apscheduler-mongo import-v3`` as an operator runs it, over the wire."""
+
+    def test_dry_run_then_import_then_again(
+        self,
+        wire_uri: str,
+        v3_databases: tuple[str, str],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        source, target = v3_databases
+        argv = [
+            "import-v3",
+            *("--uri", wire_uri, "--from-database", source, "--database", target),
+            *("--allow-type", "v3_user_types:Point"),
+        ]
+        assert main([*argv, "--dry-run"]) == 1  # the user's trigger class
+        out = capsys.readouterr().out
+        assert f"read 27 APScheduler 3 job(s) from {source}.jobs" in out
+        assert "not converted: job 'custom-trigger': its pickle cannot be read" in out
+        assert out.splitlines()[-1] == (
+            "would add 3 task(s) and 26 schedule(s); already in the store, left as "
+            "they are: 0 task(s) and 0 schedule(s); not converted: 1 job(s)"
+        )
+        client: MongoClient[dict[str, Any]] = MongoClient(
+            wire_uri, serverSelectionTimeoutMS=5000
+        )
+        with client:
+            assert client[target].list_collection_names() == []
+            before = list(client[source]["jobs"].find({}, sort=[("_id", 1)]))
+
+            assert main(argv) == 1
+            out = capsys.readouterr().out
+            assert "added: schedule 'cron-dst-berlin' of task" in out
+            assert out.splitlines()[-1].startswith(
+                "added 3 task(s) and 26 schedule(s); already in the store, left as "
+                "they are: 0 task(s) and 0 schedule(s)"
+            )
+            assert client[target]["schedules"].count_documents({}) == 26
+
+            assert main(argv) == 1
+            assert (
+                capsys.readouterr()
+                .out.splitlines()[-1]
+                .startswith(
+                    "added 0 task(s) and 0 schedule(s); already in the store, left as "
+                    "they are: 3 task(s) and 26 schedule(s)"
+                )
+            )
+            assert client[target]["schedules"].count_documents({}) == 26
+            assert list(client[source]["jobs"].find({}, sort=[("_id", 1)])) == before
+
+    def test_a_class_needs_allowing(
+        self,
+        wire_uri: str,
+        v3_databases: tuple[str, str],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        source, target = v3_databases
+        argv = ["import-v3", "--uri", wire_uri, "--from-database", source]
+        assert main([*argv, "--database", target, "--dry-run"]) == 1
+        assert (
+            "not converted: job 'with-options': its pickle cannot be read: refusing "
+            "to rebuild 'v3_user_types:Point': not an allowed type"
+        ) in capsys.readouterr().out
+
+    def test_the_collection_it_reads_is_refused(
+        self,
+        wire_uri: str,
+        v3_databases: tuple[str, str],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        source, _ = v3_databases
+        argv = ["import-v3", "--uri", wire_uri, "--from-database", source]
+        assert main([*argv, "--database", source]) == 2
+        assert "import into another database" in capsys.readouterr().err

@@ -395,7 +395,9 @@ def _expression(record: object, field: str) -> str:
         _fail("a cron expression has no state")
 
     kind = record.ref.partition(":")[2]
-    if field == "day_of_week" and kind in ("AllExpression", "RangeExpression"):
+    if field == "day_of_week" and (
+        kind == "RangeExpression" or (kind == "AllExpression" and state.get("step"))
+    ):
         return _weekdays(state, kind)
 
     if kind == "AllExpression":

@@ -4,10 +4,9 @@ Move schedules into a store: from APScheduler 3's ``MongoDBJobStore``.
 :func:`import_v3` reads the jobs of a 3.x ``MongoDBJobStore`` collection (any
 database and collection, on any client) and adds the equal tasks and schedules to a
 data store. It reads the 3.x pickles without APScheduler 3 and running nothing they
-name (see :mod:`apscheduler_mongo._v3`), never changes the 3.x collection, and
-creates nothing twice when run again: a schedule keeps its 3.x job's id, and one
-that is already there is left as it is.
-
+name (as records of the 3.x classes' state, see :doc:`migration`), never changes
+the 3.x collection, and creates nothing twice when run again: a schedule keeps its
+3.x job's id, and one that is already there is left as it is.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import attrs
-from apscheduler import ConflictPolicy, Task
+from apscheduler import ConflictPolicy, Schedule, Task
 from apscheduler.abc import DataStore
 
 from . import _layout as layout
@@ -33,7 +32,6 @@ from ._v3 import (
 )
 
 __all__ = [
-    "DEFAULT_EXECUTORS",
     "V3ImportReport",
     "check_v3_source",
     "import_v3",
@@ -58,7 +56,8 @@ class V3ImportReport:
     What :func:`import_v3` did (or, in a dry run, would do).
 
     :var read: how many 3.x documents were read
-    :var converted: the task and schedule of each job that could be converted
+    :var tasks: the tasks of the converted jobs, by id
+    :var schedules: the schedule of each job that could be converted
     :var refused: why each job that could not be converted was not, by its id
     :var tasks_added: the ids of the tasks added (in a dry run: that would be)
     :var tasks_present: the ids of the tasks the store already had, left as they are
@@ -69,7 +68,8 @@ class V3ImportReport:
     """
 
     read: int
-    converted: tuple[Converted, ...]
+    tasks: Mapping[str, Task]
+    schedules: tuple[Schedule, ...]
     refused: Mapping[str, str]
     tasks_added: tuple[str, ...]
     tasks_present: tuple[str, ...]
@@ -120,8 +120,9 @@ async def import_v3(
 AsyncCollection`, or Motor's)
     :param store: a started data store to add to, or ``None`` for a dry run, which
         only reads ``source``
-    :param executors: APScheduler 4's executor for each 3.x executor name
-        (:data:`DEFAULT_EXECUTORS` by default)
+    :param executors: APScheduler 4's executor for each 3.x executor name (by
+        default ``default`` and ``threadpool`` to ``threadpool``, ``processpool`` to
+        ``processpool``)
     :param allowed_types: the user's classes that the jobs' arguments may hold, as
         classes or ``"module:qualname"`` strings (of modules already imported):
         any other class refuses the job
@@ -162,7 +163,8 @@ AsyncCollection`, or Motor's)
     if store is None:
         return V3ImportReport(
             read=read,
-            converted=tuple(converted),
+            tasks=tasks,
+            schedules=tuple(item.schedule for item in converted),
             refused=refused,
             tasks_added=tuple(tasks),
             tasks_present=(),
@@ -183,7 +185,8 @@ AsyncCollection`, or Motor's)
 
     return V3ImportReport(
         read=read,
-        converted=tuple(converted),
+        tasks=tasks,
+        schedules=tuple(item.schedule for item in converted),
         refused=refused,
         tasks_added=tuple(task_id for task_id in tasks if task_id not in known_tasks),
         tasks_present=tuple(task_id for task_id in tasks if task_id in known_tasks),
