@@ -40,7 +40,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from mongomock_motor import AsyncMongoMockClient
 from pymongo import MongoClient
 
-from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
+from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker, migration
 from apscheduler_mongo._export import (
     VERSION,
     Counts,
@@ -296,6 +296,20 @@ class TestRoundTrip:
 
         # Into the store it came from: all there already
         assert (await imported(source, first)).present == Counts(3, 6, 0)
+
+    async def test_through_the_public_functions(
+        self, source: MongoDBDataStore, target: MongoDBDataStore
+    ) -> None:
+        await fill(source)
+        stream = io.StringIO()
+        written = await migration.export_store(source, stream)
+        assert (written.tasks, written.schedules, written.jobs) == (3, 6, 0)
+        stream.seek(0)
+        report = await migration.import_store(
+            target, stream, allowed_types=[INVOICE_REF]
+        )
+        assert report.added == migration.Counts(tasks=3, schedules=6, jobs=0)
+        assert await contents_of(target) == await contents_of(source)
 
     async def test_file_format(self, source: MongoDBDataStore) -> None:
         """The header, the plain fields as JSON, and the serialized ones."""

@@ -1,5 +1,11 @@
 """
-Move schedules into a store: from APScheduler 3's ``MongoDBJobStore``.
+Move schedules into a store: from APScheduler 3's ``MongoDBJobStore``, and from one
+store to another through a file.
+
+:func:`export_store` writes a store's tasks and schedules (and jobs) to a JSON Lines
+file, signed line by line with the store's key if it has one, and
+:func:`import_store` reads such a file into any store, checking all of it before it
+writes anything (the format is in :doc:`cli`).
 
 :func:`import_v3` reads the jobs of a 3.x ``MongoDBJobStore`` collection (any
 database and collection, on any client) and adds the equal tasks and schedules to a
@@ -14,13 +20,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import IO, Any
 
 import attrs
 from apscheduler import ConflictPolicy, Schedule, Task
-from apscheduler.abc import DataStore
+from apscheduler.abc import DataStore, Serializer
 
+from . import _export
 from . import _layout as layout
+from ._export import Counts, ExportFileError, ExportReport, ImportReport, Skipped
 from ._v3 import (
     DEFAULT_EXECUTORS,
     Converted,
@@ -32,10 +40,21 @@ from ._v3 import (
 )
 
 __all__ = [
+    "Counts",
+    "ExportFileError",
+    "ExportReport",
+    "ImportReport",
+    "Skipped",
     "V3ImportReport",
     "check_v3_source",
+    "export_store",
+    "import_store",
     "import_v3",
 ]
+
+# Documented here, where they are public
+for _public in (Counts, ExportFileError, ExportReport, ImportReport, Skipped):
+    _public.__module__ = __name__
 
 #: The collections of a store, which no 3.x collection it imports from may be
 _STORE_COLLECTIONS = frozenset(
@@ -216,3 +235,66 @@ def _common_limits(jobs: Iterable[V3Job]) -> dict[str, int]:
         func: min(counter, key=lambda limit: (-counter[limit], limit))
         for func, counter in counts.items()
     }
+
+
+async def export_store(
+    store: DataStore,
+    output: IO[str],
+    *,
+    jobs: bool = False,
+    serializer: Serializer | None = None,
+) -> ExportReport:
+    """
+    Write the tasks and schedules of a store (and its jobs) to ``output``.
+
+    The lines are signed with the store's ``signing_key``, if it has one. Leases are
+    not exported: a job running when exported is written as queued.
+
+    :param store: a started data store (any, read through its API)
+    :param output: a text stream to write the lines to
+    :param jobs: also export the jobs that are queued or running
+    :param serializer: the serializer of triggers and arguments in the file
+        (APScheduler's ``PickleSerializer`` by default)
+    :raises ValueError: if ``serializer`` is not one of APScheduler's
+    :raises ~apscheduler.SerializationError: if a value cannot be serialized with it
+    """
+    return await _export.export_store(store, output, jobs=jobs, serializer=serializer)
+
+
+async def import_store(
+    store: DataStore,
+    input: IO[str],
+    *,
+    replace: bool = False,
+    trust_unsigned: bool = False,
+    allowed_types: Iterable[type | str] = (),
+    dry_run: bool = False,
+) -> ImportReport:
+    """
+    Add what an export file holds to a store, creating nothing twice.
+
+    The whole file is read and checked before anything is written; a file that fails
+    is refused as a whole. With the store's ``signing_key``, every line's signature is
+    checked, and a file that is not signed is refused unless ``trust_unsigned``
+    (importing it would sign whatever it holds). Values are read only with the safe
+    serializers of :mod:`apscheduler_mongo.serializers`.
+
+    :param store: a started data store
+    :param input: a text stream of the file's lines
+    :param replace: replace the tasks and schedules the store already has (else they
+        are left as they are); jobs are never replaced
+    :param trust_unsigned: import a file that is not signed all the same
+    :param allowed_types: the classes, besides APScheduler's triggers and plain
+        values, that the arguments may hold (classes, or ``"module:qualname"``
+        strings of modules already imported)
+    :param dry_run: only say what would be done
+    :raises ExportFileError: if the file is refused
+    """
+    return await _export.import_store(
+        store,
+        input,
+        replace=replace,
+        trust_unsigned=trust_unsigned,
+        allowed_types=allowed_types,
+        dry_run=dry_run,
+    )
