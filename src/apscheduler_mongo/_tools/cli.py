@@ -4,57 +4,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import logging
 import os
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from functools import partial
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
 import anyio
-import anyio.to_thread
-import attrs
-from apscheduler import (
-    AsyncScheduler,
-    DeserializationError,
-    RetrySettings,
-    ScheduleLookupError,
-    SerializationError,
-)
-from apscheduler.abc import DataStore, Serializer
-from apscheduler.eventbrokers.local import LocalEventBroker
+from apscheduler import AsyncScheduler, ScheduleLookupError
 from pymongo.errors import PyMongoError
-from tenacity import stop_after_delay, wait_exponential
 
 from .. import _layout as layout
 from .._adapters import Adapter, adapter_for
-from .._client import (
-    describe_hosts,
-    open_client,
-    redact,
-    server_errors,
-    validate_client_or_uri,
-)
-from .._datastore import MongoDBDataStore
-from .._export import (
-    SERIALIZERS,
-    Counts,
-    ExportContents,
-    ExportFileError,
-    ImportReport,
-    export_store,
-    import_contents,
-    read_export,
-    safe_serializer,
-)
+from .._client import open_client, server_errors, validate_client_or_uri
 from .._names import validate_database_name
 from .._retry import retrying
-from .._signing import AllowedCallables, Signer, keys_from_environment
-from ..migration import check_v3_source
-from . import actions, import_v3
+from .._signing import AllowedCallables, Signer
+from . import actions, transfer
+from ._common import (
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_SERVER,
+    EXIT_UNHEALTHY,
+    EXIT_USAGE,
+    fail,
+    has_password,
+    key_options,
+    retry_settings,
+    say,
+    serializer_of,
+    signer_of,
+    stderr_logger,
+    timed_out,
+    warn,
+)
 from .actions import innermost
 from .doctor import diagnose
 from .doctor import render_json as render_doctor_json
@@ -70,17 +56,22 @@ from .status import (
     require_store,
 )
 
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_SERVER",
+    "EXIT_UNHEALTHY",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+    "run_command",
+]
+
 if TYPE_CHECKING:
     #: What add_subparsers() returns
     _Commands = argparse._SubParsersAction[argparse.ArgumentParser]
-
-EXIT_OK = 0
-EXIT_NOT_FOUND = 1
-EXIT_USAGE = 2
-EXIT_SERVER = 3
-EXIT_UNHEALTHY = 4
-EXIT_REFUSED = 5
-EXIT_INTERRUPTED = 130
 
 _EPILOG = """\
 exit statuses:
@@ -191,21 +182,10 @@ def _store_options() -> argparse.ArgumentParser:
     return options
 
 
-def _key_options(options: argparse.ArgumentParser) -> None:
-    """Add ``--key-file`` to ``options`` (the keys never come on the command line)."""
-    options.add_argument(
-        "--key-file",
-        metavar="PATH",
-        help="a file holding the store's signing key(s), separated by commas or "
-        "lines, the first one signing (default: the APSCHEDULER_MONGO_SIGNING_KEY "
-        "environment variable; never give a key itself on the command line)",
-    )
-
-
 def _changing_options() -> argparse.ArgumentParser:
     """Return the options of the commands that change the store through its API."""
     options = argparse.ArgumentParser(add_help=False)
-    _key_options(options)
+    key_options(options)
     options.add_argument(
         "--accept-unsigned",
         action="store_true",
@@ -255,105 +235,6 @@ def _add_demo(commands: _Commands) -> None:
         action="store_true",
         help="empty the database even if it holds a store (its tasks, schedules "
         "and jobs are lost)",
-    )
-
-
-def _transfer_options(serializer_help: str) -> argparse.ArgumentParser:
-    """Return the options of ``export`` and ``import`` on the store and its values."""
-    options = argparse.ArgumentParser(add_help=False)
-    _key_options(options)
-    options.add_argument(
-        "--accept-unsigned",
-        action="store_true",
-        help="as the store's accept_unsigned: while signing is being rolled out, "
-        "also read documents that carry no signature",
-    )
-    options.add_argument(
-        "--serializer",
-        choices=SERIALIZERS,
-        default="pickle",
-        help=f"the serializer the store was configured with{serializer_help} "
-        "(default: %(default)s)",
-    )
-    options.add_argument(
-        "--allow-type",
-        action="append",
-        default=[],
-        metavar="MODULE:QUALNAME",
-        help="a class that arguments may hold, besides APScheduler's triggers and "
-        "plain values: imported by this command because you name it; repeat it "
-        "for more",
-    )
-    return options
-
-
-def _add_transfers(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Declare ``export`` and ``import``."""
-    export = add(
-        "export",
-        "write the store's tasks and schedules to a file",
-        "Write the store's tasks and schedules (and, with --jobs, its queued and "
-        "running jobs) to a JSON Lines file that 'import' reads back into any "
-        "store: a backup, or a move to another database or cluster. With a key "
-        "(--key-file or APSCHEDULER_MONGO_SIGNING_KEY) every line is signed. The "
-        "store is read with the safe counterpart of --serializer, so no stored "
-        "code runs: a class in arguments needs --allow-type. A record the store "
-        "cannot read is left out, with a warning (exit status 1).",
-        _transfer_options("; the file's values are written with it too"),
-    )
-    export.add_argument(
-        "--output",
-        metavar="FILE",
-        help="the file to write, readable by its owner only; it replaces FILE once "
-        "complete (default: standard output)",
-    )
-    export.add_argument(
-        "--jobs", action="store_true", help="also export the queued and running jobs"
-    )
-    export.add_argument(
-        "--builtin",
-        action="store_true",
-        help="read APScheduler's built-in MongoDB store "
-        "(apscheduler.datastores.mongodb.MongoDBDataStore) in --database instead",
-    )
-    imports = add(
-        "import",
-        "add the tasks and schedules of an export file to the store",
-        "Read a file that 'export' wrote and add its tasks, schedules and jobs to "
-        "the store, announcing them through the event broker. The whole file is "
-        "read and checked before anything is written; with a key, a file whose "
-        "signatures do not match is refused, and so is an unsigned one (unless "
-        "--trust-unsigned). Values are read with safe serializers, running no code "
-        "the file names. What the store already has is left as it is (or, with "
-        "--replace, replaced), so running it again adds nothing twice.",
-        _transfer_options(", to write the records with"),
-    )
-    imports.add_argument(
-        "file", metavar="FILE", help="the file to read ('-': standard input)"
-    )
-    imports.add_argument(
-        "--replace",
-        action="store_true",
-        help="replace the tasks and schedules the store already has (jobs are "
-        "never replaced)",
-    )
-    imports.add_argument(
-        "--trust-unsigned",
-        action="store_true",
-        help="with a key, import an unsigned file all the same: it is then signed "
-        "in the store, so do it only for a file whose origin you trust",
-    )
-    imports.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="read and check the file, and say what would be done, writing nothing",
-    )
-    imports.add_argument(
-        "--events-collection",
-        default="events",
-        metavar="NAME",
-        help="collection of the MongoDBEventBroker that the schedulers use, through "
-        "which the import is announced to them (default: %(default)s)",
     )
 
 
@@ -452,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "wrong signature, or a part left unsigned, is listed (exit status 1). "
         "Needs the key: --key-file or APSCHEDULER_MONGO_SIGNING_KEY.",
     )
-    _key_options(sign)
+    key_options(sign)
     sign.add_argument(
         "--allow",
         action="append",
@@ -498,15 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="collection of the MongoDBEventBroker (default: %(default)s)",
     )
-    _add_transfers(add)
-    import_v3.declare(
-        add(
-            "import-v3",
-            "add the jobs of an APScheduler 3 MongoDBJobStore as schedules",
-            import_v3.DESCRIPTION,
-            _transfer_options(", to write the schedules with"),
-        )
-    )
+    transfer.declare(add)
     dashboard = add(
         "dashboard",
         "serve the live web dashboard",
@@ -543,56 +416,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(status: int, message: str) -> int:
-    """Write one line, without credentials, to stderr; return ``status``."""
-    line = " ".join(redact(message).split())
-    sys.stderr.write(f"error: {line}\n")
-    return status
-
-
-def _warn(message: str) -> None:
-    sys.stderr.write(f"warning: {message}\n")
-
-
-def _not_a_retry(record: logging.LogRecord) -> bool:
-    """Tell whether a record is not one of the retries' "attempt N failed" warnings."""
-    # The command's own error says why the last attempt failed, in one line
-    return not str(record.msg).startswith("Temporary MongoDB error")
-
-
-def _stderr_logger() -> logging.Logger:
-    """Return a logger, private to this run, that writes warnings to stderr."""
-    logger = logging.Logger("apscheduler_mongo.cli", logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    handler.addFilter(_not_a_retry)
-    logger.addHandler(handler)
-    return logger
-
-
-def _serializer(name: str) -> Serializer:
-    if name == "cbor":
-        from apscheduler.serializers.cbor import CBORSerializer
-
-        return CBORSerializer()
-
-    if name == "json":
-        from apscheduler.serializers.json import JSONSerializer
-
-        return JSONSerializer()
-
-    from apscheduler.serializers.pickle import PickleSerializer
-
-    return PickleSerializer()
-
-
-def _has_password(uri: str) -> bool:
-    """Tell whether a MongoDB URI carries a password (``user:password@``)."""
-    authority = uri.partition("://")[2].partition("/")[0].partition("?")[0]
-    userinfo = authority.rpartition("@")[0]
-    return bool(userinfo.partition(":")[2])
-
-
 def _uri(args: argparse.Namespace) -> str | None:
     """
     Return the URI to use: ``--uri``, else ``MONGODB_URI``.
@@ -603,18 +426,14 @@ def _uri(args: argparse.Namespace) -> str | None:
     if args.uri is None:
         return os.environ.get("MONGODB_URI") or None
 
-    if _has_password(args.uri):
-        _warn(
+    if has_password(args.uri):
+        warn(
             "the URI given with --uri carries a password, which other users of "
             "this host can read in the process list; set the MONGODB_URI "
             "environment variable instead"
         )
 
     return str(args.uri)
-
-
-def _say(line: str) -> None:
-    sys.stdout.write(f"{line}\n")
 
 
 async def _status(args: argparse.Namespace, reader: Reader) -> int:
@@ -631,17 +450,6 @@ async def _doctor(args: argparse.Namespace, reader: Reader, adapter: Adapter) ->
         sys.stdout.write(render_doctor_text(diagnosis))
 
     return EXIT_OK if diagnosis.healthy(strict=args.strict) else EXIT_UNHEALTHY
-
-
-def _signer(args: argparse.Namespace) -> Signer | None:
-    """
-    Return the signer of the keys in ``--key-file`` or the environment, if any.
-
-    :raises OSError: if the key file cannot be read
-    :raises ValueError: if a key is too short
-    """
-    keys = keys_from_environment(args.key_file)
-    return None if keys is None else Signer(keys)
 
 
 async def _sign(
@@ -668,23 +476,23 @@ async def _sign(
     )
     report = await signing.run()
     would = "would sign" if args.dry_run else "signed"
-    _say(
+    say(
         f"{would} {report.signed} part(s) that carried no signature, and "
         f"{report.re_signed} signed with another key than the first; "
         f"{report.already} already signed; {report.changed} changed meanwhile "
         f"(run again)"
     )
     for kind, document_id, part, reason in report.refused:
-        _say(f"left unsigned: {kind} {document_id} ({part}): {reason}")
+        say(f"left unsigned: {kind} {document_id} ({part}): {reason}")
 
     for kind, document_id, part in report.unsigned[:_LISTED]:
-        _say(f"carries no signature, left alone: {kind} {document_id} ({part})")
+        say(f"carries no signature, left alone: {kind} {document_id} ({part})")
 
     if len(report.unsigned) > _LISTED:
-        _say(f"... and {len(report.unsigned) - _LISTED} more without a signature")
+        say(f"... and {len(report.unsigned) - _LISTED} more without a signature")
 
     if report.unsigned:
-        _say("(--adopt-unsigned signs them: look at them first, with status)")
+        say("(--adopt-unsigned signs them: look at them first, with status)")
 
     return EXIT_NOT_FOUND if report.refused or report.unsigned else EXIT_OK
 
@@ -701,7 +509,7 @@ async def _change_schedule(
     else:
         said = await actions.remove(scheduler, reader, schedule_id)
 
-    _say(said)
+    say(said)
     return EXIT_OK
 
 
@@ -710,8 +518,8 @@ async def _purge(
 ) -> int:
     purged = await actions.purge(scheduler, reader)
     rows = [[name, str(old), str(new)] for name, old, new in purged.counts]
-    _say("ran the store's cleanup")
-    _say(format_table(["", "BEFORE", "AFTER"], rows, right=(1, 2)))
+    say("ran the store's cleanup")
+    say(format_table(["", "BEFORE", "AFTER"], rows, right=(1, 2)))
     return EXIT_OK
 
 
@@ -733,26 +541,6 @@ async def _change(
         return await _CHANGES[args.command](args, scheduler, reader)
 
 
-def _timed_out(
-    hosts: Sequence[str], errors: Sequence[str], args: argparse.Namespace, outcome: str
-) -> int:
-    """Say that the server did not answer in time (``errors``: what it met)."""
-    met = f" ({'; '.join(errors)})" if errors else ""  # each names its server
-    return _fail(
-        EXIT_SERVER,
-        f"no answer from MongoDB at {', '.join(hosts)} within {args.timeout:g} s"
-        f"{met}{outcome}",
-    )
-
-
-def _retry_settings(args: argparse.Namespace) -> RetrySettings:
-    """Return the retries of a command: temporary failures, until ``--timeout``."""
-    return RetrySettings(
-        stop=stop_after_delay(args.timeout),
-        wait=wait_exponential(multiplier=0.25, max=2),
-    )
-
-
 async def run_command(args: argparse.Namespace, client: object) -> int:
     """
     Run a store command (any but ``demo``) on ``client``; return the exit status.
@@ -761,23 +549,20 @@ async def run_command(args: argparse.Namespace, client: object) -> int:
     API, on a scheduler (never started) that announces the change to the others.
     This is the seam for tests, which pass a mongomock-motor client.
     """
-    if args.command in ("export", "import"):
-        return await _run_transfer(args, client)
+    if args.command in transfer.COMMANDS:
+        return await transfer.run(args, client)
 
-    if args.command == "import-v3":
-        return await _import_v3(args, client)
-
-    logger = _stderr_logger()
-    settings = _retry_settings(args)
+    logger = stderr_logger()
+    settings = retry_settings(args)
     changes = args.command in _CHANGES
     try:
         database = validate_database_name(args.database)
-        signer = _signer(args) if changes or args.command == "sign" else None
+        signer = signer_of(args) if changes or args.command == "sign" else None
         scheduler = (
             actions.action_scheduler(
                 client,
                 database,
-                _serializer(args.serializer),
+                serializer_of(args.serializer),
                 args.events_collection,
                 settings,
                 logger,
@@ -793,7 +578,7 @@ async def run_command(args: argparse.Namespace, client: object) -> int:
             else None
         )
     except (TypeError, ValueError, OSError) as exc:
-        return _fail(EXIT_USAGE, str(exc))
+        return fail(EXIT_USAGE, str(exc))
 
     adapter = adapter_for(client)
     reader = Reader(adapter, database, settings, logger)
@@ -801,7 +586,7 @@ async def run_command(args: argparse.Namespace, client: object) -> int:
         with anyio.fail_after(args.timeout):
             if args.command == "sign":
                 if signer is None:
-                    return _fail(
+                    return fail(
                         EXIT_USAGE,
                         "no signing key: pass --key-file, or set "
                         "APSCHEDULER_MONGO_SIGNING_KEY",
@@ -818,469 +603,16 @@ async def run_command(args: argparse.Namespace, client: object) -> int:
             return await _change(args, scheduler, reader)
     except TimeoutError:
         outcome = " (the change may or may not have been made)" if changes else ""
-        return _timed_out(adapter.hosts(), server_errors(adapter), args, outcome)
+        return timed_out(adapter.hosts(), server_errors(adapter), args, outcome)
     except Exception as exc:
         error = innermost(exc)
         if isinstance(error, (NotFoundError, ScheduleLookupError)):
-            return _fail(EXIT_NOT_FOUND, str(error))
+            return fail(EXIT_NOT_FOUND, str(error))
 
         if isinstance(error, (PyMongoError, RuntimeError)):
-            return _fail(EXIT_SERVER, str(error))
+            return fail(EXIT_SERVER, str(error))
 
         raise
-
-
-# export and import
-
-
-class _WarningCount(logging.Handler):
-    """Count the warnings logged (not the retries'): records a store left out."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.addFilter(_not_a_retry)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        del record  # counted; the run's own handler shows it
-        self.count += 1
-
-
-def _allowed_types(refs: Sequence[str]) -> list[type]:
-    """
-    Import the classes the operator named with ``--allow-type``.
-
-    :raises ValueError: if a reference is malformed or names no class
-    """
-    classes = []
-    for ref in refs:
-        module_name, colon, qualname = ref.partition(":")
-        if not colon or not module_name or not qualname:
-            raise ValueError(f"--allow-type {ref!r}: expected MODULE:QUALNAME")
-
-        try:
-            found: object = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"--allow-type {ref!r}: {exc}") from None
-
-        for name in qualname.split("."):
-            found = getattr(found, name, None)
-
-        if not isinstance(found, type):
-            raise ValueError(f"--allow-type {ref!r} does not name a class")
-
-        classes.append(found)
-
-    return classes
-
-
-@attrs.frozen
-class _Transfer:
-    """What ``export`` and ``import`` take from the command line."""
-
-    database: str
-    signer: Signer | None
-    allowed: list[type]
-    #: The safe counterpart of --serializer, which reads the store running nothing
-    serializer: Serializer
-    settings: RetrySettings
-    logger: logging.Logger
-
-    @classmethod
-    def of(cls, args: argparse.Namespace) -> _Transfer:
-        """
-        :raises OSError: if the key file cannot be read
-        :raises ImportError: if the serializer needs a package that is missing
-        :raises ValueError: if an option has a bad value
-        """
-        allowed = _allowed_types(args.allow_type)
-        return cls(
-            validate_database_name(args.database),
-            _signer(args),
-            allowed,
-            safe_serializer(args.serializer, allowed),
-            _retry_settings(args),
-            _stderr_logger(),
-        )
-
-    def store(self, client: object, args: argparse.Namespace) -> MongoDBDataStore:
-        return MongoDBDataStore(
-            client,
-            database=self.database,
-            serializer=self.serializer,
-            retry_settings=self.settings,
-            signing_key=self.signer,
-            accept_unsigned=args.accept_unsigned,
-        )
-
-
-@asynccontextmanager
-async def _started(store: DataStore, logger: logging.Logger) -> AsyncIterator[None]:
-    """Start a store on a local event broker (its changes concern no one else)."""
-    async with AsyncExitStack() as exit_stack:
-        broker = LocalEventBroker()
-        await broker.start(exit_stack, logger)
-        await store.start(exit_stack, broker, logger)
-        yield
-
-
-@contextmanager
-def _output(path: str | None) -> Iterator[IO[str]]:
-    """
-    Yield the stream to export to: standard output, or a new file beside ``path``,
-    readable by its owner only (the arguments are in it in the clear), which
-    replaces ``path`` once complete and is removed if the export fails.
-    """
-    if path is None or path == "-":
-        yield sys.stdout
-        return
-
-    directory, name = os.path.split(os.path.abspath(path))
-    descriptor, unfinished = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    try:
-        with open(descriptor, "w", encoding="utf-8") as stream:
-            yield stream
-
-        os.replace(unfinished, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(unfinished)
-
-        raise
-
-
-def _unreadable(error: BaseException) -> DeserializationError | None:
-    """Return the deserialization error that ``error`` comes from, if any."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, DeserializationError):
-            return seen
-
-        seen = seen.__cause__ or seen.__context__
-
-    return None
-
-
-def _transfer_failure(exc: Exception) -> int:
-    """Say why an export or import failed; return the exit status."""
-    error = innermost(exc)
-    if isinstance(error, NotFoundError):
-        return _fail(EXIT_NOT_FOUND, str(error))
-
-    # APScheduler's built-in store raises a KeyError for a schedule it cannot
-    # deserialize (4.0.0a6): what matters is why it could not
-    if (unreadable := _unreadable(error)) is not None:
-        return _fail(
-            EXIT_NOT_FOUND,
-            f"cannot read the store: {unreadable} (name the classes that arguments "
-            f"hold with --allow-type; is --serializer right?)",
-        )
-
-    if isinstance(error, SerializationError):
-        return _fail(EXIT_NOT_FOUND, str(error))
-
-    if isinstance(error, (PyMongoError, RuntimeError)):
-        return _fail(EXIT_SERVER, str(error))
-
-    if isinstance(error, OSError):  # the file
-        return _fail(EXIT_USAGE, str(error))
-
-    raise exc
-
-
-async def _write_export(
-    args: argparse.Namespace, store: DataStore, output: IO[str], setup: _Transfer
-) -> int:
-    """Export a store (not started yet) to ``output``; say what was written."""
-    warnings = _WarningCount()
-    async with _started(store, setup.logger):
-        setup.logger.addHandler(warnings)
-        report = await export_store(
-            store,
-            output,
-            jobs=args.jobs,
-            signer=setup.signer,
-            serializer=_serializer(args.serializer),
-        )
-        left_out = warnings.count
-
-    output.flush()
-    signed = "signed" if report.signed else "not signed"
-    sys.stderr.write(
-        f"exported {report.tasks} task(s), {report.schedules} schedule(s) and "
-        f"{report.jobs} job(s) to {args.output or 'standard output'} "
-        f"({report.serializer}, {signed})\n"
-    )
-    if left_out:
-        return _fail(
-            EXIT_NOT_FOUND,
-            f"the store could not read {left_out} record(s) (see the "
-            f"warnings above), which are not in the file",
-        )
-
-    return EXIT_OK
-
-
-async def _export(args: argparse.Namespace, client: object) -> int:
-    """Export this package's store in ``--database``."""
-    try:
-        setup = _Transfer.of(args)
-        store = setup.store(client, args)
-    except (TypeError, ValueError, OSError, ImportError) as exc:
-        return _fail(EXIT_USAGE, str(exc))
-
-    adapter = adapter_for(client)
-    try:
-        with anyio.fail_after(args.timeout), _output(args.output) as output:
-            # Starting the store on a database without one would create one
-            await require_store(
-                Reader(adapter, setup.database, setup.settings, setup.logger)
-            )
-            return await _write_export(args, store, output, setup)
-    except TimeoutError:
-        return _timed_out(adapter.hosts(), server_errors(adapter), args, "")
-    except Exception as exc:
-        return _transfer_failure(exc)
-
-
-async def _export_builtin(args: argparse.Namespace, uri: str) -> int:
-    """Export the store of APScheduler's built-in MongoDB store in ``--database``."""
-    from apscheduler.datastores.mongodb import MongoDBDataStore as BuiltinStore
-    from pymongo import MongoClient
-
-    try:
-        setup = _Transfer.of(args)
-    except (TypeError, ValueError, OSError, ImportError) as exc:
-        return _fail(EXIT_USAGE, str(exc))
-
-    client: MongoClient[Any] | None = None
-    try:
-        client = MongoClient(uri, serverSelectionTimeoutMS=int(args.timeout * 1000))
-        store = BuiltinStore(
-            client,
-            database=setup.database,
-            serializer=setup.serializer,
-            retry_settings=setup.settings,
-        )
-        with anyio.fail_after(args.timeout), _output(args.output) as output:
-            names = await anyio.to_thread.run_sync(
-                client[setup.database].list_collection_names
-            )
-            if layout.BUILTIN_MARKER not in names:
-                raise NotFoundError(
-                    f"database {setup.database!r} holds no store of APScheduler's "
-                    f"built-in MongoDB store (it has no {layout.BUILTIN_MARKER!r} "
-                    f"collection); is --database right?"
-                )
-
-            return await _write_export(args, store, output, setup)
-    except TimeoutError:
-        return _timed_out(describe_hosts(uri), [], args, "")
-    except Exception as exc:
-        return _transfer_failure(exc)
-    finally:
-        if client is not None:
-            client.close()
-
-
-def _counts(counts: Counts) -> str:
-    return (
-        f"{counts.tasks} task(s), {counts.schedules} schedule(s), {counts.jobs} job(s)"
-    )
-
-
-def _render_import(args: argparse.Namespace, report: ImportReport) -> None:
-    """Say what an import did (or would do), and each record skipped, with why."""
-    would = "would be " if report.dry_run else ""
-    checked = "checked" if report.signed else "not checked"
-    _say(f"read {args.file} (signatures {checked})")
-    _say(f"{would}added: {_counts(report.added)}")
-    _say(f"already present, left as they are: {_counts(report.present)}")
-    if args.replace:
-        _say(f"{would}replaced: {_counts(report.replaced)}")
-
-    for skipped in report.skipped:
-        _say(f"skipped: {skipped.kind} {skipped.id!r}: {skipped.reason}")
-
-
-def _read_file(args: argparse.Namespace, setup: _Transfer) -> ExportContents:
-    """
-    Read and check the file to import (``-``: standard input).
-
-    :raises ExportFileError: if it is refused
-    :raises OSError: if it cannot be read
-    :raises UnicodeDecodeError: if it is not UTF-8 text
-    """
-    read = partial(
-        read_export,
-        signer=setup.signer,
-        trust_unsigned=args.trust_unsigned,
-        allowed_types=setup.allowed,
-    )
-    if args.file == "-":
-        return read(sys.stdin)
-
-    with open(args.file, encoding="utf-8") as stream:
-        return read(stream)
-
-
-async def _import(args: argparse.Namespace, client: object) -> int:
-    """Import a file into this package's store in ``--database``."""
-    try:
-        setup = _Transfer.of(args)
-        scheduler = actions.action_scheduler(
-            client,
-            setup.database,
-            setup.serializer,
-            args.events_collection,
-            setup.settings,
-            setup.logger,
-            signing_key=setup.signer,
-            accept_unsigned=args.accept_unsigned,
-        )
-        # All of it is read and checked before the store is even started
-        contents = await anyio.to_thread.run_sync(_read_file, args, setup)
-    except (ExportFileError, UnicodeDecodeError) as exc:
-        return _fail(EXIT_REFUSED, f"refused {args.file}: {exc}; nothing was written")
-    except (TypeError, ValueError, OSError, ImportError) as exc:
-        return _fail(EXIT_USAGE, str(exc))
-
-    adapter = adapter_for(client)
-    reader = Reader(adapter, setup.database, setup.settings, setup.logger)
-    try:
-        with anyio.fail_after(args.timeout):
-            # Refused before the event broker adds its collection there
-            if layout.BUILTIN_MARKER in await reader.collection_names():
-                return _fail(
-                    EXIT_USAGE,
-                    f"database {setup.database!r} holds the collections of "
-                    f"APScheduler's built-in MongoDB store, which this store cannot "
-                    f"share: import into another database",
-                )
-
-            if args.dry_run:
-                report = await _dry_run(args, client, reader, contents, setup)
-            else:
-                async with scheduler:
-                    report = await import_contents(
-                        scheduler.data_store, contents, replace=args.replace
-                    )
-    except TimeoutError:
-        outcome = (
-            " (some of it may have been imported: run it again, it adds nothing twice)"
-        )
-        return _timed_out(
-            adapter.hosts(),
-            server_errors(adapter),
-            args,
-            "" if args.dry_run else outcome,
-        )
-    except Exception as exc:
-        return _transfer_failure(exc)
-
-    _render_import(args, report)
-    return EXIT_NOT_FOUND if report.skipped else EXIT_OK
-
-
-async def _dry_run(
-    args: argparse.Namespace,
-    client: object,
-    reader: Reader,
-    contents: ExportContents,
-    setup: _Transfer,
-) -> ImportReport:
-    """Say what an import would do, creating nothing (not even a store)."""
-    try:
-        await require_store(reader)
-    except NotFoundError:
-        return await import_contents(None, contents, dry_run=True)
-
-    store = setup.store(client, args)
-    async with _started(store, setup.logger):
-        return await import_contents(
-            store, contents, replace=args.replace, dry_run=True
-        )
-
-
-def _v3_uri(args: argparse.Namespace) -> str | None:
-    """Return the URI of the 3.x job store, if not the store's: warn of a password."""
-    if args.from_uri is None:
-        return os.environ.get("APSCHEDULER3_MONGODB_URI") or None
-
-    if _has_password(args.from_uri):
-        _warn(
-            "the URI given with --from-uri carries a password, which other users "
-            "of this host can read in the process list; set the "
-            "APSCHEDULER3_MONGODB_URI environment variable instead"
-        )
-
-    return str(args.from_uri)
-
-
-async def _import_v3(args: argparse.Namespace, client: object) -> int:
-    """Import the jobs of a 3.x MongoDBJobStore into the store in ``--database``."""
-    from_uri = _v3_uri(args)
-    try:
-        setup = _Transfer.of(args)
-        import_v3.executors_of(args.executor)
-        validate_database_name(args.from_database)
-        if from_uri is None:
-            check_v3_source(args.from_database, args.from_collection, setup.database)
-        else:
-            validate_client_or_uri(from_uri)
-
-        scheduler = actions.action_scheduler(
-            client,
-            setup.database,
-            setup.serializer,
-            args.events_collection,
-            setup.settings,
-            setup.logger,
-            signing_key=setup.signer,
-            accept_unsigned=args.accept_unsigned,
-        )
-    except (TypeError, ValueError, OSError, ImportError) as exc:
-        return _fail(EXIT_USAGE, str(exc).replace("client_or_uri", "--from-uri"))
-
-    adapter = adapter_for(client)
-    try:
-        async with AsyncExitStack() as exit_stack:
-            source_client = (
-                client
-                if from_uri is None
-                else (await open_client(from_uri, exit_stack)).client
-            )
-            source = cast(Any, source_client)[args.from_database][args.from_collection]
-            with anyio.fail_after(args.timeout):
-                if args.dry_run:
-                    return await import_v3.run(args, source, None, setup.allowed, _say)
-
-                async with scheduler:
-                    return await import_v3.run(
-                        args, source, scheduler.data_store, setup.allowed, _say
-                    )
-    except TimeoutError:
-        outcome = (
-            ""
-            if args.dry_run
-            else " (some of it may have been imported: run it "
-            "again, it adds nothing twice)"
-        )
-        return _timed_out(adapter.hosts(), server_errors(adapter), args, outcome)
-    except Exception as exc:
-        return _transfer_failure(exc)
-
-
-async def _run_transfer(args: argparse.Namespace, client: object) -> int:
-    """Run ``export`` or ``import`` on ``client``; return the exit status."""
-    if args.command == "export" and args.builtin:
-        # APScheduler's store takes a synchronous client: see _export_builtin()
-        return _fail(EXIT_USAGE, "export --builtin opens its own client, on --uri")
-
-    if args.command == "export":
-        return await _export(args, client)
-
-    return await _import(args, client)
 
 
 async def _run_on_uri(args: argparse.Namespace, uri: str) -> int:
@@ -1288,7 +620,7 @@ async def _run_on_uri(args: argparse.Namespace, uri: str) -> int:
         try:
             adapter = await open_client(uri, exit_stack)
         except PyMongoError as exc:
-            return _fail(EXIT_SERVER, str(exc))
+            return fail(EXIT_SERVER, str(exc))
 
         return await run_command(args, adapter.client)
 
@@ -1299,9 +631,9 @@ def _demo(args: argparse.Namespace, uri: str | None) -> int:
     try:
         ran = anyio.run(run_demo, uri, args.database, args.seconds, args.overwrite)
     except (TypeError, ValueError, RuntimeError) as exc:
-        return _fail(EXIT_USAGE, str(exc))
+        return fail(EXIT_USAGE, str(exc))
     except PyMongoError as exc:
-        return _fail(EXIT_SERVER, str(exc))
+        return fail(EXIT_SERVER, str(exc))
 
     return 0 if ran > 0 else 1
 
@@ -1312,7 +644,7 @@ def _dashboard(args: argparse.Namespace, uri: str) -> int:
 
         from ..dashboard import Dashboard
     except ImportError as exc:
-        return _fail(EXIT_USAGE, str(exc))
+        return fail(EXIT_USAGE, str(exc))
 
     try:
         from ..metrics import MetricsEndpoint, prometheus_meter_provider
@@ -1327,8 +659,8 @@ def _dashboard(args: argparse.Namespace, uri: str) -> int:
             uri,
             metrics=metrics,
             database=args.database,
-            serializer=_serializer(args.serializer),
-            signing_key=_signer(args),
+            serializer=serializer_of(args.serializer),
+            signing_key=signer_of(args),
             accept_unsigned=args.accept_unsigned,
             events_collection=args.events_collection,
             actions=args.actions,
@@ -1336,7 +668,7 @@ def _dashboard(args: argparse.Namespace, uri: str) -> int:
             root_path=args.root_path,
         )
     except (TypeError, ValueError, OSError) as exc:
-        return _fail(EXIT_USAGE, str(exc))
+        return fail(EXIT_USAGE, str(exc))
 
     loopback = args.host in ("127.0.0.1", "::1", "localhost")
     where = f"[{args.host}]" if ":" in args.host else args.host
@@ -1369,19 +701,19 @@ def _run(args: argparse.Namespace) -> int:
         try:
             validate_client_or_uri(uri)
         except (TypeError, ValueError) as exc:
-            return _fail(EXIT_USAGE, str(exc).replace("client_or_uri", "--uri"))
+            return fail(EXIT_USAGE, str(exc).replace("client_or_uri", "--uri"))
 
     if args.command == "demo":
         return _demo(args, uri)
 
     if uri is None:
-        return _fail(EXIT_USAGE, "no MongoDB URI: pass --uri, or set MONGODB_URI")
+        return fail(EXIT_USAGE, "no MongoDB URI: pass --uri, or set MONGODB_URI")
 
     if args.command == "dashboard":
         return _dashboard(args, uri)
 
     if args.command == "export" and args.builtin:
-        built: int = anyio.run(_export_builtin, args, uri)
+        built: int = anyio.run(transfer.export_builtin, args, uri)
         return built
 
     code: int = anyio.run(_run_on_uri, args, uri)
@@ -1399,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the command's task, which then escapes anyio.run() as CancelledError
     except (KeyboardInterrupt, asyncio.CancelledError):
         outcome = " (the change may or may not have been made)"
-        return _fail(
+        return fail(
             EXIT_INTERRUPTED,
             f"interrupted{outcome if command in (*_CHANGES, 'import') else ''}",
         )
