@@ -1058,3 +1058,34 @@ class TestBuiltinAllowList:
     def test_references_name_the_class(self, cls: type) -> None:
         # Pickle and APScheduler name a class by its module and qualified name
         assert getattr(sys.modules[cls.__module__], cls.__qualname__) is cls
+
+
+class TestFraction:
+    """A Fraction is rebuilt from what pickle writes, and from nothing else."""
+
+    @pytest.mark.parametrize(
+        "blob",
+        [
+            # Python 3.12 and later: Fraction(numerator, denominator)
+            pytest.param(b"\x80\x02cfractions\nFraction\nK\x03K\x07\x86R.", id="ints"),
+            # Python 3.11 and earlier: Fraction(str(self))
+            pytest.param(
+                b"\x80\x02cfractions\nFraction\nX\x03\x00\x00\x003/7\x85R.", id="text"
+            ),
+        ],
+    )
+    def test_what_pickle_writes(self, blob: bytes) -> None:
+        assert SafePickleSerializer().deserialize(blob) == Fraction(3, 7)
+
+    @pytest.mark.parametrize(
+        "argument",
+        ["1e10000000", "0.5", " 3/7", "3/7\n", "9" * 5000],
+        ids=["exponent", "decimal", "space", "newline", "5000-digits"],
+    )
+    def test_other_text_is_refused(self, argument: str) -> None:
+        # Fraction's own parser takes exponents: "1e10000000" alone takes seconds
+        text = argument.encode()
+        blob = b"\x80\x02cfractions\nFraction\nX" + len(text).to_bytes(4, "little")
+        blob += text + b"\x85R."
+        with pytest.raises(DeserializationError, match="fractions:Fraction"):
+            SafePickleSerializer().deserialize(blob)

@@ -39,6 +39,7 @@ import io
 import json
 import pickle
 import pickletools
+import re
 import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -46,7 +47,7 @@ from contextvars import ContextVar
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, TypeGuard, cast
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
@@ -524,6 +525,44 @@ def _caller(cls: type) -> Callable[..., object]:
     return make
 
 
+#: What ``str(Fraction)`` writes, which pickle passes on Python 3.11 and older
+_FRACTION_TEXT: Final = re.compile(r"-?[0-9]{1,4300}(?:/[0-9]{1,4300})?")
+
+
+def _integer(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fraction_maker() -> Callable[..., object]:
+    """Return a stand-in for Fraction that takes only what pickle writes.
+
+    That is a numerator and a denominator (Python 3.12 and later), or their text
+    (earlier ones). Fraction's own parser also takes decimals and exponents, and
+    ``Fraction("1e10000000")`` alone takes seconds: a crafted pickle could keep a
+    reader busy with a few bytes each.
+    """
+
+    def make(*args: object) -> object:
+        if len(args) == 2:
+            numerator, denominator = args
+            if _integer(numerator) and _integer(denominator):
+                return Fraction(numerator, denominator)
+
+        if (
+            len(args) == 1
+            and isinstance(args[0], str)
+            and _FRACTION_TEXT.fullmatch(args[0])
+        ):
+            return Fraction(args[0])
+
+        raise pickle.UnpicklingError(
+            "refusing to rebuild 'fractions:Fraction' from other than a numerator "
+            "and a denominator"
+        )
+
+    return make
+
+
 #: Py_TPFLAGS_IMMUTABLETYPE: the attributes of the class cannot be set
 _IMMUTABLE_TYPE: Final = 1 << 8
 #: Built-in allowed classes that BUILD could change, so handed out through _caller()
@@ -626,6 +665,9 @@ class _SafeUnpickler(pickle.Unpickler):
 
         if issubclass(cls, BaseCombiningTrigger):
             return _stand_in(cls)
+
+        if cls is Fraction:
+            return _fraction_maker()
 
         if cls in _CALLED_TYPES:
             return _caller(cls)
