@@ -18,8 +18,11 @@ next fire time must be 3.x's next run time, or the job is not converted.
 from __future__ import annotations
 
 import io
+import math
 import pickle
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import reprlib
+import types
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import Any, Final, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -96,8 +99,16 @@ _MONTHS: Final = (
 )
 _POSITIONS: Final = ("1st", "2nd", "3rd", "4th", "5th", "last")
 #: How many fire times a calendar interval trigger is stepped through at most to
-#: reach 3.x's next run time (a daily one started 270 years before)
-MAX_STEPS: Final = 100_000
+#: reach 3.x's next run time (a daily one started 27 years before)
+MAX_STEPS: Final = 10_000
+#: Bounds on what one document may hold, so that a crafted one cannot keep the
+#: import busy: expressions in a cron field, triggers in a combination (all levels),
+#: levels of combination, levels of containers in the arguments, and seconds
+MAX_EXPRESSIONS: Final = 64
+MAX_TRIGGERS: Final = 16
+MAX_DEPTH: Final = 3
+MAX_NESTING: Final = 100
+MAX_SECONDS: Final = 10**9
 #: APScheduler 3's default executor is a thread pool (AsyncIOScheduler's is not:
 #: map "default" to "async" for its coroutine functions)
 DEFAULT_EXECUTORS: Final[Mapping[str, str]] = {
@@ -113,6 +124,15 @@ class NotConvertibleError(ValueError):
 
 def _fail(reason: str) -> NoReturn:
     raise NotConvertibleError(reason)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+
+
+def brief(value: object) -> str:
+    """Return a short repr of ``value``, however big or deep it is."""
+    return _REPR.repr(value)
 
 
 class Stored:
@@ -146,12 +166,12 @@ _RECORDS: Final[Mapping[str, type[Stored]]] = {
 
 def _zone(name: object) -> tzinfo:
     if not isinstance(name, str):
-        raise pickle.UnpicklingError(f"malformed time zone name {name!r:.80}")
+        raise pickle.UnpicklingError(f"malformed time zone name {brief(name)}")
 
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise pickle.UnpicklingError(f"unknown time zone {name!r:.80}") from None
+        raise pickle.UnpicklingError(f"unknown time zone {brief(name)}") from None
 
 
 def _pytz_zone(*args: object) -> tzinfo:
@@ -165,7 +185,7 @@ def _pytz_zone(*args: object) -> tzinfo:
 
 def _pytz_fixed(minutes: object) -> tzinfo:
     if not isinstance(minutes, int) or isinstance(minutes, bool):
-        raise pickle.UnpicklingError(f"malformed fixed offset {minutes!r:.80}")
+        raise pickle.UnpicklingError(f"malformed fixed offset {brief(minutes)}")
 
     try:
         return timezone(timedelta(minutes=minutes))
@@ -181,8 +201,23 @@ _PYTZ: Final[Mapping[str, Callable[..., tzinfo]]] = {
 }
 
 
+def _fresh(function: Callable[..., tzinfo]) -> Callable[..., tzinfo]:
+    """Return a new function calling ``function``: BUILD may change its attributes."""
+
+    def call(*args: object) -> tzinfo:
+        return function(*args)
+
+    return call
+
+
 class _V3Unpickler(_SafeUnpickler):
     """Unpickle a 3.x job's state into records, refusing what is not allowed."""
+
+    def __init__(self, file: io.BytesIO, allow_list: _AllowList) -> None:
+        super().__init__(file, allow_list)
+        # New functions for each document, as the base class's helpers are: what
+        # pickle's BUILD sets on them dies with the unpickler
+        self._pytz = {ref: _fresh(function) for ref, function in _PYTZ.items()}
 
     def find_class(self, module_name: str, global_name: str, /) -> Any:
         module_name, global_name = _modern_name(module_name, global_name)
@@ -190,8 +225,8 @@ class _V3Unpickler(_SafeUnpickler):
         if ref in _RECORDS:
             return _RECORDS[ref]
 
-        if ref in _PYTZ:
-            return _PYTZ[ref]
+        if ref in self._pytz:
+            return self._pytz[ref]
 
         if module_name.partition(".")[0] in ("apscheduler", "pytz"):
             raise pickle.UnpicklingError(
@@ -231,15 +266,15 @@ def read_job(
     """
     state = _unpickle(document.get("job_state"), allowed_types)
     if state.get("version") != 1:
-        _fail(f"its state has version {state.get('version')!r:.20}, not 1")
+        _fail(f"its state has version {brief(state.get('version'))}, not 1")
 
     job_id = _typed(state, "id", str)
     if document.get("_id") != job_id:
-        _fail(f"its _id differs from the id in its state ({job_id!r:.80})")
+        _fail(f"its _id differs from the id in its state ({brief(job_id)})")
 
     func = _typed(state, "func", str)
     if not _is_ref(func):
-        _fail(f"its function {func!r:.80} is not a 'module:qualname' reference")
+        _fail(f"its function {brief(func)} is not a 'module:qualname' reference")
 
     trigger = state.get("trigger")
     if not isinstance(trigger, Stored) or trigger.ref not in TRIGGERS:
@@ -253,9 +288,12 @@ def read_job(
     if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
         _fail("its kwargs are not a dict of names")
 
+    _check_values(args, 0)
+    _check_values(kwargs, 0)
+
     grace = state.get("misfire_grace_time")
-    if grace is not None and (not _is_number(grace) or grace < 0):
-        _fail(f"its misfire_grace_time {grace!r:.40} is not a number of seconds")
+    if grace is not None and not _is_number(grace):
+        _fail(f"its misfire_grace_time {brief(grace)} is not a number of seconds")
 
     max_instances = _typed(state, "max_instances", int)
     if max_instances < 1:
@@ -301,21 +339,52 @@ def _unpickle(blob: object, allowed_types: Iterable[type | str]) -> dict[str, An
     return state
 
 
+_CALLABLES: Final = (
+    type,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+)
+
+
+def _check_values(value: object, depth: int) -> None:
+    """Refuse arguments that hold 3.x's records, classes or functions, or nest deep."""
+    if depth > MAX_NESTING:
+        _fail(f"its arguments nest more than {MAX_NESTING} levels deep")
+
+    if isinstance(value, Stored) or isinstance(value, _CALLABLES):
+        _fail(f"its arguments hold {brief(value)}, which is not a value")
+
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_values(key, depth + 1)
+            _check_values(item, depth + 1)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _check_values(item, depth + 1)
+
+
 def _typed(state: Mapping[str, Any], key: str, kind: type) -> Any:
     value = state.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        _fail(f"its {key} is {value!r:.60}, not a {kind.__name__}")
+        _fail(f"its {key} is {brief(value)}, not a {kind.__name__}")
 
     return value
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Tell whether ``value`` is a finite number of seconds, up to MAX_SECONDS."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 <= value <= MAX_SECONDS
+    )
 
 
 def _aware(value: object, what: str) -> datetime:
     if not isinstance(value, datetime) or value.utcoffset() is None:
-        _fail(f"its {what} {value!r:.60} is not a date and time with a time zone")
+        _fail(f"its {what} {brief(value)} is not a date and time with a time zone")
 
     return value
 
@@ -337,8 +406,8 @@ def _seconds(state: Mapping[str, Any], key: str) -> timedelta | None:
     if value is None:
         return None
 
-    if not _is_number(value) or value < 0:
-        _fail(f"its trigger's {key} {value!r:.40} is not a number of seconds")
+    if not _is_number(value):
+        _fail(f"its trigger's {key} {brief(value)} is not a number of seconds")
 
     return timedelta(seconds=value)
 
@@ -351,7 +420,7 @@ def _optional_time(state: Mapping[str, Any], key: str) -> datetime | None:
 def _timezone(state: Mapping[str, Any]) -> tzinfo:
     value = state.get("timezone")
     if not isinstance(value, tzinfo):
-        _fail(f"its trigger's time zone {value!r:.60} is not a time zone")
+        _fail(f"its trigger's time zone {brief(value)} is not a time zone")
 
     return value
 
@@ -367,7 +436,7 @@ def _int(value: object, low: int, high: int) -> int:
         or isinstance(value, bool)
         or not low <= value <= high
     ):
-        _fail(f"a cron expression holds {value!r:.40}, not a number in {low}..{high}")
+        _fail(f"a cron expression holds {brief(value)}, not a number in {low}..{high}")
 
     return value
 
@@ -411,26 +480,20 @@ def _expression(record: object, field: str) -> str:
         return f"{position} {_WEEKDAYS[_int(state.get('weekday'), 0, 6)]}"
 
     first, last = state.get("first"), state.get("last")
+    names: tuple[str, ...]
     if kind == "MonthRangeExpression":
-        names: Sequence[str] = _MONTHS
-        first, last = (
-            _int(first, 1, 12) - 1,
-            None if last is None else _int(last, 1, 12) - 1,
-        )
+        low, high, names = 1, 12, _MONTHS
     elif kind == "WeekdayRangeExpression":
-        names = _WEEKDAYS
-        first, last = _int(first, 0, 6), None if last is None else _int(last, 0, 6)
+        low, high, names = 0, 6, _WEEKDAYS
     else:
-        names = [str(value) for value in range(10_000)]
-        first, last = (
-            _int(first, 0, 9999),
-            None if last is None else _int(last, 0, 9999),
-        )
+        low, high, names = 0, 9999, ()
+
+    def name(value: object) -> str:
+        number = _int(value, low, high)
+        return names[number - low] if names else str(number)
 
     text = (
-        names[first]
-        if last is None or last == first
-        else f"{names[first]}-{names[last]}"
+        name(first) if last is None or last == first else f"{name(first)}-{name(last)}"
     )
     return text + _step(state)
 
@@ -444,7 +507,8 @@ def _weekdays(state: Mapping[str, Any], kind: str) -> str:
     else:
         first = _int(state.get("first"), 0, 6)
         end = state.get("last")
-        last = first if end is None else _int(end, 0, 6)
+        # 3.x reads "3/2" as from Thursday to Sunday, every other day
+        last = (6 if given is not None else first) if end is None else _int(end, 0, 6)
 
     days = [_WEEKDAYS[day] for day in range(first, last + 1, step)]
     if not days:
@@ -468,6 +532,7 @@ def _cron(state: Mapping[str, Any], since: datetime) -> CronTrigger:
             or field_state.get("name") != name
             or not isinstance(field_state.get("expressions"), list)
             or not field_state["expressions"]
+            or len(field_state["expressions"]) > MAX_EXPRESSIONS
         ):
             _fail(f"its cron trigger's {name} field is malformed")
 
@@ -487,7 +552,7 @@ def _cron(state: Mapping[str, Any], since: datetime) -> CronTrigger:
 def _interval(state: Mapping[str, Any]) -> IntervalTrigger:
     interval = state.get("interval")
     if not isinstance(interval, timedelta) or interval <= timedelta(0):
-        _fail(f"its interval {interval!r:.40} is not a positive time span")
+        _fail(f"its interval {brief(interval)} is not a positive time span")
 
     start = _aware(state.get("start_date"), "trigger's start_date")
     end = _optional_time(state, "end_date")
@@ -542,7 +607,15 @@ def _combined(state: Mapping[str, Any], since: datetime) -> list[Trigger]:
 
         ref, child = item
         if not isinstance(ref, str) or ref not in TRIGGERS:
-            _fail(f"its combining trigger holds a {ref!r:.80}, not one of 3.x's")
+            _fail(f"its combining trigger holds a {brief(ref)}, not one of 3.x's")
+
+        if ref in (INTERVAL, CALENDAR):
+            # 3.x asks each of them for its time after the combination's previous
+            # fire time, so they fire on another grid than on their own
+            _fail(
+                "its combining trigger holds an interval trigger, whose fire times "
+                "3.x computes from the combination's, unlike APScheduler 4"
+            )
 
         if not isinstance(child, dict):
             _fail("its combining trigger holds a trigger without state")
@@ -555,6 +628,39 @@ def _combined(state: Mapping[str, Any], since: datetime) -> list[Trigger]:
     return triggers
 
 
+def _check_tree(
+    ref: str, state: Mapping[str, Any], depth: int = 0, in_and: bool = False
+) -> int:
+    """
+    Return how many triggers a 3.x trigger holds, itself included.
+
+    :raises NotConvertibleError: if combinations nest deeper than MAX_DEPTH, an
+        AndTrigger is inside another (APScheduler 4 would try up to 10,000 times
+        10,000 fire times), or it holds more than MAX_TRIGGERS triggers
+    """
+    if ref not in (AND, OR):
+        return 1
+
+    if depth >= MAX_DEPTH:
+        _fail(f"its combining triggers nest more than {MAX_DEPTH} levels deep")
+
+    if ref == AND and in_and:
+        _fail("its trigger has an AndTrigger inside an AndTrigger")
+
+    count = 1
+    items = state.get("triggers")
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            child_ref, child = item
+            if isinstance(child_ref, str) and isinstance(child, dict):
+                count += _check_tree(child_ref, child, depth + 1, in_and or ref == AND)
+
+        if count > MAX_TRIGGERS:
+            _fail(f"its trigger holds more than {MAX_TRIGGERS} triggers")
+
+    return count
+
+
 def convert_trigger(ref: str, state: Mapping[str, Any], since: datetime) -> Trigger:
     """
     Return the APScheduler 4 trigger equal to a 3.x trigger (jitter aside).
@@ -564,6 +670,7 @@ def convert_trigger(ref: str, state: Mapping[str, Any], since: datetime) -> Trig
     :param since: the start time of a cron trigger that has no start date
     :raises NotConvertibleError: if it has no equal, or its state is malformed
     """
+    _check_tree(ref, state)
     try:
         if ref == CRON:
             return _cron(state, since)
@@ -599,10 +706,10 @@ def position(trigger: Trigger, not_before: datetime) -> None:
     if isinstance(trigger, CronTrigger):
         # Its next() starts one second after the last fire time (a whole second)
         if not_before > trigger.start_time:
+            # One second before, as an instant: in a DST fold, wall time goes back
+            last = not_before.astimezone(timezone.utc) - timedelta(seconds=1)
             state = trigger.__getstate__()
-            state["last_fire_time"] = not_before.astimezone(
-                trigger.timezone
-            ) - timedelta(seconds=1)
+            state["last_fire_time"] = last.astimezone(trigger.timezone)
             trigger.__setstate__(state)
     elif isinstance(trigger, IntervalTrigger):
         if not_before > trigger.start_time:
@@ -618,6 +725,9 @@ def position(trigger: Trigger, not_before: datetime) -> None:
             state = trigger.__getstate__()
             state["last_fire_time"] = trigger.start_time + (steps - 1) * step
             trigger.__setstate__(state)
+    elif isinstance(trigger, DateTrigger):
+        if trigger.run_time < not_before:
+            trigger.next()  # a combination's date that passed
     elif isinstance(trigger, BaseCombiningTrigger):
         for child in trigger.triggers:
             position(child, not_before)
@@ -658,6 +768,40 @@ def task_id_of(job: V3Job, max_instances: Mapping[str, int]) -> str:
     return f"{job.func} (max_instances={job.max_instances})"
 
 
+def _positioned(
+    ref: str, state: Mapping[str, Any], when: datetime, jitter: timedelta | None
+) -> tuple[Trigger, datetime | None]:
+    """
+    Return the converted trigger having just returned its fire time at ``when``.
+
+    With jitter, ``when`` is 3.x's jittered time, which comes at most ``jitter``
+    after the fire time it was made from: the last fire time at or before ``when``.
+    Found by counting, then replayed on a new trigger (a trigger's state cannot be
+    copied back whole).
+    """
+    since = when - (jitter or timedelta(0))
+    trigger = convert_trigger(ref, state, since)
+    position(trigger, since)
+    first = trigger.next()
+    if not jitter or first is None:
+        return trigger, first
+
+    steps = 1
+    while steps <= MAX_STEPS:
+        following = trigger.next()
+        if following is None or following > when:
+            break
+
+        steps += 1
+
+    trigger = convert_trigger(ref, state, since)
+    position(trigger, since)
+    for _ in range(steps):
+        first = trigger.next()
+
+    return trigger, first
+
+
 def convert_job(
     job: V3Job,
     task_id: str,
@@ -680,22 +824,24 @@ def convert_job(
     executor = executors.get(job.executor)
     if executor is None:
         _fail(
-            f"its executor {job.executor!r:.80} has no APScheduler 4 executor "
+            f"its executor {brief(job.executor)} has no APScheduler 4 executor "
             "(map it with --executor NAME=EXECUTOR)"
         )
 
     ref, state = job.trigger
     jitter = _seconds(state, "jitter")
     target = job.next_run_time
-    # 3.x's jitter only ever delays: the fire time it moved lies before
-    since = (target or now) - (jitter or timedelta(0))
-    trigger = convert_trigger(ref, state, since)
-    position(trigger, since)
-    first = trigger.next()
+    try:
+        trigger, first = _positioned(ref, state, target or now, jitter)
+    except NotConvertibleError:
+        raise
+    except Exception as exc:  # whatever the data makes APScheduler 4 raise
+        _fail(f"APScheduler 4 cannot compute its fire times: {brief(exc)}")
+
     if first is None:
         _fail("its trigger has no fire time left")
 
-    if target is not None and not jitter and first != target:
+    if target is not None and not jitter and first.timestamp() != target.timestamp():
         _fail(
             f"APScheduler 4 computes its next fire time as {first.isoformat()}, "
             f"not 3.x's {target.isoformat()}"
@@ -723,6 +869,7 @@ def convert_job(
         max_jitter=_untyped(jitter),
         job_executor=executor,
         metadata=metadata,
-        next_fire_time=target or first,
+        # With jitter, the time 3.x jittered: APScheduler 4 jitters it anew
+        next_fire_time=first if jitter else target or first,
     )
     return Converted(task, schedule)

@@ -29,11 +29,13 @@ from apscheduler.abc import DataStore, Serializer
 from . import _export
 from . import _layout as layout
 from ._export import Counts, ExportFileError, ExportReport, ImportReport, Skipped
+from ._signing import AllowedCallables
 from ._v3 import (
     DEFAULT_EXECUTORS,
     Converted,
     NotConvertibleError,
     V3Job,
+    brief,
     convert_job,
     read_job,
     task_id_of,
@@ -123,7 +125,9 @@ async def import_v3(
     *,
     executors: Mapping[str, str] = DEFAULT_EXECUTORS,
     allowed_types: Iterable[type | str] = (),
+    allowed_callables: Iterable[str] | None = None,
     now: datetime | None = None,
+    check_source: bool = True,
 ) -> V3ImportReport:
     """
     Add the tasks and schedules equal to the jobs of a 3.x ``MongoDBJobStore``.
@@ -145,26 +149,31 @@ AsyncCollection`, or Motor's)
     :param allowed_types: the user's classes that the jobs' arguments may hold, as
         classes or ``"module:qualname"`` strings (of modules already imported):
         any other class refuses the job
+    :param allowed_callables: ``"module:qualname"`` or ``"module:*"`` patterns: a
+        job whose function falls outside is not converted (default: those of
+        ``store``, if it is this package's store and has some). Importing vouches
+        for the functions the 3.x documents name: a store with a signing key signs
+        them, so give the patterns when the 3.x collection could have been written
+        by someone you do not trust
     :param now: from when a paused job's next fire time is computed (default: now)
-    :raises ValueError: if ``store`` is this package's store on the database and
-        collection that ``source`` is
+    :param check_source: refuse a source whose database and collection names are
+        those of ``store``'s own (pass ``False`` only when they are on different
+        servers)
+    :raises ValueError: if ``check_source`` and ``store`` is this package's store on
+        the database whose collection ``source`` is, or a pattern is malformed
     """
     target = getattr(store, "database", None)
-    if isinstance(target, str):
+    if check_source and isinstance(target, str):
         check_v3_source(source.database.name, source.name, target)
 
-    now = now or datetime.now(timezone.utc)
-    allowed = tuple(allowed_types)
-    jobs: list[V3Job] = []
-    refused: dict[str, str] = {}
-    read = 0
-    async for document in source.find({}, sort=[("_id", 1)]):
-        read += 1
-        try:
-            jobs.append(read_job(document, allowed))
-        except NotConvertibleError as exc:
-            refused[str(document.get("_id"))] = str(exc)
+    if allowed_callables is not None:
+        allowed: AllowedCallables | None = AllowedCallables.of(allowed_callables)
+    else:
+        allowed = getattr(store, "allowed_callables", None)
 
+    now = now or datetime.now(timezone.utc)
+    types = tuple(allowed_types)
+    read, jobs, refused = await _read_all(source, types, allowed)
     limits = _common_limits(jobs)
     converted: list[Converted] = []
     for job in jobs:
@@ -215,6 +224,47 @@ AsyncCollection`, or Motor's)
     )
 
 
+async def _read_all(
+    source: Any,
+    allowed_types: tuple[type | str, ...],
+    allowed: AllowedCallables | None,
+) -> tuple[int, list[V3Job], dict[str, str]]:
+    """Return how many documents were read, the jobs read, and why others were not."""
+    jobs: list[V3Job] = []
+    refused: dict[str, str] = {}
+    read = 0
+    async for document in source.find({}, sort=[("_id", 1)]):
+        read += 1
+        job = _read(document, allowed_types, allowed)
+        if isinstance(job, str):
+            key = document.get("_id")
+            short = isinstance(key, str) and len(key) <= 200
+            refused[key if short else brief(key)] = job
+        else:
+            jobs.append(job)
+
+    return read, jobs, refused
+
+
+def _read(
+    document: Mapping[str, Any],
+    allowed_types: tuple[type | str, ...],
+    allowed: AllowedCallables | None,
+) -> V3Job | str:
+    """Return the 3.x job ``document`` holds, or why it cannot be converted."""
+    try:
+        job = read_job(document, allowed_types)
+    except NotConvertibleError as exc:
+        return str(exc)
+    except Exception as exc:  # one crafted document must not end the import
+        return f"it cannot be read: {brief(exc)}"
+
+    if allowed is not None and not allowed.allows(job.func):
+        return f"its function {job.func!r} is not among the allowed callables"
+
+    return job
+
+
 def _converted(
     job: V3Job, task_id: str, now: datetime, executors: Mapping[str, str]
 ) -> Converted | str:
@@ -223,6 +273,8 @@ def _converted(
         return convert_job(job, task_id, now, executors)
     except NotConvertibleError as exc:
         return str(exc)
+    except Exception as exc:  # one crafted document must not end the import
+        return f"it cannot be converted: {brief(exc)}"
 
 
 def _common_limits(jobs: Iterable[V3Job]) -> dict[str, int]:

@@ -57,6 +57,16 @@ def declare(parser: argparse.ArgumentParser) -> None:
         + "; an AsyncIOScheduler's coroutine functions need default=async)",
     )
     parser.add_argument(
+        "--allow",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="a function the jobs may run ('module:qualname' or 'module:*'); repeat "
+        "it for more. A job whose function falls outside is not converted. Needed "
+        "with a signing key: the store signs what is imported, vouching for the "
+        "functions the 3.x documents name",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="read the 3.x jobs and say what would be added, writing nothing (and "
@@ -94,13 +104,22 @@ async def run(
     store: DataStore | None,
     allowed_types: Sequence[type],
     say: Callable[[str], None],
+    *,
+    same_server: bool,
 ) -> int:
-    """Import, and say what was (or would be) done; return the exit status."""
+    """
+    Import, and say what was (or would be) done; return the exit status.
+
+    :param same_server: whether the 3.x job store is on the store's server (its
+        database and collection must then not be the store's own)
+    """
     report = await import_v3(
         source,
         store,
         executors=executors_of(args.executor),
         allowed_types=allowed_types,
+        allowed_callables=args.allow,
+        check_source=same_server,
     )
     render(report, f"{args.from_database}.{args.from_collection}", say)
     return 1 if report.refused else 0

@@ -37,7 +37,7 @@ from .._export import (
     safe_serializer,
 )
 from .._names import validate_database_name
-from .._signing import Signer
+from .._signing import AllowedCallables, Signer
 from ..migration import check_v3_source
 from . import actions, import_v3
 from ._common import (
@@ -563,6 +563,15 @@ async def _import_v3(args: argparse.Namespace, client: object) -> int:
         setup = _Transfer.of(args)
         import_v3.executors_of(args.executor)
         validate_database_name(args.from_database)
+        if setup.signer is not None and not args.allow:
+            raise ValueError(
+                "the store signs what is imported, vouching for the functions the "
+                "APScheduler 3 documents name: name those the jobs may run with "
+                "--allow 'module:*' (repeat it for more)"
+            )
+
+        if args.allow:
+            AllowedCallables.of(args.allow)  # refuse a malformed pattern now
         if from_uri is None:
             check_v3_source(args.from_database, args.from_collection, setup.database)
         else:
@@ -581,7 +590,7 @@ async def _import_v3(args: argparse.Namespace, client: object) -> int:
     except (TypeError, ValueError, OSError, ImportError) as exc:
         return fail(EXIT_USAGE, str(exc).replace("client_or_uri", "--from-uri"))
 
-    adapter = adapter_for(client)
+    adapter, same = adapter_for(client), from_uri is None
     try:
         async with AsyncExitStack() as exit_stack:
             source_client = (
@@ -592,11 +601,18 @@ async def _import_v3(args: argparse.Namespace, client: object) -> int:
             source = cast(Any, source_client)[args.from_database][args.from_collection]
             with anyio.fail_after(args.timeout):
                 if args.dry_run:
-                    return await import_v3.run(args, source, None, setup.allowed, say)
+                    return await import_v3.run(
+                        args, source, None, setup.allowed, say, same_server=same
+                    )
 
                 async with scheduler:
                     return await import_v3.run(
-                        args, source, scheduler.data_store, setup.allowed, say
+                        args,
+                        source,
+                        scheduler.data_store,
+                        setup.allowed,
+                        say,
+                        same_server=same,
                     )
     except TimeoutError:
         outcome = (

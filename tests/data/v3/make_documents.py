@@ -137,6 +137,24 @@ def jobs() -> list[tuple[str, str, object, dict[str, object]]]:
             {},
         ),
         (
+            # From the first 03:00 after DST ends (the second one): wall times repeat
+            "cron-fold-helsinki",
+            TICK,
+            CronTrigger(
+                minute="*/30",
+                start_date=datetime(2027, 10, 31, 1, tzinfo=timezone.utc),
+                timezone=ZoneInfo("Europe/Helsinki"),
+            ),
+            {},
+        ),
+        (
+            # 3.x reads "3/2" as Thursday to Sunday, every other day
+            "cron-weekday-step",
+            TICK,
+            CronTrigger(day_of_week="3/2", hour=8, timezone=BERLIN),
+            {},
+        ),
+        (
             "cron-jitter",
             TICK,
             CronTrigger(hour=4, jitter=30, timezone=BERLIN),
@@ -151,6 +169,13 @@ def jobs() -> list[tuple[str, str, object, dict[str, object]]]:
                 start_date=datetime(2027, 1, 1, 0, 0, 10, tzinfo=BERLIN),
                 timezone=BERLIN,
             ),
+            {},
+        ),
+        (
+            # A jitter longer than the interval
+            "interval-wide-jitter",
+            TICK,
+            IntervalTrigger(seconds=10, jitter=60, timezone=timezone.utc),
             {},
         ),
         (
@@ -258,6 +283,31 @@ def jobs() -> list[tuple[str, str, object, dict[str, object]]]:
                     DateTrigger(
                         run_date=datetime(2027, 4, 2, 8, 45, tzinfo=timezone.utc)
                     ),
+                ]
+            ),
+            {},
+        ),
+        (
+            # Not converted: 3.x computes the interval's times from the combination's
+            "or-interval",
+            TOCK,
+            OrTrigger(
+                [
+                    IntervalTrigger(
+                        minutes=10, start_date=datetime(2027, 1, 1, tzinfo=BERLIN)
+                    ),
+                    CronTrigger(minute=5, timezone=BERLIN),
+                ]
+            ),
+            {},
+        ),
+        (
+            "or-past-date",
+            TOCK,
+            OrTrigger(
+                [
+                    CronTrigger(hour=6, timezone=BERLIN),
+                    DateTrigger(run_date=datetime(2026, 1, 1, tzinfo=BERLIN)),
                 ]
             ),
             {},
