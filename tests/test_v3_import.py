@@ -552,6 +552,17 @@ class TestCommand:
 
         assert funcs == {"v3_user_types:tick"}
 
+    def test_a_password_in_from_uri_is_warned_of_and_never_shown(
+        self, wire_uri: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        argv = ["import-v3", "--uri", wire_uri, "--dry-run", "--timeout", "1"]
+        argv += ["--from-uri", "mongodb://ops:s3cret-word@127.0.0.1:1/"]
+        assert main(argv) == 3
+        err = capsys.readouterr().err
+        assert "--from-uri carries a password" in err
+        assert "APSCHEDULER3_MONGODB_URI" in err
+        assert "s3cret-word" not in err
+
     def test_the_collection_it_reads_is_refused(
         self,
         wire_uri: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -86,6 +87,26 @@ def has_password(uri: str) -> bool:
     authority = uri.partition("://")[2].partition("/")[0].partition("?")[0]
     userinfo = authority.rpartition("@")[0]
     return bool(userinfo.partition(":")[2])
+
+
+def uri_from(given: str | None, option: str, variable: str) -> str | None:
+    """
+    Return the URI given with ``option``, else the environment ``variable``'s.
+
+    A password given on the command line is visible to other users of this host
+    (``ps``): that is warned about, without showing the password.
+    """
+    if given is None:
+        return os.environ.get(variable) or None
+
+    if has_password(given):
+        warn(
+            f"the URI given with {option} carries a password, which other users of "
+            f"this host can read in the process list; set the {variable} "
+            f"environment variable instead"
+        )
+
+    return str(given)
 
 
 def signer_of(args: argparse.Namespace) -> Signer | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -31,7 +30,6 @@ from ._common import (
     EXIT_UNHEALTHY,
     EXIT_USAGE,
     fail,
-    has_password,
     key_options,
     retry_settings,
     say,
@@ -39,7 +37,7 @@ from ._common import (
     signer_of,
     stderr_logger,
     timed_out,
-    warn,
+    uri_from,
 )
 from .actions import innermost
 from .doctor import diagnose
@@ -417,23 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _uri(args: argparse.Namespace) -> str | None:
-    """
-    Return the URI to use: ``--uri``, else ``MONGODB_URI``.
-
-    A password given in ``--uri`` is on the command line, which other users of this
-    host can read (``ps``): that is warned about, without showing the password.
-    """
-    if args.uri is None:
-        return os.environ.get("MONGODB_URI") or None
-
-    if has_password(args.uri):
-        warn(
-            "the URI given with --uri carries a password, which other users of "
-            "this host can read in the process list; set the MONGODB_URI "
-            "environment variable instead"
-        )
-
-    return str(args.uri)
+    """Return the URI to use: ``--uri``, else ``MONGODB_URI``."""
+    return uri_from(args.uri, "--uri", "MONGODB_URI")
 
 
 async def _status(args: argparse.Namespace, reader: Reader) -> int:

@@ -47,7 +47,6 @@ from ._common import (
     EXIT_SERVER,
     EXIT_USAGE,
     fail,
-    has_password,
     key_options,
     not_a_retry,
     retry_settings,
@@ -56,7 +55,7 @@ from ._common import (
     signer_of,
     stderr_logger,
     timed_out,
-    warn,
+    uri_from,
 )
 from .actions import innermost
 from .status import NotFoundError, Reader, require_store
@@ -541,24 +540,9 @@ async def _dry_run(
         )
 
 
-def _v3_uri(args: argparse.Namespace) -> str | None:
-    """Return the URI of the 3.x job store, if not the store's: warn of a password."""
-    if args.from_uri is None:
-        return os.environ.get("APSCHEDULER3_MONGODB_URI") or None
-
-    if has_password(args.from_uri):
-        warn(
-            "the URI given with --from-uri carries a password, which other users "
-            "of this host can read in the process list; set the "
-            "APSCHEDULER3_MONGODB_URI environment variable instead"
-        )
-
-    return str(args.from_uri)
-
-
 async def _import_v3(args: argparse.Namespace, client: object) -> int:
     """Import the jobs of a 3.x MongoDBJobStore into the store in ``--database``."""
-    from_uri = _v3_uri(args)
+    from_uri = uri_from(args.from_uri, "--from-uri", "APSCHEDULER3_MONGODB_URI")
     try:
         setup = _Transfer.of(args)
         import_v3.executors_of(args.executor)
