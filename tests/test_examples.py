@@ -284,10 +284,14 @@ class TestSchedulerAndWorkers:
         assert all(pids[name] == pid for name, _, _, pid in ran)
         assert all(name != "scheduler" for name, _, _, _ in ran)
 
-        # Each job the scheduler added ran exactly once, each fire time once
+        # Each job the scheduler added ran exactly once, each fire time once. The
+        # scheduler's stop cancels its loop, which can fall between the store's
+        # insert of a job and the JobAdded event that prints "added": so one job
+        # (one add is in flight at a time) may run unannounced, never more
         job_ids = [job for _, job, _, _ in ran]
         assert sorted(job_ids) == sorted(set(job_ids))
-        assert set(job_ids) == set(added)
+        assert set(added) <= set(job_ids), completed.stdout
+        assert len(set(job_ids) - set(added)) <= 1, completed.stdout
         fire_times = [fire for _, _, fire, _ in ran]
         assert len(fire_times) == len(set(fire_times))
 
