@@ -35,6 +35,17 @@ def key_options(options: argparse.ArgumentParser) -> None:
     )
 
 
+def signed_store_options(options: argparse.ArgumentParser) -> None:
+    """Add ``--key-file`` and ``--accept-unsigned``: how to read a signed store."""
+    key_options(options)
+    options.add_argument(
+        "--accept-unsigned",
+        action="store_true",
+        help="as the store's accept_unsigned: while signing is being rolled out, "
+        "also read documents that carry no signature",
+    )
+
+
 def fail(status: int, message: str) -> int:
     """Write one line, without credentials, to stderr; return ``status``."""
     line = " ".join(redact(message).split())

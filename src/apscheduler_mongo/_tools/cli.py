@@ -34,6 +34,7 @@ from ._common import (
     retry_settings,
     say,
     serializer_of,
+    signed_store_options,
     signer_of,
     stderr_logger,
     timed_out,
@@ -183,13 +184,7 @@ def _store_options() -> argparse.ArgumentParser:
 def _changing_options() -> argparse.ArgumentParser:
     """Return the options of the commands that change the store through its API."""
     options = argparse.ArgumentParser(add_help=False)
-    key_options(options)
-    options.add_argument(
-        "--accept-unsigned",
-        action="store_true",
-        help="as the store's accept_unsigned: while signing is being rolled out, "
-        "also read documents that carry no signature",
-    )
+    signed_store_options(options)
     options.add_argument(
         "--serializer",
         choices=("pickle", "cbor", "json"),

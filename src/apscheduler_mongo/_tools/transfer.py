@@ -16,7 +16,12 @@ from typing import IO, Any, cast
 import anyio
 import anyio.to_thread
 import attrs
-from apscheduler import DeserializationError, RetrySettings, SerializationError
+from apscheduler import (
+    AsyncScheduler,
+    DeserializationError,
+    RetrySettings,
+    SerializationError,
+)
 from apscheduler.abc import DataStore, Serializer
 from apscheduler.eventbrokers.local import LocalEventBroker
 from pymongo.errors import PyMongoError
@@ -47,11 +52,11 @@ from ._common import (
     EXIT_SERVER,
     EXIT_USAGE,
     fail,
-    key_options,
     not_a_retry,
     retry_settings,
     say,
     serializer_of,
+    signed_store_options,
     signer_of,
     stderr_logger,
     timed_out,
@@ -67,13 +72,7 @@ COMMANDS = ("export", "import", "import-v3")
 def _transfer_options(serializer_help: str) -> argparse.ArgumentParser:
     """Return the options of ``export`` and ``import`` on the store and its values."""
     options = argparse.ArgumentParser(add_help=False)
-    key_options(options)
-    options.add_argument(
-        "--accept-unsigned",
-        action="store_true",
-        help="as the store's accept_unsigned: while signing is being rolled out, "
-        "also read documents that carry no signature",
-    )
+    signed_store_options(options)
     options.add_argument(
         "--serializer",
         choices=SERIALIZERS,
@@ -247,6 +246,19 @@ class _Transfer:
             database=self.database,
             serializer=self.serializer,
             retry_settings=self.settings,
+            signing_key=self.signer,
+            accept_unsigned=args.accept_unsigned,
+        )
+
+    def scheduler(self, client: object, args: argparse.Namespace) -> AsyncScheduler:
+        """Return a scheduler (never started) whose broker announces the changes."""
+        return actions.action_scheduler(
+            client,
+            self.database,
+            self.serializer,
+            args.events_collection,
+            self.settings,
+            self.logger,
             signing_key=self.signer,
             accept_unsigned=args.accept_unsigned,
         )
@@ -466,16 +478,7 @@ async def _import(args: argparse.Namespace, client: object) -> int:
     """Import a file into this package's store in ``--database``."""
     try:
         setup = _Transfer.of(args)
-        scheduler = actions.action_scheduler(
-            client,
-            setup.database,
-            setup.serializer,
-            args.events_collection,
-            setup.settings,
-            setup.logger,
-            signing_key=setup.signer,
-            accept_unsigned=args.accept_unsigned,
-        )
+        scheduler = setup.scheduler(client, args)
         # All of it is read and checked before the store is even started
         contents = await anyio.to_thread.run_sync(_read_file, args, setup)
     except (ExportFileError, UnicodeDecodeError) as exc:
@@ -561,16 +564,7 @@ async def _import_v3(args: argparse.Namespace, client: object) -> int:
         else:
             validate_client_or_uri(from_uri)
 
-        scheduler = actions.action_scheduler(
-            client,
-            setup.database,
-            setup.serializer,
-            args.events_collection,
-            setup.settings,
-            setup.logger,
-            signing_key=setup.signer,
-            accept_unsigned=args.accept_unsigned,
-        )
+        scheduler = setup.scheduler(client, args)
     except (TypeError, ValueError, OSError, ImportError) as exc:
         return fail(EXIT_USAGE, str(exc).replace("client_or_uri", "--from-uri"))
 
