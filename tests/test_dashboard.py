@@ -887,6 +887,7 @@ class TestInABrowser:
     def test_live_page(self, wire_uri: str, database_name: str, figures: Any) -> None:
         """The page shows a live store, updates without a reload, and pauses."""
         from selenium import webdriver
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.chrome.service import Service
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.wait import WebDriverWait
@@ -904,7 +905,11 @@ class TestInABrowser:
                 service=Service(str(CHROMEDRIVER)), options=options
             )
             try:
-                wait = WebDriverWait(driver, 10)
+                # The page replaces its panels on every live update: an element
+                # found just before one goes stale, and is found again
+                wait = WebDriverWait(
+                    driver, 10, ignored_exceptions=(StaleElementReferenceException,)
+                )
                 started = time.perf_counter()
                 driver.get(url)
                 rows = driver.find_elements(By.CSS_SELECTOR, "tr[data-schedule]")
