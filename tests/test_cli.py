@@ -843,6 +843,52 @@ class TestRemove:
         assert cli("remove", "nightly") == 1
 
 
+class TestJobActions:
+    """``run-now``, ``retry`` and ``cancel``: exit statuses and what they change."""
+
+    def test_cancel(
+        self, cli: Cli, seeded: Seeded, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        queued = [doc["_id"] for doc in cli.documents("jobs", {"state": "queued"})]
+        job_id = str(bson.Binary.as_uuid(queued[0]))
+        assert cli("cancel", job_id) == 0
+        assert capsys.readouterr().out == f"cancelled job {job_id}\n"
+        assert len(cli.documents("jobs", {"state": "queued"})) == 1
+
+        assert cli("cancel", seeded.running_job) == 5
+        assert "is running" in capsys.readouterr().err
+        assert cli("cancel", seeded.kept_result) == 5
+        assert "has finished" in capsys.readouterr().err
+        assert cli("cancel", str(uuid.uuid4())) == 1
+        assert "error: no job " in capsys.readouterr().err
+
+    def test_retry_refusals(
+        self, cli: Cli, seeded: Seeded, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert cli("retry", seeded.kept_result) == 5
+        assert "succeeded: only a job that failed" in capsys.readouterr().err
+        assert cli("retry", seeded.running_job) == 5
+        assert "is running" in capsys.readouterr().err
+        assert cli("retry", "no-such-job") == 1
+
+    @pytest.mark.usefixtures("seeded")
+    def test_run_now(self, cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+        (before,) = cli.documents("schedules", {"_id": "nightly"})
+        assert cli("run-now", "nightly") == 0
+        said = capsys.readouterr().out
+        assert said.endswith(
+            "to run schedule 'nightly' now; its next fire time is unchanged\n"
+        )
+        (job,) = cli.documents("jobs", {"schedule_id": "nightly"})
+        assert job["state"] == "queued" and job["task_id"] == "report"
+        assert str(bson.Binary.as_uuid(job["_id"])) in said
+        (after,) = cli.documents("schedules", {"_id": "nightly"})
+        assert after["next_fire_time"] == before["next_fire_time"]
+        assert cli("run-now", "broken") == 1
+        assert "is quarantined" in capsys.readouterr().err
+        assert cli("run-now", "nope") == 1
+
+
 class TestPurge:
     """``purge`` runs the store's cleanup: expired results go, fresh ones stay."""
 

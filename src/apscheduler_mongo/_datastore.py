@@ -54,6 +54,7 @@ from ._client import (
     require_asyncio,
 )
 from ._clock import ServerClock, Timekeeper, timed_hello
+from ._history import Recorder
 from ._indexes import ensure_indexes
 from ._job_claims import (
     ClaimedTasks,
@@ -78,6 +79,7 @@ from ._marshalling import (
     quarantine_record,
     released_event,
     released_trigger,
+    result_for_document,
     result_from_document,
     schedule_from_document,
     schedule_to_document,
@@ -121,6 +123,19 @@ def _positive_seconds(
         )
 
 
+def _history_seconds(
+    instance: object, attribute: attrs.Attribute[Any], value: object
+) -> None:
+    if value is None:
+        return
+
+    _positive_seconds(instance, attribute, value)
+    if isinstance(value, int | float) and value < 1:
+        raise ValueError(
+            f"{attribute.name} must be at least 1 second (or None), not {value!r}"
+        )
+
+
 _Item = TypeVar("_Item", Schedule, Job)
 
 
@@ -159,6 +174,13 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         anything is imported
     :param heartbeat_interval: seconds between the writes that keep this store's
         record among the live schedulers fresh (see :ref:`live-schedulers`)
+    :param history_interval: seconds (at least 1) between the writes of the job
+        history that the dashboard charts: what this store counted in memory per
+        minute (jobs released by outcome, how late they started, the queue depth
+        sampled once a minute), at most one small upsert per minute per write, and
+        none when nothing is new. ``None`` records no history. A clean stop writes
+        what is pending; a crash loses what was counted since the last write (see
+        :ref:`job-history`)
     :param meter_provider: the OpenTelemetry ``MeterProvider`` the store counts
         with (default: the global one, which counts nothing until the application
         configures an SDK; see :doc:`operations`)
@@ -186,6 +208,9 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     heartbeat_interval: float = attrs.field(
         default=10.0, kw_only=True, validator=_positive_seconds
     )
+    history_interval: float | None = attrs.field(
+        default=5.0, kw_only=True, validator=_history_seconds
+    )
     meter_provider: Any = attrs.field(default=None, kw_only=True)
 
     _adapter: Adapter = attrs.field(init=False)
@@ -206,6 +231,8 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     _task_group: TaskGroup = attrs.field(init=False)
     _alarm: JobAlarm = attrs.field(init=False)
     _registry: Registry = attrs.field(init=False)
+    #: The job history this store records, unless ``history_interval`` is None
+    _history: Recorder | None = attrs.field(init=False, default=None)
     #: Whether the store has started and not stopped
     _running: bool = attrs.field(init=False, default=False)
     _metrics: Metrics = attrs.field(init=False)
@@ -292,6 +319,8 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                         for collection in (self._tasks, self._schedules, self._jobs):
                             await collection.drop()
 
+                        await self._history_collection().drop()
+
                     await ensure_indexes(
                         self._schedules,
                         layout.SCHEDULE_INDEXES,
@@ -302,6 +331,9 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
                     )
                     await ensure_indexes(
                         self._registry.collection, layout.SCHEDULER_INDEXES
+                    )
+                    await ensure_indexes(
+                        self._history_collection(), layout.HISTORY_INDEXES
                     )
                     await self._registry.beat()
 
@@ -314,6 +346,17 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
         exit_stack.callback(self._task_group.cancel_scope.cancel)
         self._task_group.start_soon(self._timekeeper.run)
         self._task_group.start_soon(self._registry.run)
+        if self.history_interval is not None:
+            self._history = Recorder(
+                self._history_collection(),
+                self._jobs,
+                self._clock,
+                self._attempts,
+                logger,
+                self.history_interval,
+            )
+            self._task_group.start_soon(self._history.run)
+            exit_stack.push_async_callback(self._history.close)
         announce = getattr(event_broker, "publish_local", event_broker.publish)
         self._alarm = JobAlarm(self._clock, announce)
         self._task_group.start_soon(self._alarm.run)
@@ -965,6 +1008,78 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
     def _build_job(self, document: Mapping[str, Any]) -> Job | None:
         return self._read("job", job_from_document, document)
 
+    async def read_job(self, job_id: UUID) -> Job | None:
+        """
+        Return a job, in any state, with its arguments, as the store reads jobs.
+
+        Its signature is checked before its arguments are deserialized, with the
+        store's serializer. A finished job keeps its arguments only if it did not
+        succeed (so that it can be retried), until its record goes.
+
+        :return: the job, or ``None`` if there is no such job, it has no arguments
+            stored, or it cannot be read (logged as a warning, saying why)
+        """
+        async for attempt in self._attempts():
+            with attempt:
+                document = await self._jobs.find_one(layout.by_id(uuid_to_bson(job_id)))
+
+        return None if document is None else self._build_job(document)
+
+    async def cancel_job(self, scheduler_id: str, job_id: UUID) -> bool:
+        """
+        Finish a queued job with the outcome ``cancelled``, so that it never runs.
+
+        One conditional write, whose filter re-checks that the job is still queued:
+        a job that a scheduler claimed meanwhile is not cancelled (it runs), and a
+        claim that comes after the write finds the job finished. Either way the job
+        runs once or never. The job keeps its arguments (it can be retried), its
+        fire-time record if a schedule created it (no second job for that fire
+        time), and no slot (a queued job holds none); ``JobReleased`` announces it,
+        with ``scheduler_id`` as the scheduler that released it.
+
+        :return: ``True`` if this call cancelled the job, ``False`` if it is not
+            queued (anymore), or does not exist
+        """
+        document_id = uuid_to_bson(job_id)
+        query = layout.queued_job(document_id)
+        async for attempt in self._attempts():
+            with attempt:
+                document = await self._jobs.find_one(query, layout.WITHOUT_ARGUMENTS)
+
+        if document is None:
+            return False
+
+        now = self._clock.now_datetime()
+        try:
+            result = result_for_document(document, JobOutcome.cancelled, now)
+        except MalformedDocumentError:  # pragma: no cover (the id matched a UUID)
+            return False
+
+        tag = layout.Tag(layout.RELEASE_TOKEN)
+        update = finish_update(
+            result,
+            self._codec,
+            self._logger,
+            from_schedule=is_from_schedule(document),
+            tag=tag,
+        )
+        written = await write_tagged(
+            self._jobs,
+            [Update(query, update)],
+            {document_id: tag},
+            self._attempts,
+            # A job gone after a lost reply may have run and been purged since:
+            # never say "cancelled" unless the token shows it
+            gone_counts=False,
+        )
+        if not written:
+            return False
+
+        event = released_event(result, scheduler_id, document)
+        self._released(event.task_id, result.outcome.name, None, None)
+        await self._event_broker.publish(event)
+        return True
+
     async def acquire_jobs(
         self, scheduler_id: str, lease_duration: timedelta, limit: int | None = None
     ) -> list[Job]:
@@ -1011,7 +1126,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             if (result := claim.finished.get(document["_id"])) is not None:
                 # Finished by the claim (start deadline passed, refused task)
                 event = released_event(result, scheduler_id, document)
-                self._metrics.released(event.task_id, result.outcome.name, None, None)
+                self._released(event.task_id, result.outcome.name, None, None)
                 events.append(event)
             elif job := claim.jobs.get(document["_id"]) or self._build_job(document):
                 job = self._on_host_clock(job)
@@ -1079,7 +1194,7 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
             )
             return
 
-        self._metrics.released(
+        self._released(
             job.task_id,
             result.outcome.name,
             _seconds_between(result.started_at, result.finished_at),
@@ -1160,15 +1275,32 @@ class MongoDBDataStore(ConnectionOptions, SigningOptions, BaseExternalDataStore)
 
     async def _publish_reaped(self, events: Sequence[Event]) -> None:
         """Count the jobs that cleanup finished as abandoned; announce all it did."""
-        self._metrics.reaped(
-            [
-                event.task_id
-                for event in events
-                if isinstance(event, JobReleased)
-                and event.outcome is JobOutcome.abandoned
-            ]
-        )
+        reaped = [
+            event.task_id
+            for event in events
+            if isinstance(event, JobReleased) and event.outcome is JobOutcome.abandoned
+        ]
+        self._metrics.reaped(reaped)
+        if self._history is not None:
+            self._history.reaped(len(reaped))
+
         await self._publish_all(events)
+
+    def _released(
+        self,
+        task_id: str,
+        outcome: str,
+        run_time: float | None,
+        lateness: float | None,
+    ) -> None:
+        """Count a job this store released (or finished for its scheduler), in
+        memory: in the metrics and in the job history."""
+        self._metrics.released(task_id, outcome, run_time, lateness)
+        if self._history is not None:
+            self._history.released(outcome, lateness)
+
+    def _history_collection(self) -> Collection:
+        return self._adapter.collection(self.database, layout.HISTORY)
 
     def _cleanup(self) -> Cleanup:
         return Cleanup(

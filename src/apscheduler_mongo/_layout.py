@@ -34,6 +34,8 @@ JOBS = "jobs"
 EVENTS = "events"
 #: The live schedulers' records (see :mod:`._registry`)
 SCHEDULERS = "schedulers"
+#: The job history per minute and store process, for charts (see :mod:`._history`)
+HISTORY = "history"
 
 #: Where a quarantined schedule or job records why, and since when: such a document
 #: is never handed out again, and never deleted unannounced
@@ -43,7 +45,8 @@ MAC_FIELD = "mac"
 #: The signed parts of each kind of document, and the fields each part covers: what
 #: a process would deserialize or import, with what binds it to its task. A part is
 #: signed whenever any of its fields is written; a document holds the part while it
-#: holds the part's first field (a finished job drops its arguments)
+#: holds the part's first field (a job that finished with success drops its
+#: arguments; one that did not keeps them, signed, so that it can be retried)
 SIGNED_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
     TASKS: {"task": ("job_executor", "func")},
     SCHEDULES: {"call": ("args", "kwargs", "task_id"), "trigger": ("trigger",)},
@@ -87,10 +90,18 @@ SCHEDULE_INDEXES = [
         [("v", ASCENDING), ("next_fire_time", ASCENDING), ("_id", ASCENDING)],
         name="claim",
     ),
+    # One task's schedules in id order (the dashboard's filter by task)
+    IndexModel([("task_id", ASCENDING), ("_id", ASCENDING)], name="task_schedules"),
 ]
 #: The server deletes a scheduler's record once its ``expires`` (a date) has passed
 SCHEDULER_INDEXES = [
     IndexModel([("expires", ASCENDING)], name="expires", expireAfterSeconds=0)
+]
+HISTORY_INDEXES = [
+    # The minutes of a span, for the charts (read_history)
+    IndexModel([("minute", ASCENDING)], name="minute"),
+    # The server deletes a minute's counts once its ``expires`` (a date) has passed
+    IndexModel([("expires", ASCENDING)], name="expires", expireAfterSeconds=0),
 ]
 #: Indexes of earlier versions that nothing uses any more, dropped at start
 RETIRED_SCHEDULE_INDEXES = frozenset({"next_fire_time", "task_id"})
@@ -122,9 +133,16 @@ JOB_INDEXES = [
         ],
         name="task_queue",
     ),
-    # The live jobs of finished schedules
+    # The live jobs of finished schedules (cleanup); a schedule's last runs,
+    # newest first (``schedule_runs``: the dashboard's page of a schedule)
     IndexModel(
-        [("schedule_id", ASCENDING), ("state", ASCENDING)], name="schedule_state"
+        [
+            ("schedule_id", ASCENDING),
+            ("state", ASCENDING),
+            ("finished_time", ASCENDING),
+            ("_id", ASCENDING),
+        ],
+        name="schedule_state",
     ),
     # What a claim took, read back by its token
     IndexModel(
@@ -146,6 +164,30 @@ JOB_INDEXES = [
     IndexModel([("slot_key", ASCENDING)], name="slot_key", unique=True, sparse=True),
     # Expired records, deleted by the server (and by cleanup)
     IndexModel([("purge_at", ASCENDING)], name="purge_at", expireAfterSeconds=0),
+    # Finished jobs by outcome, newest first, of all tasks or of one (the
+    # dashboard's job listing); only finished jobs have an outcome, so no other
+    # write touches these
+    IndexModel(
+        [
+            ("state", ASCENDING),
+            ("outcome", ASCENDING),
+            ("created_at", ASCENDING),
+            ("_id", ASCENDING),
+        ],
+        name="outcomes",
+        partialFilterExpression={"outcome": {"$exists": True}},
+    ),
+    IndexModel(
+        [
+            ("task_id", ASCENDING),
+            ("state", ASCENDING),
+            ("outcome", ASCENDING),
+            ("created_at", ASCENDING),
+            ("_id", ASCENDING),
+        ],
+        name="task_outcomes",
+        partialFilterExpression={"outcome": {"$exists": True}},
+    ),
 ]
 RETIRED_JOB_INDEXES = frozenset({"leases", "acquired_by", "task_state"})
 
@@ -267,11 +309,30 @@ def lease(owner: str, until: int, token: ObjectId) -> Document:
 NO_LEASE: Document = {"acquired_by": None, "acquired_until": None}
 #: The fields of its lease a job loses when it stops running (with its slot)
 LEASE_DROPS: Document = dict.fromkeys(["acquired_by", "acquired_until", "slot_key"], "")
-#: ... and those a finished job loses: its arguments too
+#: ... and those a job that finished with success loses: its arguments too. A job
+#: that finished otherwise (an error, a missed start deadline, abandoned, cancelled)
+#: keeps them, with their signature, until its record goes (when its result
+#: expires, or its fire time is forgotten), so that an operator can retry it
 FINISHED_DROPS: Document = {
     **dict.fromkeys(["args", "kwargs", f"{MAC_FIELD}.call"], ""),
     **LEASE_DROPS,
 }
+
+# What a finished job records beside its result (which is kept only while it is
+# wanted): set in the finishing write, so they cost no command of their own. Shown
+# by the operator tools, never deserialized
+
+#: The outcome (a :class:`~apscheduler.JobOutcome` name)
+OUTCOME = "outcome"
+#: When it started (microseconds), if it did
+STARTED_TIME = "started_time"
+#: The formatted traceback of the exception it finished with, as plain text, its
+#: end kept (at most :data:`TRACEBACK_LIMIT` characters). Not signed: it is text
+#: that nothing deserializes, imports or runs, and readers show it escaped (a
+#: forged one misleads no more than any other unsigned field shown, such as a task
+#: id); signing it would only add a part that nothing needs to trust
+TRACEBACK = "traceback"
+TRACEBACK_LIMIT = 16_384
 
 
 def lapsed(now: int) -> Document:
@@ -441,6 +502,19 @@ def jobs_of(task_ids: Sequence[str], state: str) -> Document:
 
 def lapsed_jobs(now: int) -> Document:
     return {"state": ACQUIRED, **lapsed(now)}
+
+
+def queued_job(document_id: object) -> Document:
+    """
+    Match a job as long as it is queued: nobody has claimed it (a claim makes it
+    acquired in the same write that takes it), so it can be cancelled.
+    """
+    return {"_id": document_id, "state": QUEUED}
+
+
+def schedule_runs(schedule_id: str) -> Document:
+    """Match the finished jobs of one schedule (the ``schedule_state`` index)."""
+    return {"schedule_id": schedule_id, "state": FINISHED}
 
 
 def in_state(state: str) -> Document:
@@ -680,6 +754,72 @@ def after_id(document_id: object) -> Document:
     return {"_id": {"$gt": document_id}}
 
 
+def _string_after(text: str) -> str:
+    """Return the least string that sorts after every string starting with ``text``."""
+    last = ord(text[-1])
+    if last < 0x10FFFF:
+        return text[:-1] + chr(last + 1)
+
+    return _string_after(text[:-1]) if len(text) > 1 else "\U0010ffff"
+
+
+def schedule_listing(
+    task_id: str | None, prefix: str | None, after: str | None
+) -> Document:
+    """
+    Match one page of the schedules (of one task, whose ids start with ``prefix``)
+    in id order, after the previous page's last id: served by the ``_id`` index, or
+    ``task_schedules`` for one task's.
+    """
+    query: Document = {}
+    if task_id is not None:
+        query["task_id"] = task_id
+    if prefix:
+        query["_id"] = {"$gte": prefix, "$lt": _string_after(prefix)}
+    if after is not None:
+        query.setdefault("_id", {}).pop("$gte", None)
+        query["_id"]["$gt"] = after
+
+    return query
+
+
+def job_listing(
+    state: str,
+    task_id: str | None,
+    outcome: str | None,
+    after: tuple[int, Any] | None,
+    *,
+    newest_first: bool,
+) -> Document:
+    """
+    Match one page of the jobs in ``state`` (of one task, with one outcome), in
+    :func:`listing_order`, after the (creation time, id) of the previous page's
+    last job. Served by the ``queue`` index, or ``task_queue`` for one task.
+    """
+    query: Document = {"state": state}
+    if task_id is not None:
+        query["task_id"] = task_id
+    if outcome is not None:
+        query[OUTCOME] = outcome
+    if after is not None:
+        created_at, document_id = after
+        beyond = "$lt" if newest_first else "$gt"
+        query["$or"] = [
+            {"created_at": {beyond: created_at}},
+            {"created_at": created_at, "_id": {beyond: document_id}},
+        ]
+
+    return query
+
+
+def listing_order(newest_first: bool) -> list[tuple[str, int]]:
+    """Return the order of a job listing: queue order, or its reverse."""
+    if newest_first:
+        return [(field, DESCENDING) for field, _ in QUEUE_ORDER]
+
+    return QUEUE_ORDER
+
+
 def unchanged_fields(document_id: object, values: Mapping[str, Any]) -> Document:
     """Match a document as long as the fields in ``values`` still hold them."""
     return {"_id": document_id, **values}
@@ -688,3 +828,47 @@ def unchanged_fields(document_id: object, values: Mapping[str, Any]) -> Document
 def signature_update(part: str, signature: bytes) -> Document:
     """Return the update that stores the signature of one part of a document."""
     return {"$set": {f"{MAC_FIELD}.{part}": signature}}
+
+
+# The dashboard's audit trail (see dashboard/_audit.py)
+
+#: Who made which change through the dashboard, and how it ended
+AUDIT = "audit"
+AUDIT_INDEXES = [
+    # The server deletes a record once its ``expires`` (a date) has passed
+    IndexModel([("expires", ASCENDING)], name="expires", expireAfterSeconds=0),
+    # The newest records first (the audit page)
+    IndexModel([("at", DESCENDING), ("_id", DESCENDING)], name="newest"),
+]
+AUDIT_ORDER = [("at", DESCENDING), ("_id", DESCENDING)]
+AUDIT_FIELDS: Document = dict.fromkeys(
+    ["at", "who", "address", "action", "target", "outcome", "message"], 1
+)
+
+
+def audit_record(
+    record_id: ObjectId,
+    at: datetime,
+    expires: datetime,
+    *,
+    who: str | None,
+    address: str | None,
+    action: str,
+    target: str | None,
+) -> Document:
+    """Return the record of an action about to be made (its outcome ``pending``)."""
+    return {
+        "_id": record_id,
+        "at": at,
+        "expires": expires,
+        "who": who,
+        "address": address,
+        "action": action,
+        "target": target,
+        "outcome": "pending",
+    }
+
+
+def audit_outcome(outcome: str, message: str) -> Document:
+    """Return the update that records how an action ended."""
+    return {"$set": {"outcome": outcome, "message": message}}

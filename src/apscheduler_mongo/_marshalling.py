@@ -9,6 +9,7 @@ client (in-process fakes included) stores the same bytes.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from logging import Logger
@@ -33,10 +34,14 @@ from ._layout import (
     FINISHED_DROPS,
     JOBS,
     LEASE_DROPS,
+    OUTCOME,
     QUARANTINE,
     QUEUED,
     SCHEDULES,
+    STARTED_TIME,
     TASKS,
+    TRACEBACK,
+    TRACEBACK_LIMIT,
     Document,
     Tag,
     fire_key,
@@ -427,6 +432,40 @@ def result_from_document(
         raise MalformedDocumentError(str(exc)) from exc
 
 
+#: What starts a traceback whose beginning was cut off
+TRACEBACK_CUT = "(traceback cut: its first {} characters are left out)\n"
+
+
+def traceback_text(exc: BaseException, limit: int = TRACEBACK_LIMIT) -> str:
+    """
+    Return the formatted traceback of ``exc`` as plain text, its end kept.
+
+    A traceback longer than ``limit`` characters loses its beginning, cut at a line
+    start, and says so on its first line (the end names the error and where it was
+    raised). Formatting never fails: an exception whose ``__str__`` raises is
+    formatted as Python does, and anything else gives the error's type name.
+    """
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:  # a hostile exception can break its formatting
+        return f"{type(exc).__name__} (its traceback could not be formatted)\n"
+
+    if len(text) <= limit:
+        return text
+
+    start = len(text) - limit
+    line_start = text.find("\n", start - 1) + 1
+    if line_start <= 0 or line_start >= len(text):
+        line_start = start  # one line longer than the limit: cut inside it
+
+    return TRACEBACK_CUT.format(line_start) + text[line_start:]
+
+
+#: How long the record of a job that did not succeed is kept at least (its
+#: outcome, traceback and arguments), whatever its result's expiration time
+FAILURES_KEPT = timedelta(hours=24)
+
+
 def finish_update(
     result: JobResult,
     codec: Codec,
@@ -448,12 +487,25 @@ def finish_update(
     return value or exception, and the error logged. With ``quarantine`` (the record
     of why), the job is finished but quarantined: it keeps its arguments and is
     never purged.
+
+    The document also records the outcome and start time (shown however long the
+    result is kept), and the traceback of the exception, if any, as text (see
+    :data:`~._layout.TRACEBACK`). A job that did not succeed keeps its arguments,
+    signed, so that it can be retried, for :data:`FAILURES_KEPT` at least; one that
+    succeeded drops them.
     """
     changes: Document = {
         "state": FINISHED,
         **tag.fields(),
         "finished_time": to_micros(result.finished_at),
+        OUTCOME: result.outcome.name,
     }
+    if result.started_at is not None:
+        changes[STARTED_TIME] = to_micros(result.started_at)
+
+    if result.exception is not None:
+        changes[TRACEBACK] = traceback_text(result.exception)
+
     keep = result.expires_at > result.finished_at
     if keep:
         try:
@@ -477,9 +529,14 @@ def finish_update(
         return {"$set": changes, "$unset": LEASE_DROPS}
 
     if not from_schedule:
-        changes["purge_at"] = result.expires_at if keep else result.finished_at
+        purge_at = result.expires_at if keep else result.finished_at
+        if result.outcome is not JobOutcome.success:
+            # Kept a while, for an operator to see why and retry it
+            purge_at = max(purge_at, result.finished_at + FAILURES_KEPT)
+        changes["purge_at"] = purge_at
 
-    return {"$set": changes, "$unset": FINISHED_DROPS}
+    drops = FINISHED_DROPS if result.outcome is JobOutcome.success else LEASE_DROPS
+    return {"$set": changes, "$unset": drops}
 
 
 def result_for_document(

@@ -67,6 +67,8 @@ _STORE_COLLECTIONS = frozenset(
         layout.EVENTS,
         layout.SCHEDULERS,
         layout.QUARANTINE,
+        layout.HISTORY,
+        layout.AUDIT,
     }
 )
 

@@ -1,5 +1,6 @@
 """
-The changes an operator makes to a store: pause, resume and remove a schedule, purge.
+The changes an operator makes to a store: pause, resume and remove a schedule, run
+it now, retry a failed job, cancel a queued one, purge.
 
 The command line and the dashboard both make them through here, on a scheduler
 (never started) whose event broker announces each change to the schedulers. Unlike
@@ -9,10 +10,14 @@ the schedule it changes with the store's serializer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import datetime, timezone
 from logging import Logger
+from typing import Any
+from uuid import UUID
 
 import attrs
-from apscheduler import AsyncScheduler, RetrySettings, Schedule
+from apscheduler import AsyncScheduler, Job, RetrySettings, Schedule, TaskLookupError
 from apscheduler.abc import Serializer
 from apscheduler.serializers.json import JSONSerializer
 from apscheduler.serializers.pickle import PickleSerializer
@@ -21,9 +26,21 @@ from .. import _layout as layout
 from .._datastore import MongoDBDataStore
 from .._eventbroker import MongoDBEventBroker
 from .._layout import ACQUIRED
+from .._marshalling import uuid_to_bson
 from .._signing import Signer
 from ..serializers import SafeCBORSerializer, SafeJSONSerializer, SafePickleSerializer
-from .status import NotFoundError, Reader, quarantine_reason
+from .status import (
+    NotFoundError,
+    Reader,
+    cancel_refusal,
+    job_uuid,
+    quarantine_reason,
+    retry_refusal,
+)
+
+
+class RefusedError(ValueError):
+    """Raised when an action does not apply to a job or schedule as it stands."""
 
 
 def action_scheduler(
@@ -110,11 +127,16 @@ def innermost(exc: BaseException) -> BaseException:
 
 
 async def schedule_to_change(
-    scheduler: AsyncScheduler, reader: Reader, schedule_id: str
+    scheduler: AsyncScheduler,
+    reader: Reader,
+    schedule_id: str,
+    *,
+    quarantined: str = "pausing or resuming it would lift the quarantine",
 ) -> Schedule:
     """
-    Return the schedule to pause or resume.
+    Return the schedule to pause or resume (or run now).
 
+    :param quarantined: why a quarantined schedule is refused
     :raises NotFoundError: if it does not exist, is quarantined, or cannot be read
     """
     documents = await reader.find(
@@ -127,9 +149,8 @@ async def schedule_to_change(
 
     if (reason := quarantine_reason(documents[0])) is not None:
         raise NotFoundError(
-            f"schedule {schedule_id!r} is quarantined ({reason}); pausing or "
-            f"resuming it would lift the quarantine: remove it, or add it again "
-            f"from your application"
+            f"schedule {schedule_id!r} is quarantined ({reason}); {quarantined}: "
+            f"remove it, or add it again from your application"
         )
 
     schedules = await scheduler.data_store.get_schedules({schedule_id})
@@ -183,6 +204,181 @@ async def remove(scheduler: AsyncScheduler, reader: Reader, schedule_id: str) ->
 
     await scheduler.remove_schedule(schedule_id)
     return f"removed schedule {schedule_id!r}"
+
+
+def _store(scheduler: AsyncScheduler) -> MongoDBDataStore:
+    store = scheduler.data_store
+    if not isinstance(store, MongoDBDataStore):  # pragma: no cover (a misuse)
+        raise TypeError(f"not a scheduler on a MongoDBDataStore: {store!r}")
+
+    return store
+
+
+async def _require_task(scheduler: AsyncScheduler, task_id: str) -> None:
+    """
+    :raises NotFoundError: if the task does not exist (a job of it would only
+        finish with an error)
+    """
+    try:
+        await scheduler.data_store.get_task(task_id)
+    except TaskLookupError:
+        raise NotFoundError(
+            f"task {task_id!r} does not exist (was it removed?); add it again "
+            f"from your application first"
+        ) from None
+
+
+async def run_now(scheduler: AsyncScheduler, reader: Reader, schedule_id: str) -> str:
+    """
+    Add one job that runs a schedule's task now; return what was done.
+
+    The job is built as APScheduler's scheduler builds the job of a fire time (the
+    schedule's task, arguments, job executor, metadata and result expiration time,
+    and ``schedule_id``, so that it shows among the schedule's runs), read through
+    the store (its signature checked first), added with the store's ``add_job`` and
+    announced (``JobAdded``). It has no scheduled fire time: it is for now, so it
+    has no fire-time key either, and neither collides with nor stands in for the
+    job of any fire time of the schedule (whose next fire time does not change).
+    Its start deadline is now plus the schedule's misfire grace time, by this
+    host's clock, as the scheduler sets it from a fire time; no jitter is added
+    (jitter spreads fire times; run-now means now). A paused schedule may be run
+    now (it stays paused); so may a finished one. Costs five commands: the
+    quarantine check, the schedule, the task, the insert, the event.
+
+    :raises NotFoundError: if the schedule does not exist, is quarantined, cannot
+        be read here, or its task does not exist
+    """
+    schedule = await schedule_to_change(
+        scheduler,
+        reader,
+        schedule_id,
+        quarantined="its trigger or arguments could not be read or trusted",
+    )
+    await _require_task(scheduler, schedule.task_id)
+    deadline: dict[str, Any] = {}
+    if (grace := schedule.misfire_grace_time) is not None:
+        deadline["start_deadline"] = datetime.now(timezone.utc) + grace
+
+    job = Job(
+        task_id=schedule.task_id,
+        args=schedule.args,
+        kwargs=schedule.kwargs,
+        schedule_id=schedule.id,
+        executor=schedule.job_executor,
+        result_expiration_time=schedule.job_result_expiration_time,
+        metadata=schedule.metadata.copy(),
+        **deadline,
+    )
+    await _store(scheduler).add_job(job)
+    paused = " (the schedule stays paused)" if schedule.paused is True else ""
+    return (
+        f"added job {job.id} to run schedule {schedule.id!r} now{paused}; its "
+        f"next fire time is unchanged"
+    )
+
+
+#: What telling whether an action applies to a job reads of it
+_JOB_STATE_FIELDS = dict.fromkeys(
+    ["state", layout.OUTCOME, "result.outcome", layout.QUARANTINE, "args", "kwargs"],
+    1,
+)
+
+
+async def _job_to_change(reader: Reader, job_id: str) -> tuple[UUID, Mapping[str, Any]]:
+    """
+    Return a job's id and the fields that tell whether an action applies.
+
+    :raises NotFoundError: if there is no such job
+    """
+    uuid = job_uuid(job_id)
+    documents = (
+        []
+        if uuid is None
+        else await reader.find(
+            layout.JOBS, layout.by_id(uuid_to_bson(uuid)), _JOB_STATE_FIELDS
+        )
+    )
+    if uuid is None or not documents:
+        raise NotFoundError(f"no job {job_id!r} in database {reader.database_name!r}")
+
+    return uuid, documents[0]
+
+
+async def retry(scheduler: AsyncScheduler, reader: Reader, job_id: str) -> str:
+    """
+    Add a new job that runs a failed job's task again; return what was done.
+
+    The job must have finished with one of
+    :data:`~.status.RETRYABLE_OUTCOMES` (an error, a missed start deadline,
+    abandoned, cancelled), and kept its arguments: a job that does not succeed
+    keeps them, signed, until its record goes (see :doc:`design`). They are read
+    through the store, which checks their signature before deserializing them.
+    The new job has the same task, arguments, job executor, metadata, result
+    expiration time and schedule (so that it shows among the schedule's runs), no
+    scheduled fire time and no start deadline (it is for now; it takes no fire
+    time of the schedule); it is added with the store's ``add_job`` and announced
+    (``JobAdded``). Costs five commands: the job's state, the job, its task, the
+    insert, the event.
+
+    :raises NotFoundError: if the job does not exist, its arguments cannot be read
+        here (a wrong serializer, a signature that does not match: the warning
+        says which), or its task does not exist
+    :raises RefusedError: if it is not finished, succeeded, finished otherwise
+        than by failing, is quarantined, or kept no arguments
+    """
+    uuid, document = await _job_to_change(reader, job_id)
+    if (refusal := retry_refusal(document)) is not None:
+        raise RefusedError(f"job {uuid} {refusal}")
+
+    store = _store(scheduler)
+    failed = await store.read_job(uuid)
+    if failed is None:
+        raise NotFoundError(
+            f"job {uuid} cannot be read here (see the warning); is the serializer "
+            f"(--serializer) right, the signing key, and can this Python import "
+            f"what its arguments use?"
+        )
+
+    await _require_task(scheduler, failed.task_id)
+    job = Job(
+        task_id=failed.task_id,
+        args=failed.args,
+        kwargs=failed.kwargs,
+        schedule_id=failed.schedule_id,
+        executor=failed.executor,
+        result_expiration_time=failed.result_expiration_time,
+        metadata=dict(failed.metadata),
+    )
+    await store.add_job(job)
+    return f"retried job {uuid} as job {job.id}"
+
+
+async def cancel(scheduler: AsyncScheduler, reader: Reader, job_id: str) -> str:
+    """
+    Cancel a queued job: it never runs; return what was done.
+
+    The job is finished with the outcome ``cancelled`` in one conditional write
+    that re-checks that it is still queued, so a job that a scheduler claimed
+    meanwhile is not cancelled (and runs), and is announced (``JobReleased``).
+    It keeps its arguments, so it can be retried, and a job of a schedule keeps
+    its fire time (no other job is added for it). Costs four commands: the job's
+    state, the job again (as the write needs it), the write, the event.
+
+    :raises NotFoundError: if the job does not exist
+    :raises RefusedError: if it is not queued (running, finished, quarantined),
+        or a scheduler claimed it meanwhile
+    """
+    uuid, document = await _job_to_change(reader, job_id)
+    if (refusal := cancel_refusal(document)) is not None:
+        raise RefusedError(f"job {uuid} {refusal}")
+
+    if not await _store(scheduler).cancel_job(scheduler.identity, uuid):
+        raise RefusedError(
+            f"job {uuid} is no longer queued (a scheduler claimed it meanwhile, or "
+            f"it was removed): not cancelled"
+        )
+
+    return f"cancelled job {uuid}"
 
 
 @attrs.frozen

@@ -40,7 +40,7 @@ from ._common import (
     timed_out,
     uri_from,
 )
-from .actions import innermost
+from .actions import RefusedError, innermost
 from .doctor import diagnose
 from .doctor import render_json as render_doctor_json
 from .doctor import render_text as render_doctor_text
@@ -75,18 +75,19 @@ if TYPE_CHECKING:
 _EPILOG = """\
 exit statuses:
   0    success
-  1    not found: no such schedule (or it is quarantined, or cannot be read
-       here), or the database holds no store; for sign, parts left unsigned;
-       for export, records the store could not read (left out of the file);
-       for import, records skipped (each listed); for import-v3, jobs that
-       could not be converted (each listed, with why)
+  1    not found: no such schedule or job (or it is quarantined, or cannot be
+       read here), or the database holds no store; for sign, parts left
+       unsigned; for export, records the store could not read (left out of the
+       file); for import, records skipped (each listed); for import-v3, jobs
+       that could not be converted (each listed, with why)
   2    usage or configuration error: a bad option, a missing or malformed URI,
        a bad database name, a demo database that holds a store
   3    the server could not be reached within --timeout, or it refused or
        failed a request (authentication, permissions, an incompatible server)
   4    doctor: a check failed (with --strict, or warned)
   5    import: the file was refused (another format, malformed, a signature
-       that does not match, a class not allowed); nothing was written
+       that does not match, a class not allowed); nothing was written; retry,
+       cancel: refused, the job is in no state for it (not failed, not queued)
   130  interrupted (Ctrl-C); a change may or may not have been made
 
 environment:
@@ -305,6 +306,38 @@ def build_parser() -> argparse.ArgumentParser:
         changing,
     )
     remove.add_argument("schedule_id", metavar="SCHEDULE_ID", help="the schedule's id")
+    run_now = add(
+        "run-now",
+        "run a schedule's task once, now",
+        "Add one job that runs the schedule's task now, with its arguments, as a "
+        "fire time would (its job executor, metadata, result expiration time and "
+        "misfire grace time), announced through the event broker. The schedule's "
+        "next fire time does not change, and its fire times still get their own "
+        "jobs. A paused schedule may be run now (it stays paused).",
+        changing,
+    )
+    run_now.add_argument("schedule_id", metavar="SCHEDULE_ID", help="the schedule's id")
+    retry = add(
+        "retry",
+        "run a failed job again, as a new job",
+        "Add a new job with the task and arguments of a job that finished with an "
+        "error, missed its start deadline, was abandoned or was cancelled, "
+        "announced through the event broker. The arguments are read as a scheduler "
+        "reads them (their signature checked first, with --key-file). A job keeps "
+        "its arguments only while its record is kept: a schedule's job for an hour "
+        "at least, another job while its result is kept.",
+        changing,
+    )
+    retry.add_argument("job_id", metavar="JOB_ID", help="the failed job's id")
+    cancel = add(
+        "cancel",
+        "cancel a queued job",
+        "Finish a queued job with the outcome 'cancelled', so that it never runs, "
+        "in one write that a scheduler claiming the job at that moment wins (the "
+        "job then runs, and cancel says so). Announced through the event broker.",
+        changing,
+    )
+    cancel.add_argument("job_id", metavar="JOB_ID", help="the queued job's id")
     add(
         "purge",
         "run the store's cleanup now",
@@ -491,6 +524,21 @@ async def _change_schedule(
     return EXIT_OK
 
 
+async def _change_job(
+    args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
+) -> int:
+    """Run a schedule now, retry or cancel a job; say what was done."""
+    if args.command == "run-now":
+        said = await actions.run_now(scheduler, reader, args.schedule_id)
+    elif args.command == "retry":
+        said = await actions.retry(scheduler, reader, args.job_id)
+    else:
+        said = await actions.cancel(scheduler, reader, args.job_id)
+
+    say(said)
+    return EXIT_OK
+
+
 async def _purge(
     _args: argparse.Namespace, scheduler: AsyncScheduler, reader: Reader
 ) -> int:
@@ -506,6 +554,9 @@ _CHANGES: dict[str, Change] = {
     "pause": _change_schedule,
     "resume": _change_schedule,
     "remove": _change_schedule,
+    "run-now": _change_job,
+    "retry": _change_job,
+    "cancel": _change_job,
     "purge": _purge,
 }
 
@@ -586,6 +637,9 @@ async def run_command(args: argparse.Namespace, client: object) -> int:
         error = innermost(exc)
         if isinstance(error, (NotFoundError, ScheduleLookupError)):
             return fail(EXIT_NOT_FOUND, str(error))
+
+        if isinstance(error, RefusedError):
+            return fail(EXIT_REFUSED, str(error))
 
         if isinstance(error, (PyMongoError, RuntimeError)):
             return fail(EXIT_SERVER, str(error))

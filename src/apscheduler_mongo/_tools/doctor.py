@@ -41,7 +41,13 @@ NEEDED_ACTIONS = frozenset(
     {"find", "insert", "update", "remove", "listIndexes", "createIndex", "dropIndex"}
 )
 #: The store's collections, which the user needs those actions on
-STORE_COLLECTIONS = (layout.TASKS, layout.SCHEDULES, layout.JOBS, layout.SCHEDULERS)
+STORE_COLLECTIONS = (
+    layout.TASKS,
+    layout.SCHEDULES,
+    layout.JOBS,
+    layout.SCHEDULERS,
+    layout.HISTORY,
+)
 #: The server's code for a command this user may not run
 UNAUTHORIZED = 13
 #: The probe document of the majority-write check (in the ``schedulers``

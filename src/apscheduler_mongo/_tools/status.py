@@ -11,9 +11,10 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from logging import Logger
 from typing import Any
+from uuid import UUID
 
 import attrs
 from apscheduler import RetrySettings
@@ -22,10 +23,17 @@ from .. import _layout as layout
 from .._adapters import Adapter, Collection
 from .._clock import ServerClock, timed_hello
 from .._layout import ACQUIRED, FINISHED, QUEUED, Document
-from .._marshalling import MalformedDocumentError, describe_id, get_datetime
+from .._marshalling import (
+    TRACEBACK_CUT,
+    MalformedDocumentError,
+    describe_id,
+    get_datetime,
+    uuid_to_bson,
+)
 from .._registry import MAX_SCHEDULER_IDS, quiet_after
 from .._retry import retrying
 from .._viewing import (
+    UNREADABLE,
     describe,
     describe_arguments,
     describe_error,
@@ -262,6 +270,10 @@ class Page:
     after: str | None = None
     #: At most this many (``None``: all); running jobs are capped alike
     size: int | None = None
+    #: Only the schedules of this task
+    task_id: str | None = None
+    #: Only the schedules whose ids start with this
+    prefix: str | None = None
 
 
 @attrs.frozen
@@ -291,7 +303,7 @@ class StoreStatus:
     schedulers: list[SchedulerRow] = attrs.Factory(list)
 
 
-def _time_field(document: Mapping[str, Any], key: str) -> datetime | None:
+def time_field(document: Mapping[str, Any], key: str) -> datetime | None:
     """Return a stored time, or ``None`` if it is missing or bad."""
     try:
         return get_datetime(document, key)
@@ -299,7 +311,7 @@ def _time_field(document: Mapping[str, Any], key: str) -> datetime | None:
         return None
 
 
-def _job_id(value: object) -> str:
+def job_id_text(value: object) -> str:
     """Return a job's id as users know it (its UUID), whatever is stored there."""
     # describe_id shows what is no UUID (a binary of the wrong length, say) as is
     return describe_id(value)
@@ -340,7 +352,7 @@ def _paused(document: Mapping[str, Any]) -> tuple[bool | None, str | None]:
     )
 
 
-def _schedule_row(document: Mapping[str, Any]) -> ScheduleRow:
+def schedule_row(document: Mapping[str, Any]) -> ScheduleRow:
     """Describe a schedule from its stored fields, running nothing stored."""
     trigger = describe(document.get("trigger"), REPR_LIMIT)
     arguments = describe_arguments(
@@ -351,10 +363,10 @@ def _schedule_row(document: Mapping[str, Any]) -> ScheduleRow:
         id=stored_text(document.get("_id")) or "-",
         task_id=stored_text(document.get("task_id")),
         readable=not (unreadable(trigger) or unreadable(arguments)),
-        next_fire_time=_time_field(document, "next_fire_time"),
+        next_fire_time=time_field(document, "next_fire_time"),
         paused=paused,
         acquired_by=stored_text(document.get("acquired_by")),
-        acquired_until=_time_field(document, "acquired_until"),
+        acquired_until=time_field(document, "acquired_until"),
         quarantine=quarantine_reason(document),
         arguments=arguments,
         trigger=trigger,
@@ -381,8 +393,8 @@ def _result_row(document: Mapping[str, Any]) -> ResultRow:
     outcome = finished_at = expires_at = error = None
     if isinstance(result, Mapping):
         outcome = stored_text(result.get("outcome"))
-        finished_at = _time_field(result, "finished_at")
-        expires_at = _time_field(result, "expires_at")
+        finished_at = time_field(result, "finished_at")
+        expires_at = time_field(result, "expires_at")
         if result.get("exception") is not None:
             error = describe_error(result["exception"], REPR_LIMIT)
 
@@ -390,11 +402,11 @@ def _result_row(document: Mapping[str, Any]) -> ResultRow:
         outcome = f"quarantined: {reason}"
 
     return ResultRow(
-        job_id=_job_id(document.get("_id")),
+        job_id=job_id_text(document.get("_id")),
         task_id=stored_text(document.get("task_id")),
         schedule_id=stored_text(document.get("schedule_id")),
         outcome=outcome,
-        finished_at=finished_at or _time_field(document, "finished_time"),
+        finished_at=finished_at or time_field(document, "finished_time"),
         expires_at=expires_at,
         error=error,
     )
@@ -494,7 +506,7 @@ def _scheduler_row(document: Mapping[str, Any], now: datetime) -> SchedulerRow:
     interval = _number(document.get("interval"), MAX_INTERVAL)
     if interval is not None and interval <= 0:
         interval = None
-    heartbeat = _time_field(document, "heartbeat")
+    heartbeat = time_field(document, "heartbeat")
     quiet = (
         interval is None or heartbeat is None or now - heartbeat > quiet_after(interval)
     )
@@ -508,13 +520,13 @@ def _scheduler_row(document: Mapping[str, Any], now: datetime) -> SchedulerRow:
         ],
         host=stored_text(document.get("host"), 200),
         pid=_whole(document.get("pid")),
-        started=_time_field(document, "started"),
+        started=time_field(document, "started"),
         heartbeat=heartbeat,
         interval=interval,
         clock_offset=_number(document.get("clock_offset"), MAX_OFFSET),
         schedules_held=_whole(document.get("schedules_held")),
         jobs_held=_whole(document.get("jobs_held")),
-        leases_until=_time_field(document, "leases_until"),
+        leases_until=time_field(document, "leases_until"),
         software=_software(document.get("software")),
         quiet=quiet,
     )
@@ -544,13 +556,13 @@ async def _schedule_page(
     """Return the page's schedules, the id to show the next page after, the count."""
     documents = await reader.find(
         layout.SCHEDULES,
-        {} if page.after is None else layout.after_id(page.after),
+        layout.schedule_listing(page.task_id, page.prefix, page.after),
         SCHEDULE_FIELDS,
         sort=layout.BY_ID,
         limit=0 if page.size is None else page.size + 1,
     )
     next_page = _cut_to_page(documents, page.size)
-    rows = [_schedule_row(document) for document in documents]
+    rows = [schedule_row(document) for document in documents]
     if page.size is None and page.after is None:
         return rows, None, len(rows)
 
@@ -583,11 +595,11 @@ async def job_counts(reader: Reader) -> tuple[dict[str, int], dict[str, int]]:
 async def _running_jobs(reader: Reader, cap: int | None) -> list[RunningJobRow]:
     return [
         RunningJobRow(
-            id=_job_id(document.get("_id")),
+            id=job_id_text(document.get("_id")),
             task_id=stored_text(document.get("task_id")),
             schedule_id=stored_text(document.get("schedule_id")),
             acquired_by=stored_text(document.get("acquired_by")),
-            acquired_until=_time_field(document, "acquired_until"),
+            acquired_until=time_field(document, "acquired_until"),
         )
         for document in await reader.find(
             layout.JOBS,
@@ -611,6 +623,339 @@ async def _recent_results(reader: Reader, limit: int) -> list[ResultRow]:
         limit=limit,
     )
     return [_result_row(document) for document in finished]
+
+
+# One job, and one schedule's runs (the dashboard's detail pages)
+
+#: The outcomes after which a job can be retried: it failed, or never ran. Not
+#: ``success`` (nothing to retry), nor ``deserialization_failed`` (its arguments or
+#: task could not be read when it was due: retrying would fail alike)
+RETRYABLE_OUTCOMES = frozenset(
+    {"error", "missed_start_deadline", "abandoned", "cancelled"}
+)
+#: What reading one job's detail reads of it (never its ``metadata``)
+JOB_DETAIL_FIELDS = dict.fromkeys(
+    [
+        "state",
+        "task_id",
+        "schedule_id",
+        "created_at",
+        "created_at_offset",
+        "scheduled_fire_time",
+        "scheduled_fire_time_offset",
+        "start_deadline",
+        "start_deadline_offset",
+        "acquired_by",
+        "acquired_until",
+        "args",
+        "kwargs",
+        "finished_time",
+        layout.OUTCOME,
+        layout.STARTED_TIME,
+        layout.TRACEBACK,
+        layout.QUARANTINE,
+        "result",
+    ],
+    1,
+)
+#: What reading a schedule's runs reads of each
+RUN_FIELDS = dict.fromkeys(
+    [
+        "created_at",
+        "created_at_offset",
+        "scheduled_fire_time",
+        "scheduled_fire_time_offset",
+        "fire_key",
+        "finished_time",
+        layout.OUTCOME,
+        layout.STARTED_TIME,
+        layout.QUARANTINE,
+        "result.outcome",
+        "result.started_at",
+        "result.started_at_offset",
+        "result.finished_at",
+        "result.finished_at_offset",
+    ],
+    1,
+)
+
+
+@attrs.frozen
+class JobDetail:
+    """One job as stored, every field checked, nothing deserialized."""
+
+    id: str
+    #: ``queued``, ``acquired`` (running) or ``finished``; any other stored value
+    #: as text
+    state: str | None
+    task_id: str | None
+    schedule_id: str | None
+    created_at: datetime | None
+    #: When it was meant to run (``None``: as soon as possible, as for jobs added
+    #: directly, run now, or retried)
+    scheduled_fire_time: datetime | None
+    start_deadline: datetime | None
+    acquired_by: str | None
+    acquired_until: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    #: A :class:`~apscheduler.JobOutcome` name, once finished (if recorded)
+    outcome: str | None
+    #: The arguments as text; ``None`` when none are stored (a job that succeeded
+    #: drops them)
+    arguments: str | None
+    #: The return value as text, while a result is stored
+    result: str | None
+    #: The exception as text (``ValueError: boom``), while a result is stored
+    error: str | None
+    #: When the stored result expires
+    expires_at: datetime | None
+    #: The formatted traceback of the exception (plain text, its end kept, at most
+    #: about 16 KiB); ``(unreadable: ...)`` if the stored value is no text
+    traceback: str | None
+    #: Why the job is quarantined, if it is
+    quarantine: str | None
+    #: Why :func:`.actions.retry` does not apply (``None``: it does)
+    retry_refusal: str | None
+    #: Why :func:`.actions.cancel` does not apply (``None``: it does)
+    cancel_refusal: str | None
+
+    @property
+    def can_retry(self) -> bool:
+        return self.retry_refusal is None
+
+    @property
+    def can_cancel(self) -> bool:
+        return self.cancel_refusal is None
+
+
+@attrs.frozen
+class RunRow:
+    """One finished run of a schedule."""
+
+    job_id: str
+    outcome: str | None
+    created_at: datetime | None
+    #: The fire time it ran for (``None`` for a run added by run-now or retry)
+    scheduled_fire_time: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    #: From its start to its end, if both are known
+    duration: timedelta | None
+    #: From when it was meant to run (its fire time, else its creation) to its start
+    lateness: timedelta | None
+    #: Whether the schedule's trigger made it (``False``: run-now, or a retry)
+    fired: bool
+
+
+def stored_outcome(document: Mapping[str, Any]) -> str | None:
+    """
+    Return a finished job's outcome: recorded beside its result since this
+    version, else in its stored result (if any); ``None`` if neither is text.
+    """
+    outcome = document.get(layout.OUTCOME)
+    if not isinstance(outcome, str):
+        result = document.get("result")
+        outcome = result.get("outcome") if isinstance(result, Mapping) else None
+
+    return shorten(outcome, 40) if isinstance(outcome, str) else None
+
+
+def retry_refusal(document: Mapping[str, Any]) -> str | None:
+    """Say why a job (as stored) cannot be retried, or ``None`` if it can."""
+    if (reason := quarantine_reason(document)) is not None:
+        return f"is quarantined ({reason})"
+
+    state = document.get("state")
+    if state in (QUEUED, ACQUIRED):
+        running = "queued" if state == QUEUED else "running"
+        return f"is {running}: only a finished job that failed can be retried"
+
+    if state != FINISHED:
+        return f"is in no known state ({shown(state, 40)})"
+
+    outcome = stored_outcome(document)
+    if outcome == "success":
+        return "succeeded: only a job that failed can be retried"
+
+    if outcome not in RETRYABLE_OUTCOMES:
+        said = "no outcome recorded" if outcome is None else f"outcome {outcome}"
+        return (
+            f"finished with {said}: only a job that finished with an error, missed "
+            f"its start deadline, was abandoned or cancelled can be retried"
+        )
+
+    if "args" not in document or "kwargs" not in document:
+        return (
+            "kept no arguments (it finished before apscheduler-mongo kept the "
+            "arguments of jobs that did not succeed)"
+        )
+
+    return None
+
+
+def cancel_refusal(document: Mapping[str, Any]) -> str | None:
+    """Say why a job (as stored) cannot be cancelled, or ``None`` if it can."""
+    if (reason := quarantine_reason(document)) is not None:
+        return f"is quarantined ({reason})"
+
+    state = document.get("state")
+    if state == ACQUIRED:
+        return (
+            "is running (or its scheduler is gone, and it will be finished as "
+            "abandoned): only a queued job can be cancelled"
+        )
+
+    if state == FINISHED:
+        return "has finished: only a queued job can be cancelled"
+
+    if state != QUEUED:
+        return f"is in no known state ({shown(state, 40)})"
+
+    return None
+
+
+def stored_traceback(value: object) -> str | None:
+    """Return a stored traceback as text, its end kept; what is no text says so."""
+    if value is None:
+        return None
+
+    if not isinstance(value, str):
+        return f"{UNREADABLE}the stored traceback is {type(value).__name__}, not text)"
+
+    if len(value) <= layout.TRACEBACK_LIMIT:
+        return value
+
+    cut = len(value) - layout.TRACEBACK_LIMIT
+    return TRACEBACK_CUT.format(cut) + value[cut:]
+
+
+def _between(start: datetime | None, end: datetime | None) -> timedelta | None:
+    return None if start is None or end is None else end - start
+
+
+def _started_finished(
+    document: Mapping[str, Any],
+) -> tuple[datetime | None, datetime | None]:
+    """Return when a finished job started and finished, from what it recorded."""
+    result = document.get("result")
+    result = result if isinstance(result, Mapping) else {}
+    started = time_field(document, layout.STARTED_TIME) or time_field(
+        result, "started_at"
+    )
+    finished = time_field(result, "finished_at") or time_field(
+        document, "finished_time"
+    )
+    return started, finished
+
+
+def _job_detail(document: Mapping[str, Any]) -> JobDetail:
+    result = document.get("result")
+    return_value = error = expires_at = None
+    if isinstance(result, Mapping):
+        expires_at = time_field(result, "expires_at")
+        if result.get("exception") is not None:
+            error = describe_error(result["exception"], REPR_LIMIT)
+        if result.get("return_value") is not None:
+            return_value = describe(result["return_value"], REPR_LIMIT)
+
+    arguments = None
+    if "args" in document or "kwargs" in document:
+        arguments = describe_arguments(
+            document.get("args"), document.get("kwargs"), REPR_LIMIT
+        )
+
+    started, finished = _started_finished(document)
+    state = document.get("state")
+    return JobDetail(
+        id=job_id_text(document.get("_id")),
+        state=stored_text(state, 40),
+        task_id=stored_text(document.get("task_id")),
+        schedule_id=stored_text(document.get("schedule_id")),
+        created_at=time_field(document, "created_at"),
+        scheduled_fire_time=time_field(document, "scheduled_fire_time"),
+        start_deadline=time_field(document, "start_deadline"),
+        acquired_by=stored_text(document.get("acquired_by")),
+        acquired_until=time_field(document, "acquired_until"),
+        started_at=started,
+        finished_at=finished if state == FINISHED else None,
+        outcome=stored_outcome(document) if state == FINISHED else None,
+        arguments=arguments,
+        result=return_value,
+        error=error,
+        expires_at=expires_at,
+        traceback=stored_traceback(document.get(layout.TRACEBACK)),
+        quarantine=quarantine_reason(document),
+        retry_refusal=retry_refusal(document),
+        cancel_refusal=cancel_refusal(document),
+    )
+
+
+def job_uuid(job_id: str) -> UUID | None:
+    """Return a job id given as text as the UUID it names, or ``None`` if none."""
+    try:
+        return UUID(job_id)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+async def job_detail(reader: Reader, job_id: str) -> JobDetail | None:
+    """
+    Read one job, in any state, for its detail page: one ``find`` by ``_id``.
+
+    Every field is checked and shown as text (see :mod:`.._viewing`): nothing
+    stored is deserialized, imported or called.
+
+    :param job_id: the job's UUID, as text
+    :return: the job, or ``None`` if there is none with that id (or it is no UUID)
+    """
+    uuid = job_uuid(job_id)
+    if uuid is None:
+        return None
+
+    documents = await reader.find(
+        layout.JOBS, layout.by_id(uuid_to_bson(uuid)), JOB_DETAIL_FIELDS
+    )
+    return _job_detail(documents[0]) if documents else None
+
+
+def _run_row(document: Mapping[str, Any]) -> RunRow:
+    started, finished = _started_finished(document)
+    created = time_field(document, "created_at")
+    fire_time = time_field(document, "scheduled_fire_time")
+    return RunRow(
+        job_id=job_id_text(document.get("_id")),
+        outcome=stored_outcome(document),
+        created_at=created,
+        scheduled_fire_time=fire_time,
+        started_at=started,
+        finished_at=finished,
+        duration=_between(started, finished),
+        lateness=_between(fire_time or created, started),
+        fired="fire_key" in document,
+    )
+
+
+async def schedule_runs(reader: Reader, schedule_id: str, limit: int) -> list[RunRow]:
+    """
+    Return a schedule's last finished runs, newest first (at most ``limit``).
+
+    One query, served by the ``schedule_state`` index (walked backwards). A run
+    is there as long as its job's record is: a schedule's jobs keep theirs until
+    cleanup forgets their fire time (an hour after they finished, at least);
+    those added by run-now or retry, until their result expires.
+    """
+    if limit <= 0:
+        return []
+
+    documents = await reader.find(
+        layout.JOBS,
+        layout.schedule_runs(schedule_id),
+        RUN_FIELDS,
+        sort=layout.NEWEST_FIRST,
+        limit=limit,
+    )
+    return [_run_row(document) for document in documents]
 
 
 # Printing
