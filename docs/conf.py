@@ -80,6 +80,7 @@ _external_modules = sorted(
         "motor",
         "opentelemetry",
         "prometheus_client",
+        "starlette",
         "pymongo",
         "tenacity",
         "typing_extensions",

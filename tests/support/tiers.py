@@ -45,6 +45,14 @@ WIRE_ONLY = Marks(
         ),
     ]
 )
+#: Keeps a test to the in-process tier (mongomock-motor): for volumes the wire
+#: stand-in takes minutes to insert (it scans its whole collection on each insert)
+IN_PROCESS_ONLY = Marks(
+    [
+        pytest.mark.usefixtures("tier"),
+        pytest.mark.parametrize("tier", [pytest.param("mongomock")], indirect=True),
+    ]
+)
 #: Marks a module whose tests run workers in other processes: slow, and on the wire
 #: tier only (separate processes need a server they can all reach)
 MULTI_PROCESS = Marks([*WIRE_ONLY, pytest.mark.slow])

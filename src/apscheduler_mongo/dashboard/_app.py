@@ -15,6 +15,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import timedelta
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote
 
@@ -50,19 +51,20 @@ from .._signing import Signer
 from .._tools import actions
 from .._tools.status import (
     NotFoundError,
-    Page,
     Reader,
-    StoreStatus,
     clock_note,
-    gather_status,
+    holds,
+    offset_text,
     or_dash,
     paused,
     problem,
     require_store,
+    scheduler_state,
     when,
 )
-from . import _csrf
+from . import _audit, _csrf, _pages
 from ._changes import follow_changes
+from ._finding import FilterError
 
 if TYPE_CHECKING:
     from ..metrics import MetricsEndpoint
@@ -71,6 +73,8 @@ if TYPE_CHECKING:
 KEEP_ALIVE = 15.0
 #: Seconds to gather a burst of events into one notice to the page
 COALESCE = 0.25
+#: The header with which the page's script asks for a page's panels only
+FRAGMENT_HEADER = "x-dashboard-fragment"
 #: The largest action form accepted (bytes)
 MAX_FORM = 16 * 1024
 #: What every response says to the browser: only this site's own assets, no framing
@@ -84,7 +88,10 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
 ]
-_ACTIONS = frozenset({"pause", "resume", "remove", "purge"})
+#: The actions the dashboard offers (when ``actions`` is on)
+ACTIONS = frozenset(
+    {"pause", "resume", "remove", "purge", "run-now", "retry", "cancel"}
+)
 #: A root path: empty, or path segments of characters that need no quoting anywhere
 #: the page puts it (attributes, a cookie's path, a redirect)
 _ROOT_PATH = re.compile(r"(/[A-Za-z0-9._~%+@:=-]+)*/?")
@@ -94,8 +101,23 @@ _templates = jinja2.Environment(
     autoescape=True,
     undefined=jinja2.StrictUndefined,
 )
+
+
+def _seconds_text(value: timedelta | None) -> str:
+    """Show a duration in seconds (``-`` when unknown)."""
+    return "-" if value is None else f"{value.total_seconds():.3f} s"
+
+
 _templates.globals.update(
-    when=when, or_dash=or_dash, paused=paused, problem=problem, clock_note=clock_note
+    seconds=_seconds_text,
+    when=when,
+    or_dash=or_dash,
+    paused=paused,
+    problem=problem,
+    clock_note=clock_note,
+    offset_text=offset_text,
+    holds=holds,
+    scheduler_state=scheduler_state,
 )
 
 
@@ -105,6 +127,8 @@ class _Connection:
 
     adapter: Adapter
     reader: Reader
+    #: Where the actions are recorded
+    trail: _audit.Trail
     #: Set when the dashboard closes them
     closed: asyncio.Event
 
@@ -126,6 +150,10 @@ def _source_options(
 
 def _as_bytes(value: bytes | str | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
+
+
+def _seconds(value: float | timedelta) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
 def _root_path(value: str) -> str:
@@ -173,8 +201,10 @@ class Dashboard:
         :doc:`security`)
     :param accept_unsigned: the store's ``accept_unsigned`` (or the store's)
     :param events_collection: the collection of the schedulers' event broker
-    :param actions: allow pausing, resuming and removing schedules and purging
-        (POST only, with CSRF protection); off by default
+    :param actions: allow pausing, resuming, removing and running schedules now,
+        retrying failed jobs, cancelling queued ones, and purging (POST only, with
+        CSRF protection, each recorded in the ``audit`` collection); off by
+        default: the dashboard is read-only
     :param csrf_secret: the key that signs CSRF tokens; give the same one to every
         process serving the dashboard behind one address (default: random, for
         this process only)
@@ -184,6 +214,13 @@ class Dashboard:
         temporary failures until then)
     :param metrics: a :class:`~apscheduler_mongo.metrics.MetricsEndpoint` to serve
         at ``/metrics`` (its gauges of jobs read through the dashboard's client)
+    :param identify: a function that returns who made a request (their user
+        name), recorded in the audit trail of each action (default: the
+        authenticated user that Starlette's ``AuthenticationMiddleware`` sets, if
+        any)
+    :param audit_retention: how long the ``audit`` collection keeps the record of
+        an action (seconds or a :class:`~datetime.timedelta`, at least a minute;
+        default 90 days)
     :param root_path: the path prefix under which a reverse proxy serves the
         dashboard (``/ops/scheduler``), put before every URL the page uses; a
         ``root_path`` in the request (an application that mounts the dashboard
@@ -213,6 +250,15 @@ class Dashboard:
     timeout: float = attrs.field(default=10.0, kw_only=True, validator=[ge(0.1)])
     root_path: str = attrs.field(default="", kw_only=True, converter=_root_path)
     metrics: MetricsEndpoint | None = attrs.field(default=None, kw_only=True)
+    identify: Callable[[Request], str | None] | None = attrs.field(
+        default=None, kw_only=True
+    )
+    audit_retention: float = attrs.field(
+        default=90 * 86_400.0,
+        kw_only=True,
+        converter=_seconds,
+        validator=[ge(60.0)],
+    )
     _client_or_uri: object = attrs.field(init=False)
     _database: str = attrs.field(init=False)
     _serializer: Serializer = attrs.field(init=False)
@@ -244,8 +290,17 @@ class Dashboard:
             self.accept_unsigned = self.accept_unsigned or self.source.accept_unsigned
         self._app = Starlette(
             routes=[
-                Route("/", self._page, methods=["GET"]),
+                Route("/", self._page(_pages.overview), methods=["GET"]),
                 Route("/panels", self._panels, methods=["GET"]),
+                Route("/schedulers", self._page(_pages.schedulers), methods=["GET"]),
+                Route("/jobs", self._page(_pages.jobs), methods=["GET"]),
+                Route("/audit", self._page(_pages.audit), methods=["GET"]),
+                Route("/jobs/{job_id}", self._page(_pages.job), methods=["GET"]),
+                Route(
+                    "/schedules/{schedule_id:path}",
+                    self._page(_pages.schedule),
+                    methods=["GET"],
+                ),
                 Route("/events", self._events, methods=["GET"]),
                 Route("/actions/{name}", self._action, methods=["POST"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
@@ -347,7 +402,14 @@ class Dashboard:
                         self._changed,
                         self._logger,
                     )
-                    started.set_result(_Connection(adapter, reader, stop))
+                    trail = _audit.Trail(
+                        adapter,
+                        self._database,
+                        timedelta(seconds=self.audit_retention),
+                        self._retry_settings(),
+                        self._logger,
+                    )
+                    started.set_result(_Connection(adapter, reader, trail, stop))
                     await stop.wait()
                     group.cancel_scope.cancel()
         except Exception as exc:
@@ -368,48 +430,31 @@ class Dashboard:
         root_path = str(request.scope.get("root_path") or self.root_path)
         return root_path.rstrip("/") + "/"
 
-    async def _status(self, request: Request) -> StoreStatus:
-        connection = await self._connection()
-        page = Page(request.query_params.get("after") or None, self.page_size)
-        with anyio.fail_after(self.timeout):
-            return await gather_status(connection.reader, self.results, page=page)
+    def _page(
+        self, page: _pages.PageFunction
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """Return the endpoint of a page: whole, or its panels for the page's script."""
 
-    async def _render(self, request: Request, template: str, nonce: str) -> Response:
-        try:
-            status = await self._status(request)
-        except NotFoundError as exc:
-            return self._no_store(request, template, exc)
-        except _SERVER_TROUBLE as exc:
-            return _unavailable(exc)
+        async def endpoint(request: Request) -> Response:
+            fragment = request.headers.get(FRAGMENT_HEADER) == "1"
+            return await self._show(request, page, fragment=fragment)
 
-        after = request.query_params.get("after")
-        body = _templates.get_template(template).render(
-            status=status,
-            base=self._base(request),
-            query=f"?after={quote(after)}" if after else "",
-            token=_csrf.token_for(self._secret, nonce),
-            actions=self.actions,
-            said=request.query_params.get("said", ""),
-        )
-        return HTMLResponse(body, headers={"cache-control": "no-store"})
+        return endpoint
 
-    def _no_store(
-        self, request: Request, template: str, exc: NotFoundError
+    async def _panels(self, request: Request) -> Response:
+        """The overview's panels (what the page's script fetched before 0.x)."""
+        return await self._show(request, _pages.overview, fragment=True)
+
+    async def _show(
+        self, request: Request, page: _pages.PageFunction, *, fragment: bool
     ) -> Response:
-        """Answer a page of a database that holds no store: it says so (404)."""
-        if template != "page.html":
-            return PlainTextResponse(str(exc), status_code=404)
+        """Read and render a page, or only its panels; set the CSRF cookie."""
+        nonce = request.cookies.get(_csrf.COOKIE) or ""
+        if fragment:
+            return await self._render(request, page, nonce, fragment=True)
 
-        body = _templates.get_template("nostore.html").render(
-            database=self._database, base=self._base(request)
-        )
-        return HTMLResponse(
-            body, status_code=404, headers={"cache-control": "no-store"}
-        )
-
-    async def _page(self, request: Request) -> Response:
-        nonce = request.cookies.get(_csrf.COOKIE) or _csrf.new_nonce()
-        response = await self._render(request, "page.html", nonce)
+        nonce = nonce or _csrf.new_nonce()
+        response = await self._render(request, page, nonce, fragment=False)
         if request.cookies.get(_csrf.COOKIE) != nonce:
             response.set_cookie(
                 _csrf.COOKIE,
@@ -422,9 +467,68 @@ class Dashboard:
 
         return response
 
-    async def _panels(self, request: Request) -> Response:
-        return await self._render(
-            request, "panels.html", request.cookies.get(_csrf.COOKIE, "")
+    async def _render(
+        self,
+        request: Request,
+        page: _pages.PageFunction,
+        nonce: str,
+        *,
+        fragment: bool,
+    ) -> Response:
+        try:
+            connection = await self._connection()
+            view = _pages.View(
+                connection.reader,
+                {key: request.query_params[key] for key in request.query_params},
+                request.path_params,
+                self.page_size,
+                self.results,
+            )
+            with anyio.fail_after(self.timeout):
+                shown = await page(view)
+        except NotFoundError as exc:
+            return self._no_store(request, fragment, exc)
+        except FilterError as exc:
+            return PlainTextResponse(f"Cannot show that: {exc}", status_code=400)
+        except _SERVER_TROUBLE as exc:
+            return _unavailable(exc)
+
+        context = {
+            **shown.context,
+            "base": self._base(request),
+            "token": _csrf.token_for(self._secret, nonce),
+            "actions": self.actions,
+        }
+        if fragment:
+            body = _templates.get_template(shown.template).render(context)
+        else:
+            body = _templates.get_template("page.html").render(
+                context,
+                template=shown.template,
+                title=shown.title,
+                database=self._database,
+                hosts=connection.reader.adapter.hosts(),
+                said=request.query_params.get("said", ""),
+            )
+
+        return HTMLResponse(
+            body,
+            status_code=shown.status_code,
+            headers={"cache-control": "no-store", "vary": FRAGMENT_HEADER},
+        )
+
+    def _no_store(
+        self, request: Request, fragment: bool, exc: NotFoundError
+    ) -> Response:
+        """Answer a page of a database that holds no store: it says so (404)."""
+        if fragment:
+            return PlainTextResponse(str(exc), status_code=404)
+
+        body = _templates.get_template("nostore.html").render(
+            database=self._database, base=self._base(request)
+        )
+        return HTMLResponse(
+            body, status_code=404, headers={"cache-control": "no-store"}
         )
 
     # Live updates
@@ -505,10 +609,21 @@ class Dashboard:
             return self._reply(request, 403, f"refused: {refusal}")
 
         name = request.path_params["name"]
-        if name not in _ACTIONS:
+        if name not in ACTIONS:
             return self._reply(request, 404, f"no action {name!r}")
 
         return await self._act(request, name, form)
+
+    def _who(self, request: Request) -> str | None:
+        """Return who asks for an action, as the host application knows them."""
+        if self.identify is not None:
+            return self.identify(request)
+
+        user = request.scope.get("user")
+        if user is not None and getattr(user, "is_authenticated", False):
+            return str(getattr(user, "display_name", "") or user)
+
+        return None
 
     async def _act(self, request: Request, name: str, form: dict[str, str]) -> Response:
         try:
@@ -517,8 +632,9 @@ class Dashboard:
             return self._reply(request, 503, _unavailable_text(exc))
 
         try:
+            who, address = self._who(request), _address(request)
             with anyio.fail_after(self.timeout):
-                message = await self._change(connection, name, form)
+                message = await self._change(connection, name, form, who, address)
         except TimeoutError:
             return self._reply(
                 request,
@@ -531,6 +647,9 @@ class Dashboard:
             if isinstance(error, (NotFoundError, ScheduleLookupError)):
                 return self._reply(request, 404, str(error))
 
+            if isinstance(error, actions.RefusedError):
+                return self._reply(request, 409, str(error))
+
             if isinstance(error, (PyMongoError, RuntimeError)):
                 return self._reply(request, 503, redact(str(error)))
 
@@ -539,9 +658,18 @@ class Dashboard:
         return self._reply(request, 200, message)
 
     async def _change(
-        self, connection: _Connection, name: str, form: dict[str, str]
+        self,
+        connection: _Connection,
+        name: str,
+        form: dict[str, str],
+        who: str | None,
+        address: str | None,
     ) -> str:
-        """Make one change through the store, on a database that holds a store."""
+        """
+        Make one change through the store, on a database that holds a store, and
+        record it in the audit trail: first what is asked (or nothing is made),
+        then how it ended.
+        """
         reader = connection.reader
         await require_store(reader)
         scheduler = actions.action_scheduler(
@@ -554,7 +682,7 @@ class Dashboard:
             signing_key=self.signing_key,
             accept_unsigned=self.accept_unsigned,
         )
-        schedule_id = form.get("schedule_id", "")
+        schedule_id, job_id = form.get("schedule_id", ""), form.get("job_id", "")
         changes: dict[str, Callable[[], Awaitable[str]]] = {
             "pause": lambda: actions.pause(scheduler, reader, schedule_id),
             "resume": lambda: actions.resume(
@@ -562,9 +690,26 @@ class Dashboard:
             ),
             "remove": lambda: actions.remove(scheduler, reader, schedule_id),
             "purge": lambda: _purge(scheduler, reader),
+            "run-now": lambda: actions.run_now(scheduler, reader, schedule_id),
+            "retry": lambda: actions.retry(scheduler, reader, job_id),
+            "cancel": lambda: actions.cancel(scheduler, reader, job_id),
         }
+        trail = connection.trail
+        target = job_id or schedule_id or None
         async with scheduler:
-            return await changes[name]()
+            now = (await reader.server_clock()).now_datetime()
+            record = await trail.begin(now, who, address, name, target)
+            try:
+                message = await changes[name]()
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await trail.end(
+                        record, "failed", redact(str(actions.innermost(exc)))
+                    )
+                raise
+
+            await trail.end(record, "done", message)
+            return message
 
     def _reply(self, request: Request, status: int, message: str) -> Response:
         """Answer the page's script in JSON, a plain form with a redirect."""
@@ -591,6 +736,11 @@ def _unavailable_text(exc: BaseException) -> str:
 
 def _unavailable(exc: BaseException) -> PlainTextResponse:
     return PlainTextResponse(_unavailable_text(exc), status_code=503)
+
+
+def _address(request: Request) -> str | None:
+    """Return the address a request came from (the proxy's, behind one)."""
+    return request.client.host if request.client is not None else None
 
 
 async def _purge(scheduler: AsyncScheduler, reader: Reader) -> str:
