@@ -157,7 +157,7 @@ class TestEveryPage:
             shoot("schedulers")
 
             # A schedule's page: run now; the run appears without a reload
-            load(f"schedules/{ON_DEMAND}", "schedule")
+            load(f"schedule?id={ON_DEMAND}", "schedule")
             driver.execute_script("window.sameDocument = 'yes'")
             assert "every day" in driver.find_element(By.CSS_SELECTOR, "dd.words").text
             assert len(driver.find_elements(By.CSS_SELECTOR, "ol.times li")) == 10
@@ -193,7 +193,7 @@ class TestEveryPage:
             assert failed_id in said
 
             # The retry runs (and fails again, as its task always does)
-            load(f"jobs/{retried_id}", "retried job")
+            load(f"job?id={retried_id}", "retried job")
             wait.until(
                 lambda d: (
                     d.find_element(By.ID, "job").get_attribute("data-outcome")

@@ -9,7 +9,6 @@ import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 from uuid import UUID, uuid4
 
 import pytest
@@ -29,7 +28,14 @@ from .support.hostile import system_gadget
 from .support.index_rules import queries_of, served
 from .support.items import add_task
 from .support.tiers import IN_PROCESS_ONLY, WIRE_ONLY
-from .test_dashboard import HOSTILE, _add_schedules, _page_commands, _token, browsing
+from .test_dashboard import (
+    HOSTILE,
+    _add_schedules,
+    _decodes,
+    _page_commands,
+    _token,
+    browsing,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -200,6 +206,7 @@ class TestFindingJobs:
             pytest.param({"id": "xyz"}, id="prefix"),
             pytest.param({"id": "0" * 33}, id="long prefix"),
             pytest.param({"after": "12.zz"}, id="page"),
+            pytest.param({"after": f"{2**63}.{'0' * 32}"}, id="page past int64"),
             pytest.param({"task": "t" * 201}, id="long task"),
         ],
     )
@@ -232,7 +239,7 @@ class TestFindingJobs:
         assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
 
     async def test_hostile_job_documents(
-        self, store: MongoDBDataStore, client: Any, database_name: str
+        self, tier: str, store: MongoDBDataStore, client: Any, database_name: str
     ) -> None:
         """Jobs with wrong types in every shown field are listed, each field shown
         as unknown or as text, and the page still answers."""
@@ -249,14 +256,20 @@ class TestFindingJobs:
                     "acquired_by": 5,
                 },
                 {"_id": HOSTILE, "state": "queued", "created_at": 2},
-                {"_id": Binary(b"short", 4), "state": "queued", "created_at": "x"},
             ]
         )
+        short = {"_id": Binary(b"short", 4), "state": "queued", "created_at": "x"}
+        # pymongo before 4.19 refuses to decode such a binary at all (InvalidBSON,
+        # from inside the driver): no reader can show it there
+        short_uuids = tier == "mongomock" or _decodes(short)
+        if short_uuids:
+            await client[database_name]["jobs"].insert_one(short)
+
         async with browsing(Dashboard(client, database=database_name)) as http:
             reply = await http.get("/jobs")
 
         assert reply.status_code == 200
-        assert len(_rows(reply.text, "job")) == 3
+        assert len(_rows(reply.text, "job")) == (3 if short_uuids else 2)
         assert HOSTILE not in reply.text
 
 
@@ -289,7 +302,10 @@ class TestFilteringSchedules:
             assert _rows(both, "schedule") == ["a-4"]
             nothing = (await http.get("/", params={"id": "zz"})).text
             assert _rows(nothing, "schedule") == []
-            assert 'href="/schedules/a-4"' in tasks
+            # The last character before the surrogates: its range ends past them
+            edge = await http.get("/", params={"id": "\ud7ff"})
+            assert edge.status_code == 200 and _rows(edge.text, "schedule") == []
+            assert 'href="/schedule?id=a-4"' in tasks
 
 
 class TestSchedulePage:
@@ -317,8 +333,8 @@ class TestSchedulePage:
         expected = [trigger.next() for _ in range(9)]
         assert None not in expected
         async with browsing(Dashboard(client, database=database_name)) as http:
-            reply = await http.get(f"/schedules/{quote(schedule_id)}")
-            missing = await http.get("/schedules/gone")
+            reply = await http.get("/schedule", params={"id": schedule_id})
+            missing = await http.get("/schedule?id=gone")
 
         page = reply.text
         assert reply.status_code == 200
@@ -354,7 +370,7 @@ class TestSchedulePage:
             {"_id": "s"}, {"$set": {"trigger": system_gadget(marker)}}
         )
         async with browsing(Dashboard(client, database=database_name)) as http:
-            reply = await http.get("/schedules/s")
+            reply = await http.get("/schedule?id=s")
 
         assert reply.status_code == 200
         assert "system(" in reply.text
@@ -384,7 +400,7 @@ class TestJobPage:
         )
         dashboard = Dashboard(client, database=database_name, actions=True)
         async with browsing(dashboard) as http:
-            page = await http.get(f"/jobs/{failed.id}")
+            page = await http.get(f"/job?id={failed.id}")
             form = {"csrf_token": _token(page.text), "job_id": str(failed.id)}
             retried = await http.post(
                 "/actions/retry", data=form, headers={"accept": "application/json"}
@@ -392,8 +408,8 @@ class TestJobPage:
             again = await http.post(
                 "/actions/cancel", data=form, headers={"accept": "application/json"}
             )
-            missing = await http.get(f"/jobs/{uuid4()}")
-            malformed = await http.get("/jobs/not-a-job")
+            missing = await http.get(f"/job?id={uuid4()}")
+            malformed = await http.get("/job?id=not-a-job")
 
         assert page.status_code == 200
         assert HOSTILE not in page.text
@@ -417,14 +433,14 @@ class TestJobPage:
         await store.add_job(queued)
         dashboard = Dashboard(client, database=database_name, actions=True)
         async with browsing(dashboard) as http:
-            page = await http.get(f"/jobs/{queued.id}")
+            page = await http.get(f"/job?id={queued.id}")
             assert 'class="cancel"' in page.text and 'class="retry"' not in page.text
             reply = await http.post(
                 "/actions/cancel",
                 data={"csrf_token": _token(page.text), "job_id": str(queued.id)},
                 headers={"accept": "application/json"},
             )
-            after = (await http.get(f"/jobs/{queued.id}")).text
+            after = (await http.get(f"/job?id={queued.id}")).text
 
         assert reply.status_code == 200, reply.text
         assert 'data-outcome="cancelled"' in after
@@ -438,18 +454,18 @@ class TestJobPage:
         [before] = await store.get_schedules({"nightly"})
         dashboard = Dashboard(client, database=database_name, actions=True)
         async with browsing(dashboard) as http:
-            page = await http.get("/schedules/nightly")
+            page = await http.get("/schedule?id=nightly")
             assert 'class="run-now"' in page.text
             reply = await http.post(
                 "/actions/run-now",
                 data={"csrf_token": _token(page.text), "schedule_id": "nightly"},
                 headers={"accept": "application/json"},
             )
-            queued = (await http.get("/schedules/nightly")).text
+            queued = (await http.get("/schedule?id=nightly")).text
             [job] = await store.acquire_jobs("w", timedelta(minutes=5), 10)
-            running = (await http.get("/schedules/nightly")).text
+            running = (await http.get("/schedule?id=nightly")).text
             await _release(store, job, JobOutcome.error)
-            after = (await http.get("/schedules/nightly")).text
+            after = (await http.get("/schedule?id=nightly")).text
 
         assert reply.status_code == 200, reply.text
         assert (job.schedule_id, job.args) == ("nightly", ("report",))
@@ -509,6 +525,48 @@ class TestAudit:
         assert HOSTILE not in page
         assert "&lt;script&gt;" in page and "anonymous" in page
 
+    async def test_target_is_what_the_action_acts_on(
+        self, store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        """A form's other fields cannot name another target in the record."""
+        await add_task(store)
+        await _add_schedules(store, "real")
+        dashboard = Dashboard(client, database=database_name, actions=True)
+        async with browsing(dashboard) as http:
+            token = _token((await http.get("/")).text)
+            form = {"csrf_token": token, "schedule_id": "real", "job_id": "decoy"}
+            reply = await http.post("/actions/pause", data=form)
+            assert reply.status_code == 303
+
+        [record] = await client[database_name]["audit"].find({}).to_list(None)
+        assert (record["action"], record["target"]) == ("pause", "real")
+
+    async def test_said_only_what_the_dashboard_said(
+        self, store: MongoDBDataStore, client: Any, database_name: str
+    ) -> None:
+        """After a plain form, the page says what was done; a link cannot make it
+        say anything else."""
+        await add_task(store)
+        await _add_schedules(store, "s")
+        dashboard = Dashboard(client, database=database_name, actions=True)
+        async with browsing(dashboard) as http:
+            token = _token((await http.get("/")).text)
+            done = await http.post(
+                "/actions/pause", data={"csrf_token": token, "schedule_id": "s"}
+            )
+            shown = (await http.get(done.headers["location"])).text
+            forged = await http.get(
+                "/", params={"said": "Session expired: log in at evil.example"}
+            )
+            resigned = await http.get(
+                "/", params={"said": "Session expired", "sig": "0" * 64}
+            )
+
+        assert '<p id="said" role="status">paused schedule &#39;s&#39;</p>' in shown
+        for reply in (forged, resigned):
+            assert '<p id="said" role="status"></p>' in reply.text
+            assert "Session expired" not in reply.text
+
     async def test_not_recorded_not_made(
         self,
         store: MongoDBDataStore,
@@ -545,7 +603,7 @@ class TestAudit:
         await add_task(store)
         await _add_schedules(store, "s")
         async with browsing(Dashboard(client, database=database_name)) as http:
-            pages = [(await http.get(path)).text for path in ("/", "/schedules/s")]
+            pages = [(await http.get(path)).text for path in ("/", "/schedule?id=s")]
             replies = [
                 await http.post(f"/actions/{name}", data={"schedule_id": "s"})
                 for name in sorted(ACTIONS)
@@ -563,7 +621,7 @@ PAGES = {
     "overview": "/",
     "overview by task": "/?task=task&id=s-0",
     "schedulers": "/schedulers",
-    "a schedule": "/schedules/s-00000",
+    "a schedule": "/schedule?id=s-00000",
     "audit": "/audit",
     "queued jobs": "/jobs",
     "finished errors": "/jobs?state=finished&outcome=error&task=task",
@@ -609,7 +667,7 @@ class TestPageCost:
         database = logged_client[database_name]
         schedule = await database["schedules"].find_one({"_id": "s-00000"})
         job = await database["jobs"].find_one({})
-        pages = {**PAGES, "a job": f"/jobs/{uuid_from_bson(job['_id'])}"}
+        pages = {**PAGES, "a job": f"/job?id={uuid_from_bson(job['_id'])}"}
         costs: dict[int, dict[str, list[tuple[str, Any]]]] = {}
         have = 1
         async with browsing(Dashboard(logged_client, database=database_name)) as http:
@@ -680,7 +738,7 @@ class TestPageCost:
         database = client[database_name]
         schedule = await database["schedules"].find_one({"_id": "s-00000"})
         job = await database["jobs"].find_one({})
-        pages = {**PAGES, "a job": f"/jobs/{uuid_from_bson(job['_id'])}"}
+        pages = {**PAGES, "a job": f"/job?id={uuid_from_bson(job['_id'])}"}
         seen: dict[int, dict[str, tuple[list[str], int]]] = {}
         have = 1
         async with browsing(Dashboard(client, database=database_name)) as http:

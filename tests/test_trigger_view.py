@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import struct
+import time
 from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
 from functools import partial
@@ -665,3 +666,48 @@ class TestOutlook:
         assert outlook == Outlook(
             None, [], "a trigger of class os:system, not one of APScheduler's"
         )
+
+
+class TestBoundedWork:
+    """Fire times that would take APScheduler's triggers minutes, or forever, to
+    find are cut at the horizon, within the time allowed: the page still answers.
+    Each case below hung or took half a minute before the horizon."""
+
+    @pytest.mark.parametrize(
+        "trigger",
+        [
+            pytest.param(
+                AndTrigger(
+                    [
+                        CalendarIntervalTrigger(
+                            years=10, start_date=date(2024, 1, 1), timezone="UTC"
+                        ),
+                        DateTrigger(datetime(9999, 12, 31, tzinfo=timezone.utc)),
+                    ],
+                    threshold=0,
+                    max_iterations=10_000,
+                ),
+                id="calendar past the year 9999 in an AndTrigger",
+            ),
+            pytest.param(
+                CronTrigger(week="53", month="2-11", timezone="UTC"),
+                id="cron that never fires",
+            ),
+        ],
+    )
+    def test_cut_at_the_horizon(self, trigger: Trigger) -> None:
+        started = time.monotonic()
+        outlook = schedule_outlook(pickle.dumps(trigger), 10, limit=0.5)
+        took = time.monotonic() - started
+
+        assert outlook.next_times == []
+        assert outlook.reason == "fire times are computed up to ten years ahead"
+        assert took < 5  # the horizon, not the time limit, ends it: about 0.1 s
+
+    def test_month_ranges_in_words(self) -> None:
+        """Month ranges and lists are shown as the fields (they once raised)."""
+        for month in ("1-3", "1,6"):
+            trigger = CronTrigger(month=month, day="1", hour="9", timezone="UTC")
+            outlook = schedule_outlook(pickle.dumps(trigger), 3)
+            assert outlook.words is not None and f"month={month}" in outlook.words
+            assert len(outlook.next_times) == 3

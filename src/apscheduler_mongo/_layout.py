@@ -758,7 +758,8 @@ def _string_after(text: str) -> str:
     """Return the least string that sorts after every string starting with ``text``."""
     last = ord(text[-1])
     if last < 0x10FFFF:
-        return text[:-1] + chr(last + 1)
+        # Surrogates are no characters (BSON cannot hold one): step over them
+        return text[:-1] + chr(0xE000 if 0xD7FF <= last < 0xE000 else last + 1)
 
     return _string_after(text[:-1]) if len(text) > 1 else "\U0010ffff"
 

@@ -91,6 +91,9 @@ _CALENDAR_UNITS: Final = (
     ("weeks", 520),
     ("days", 3650),
 )
+#: How far past its position (its last fire time, or its start) a trigger's fire
+#: times are computed: the copy that computes them ends there
+HORIZON: Final = timedelta(days=3653)
 #: The most fire times computed, and the default time allowed for them (seconds)
 MAX_COUNT: Final = 50
 TIME_LIMIT: Final = 0.5
@@ -669,11 +672,12 @@ def _cron_days(fields: Mapping[str, str]) -> str | None:
     if month == "*":
         return f"on day {int(day)} of every month"
 
-    index = int(month) - 1 if month.isdigit() else _MONTH_KEYS.index(month)
-    if month in _MONTH_KEYS or 0 <= index < 12:
-        return f"every year on {_MONTHS[index]} {int(day)}"
+    if month.isdigit() and 1 <= int(month) <= 12:
+        return f"every year on {_MONTHS[int(month) - 1]} {int(day)}"
+    if month in _MONTH_KEYS:
+        return f"every year on {_MONTHS[_MONTH_KEYS.index(month)]} {int(day)}"
 
-    return None  # pragma: no cover (APScheduler refuses other months)
+    return None  # ranges and lists of months: shown as the fields
 
 
 def _cron_time(fields: Mapping[str, str]) -> str | None:
@@ -810,15 +814,16 @@ class _Timed(Trigger):
         raise NotImplementedError("a timed trigger is not restored")
 
 
-def _copy(trigger: Trigger, deadline: float) -> Trigger:
+def _copy(trigger: Trigger, deadline: float, clipped: list[bool]) -> Trigger:
     """Return a copy of one of APScheduler's triggers, made without class references
     (deepcopy would restore a combination through them), its combinations' triggers
-    timed."""
+    timed, and each ending within :data:`HORIZON` (noted in ``clipped``)."""
     kind = type(trigger)
     if kind in (AndTrigger, OrTrigger):
         assert isinstance(trigger, BaseCombiningTrigger)
         triggers: list[Trigger] = [
-            _Timed(_copy(child, deadline), deadline) for child in trigger.triggers
+            _Timed(_copy(child, deadline, clipped), deadline)
+            for child in trigger.triggers
         ]
         if isinstance(trigger, AndTrigger):
             copy: BaseCombiningTrigger = AndTrigger(
@@ -835,8 +840,34 @@ def _copy(trigger: Trigger, deadline: float) -> Trigger:
         raise TypeError(f"not one of APScheduler's triggers: {kind.__qualname__}")
 
     leaf = kind.__new__(kind)
-    leaf.__setstate__(trigger.__getstate__())
+    leaf.__setstate__(_within_horizon(trigger.__getstate__(), clipped))
     return leaf
+
+
+def _within_horizon(state: dict[str, Any], clipped: list[bool]) -> dict[str, Any]:
+    """
+    Return a trigger's state ending at most :data:`HORIZON` after its position.
+
+    One ``next()`` of a cron trigger that never matches walks day by day to its end
+    (to the year 9999 without one: half a minute), and APScheduler's calendar
+    interval trigger never returns once past the year 9999; neither can be stopped
+    from outside the call, so the copy that computes fire times ends in time.
+    """
+    now = datetime.now(timezone.utc)
+    if "end_time" in state:  # cron, interval
+        since = state["last_fire_time"] or state["start_time"]
+        key, horizon = "end_time", max(since, now) + HORIZON
+    elif "end_date" in state:  # calendar interval
+        since = state["last_fire_date"] or state["start_date"]
+        key, horizon = "end_date", max(since, now.date()) + HORIZON
+    else:
+        return state
+
+    if state[key] is None or state[key] > horizon:
+        clipped.append(True)
+        state = {**state, key: horizon}
+
+    return state
 
 
 def _fire_times(
@@ -844,7 +875,8 @@ def _fire_times(
 ) -> tuple[list[datetime], str | None]:
     """Return up to ``count`` fire times, and why they stop early (if they do)."""
     deadline = time.monotonic() + limit
-    copy = _copy(trigger, deadline)
+    clipped: list[bool] = []
+    copy = _copy(trigger, deadline, clipped)
     times: list[datetime] = []
     try:
         while len(times) < min(count, MAX_COUNT):
@@ -852,6 +884,8 @@ def _fire_times(
                 raise _OutOfTime
             moment = copy.next()
             if moment is None:
+                if clipped:
+                    return times, "fire times are computed up to ten years ahead"
                 break
             times.append(moment)
     except _OutOfTime:
@@ -904,4 +938,9 @@ def schedule_outlook(
 
     first = [] if next_fire_time is None or count < 1 else [next_fire_time]
     times, reason = _fire_times(rebuilt.trigger, count - len(first), limit)
-    return Outlook(describe_trigger(rebuilt.trigger), first + times, reason)
+    try:
+        words: str | None = describe_trigger(rebuilt.trigger)
+    except Exception as exc:  # a phrasing this module gets wrong: say so, show the rest
+        words, reason = None, shorten(f"not put in words: {exc!r}", 200)
+
+    return Outlook(words, first + times, reason)

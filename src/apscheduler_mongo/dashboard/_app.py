@@ -295,12 +295,9 @@ class Dashboard:
                 Route("/schedulers", self._page(_pages.schedulers), methods=["GET"]),
                 Route("/jobs", self._page(_pages.jobs), methods=["GET"]),
                 Route("/audit", self._page(_pages.audit), methods=["GET"]),
-                Route("/jobs/{job_id}", self._page(_pages.job), methods=["GET"]),
-                Route(
-                    "/schedules/{schedule_id:path}",
-                    self._page(_pages.schedule),
-                    methods=["GET"],
-                ),
+                # By query string: a stored id is never a path a browser resolves
+                Route("/job", self._page(_pages.job), methods=["GET"]),
+                Route("/schedule", self._page(_pages.schedule), methods=["GET"]),
                 Route("/events", self._events, methods=["GET"]),
                 Route("/actions/{name}", self._action, methods=["POST"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
@@ -480,7 +477,6 @@ class Dashboard:
             view = _pages.View(
                 connection.reader,
                 {key: request.query_params[key] for key in request.query_params},
-                request.path_params,
                 self.page_size,
                 self.results,
             )
@@ -508,7 +504,7 @@ class Dashboard:
                 title=shown.title,
                 database=self._database,
                 hosts=connection.reader.adapter.hosts(),
-                said=request.query_params.get("said", ""),
+                said=self._said(request),
             )
 
         return HTMLResponse(
@@ -516,6 +512,12 @@ class Dashboard:
             status_code=shown.status_code,
             headers={"cache-control": "no-store", "vary": FRAGMENT_HEADER},
         )
+
+    def _said(self, request: Request) -> str:
+        """Return what the dashboard said after a plain form's action, if it did."""
+        message = request.query_params.get("said", "")
+        signature = request.query_params.get("sig", "")
+        return message if _csrf.said_by_us(self._secret, message, signature) else ""
 
     def _no_store(
         self, request: Request, fragment: bool, exc: NotFoundError
@@ -695,10 +697,11 @@ class Dashboard:
             "cancel": lambda: actions.cancel(scheduler, reader, job_id),
         }
         trail = connection.trail
-        target = job_id or schedule_id or None
+        # What the action acts on, as it reads it: nothing else in the form
+        target = {"retry": job_id, "cancel": job_id, "purge": ""}.get(name, schedule_id)
         async with scheduler:
             now = (await reader.server_clock()).now_datetime()
-            record = await trail.begin(now, who, address, name, target)
+            record = await trail.begin(now, who, address, name, target or None)
             try:
                 message = await changes[name]()
             except BaseException as exc:
@@ -719,8 +722,10 @@ class Dashboard:
         if status != 200:
             return PlainTextResponse(message, status_code=status)
 
+        signature = _csrf.said_signature(self._secret, message)
         return RedirectResponse(
-            f"{self._base(request)}?said={quote(message)}", status_code=303
+            f"{self._base(request)}?said={quote(message)}&sig={signature}",
+            status_code=303,
         )
 
 

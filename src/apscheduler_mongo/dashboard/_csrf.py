@@ -59,3 +59,15 @@ def refusal(
         return "the form's CSRF token does not match (reload the page)"
 
     return None
+
+
+def said_signature(secret: bytes, message: str) -> str:
+    """Return the signature of a message the dashboard says after a plain form's
+    action, carried in the redirect (so that a link cannot make the page say
+    anything it did not)."""
+    return token_for(secret, f"said\0{message}")
+
+
+def said_by_us(secret: bytes, message: str, signature: str) -> bool:
+    """Tell whether the dashboard said ``message`` (see :func:`said_signature`)."""
+    return hmac.compare_digest(said_signature(secret, message), signature)

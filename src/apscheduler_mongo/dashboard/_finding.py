@@ -118,7 +118,7 @@ class JobFilter:
 
         return cls(
             state=state,
-            task_id=_bounded(fields.get("task")),
+            task_id=bounded(fields.get("task")),
             outcome=outcome,
             prefix=prefix,
             after=fields.get("after") or None,
@@ -150,7 +150,7 @@ def shorten_input(text: str) -> str:
     return text if len(text) <= 40 else f"{text[:40]}..."
 
 
-def _bounded(text: str | None) -> str | None:
+def bounded(text: str | None) -> str | None:
     if not text:
         return None
     if len(text) > MAX_FILTER:
@@ -172,7 +172,7 @@ def _prefix_range(prefix: str) -> tuple[Binary, Binary | None]:
 
 def _after_key(text: str) -> tuple[int, Binary]:
     match = _AFTER.fullmatch(text)
-    if match is None:
+    if match is None or not -(2**63) <= int(match[1]) < 2**63:  # a BSON integer
         raise FilterError(f"no page {shorten_input(text)!r}")
 
     return int(match[1]), Binary.from_uuid(UUID(match[2]))

@@ -47,8 +47,6 @@ class View:
     reader: Reader
     #: The request's query string fields (the first value of each)
     query: Mapping[str, str]
-    #: The path parameters of the page's route
-    path: Mapping[str, str]
     page_size: int
     results: int
 
@@ -254,7 +252,7 @@ def schedule_detail(document: Mapping[str, Any]) -> ScheduleDetail:
 async def schedule(view: View) -> Shown:
     """One schedule: its trigger in words, next fire times, settings, last runs."""
     await require_store(view.reader)
-    schedule_id = view.path["schedule_id"]
+    schedule_id = _finding.bounded(view.query.get("id")) or ""
     documents = await view.reader.find(
         layout.SCHEDULES, layout.by_id(schedule_id), SCHEDULE_PAGE_FIELDS, limit=1
     )
@@ -277,7 +275,7 @@ async def schedule(view: View) -> Shown:
 async def job(view: View) -> Shown:
     """One job: its state, lease, arguments, and result or error with traceback."""
     await require_store(view.reader)
-    job_id = view.path["job_id"]
+    job_id = _finding.bounded(view.query.get("id")) or ""
     detail = await job_detail(view.reader, job_id)
     now, offset = await _now(view.reader)
     context = {"job_id": job_id, "job": detail, "now": now, "host_offset": offset}
