@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from apscheduler.eventbrokers.local import LocalEventBroker
 from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo.errors import OperationFailure
 
 from apscheduler_mongo import MongoDBDataStore, MongoDBEventBroker
-from apscheduler_mongo._adapters import adapter_for
+from apscheduler_mongo._adapters import INDEX_NOT_FOUND, adapter_for
 from apscheduler_mongo._indexes import ensure_indexes
 
 from .support.faults import FaultPlan
@@ -47,6 +48,23 @@ async def start_broker(
 
 class TestChangedIndexes:
     """Options that changed since the last start are applied, not refused."""
+
+    async def test_index_dropped_by_another_store(
+        self, client: Any, database_name: str, logger: logging.Logger
+    ) -> None:
+        """Dropping an index that another store dropped first says so with the
+        server's code, on every tier: two stores that start at once may both
+        build one again (the in-process stand-in lists no partialFilterExpression,
+        so it finds the partial indexes changed at every start)."""
+        await start_store(client, database_name, logger)
+        jobs = adapter_for(client).collection(database_name, "jobs")
+        await jobs.drop_index("outcomes")
+        with pytest.raises(OperationFailure) as raised:
+            await jobs.drop_index("outcomes")
+
+        assert raised.value.code == INDEX_NOT_FOUND
+        await start_store(client, database_name, logger)  # built again
+        assert "outcomes" in await indexes_of(client[database_name]["jobs"])
 
     async def test_broker_restarts_with_another_event_ttl(
         self, client: Any, database_name: str, logger: logging.Logger

@@ -406,6 +406,10 @@ class Collection:
         return _Stream(await insulated(_resolved(opened)))
 
 
+#: The server's code for dropping an index that does not exist
+INDEX_NOT_FOUND = 27
+
+
 class _MongomockCollection(Collection):
     """A mongomock-motor collection: updates one by one, no ``collMod``."""
 
@@ -426,6 +430,19 @@ class _MongomockCollection(Collection):
     @override
     async def change_ttl(self, index: str, seconds: int) -> bool:
         return False  # it has no collMod
+
+    @override
+    async def drop_index(self, name: str) -> None:
+        # It lists no partialFilterExpression, so every start finds a partial index
+        # changed and builds it again; two stores starting at once then both drop
+        # it, and it says the second drop failed without the server's code
+        try:
+            await super().drop_index(name)
+        except OperationFailure as exc:
+            if exc.code is None and "index not found" in str(exc):
+                raise OperationFailure(str(exc), code=INDEX_NOT_FOUND) from exc
+
+            raise
 
     @override
     async def aggregate_with(

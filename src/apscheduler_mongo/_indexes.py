@@ -8,11 +8,9 @@ from typing import Any
 from pymongo import IndexModel
 from pymongo.errors import OperationFailure
 
-from ._adapters import Collection
+from ._adapters import INDEX_NOT_FOUND, Collection
 from ._retry import is_temporary_failure
 
-#: The server's codes for an index that does not exist
-_INDEX_NOT_FOUND = 27
 #: The index options we set, with the value that means "not set"
 _OPTIONS: dict[str, Any] = {
     "unique": False,
@@ -141,5 +139,5 @@ async def _drop_index(collection: Collection, name: str) -> None:
     try:
         await collection.drop_index(name)
     except OperationFailure as exc:
-        if exc.code != _INDEX_NOT_FOUND:  # another scheduler dropped it first
+        if exc.code != INDEX_NOT_FOUND:  # another scheduler dropped it first
             raise
