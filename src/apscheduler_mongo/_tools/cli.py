@@ -323,9 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Add a new job with the task and arguments of a job that finished with an "
         "error, missed its start deadline, was abandoned or was cancelled, "
         "announced through the event broker. The arguments are read as a scheduler "
-        "reads them (their signature checked first, with --key-file). A job keeps "
-        "its arguments only while its record is kept: a schedule's job for an hour "
-        "at least, another job while its result is kept.",
+        "reads them (their signature checked first, with --key-file). A job that "
+        "did not succeed keeps its arguments while its record is kept: a day at "
+        "least, longer while its result is kept.",
         changing,
     )
     retry.add_argument("job_id", metavar="JOB_ID", help="the failed job's id")
